@@ -1,0 +1,1 @@
+"""Sample service httpd: C source, bin/httpd, service.toml and traffic generators."""

@@ -1,0 +1,1 @@
+"""Sample service mgmtd: C source, bin/mgmtd, service.toml and traffic generators."""

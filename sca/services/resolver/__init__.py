@@ -1,0 +1,1 @@
+"""Sample service resolver: C source, bin/resolver, service.toml and traffic generators."""

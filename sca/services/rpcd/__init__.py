@@ -1,0 +1,1 @@
+"""Sample service rpcd: C source, bin/rpcd, service.toml and traffic generators."""
