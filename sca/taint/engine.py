@@ -1,0 +1,568 @@
+"""Byte-level dynamic taint tracking on the sandbox (Vigilante's dynamic dataflow analysis).
+
+Every byte the service receives carries a label (message index, offset). Labels follow the data
+through the instructions the service executes: capstone decodes each address once into a cached
+record (``sca.taint.decode``), a code hook applies register effects and the memory hooks give the
+exact addresses read and written. An instruction's effect is applied when the next one starts, by
+which time its memory accesses are known.
+
+Detection:
+- execution-control: a ret, or an indirect jmp/call, whose target comes from tainted bytes (a
+  tainted conditional branch is not an exploit; only its condition is recorded);
+- code-execution: an instruction fetched from tainted bytes (checked for a few instructions after
+  a tainted control transfer too, so a return into a trampoline that jumps into the attacker's
+  bytes is reported as the stronger code-execution alert);
+- function-argument: tainted bytes in execve's path (argument 0) or argv strings (argument 1).
+  execve is the critical call watched: it is what turns request bytes into a program run.
+
+Along the way every conditional branch that depends on tainted flags is recorded as a condition
+over message bytes (the compared bytes, the other operand's value, the direction taken): the
+filter generator builds on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, Uc
+from unicorn.x86_const import UC_X86_REG_RIP
+
+from sca.alert import (
+    ByteRef,
+    CodeExecution,
+    ExecutionControl,
+    FunctionArgument,
+    Message,
+    Verification,
+)
+from sca.emu.kernel import Kernel
+from sca.emu.sandbox import Budget, RunResult, Sandbox, StopRun
+
+from . import decode as d
+from .decode import Decoder, Insn, Operand
+from .regs import full_size
+
+X86_OP_REG, X86_OP_MEM, X86_OP_IMM = 1, 3, 2
+HIJACK_WINDOW = 8  # instructions to watch after a tainted transfer for a fetch from tainted bytes
+MAX_CONDITIONS = 4096
+
+Label = int | None
+
+
+def make_label(msg: int, off: int) -> int:
+    return (msg << 16) | off
+
+
+def to_ref(label: int) -> ByteRef:
+    return ByteRef(label >> 16, label & 0xFFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """A branch that depended on message bytes: ``op`` compared ``left`` (message bytes, None
+    where clean) with ``right`` (message bytes or a constant) and the branch went ``taken``."""
+
+    pc: int
+    jcc: str
+    op: str
+    left: tuple[ByteRef | None, ...]
+    right: tuple[ByteRef | None, ...] | int | None
+    taken: bool
+
+
+@dataclass
+class Detection:
+    verification: Verification
+    pc: int
+    detail: str
+
+
+@dataclass
+class TaintRun:
+    result: RunResult
+    detection: Detection | None
+    conditions: list[Condition] = field(default_factory=list)
+    instructions: int = 0
+    tainted_instructions: int = 0
+
+
+class TaintTracker:
+    """A sandbox with taint hooks attached once; ``run`` replays messages with taint."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sb = sandbox
+        self.uc: Uc = sandbox.uc
+        self.decoder = Decoder()
+        self.cache: dict[int, Insn] = {}
+        self._reset()
+        self.uc.hook_add(UC_HOOK_CODE, self._on_code)
+        self.uc.hook_add(UC_HOOK_MEM_READ, self._on_read)
+        self.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write)
+        # Blocks translated before the hooks existed would run unhooked.
+        self.uc.ctl_flush_tb()
+
+    def _reset(self) -> None:
+        self.mem: dict[int, int] = {}
+        self.regs: dict[str, list[Label]] = {}
+        self.flags: Label = None
+        self.last_cmp: tuple[str, list[Label], list[Label] | int | None] | None = None
+        self.cur: Insn | None = None
+        self.reads: list[tuple[int, int]] = []
+        self.writes: list[tuple[int, int]] = []
+        self.hijack: tuple[ExecutionControl, int, int] | None = None
+        self.conditions: list[Condition] = []
+        self.count = 0
+        self.tainted_count = 0
+
+    # -- kernel callbacks -------------------------------------------------------------------------
+    def _input(self, addr: int, msg: int, off: int, n: int) -> None:
+        mem = self.mem
+        for i in range(n):
+            mem[addr + i] = (msg << 16) | (off + i)
+
+    def _kernel_write(self, addr: int, n: int) -> None:
+        if self.mem:
+            pop = self.mem.pop
+            for a in range(addr, addr + n):
+                pop(a, None)
+
+    def _execve(self, path: int, argv: list[int]) -> None:
+        for arg, addrs in ((0, [path]), (1, argv)):
+            for a in addrs:
+                labels = self._string_labels(a)
+                tainted = [to_ref(x) for x in labels if x is not None]
+                if tainted:
+                    v = FunctionArgument("execve", arg, tuple(tainted))
+                    raise StopRun(Detection(v, 0, f"tainted execve argument {arg}"))
+
+    def _string_labels(self, addr: int) -> list[Label]:
+        s = self.sb.kernel.cstring(addr)
+        return [self.mem.get(addr + i) for i in range(len(s))]
+
+    def _prepare(self, kernel: Kernel) -> None:
+        kernel.on_input = self._input
+        kernel.on_write = self._kernel_write
+        kernel.on_execve = self._execve
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _on_read(self, uc: Uc, access: int, address: int, size: int, *_: object) -> None:
+        self.reads.append((address, size))
+
+    def _on_write(self, uc: Uc, access: int, address: int, size: int, *_: object) -> None:
+        self.writes.append((address, size))
+
+    def _on_code(self, uc: Uc, address: int, size: int, _u: object) -> None:
+        if self.cur is not None:
+            self._finish(address)
+        self.count += 1
+        mem = self.mem
+        if address in mem:
+            raise StopRun(Detection(CodeExecution(to_ref(mem[address])), address,
+                                    "instruction fetched from tainted bytes"))
+        if self.hijack is not None:
+            v, pc, left = self.hijack
+            if left <= 0:
+                raise StopRun(Detection(v, pc, "tainted control transfer"))
+            self.hijack = (v, pc, left - 1)
+        insn = self.cache.get(address)
+        if insn is None:
+            insn = self.decoder.decode(bytes(uc.mem_read(address, size)), address)
+            if insn is None:
+                self.cur = None
+                return
+            self.cache[address] = insn
+        self.cur = insn
+        if self.reads:
+            self.reads.clear()
+        if self.writes:
+            self.writes.clear()
+
+    # -- shadow state helpers ---------------------------------------------------------------------
+    def _mem_labels(self, addr: int, size: int) -> list[Label]:
+        get = self.mem.get
+        return [get(a) for a in range(addr, addr + size)]
+
+    def _set_mem(self, addr: int, labels: list[Label]) -> None:
+        mem = self.mem
+        for i, x in enumerate(labels):
+            if x is None:
+                mem.pop(addr + i, None)
+            else:
+                mem[addr + i] = x
+
+    def _clear_writes(self) -> None:
+        if self.mem:
+            for a, n in self.writes:
+                self._set_mem(a, [None] * n)
+
+    def _reg_labels(self, op: Operand) -> list[Label]:
+        t = self.regs.get(op.reg)
+        if t is None:
+            return [None] * op.width
+        return t[op.off:op.off + op.width]
+
+    def _op_labels(self, op: Operand, read_index: int = 0) -> list[Label]:
+        if op.kind == X86_OP_REG:
+            return self._reg_labels(op) if op.reg else [None] * op.size
+        if op.kind == X86_OP_MEM:
+            if read_index < len(self.reads):
+                a, n = self.reads[read_index]
+                return self._mem_labels(a, n) if self.mem else [None] * n
+            return [None] * op.size
+        return [None] * op.size
+
+    def _set_reg(self, canon: str, off: int, width: int, labels: list[Label], vex: bool) -> None:
+        cur = self.regs.get(canon)
+        size = full_size(canon)
+        if cur is None:
+            if all(x is None for x in labels):
+                if (width == 4 and off == 0 and size == 8) or (vex and width == 16):
+                    return  # zero-extension of a clean value onto a clean register
+                return
+            cur = [None] * size
+        else:
+            cur = list(cur)
+        labels = (labels + [None] * width)[:width]
+        cur[off:off + width] = labels
+        if size == 8 and width == 4 and off == 0:
+            cur[4:8] = [None] * 4  # 32-bit writes zero the upper half
+        elif vex and size == 32 and width == 16:
+            cur[16:32] = [None] * 16
+        if any(x is not None for x in cur):
+            self.regs[canon] = cur
+        else:
+            self.regs.pop(canon, None)
+
+    def _set_op(self, op: Operand, labels: list[Label], vex: bool = False) -> None:
+        if op.kind == X86_OP_REG:
+            if op.reg:
+                self._set_reg(op.reg, op.off, op.width, labels, vex)
+        elif op.kind == X86_OP_MEM and self.writes:
+            a, n = self.writes[-1]
+            self._set_mem(a, (labels + [None] * n)[:n])
+
+    @staticmethod
+    def _first(labels: Iterable[Label]) -> Label:
+        for x in labels:
+            if x is not None:
+                return x
+        return None
+
+    # -- propagation ----------------------------------------------------------------------------
+    def _finish(self, next_address: int) -> None:
+        insn = self.cur
+        assert insn is not None
+        self.cur = None
+        if not self.regs and not insn.touches_mem and insn.kind != d.JCC:
+            if insn.kind in (d.ALU, d.CMP, d.UNARY):
+                self.flags = None
+                self.last_cmp = None
+            return
+        if not self.regs and not self.mem:
+            return
+        self.tainted_count += 1
+        kind = insn.kind
+        ops = insn.ops
+        handler = _KIND_HANDLERS.get(kind)
+        if handler is not None:
+            handler(self, insn, ops, next_address)
+        else:
+            self._generic(insn)
+
+    def _k_mov(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        if len(ops) < 2:
+            return self._generic(insn)
+        src = self._op_labels(ops[1])
+        if insn.mnemonic == "movbe":
+            src = src[::-1]
+        self._set_op(ops[0], src, insn.vex)
+
+    def _k_movx(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        if len(ops) < 2:
+            return self._generic(insn)
+        src = self._op_labels(ops[1])
+        dst = ops[0]
+        fill = src[-1] if insn.mnemonic.startswith("movs") else None
+        self._set_op(dst, (src + [fill] * dst.size)[: dst.size])
+
+    def _k_alu(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        if len(ops) < 2:
+            return self._generic(insn)
+        dst = ops[0]
+        srcs = ops[1:]
+        if (
+            len(ops) == 2 and insn.mnemonic in d._ZERO_IDIOM and ops[1].kind == X86_OP_REG
+            and ops[1].reg == dst.reg and ops[1].off == dst.off and dst.kind == X86_OP_REG
+        ):
+            self._set_op(dst, [None] * dst.size, insn.vex)
+            self.flags = None
+            self.last_cmp = None
+            return
+        # Two-operand forms read their destination; AVX three-operand forms do not.
+        reads_dst = len(ops) == 2 or not insn.vex
+        acc = self._op_labels(dst) if reads_dst else [None] * dst.size
+        mem_i = 1 if dst.kind == X86_OP_MEM else 0
+        for s in srcs:
+            labels = self._op_labels(s, mem_i if s.kind == X86_OP_MEM else 0)
+            acc = [a if a is not None else (labels[i] if i < len(labels) else None)
+                   for i, a in enumerate(acc)]
+        self.flags = self._first(acc)
+        self.last_cmp = None
+        self._set_op(dst, acc, insn.vex)
+
+    def _k_cmp(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        if len(ops) < 2:
+            self.flags = None
+            return
+        left = self._op_labels(ops[0])
+        both_mem = ops[0].kind == X86_OP_MEM and ops[1].kind == X86_OP_MEM
+        right_l = self._op_labels(ops[1], 1 if both_mem else 0)
+        self.flags = self._first(left) if self._first(left) is not None else self._first(right_l)
+        if self.flags is None:
+            self.last_cmp = None
+            return
+        right: list[Label] | int | None
+        if ops[1].kind == X86_OP_IMM:
+            right = ops[1].imm
+        elif self._first(right_l) is not None:
+            right = right_l
+        else:
+            right = self._concrete(ops[1])
+        self.last_cmp = (insn.mnemonic, left, right)
+
+    def _concrete(self, op: Operand) -> int | None:
+        if op.kind == X86_OP_REG and op.reg and not op.reg.startswith("vec"):
+            from unicorn import x86_const as x
+
+            reg_id = getattr(x, f"UC_X86_REG_{op.reg.upper()}", None)
+            if reg_id is None:
+                return None
+            v = self.uc.reg_read(reg_id)
+            return (v >> (8 * op.off)) & ((1 << (8 * op.width)) - 1)
+        if op.kind == X86_OP_MEM and self.reads:
+            a, n = self.reads[-1]
+            return int.from_bytes(self.uc.mem_read(a, n), "little")
+        return None
+
+    def _k_unary(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        if not ops:
+            return self._generic(insn)
+        dst = ops[0]
+        labels = self._op_labels(dst)
+        m = insn.mnemonic
+        if m in _SHIFTS and len(ops) == 2 and ops[1].kind == X86_OP_IMM:
+            labels = _shift_labels(labels, m, ops[1].imm % (8 * len(labels) or 1))
+        elif m not in ("inc", "dec", "neg", "not", "bswap"):
+            # Shifts and rotates move bytes around: every byte may hold any of them.
+            f = self._first(labels)
+            for s in ops[1:]:
+                f = f if f is not None else self._first(self._op_labels(s))
+            labels = [f] * len(labels)
+        elif insn.mnemonic == "bswap":
+            labels = labels[::-1]
+        self.flags = self._first(labels)
+        self.last_cmp = None
+        self._set_op(dst, labels, insn.vex)
+
+    def _k_smear(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        f: Label = None
+        for r in insn.reads:
+            t = self.regs.get(r[0])
+            if t is not None:
+                f = self._first(t[r[1]:r[1] + r[2]])
+                if f is not None:
+                    break
+        if f is None:
+            for a, n in self.reads:
+                f = self._first(self._mem_labels(a, n))
+                if f is not None:
+                    break
+        for w in insn.writes:
+            self._set_reg(w[0], w[1], w[2], [f] * w[2], insn.vex)
+        for a, n in self.writes:
+            self._set_mem(a, [f] * n)
+        self.flags = f
+        self.last_cmp = None
+
+    def _k_push(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        src = self._op_labels(ops[0]) if ops else []
+        if self.writes:
+            a, n = self.writes[-1]
+            self._set_mem(a, (src + [None] * n)[:n])
+
+    def _k_pop(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        labels = self._mem_labels(*self.reads[0]) if self.reads else [None] * 8
+        if insn.mnemonic == "leave":
+            self._set_reg("rbp", 0, 8, labels, False)
+        elif ops:
+            self._set_op(ops[0], labels)
+
+    def _transfer(self, insn: Insn, labels: list[Label]) -> None:
+        # Only a target whose low bytes come from the message is a hijack the verifier can test.
+        prefix = []
+        for x in labels:
+            if x is None:
+                break
+            prefix.append(to_ref(x))
+        if prefix and self.hijack is None:
+            self.hijack = (ExecutionControl(tuple(prefix)), insn.address, HIJACK_WINDOW)
+
+    def _k_ret(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        if self.reads:
+            self._transfer(insn, self._mem_labels(*self.reads[0]))
+
+    def _k_branch(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        if ops:
+            self._transfer(insn, self._op_labels(ops[0]))
+        if insn.mnemonic == "call":
+            self._clear_writes()
+
+    def _k_calldirect(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        self._clear_writes()
+
+    def _k_jcc(self, insn: Insn, ops: tuple[Operand, ...], next_address: int) -> None:
+        if self.flags is None or len(self.conditions) >= MAX_CONDITIONS:
+            return
+        taken = insn.target is not None and next_address == insn.target
+        if self.last_cmp is not None:
+            op, left, right = self.last_cmp
+        else:
+            op, left, right = "flags", [self.flags], None
+        refs = tuple(to_ref(x) if x is not None else None for x in left)
+        rr: tuple[ByteRef | None, ...] | int | None = right  # type: ignore[assignment]
+        if isinstance(right, list):
+            rr = tuple(to_ref(x) if x is not None else None for x in right)
+        self.conditions.append(Condition(insn.address, insn.mnemonic, op, refs, rr, taken))
+
+    def _k_setcc(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        if ops:
+            self._set_op(ops[0], [self.flags])
+
+    def _k_cmov(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        if len(ops) < 2:
+            return self._generic(insn)
+        dst, src = self._op_labels(ops[0]), self._op_labels(ops[1])
+        self._set_op(ops[0], [a if a is not None else b for a, b in zip(dst, src, strict=False)])
+
+    def _k_lea(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        # Address arithmetic is not data flow (no pointer tainting).
+        if ops:
+            self._set_op(ops[0], [None] * ops[0].size)
+
+    def _k_xchg(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        if len(ops) < 2:
+            return self._generic(insn)
+        a, b = self._op_labels(ops[0]), self._op_labels(ops[1])
+        if ops[0].kind == X86_OP_MEM:
+            self._set_op(ops[1], a)
+            self._set_op(ops[0], b)
+        else:
+            self._set_op(ops[0], b)
+            self._set_op(ops[1], a)
+
+    def _k_movs(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        for (ra, rn), (wa, _wn) in zip(self.reads, self.writes, strict=False):
+            self._set_mem(wa, self._mem_labels(ra, rn))
+
+    def _k_stos(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        src = self.regs.get("rax")
+        for a, n in self.writes:
+            self._set_mem(a, list(src[:n]) if src else [None] * n)
+
+    def _k_lods(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        if self.reads:
+            a, n = self.reads[-1]
+            self._set_reg("rax", 0, n, self._mem_labels(a, n), False)
+
+    def _k_scas(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        f = self._first(self.regs.get("rax", ()))
+        for a, n in self.reads:
+            f = f if f is not None else self._first(self._mem_labels(a, n))
+        self.flags = f
+        self.last_cmp = None
+
+    def _k_clear(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        for w in insn.writes:
+            self._set_reg(w[0], 0, full_size(w[0]), [], False)
+
+    def _k_nop(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        if insn.mnemonic == "leave":
+            self._k_pop(insn, ops, _n)
+        else:
+            self._clear_writes()
+
+    def _generic(self, insn: Insn) -> None:
+        """Conservative fallback: everything written may hold anything that was read."""
+        f: Label = None
+        for r in insn.reads:
+            t = self.regs.get(r[0])
+            if t is not None:
+                f = self._first(t[r[1]:r[1] + r[2]])
+                if f is not None:
+                    break
+        if f is None:
+            for a, n in self.reads:
+                f = self._first(self._mem_labels(a, n))
+                if f is not None:
+                    break
+        for w in insn.writes:
+            self._set_reg(w[0], w[1], w[2], [f] * w[2], insn.vex)
+        for a, n in self.writes:
+            self._set_mem(a, [f] * n)
+        self.flags = f
+        self.last_cmp = None
+
+    # -- runs -----------------------------------------------------------------------------------
+    def run(self, messages: Iterable[Message], budget: Budget | None = None) -> TaintRun:
+        self._reset()
+        result = self.sb.run(messages, budget=budget, prepare=self._prepare)
+        if self.cur is not None and result.stop_reason is None:
+            try:
+                self._finish(self.uc.reg_read(UC_X86_REG_RIP))
+            except StopRun as e:
+                result.stop_reason = e.reason
+        detection = result.stop_reason if isinstance(result.stop_reason, Detection) else None
+        if detection is None and self.hijack is not None:
+            # The hijacked transfer faulted (e.g. into unmapped memory) before the window ended.
+            v, pc, _ = self.hijack
+            detection = Detection(v, pc, "tainted control transfer")
+        return TaintRun(result, detection, self.conditions, self.count, self.tainted_count)
+
+
+_SHIFTS = frozenset({"shl", "sal", "shr", "sar", "rol", "ror"})
+
+
+def _shift_labels(labels: list[Label], m: str, count: int) -> list[Label]:
+    """Byte labels after a shift or rotate by a constant: whole-byte moves stay exact (strcpy
+    implementations walk a loaded word with ``shr $16``); a partial byte mixes two neighbours."""
+    n = len(labels)
+    q, r = divmod(count, 8)
+
+    def at(i: int) -> Label:
+        if m in ("rol", "ror"):
+            return labels[i % n]
+        if 0 <= i < n:
+            return labels[i]
+        return labels[-1] if m == "sar" and i >= n else None
+
+    out: list[Label] = []
+    for i in range(n):
+        if m in ("shr", "sar", "ror"):
+            a, b = at(i + q), at(i + q + 1) if r else None
+        else:
+            a, b = at(i - q), at(i - q - 1) if r else None
+        out.append(a if a is not None else b)
+    return out
+
+
+_KIND_HANDLERS = {
+    d.MOV: TaintTracker._k_mov, d.MOVX: TaintTracker._k_movx, d.ALU: TaintTracker._k_alu,
+    d.CMP: TaintTracker._k_cmp, d.UNARY: TaintTracker._k_unary, d.SMEAR: TaintTracker._k_smear,
+    d.PUSH: TaintTracker._k_push, d.POP: TaintTracker._k_pop, d.RET: TaintTracker._k_ret,
+    d.BRANCH: TaintTracker._k_branch, d.CALLDIRECT: TaintTracker._k_calldirect,
+    d.JCC: TaintTracker._k_jcc, d.SETCC: TaintTracker._k_setcc, d.CMOV: TaintTracker._k_cmov,
+    d.LEA: TaintTracker._k_lea, d.XCHG: TaintTracker._k_xchg, d.MOVS: TaintTracker._k_movs,
+    d.STOS: TaintTracker._k_stos, d.LODS: TaintTracker._k_lods, d.SCAS: TaintTracker._k_scas,
+    d.CLEAR: TaintTracker._k_clear, d.NOP: TaintTracker._k_nop,
+}
