@@ -74,6 +74,16 @@ class FunctionArgument:
 
 
 Verification = ExecutionControl | CodeExecution | FunctionArgument
+Messages = tuple[Message, ...]
+
+
+def verification_refs(v: Verification) -> tuple[ByteRef, ...]:
+    """Every message byte the verification info points at."""
+    if isinstance(v, ExecutionControl):
+        return v.target
+    if isinstance(v, CodeExecution):
+        return (v.code,)
+    return v.bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +99,4 @@ class Alert:
         return self.verification.type
 
     def refs(self) -> tuple[ByteRef, ...]:
-        """Every message byte the verification info points at."""
-        v = self.verification
-        if isinstance(v, ExecutionControl):
-            return v.target
-        if isinstance(v, CodeExecution):
-            return (v.code,)
-        return v.bytes
+        return verification_refs(self.verification)

@@ -120,6 +120,8 @@ MAX_STRING = 4096
 MAX_ARGV = 256
 MAX_FDS = 256
 MAX_CONSOLE = 64 * 1024
+MAX_SENDS = 4096
+MAX_SENT_BYTES = 1 << 20
 # Every emulated client is 10.77.255.1:40000 (0x409C is 40000 in network order as read LE).
 # A testbed address; nothing is ever sent to it.
 PEER_SOCKADDR = struct.pack("<HH4s8x", AF_INET, 0x409C, bytes([10, 77, 255, 1]))
@@ -186,6 +188,7 @@ class Io:
     accepted: list[int] = field(default_factory=list)  # connection numbers in accept order
     chunk_cursor: dict[int, int] = field(default_factory=dict)  # connection -> next message idx
     sent: list[tuple[int | None, bytes]] = field(default_factory=list)
+    sent_bytes: int = 0
     console: bytearray = field(default_factory=bytearray)
     records: list[SyscallRecord] = field(default_factory=list)
 
@@ -421,8 +424,10 @@ class Kernel:
             self.io.console += data[: max(0, room)]
             return len(data)
         assert isinstance(obj, Socket)
-        if len(self.io.sent) < 4096:
+        # Keep what the service sent, within bounds: a hostile input may make it send forever.
+        if len(self.io.sent) < MAX_SENDS and self.io.sent_bytes + len(data) <= MAX_SENT_BYTES:
             self.io.sent.append((obj.connection, data))
+            self.io.sent_bytes += len(data)
         return len(data)
 
     def sys_sendto(self, fd: int, buf: int, n: int, *_: int) -> int:

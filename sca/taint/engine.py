@@ -206,8 +206,9 @@ class TaintTracker:
         if op.kind == X86_OP_REG:
             return self._reg_labels(op) if op.reg else [None] * op.size
         if op.kind == X86_OP_MEM:
-            if read_index < len(self.reads):
-                a, n = self.reads[read_index]
+            span = _span(self.reads, read_index, op.size)
+            if span is not None:
+                a, n = span
                 return self._mem_labels(a, n) if self.mem else [None] * n
             return [None] * op.size
         return [None] * op.size
@@ -239,8 +240,10 @@ class TaintTracker:
             if op.reg:
                 self._set_reg(op.reg, op.off, op.width, labels, vex)
         elif op.kind == X86_OP_MEM and self.writes:
-            a, n = self.writes[-1]
-            self._set_mem(a, (labels + [None] * n)[:n])
+            span = _span(self.writes, 0, op.size)
+            if span is not None:
+                a, n = span
+                self._set_mem(a, (labels + [None] * n)[:n])
 
     @staticmethod
     def _first(labels: Iterable[Label]) -> Label:
@@ -528,6 +531,19 @@ class TaintTracker:
             v, pc, _ = self.hijack
             detection = Detection(v, pc, "tainted control transfer")
         return TaintRun(result, detection, self.conditions, self.count, self.tainted_count)
+
+
+def _span(events: list[tuple[int, int]], start: int, size: int) -> tuple[int, int] | None:
+    """One operand's access from ``start`` on: unicorn reports a wide access (a 16-byte vector
+    store, a page-crossing load) as several contiguous smaller ones."""
+    if start >= len(events):
+        return None
+    a, n = events[start]
+    i = start + 1
+    while n < size and i < len(events) and events[i][0] == a + n:
+        n += events[i][1]
+        i += 1
+    return a, n
 
 
 _SHIFTS = frozenset({"shl", "sal", "shr", "sar", "rol", "ror"})
