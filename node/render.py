@@ -44,8 +44,18 @@ def _ref_text(ref: ByteRef) -> str:
 
 
 def _refs_text(refs: tuple[ByteRef, ...], limit: int = 8) -> str:
-    shown = " ".join(_ref_text(r) for r in refs[:limit])
-    return shown + (f" … ({len(refs)} in all)" if len(refs) > limit else "")
+    """Refs in order, runs of consecutive bytes folded: ``m0+97..104 m1+3``."""
+    runs: list[list[ByteRef]] = []
+    for ref in refs:
+        last = runs[-1][-1] if runs else None
+        if last is not None and ref.message == last.message and ref.offset == last.offset + 1:
+            runs[-1].append(ref)
+        else:
+            runs.append([ref])
+    parts = [_ref_text(run[0]) + (f"..{run[-1].offset}" if len(run) > 1 else "")
+             for run in runs[:limit]]
+    more = f" … ({len(runs)} runs in all)" if len(runs) > limit else ""
+    return " ".join(parts) + more
 
 
 def describe_info(alert: Alert) -> str:
