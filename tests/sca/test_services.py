@@ -437,6 +437,8 @@ def _hits(sb, begin: int, end: int, messages: list[Message]) -> tuple[object, li
     handle = sb.uc.hook_add(
         UC_HOOK_CODE, lambda _uc, addr, _size, _u: seen.append(addr), None, begin, end - 1
     )
+    # Blocks translated before the hook existed would run without it.
+    sb.uc.ctl_flush_tb()
     try:
         result = sb.run(messages)
     finally:

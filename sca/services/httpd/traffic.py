@@ -21,8 +21,9 @@ The exploit: ``GET <path>?<0xb8 filler bytes><3 target bytes> HTTP/1.0``. The pa
 NUL over the space after the target, strcpy copies it as the target's 4th byte, and the upper
 four keep the zeros of the original return address: on ``ret`` control goes to the target, an
 execution-control alert. The canonical target is glibc's ``_exit`` (read from the symbol
-table), so the hijacked service just ends. The target bytes must avoid what the request-line
-parser treats specially (NUL, space, CR, LF, '?' is fine after the first one but is avoided).
+table), so the hijacked service just ends. The target bytes must avoid what would end the
+request line or the query before the copy (NUL, space, CR, LF) and, to stay clear of any
+query parsing, ``?#%&=+`` (``UNSAFE``).
 """
 
 from __future__ import annotations
