@@ -185,6 +185,11 @@ class TaintTracker:
 
     def _set_mem(self, addr: int, labels: list[Label]) -> None:
         mem = self.mem
+        if labels.count(None) == len(labels):
+            pop = mem.pop
+            for a in range(addr, addr + len(labels)):
+                pop(a, None)
+            return
         for i, x in enumerate(labels):
             if x is None:
                 mem.pop(addr + i, None)
@@ -215,22 +220,20 @@ class TaintTracker:
 
     def _set_reg(self, canon: str, off: int, width: int, labels: list[Label], vex: bool) -> None:
         cur = self.regs.get(canon)
-        size = full_size(canon)
         if cur is None:
-            if all(x is None for x in labels):
-                if (width == 4 and off == 0 and size == 8) or (vex and width == 16):
-                    return  # zero-extension of a clean value onto a clean register
-                return
-            cur = [None] * size
+            if labels.count(None) == len(labels):
+                return  # clean onto clean: the common case, keep it cheap
+            cur = [None] * full_size(canon)
         else:
             cur = list(cur)
+        size = len(cur)
         labels = (labels + [None] * width)[:width]
         cur[off:off + width] = labels
         if size == 8 and width == 4 and off == 0:
             cur[4:8] = [None] * 4  # 32-bit writes zero the upper half
         elif vex and size == 32 and width == 16:
-            cur[16:32] = [None] * 16
-        if any(x is not None for x in cur):
+            cur[16:32] = [None] * 16  # VEX-encoded writes zero the upper lane
+        if cur.count(None) != size:
             self.regs[canon] = cur
         else:
             self.regs.pop(canon, None)
