@@ -112,10 +112,9 @@ def detect(manifest: str, msgfiles: tuple[str, ...], output: Path | None, sign: 
     if output is not None:
         blob = encoded
         if sign:
-            from sca.envelope import encode_envelope
             from sca.keys import NodeKey
 
-            blob = encode_envelope(seal(encoded, NodeKey.load(state_dir), time.time()))
+            blob = seal(encoded, NodeKey.load(state_dir), time.time()).encode()
         tmp = output.with_name(output.name + ".tmp")
         tmp.write_bytes(blob)
         tmp.replace(output)

@@ -1,95 +1,112 @@
-"""``herdwall demo``: the alert path, step by step, on this machine alone.
+"""``herdwall demo``: the alert path end to end, on this machine alone.
 
-This version shows the foundation: a node key, a fixed synthetic alert, its canonical encoding,
-a signed envelope, the receiving side's checks, and a tampered copy being refused. It touches no
-network and no kernel state. (The sandbox flow replaces this body once detection exists.)
+For each sample service: benign traffic is replayed with taint and raises nothing; the exploit
+is caught, turned into the smallest alert that verifies, signed by a detector node; a second
+node with its own key and its own sandbox receives the envelope, checks the signature and
+verifies the alert independently; a benign message dressed up as an alert and a tampered
+envelope are refused. The vulnerable services run only inside the emulator; no packet is sent
+and no kernel state is touched. (The overlay, filters and daemon come in later versions.)
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import stat
-import tempfile
+import random
 import time
 
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
-from sca.alert import Alert, ByteRef, ExecutionControl, Message
-from sca.codec import FormatError, alert_id, decode_alert, encode_alert
+from sca.alert import Alert, ByteRef, ExecutionControl
+from sca.codec import FormatError, alert_id, encode_alert
+from sca.emu.image import load_image
 from sca.envelope import decode_envelope, seal
+from sca.generate import Detector
 from sca.keys import NodeKey
+from sca.services import SAMPLES, manifest_path, traffic
+from sca.verify import Verifier
 
-
-def example_alert() -> Alert:
-    """A fixed, synthetic execution-control alert: one datagram whose bytes 97..104 would
-    become a return address (0xdeadbeef). No real service or exploit is involved."""
-    payload = b"\x04" + b"A" * 96 + (0xDEADBEEF).to_bytes(8, "little") + b"\x90" * 15
-    return Alert(
-        service_id=hashlib.sha256(b"herdwall demo: not a real service binary").digest(),
-        service_name="demo-resolver",
-        messages=(Message(payload),),
-        verification=ExecutionControl(target=tuple(ByteRef(0, 97 + i) for i in range(8))),
-    )
+BENIGN_SESSIONS = 10
 
 
 def run_demo(console: Console) -> int:
     """Run the demo, printing each step; 0 if every check came out as it should."""
     failures = 0
 
-    def step(n: int, text: str) -> None:
-        console.print(Text(f"[{n}] ", style="bold cyan") + Text(text))
-
     def result(ok: bool, text: str) -> None:
         nonlocal failures
         failures += not ok
-        console.print(Text("    ok  " if ok else "    FAIL ", style="green" if ok else "bold red")
-                      + Text(text))
+        mark = Text("  ok   " if ok else "  FAIL ", style="green" if ok else "bold red")
+        console.print(mark + Text(text))
 
-    with tempfile.TemporaryDirectory(prefix="herdwall-demo-") as state_dir:
-        step(1, "generate a node key (temporary state dir, removed afterwards)")
-        key = NodeKey.generate()
-        path = key.save(state_dir)
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-        reloaded = NodeKey.load(state_dir)
-        result(mode == 0o600 and reloaded.public_bytes == key.public_bytes,
-               f"node id {key.node_id.hex()}, key file mode {mode:04o}")
-
-    step(2, "build a synthetic execution-control alert and encode it (canonical CBOR)")
-    alert = example_alert()
-    encoded = encode_alert(alert)
-    result(True, f"{len(encoded)} bytes, alert id {alert_id(encoded).hex()}")
-
-    step(3, "decode it again: same alert, same bytes")
-    decoded = decode_alert(encoded)
-    result(decoded == alert and encode_alert(decoded) == encoded, "round trip is exact")
-
-    step(4, "sign it: envelope = alert + public key + time + Ed25519 signature")
-    envelope = seal(encoded, key, time.time())
-    wire = envelope.encode()
-    result(True, f"{len(wire)} bytes on the wire")
-
-    step(5, "receiving side: parse the envelope, check the signature, decode the alert")
-    received = decode_envelope(wire)
-    opened = received.open()
-    result(opened == alert and received.node_id == key.node_id,
-           f"signed by node {received.node_id.hex()} (says who, not that it is true)")
-
-    step(6, "tamper with one byte of the alert inside the envelope")
-    forged = bytearray(wire)
-    forged[wire.index(b"AAAA")] ^= 0x01
-    try:
-        decode_envelope(bytes(forged)).open()
-    except FormatError as exc:
-        result(True, f"refused: {exc}")
-    else:
-        result(False, "a tampered envelope was accepted")
-
-    step(7, "what a person sees: herdwall alert show")
-    from node.render import render_alert
-
-    render_alert(console, opened, received)
+    detector_key, receiver_key = NodeKey.generate(), NodeKey.generate()
+    console.print(Text("two nodes: detector ", style="bold") + Text(detector_key.node_id.hex())
+                  + Text(", receiver ", style="bold") + Text(receiver_key.node_id.hex()))
+    images = [load_image(manifest_path(name)) for name in SAMPLES]
+    receiver = Verifier(images)  # the receiving node's own sandboxes
+    summary = Table(title="containment path per sample service")
+    for col in ("service", "alert type", "detect ms", "local verify ms", "receiver verify ms",
+                "alert bytes"):
+        summary.add_column(col)
+    rng = random.Random(2026)
+    for image in images:
+        t = traffic(image.name)
+        console.print(Text(f"\n{image.name}", style="bold cyan")
+                      + Text(f" ({image.proto}/{image.port}, id {image.service_id.hex()[:16]}…)"))
+        start = time.perf_counter()
+        detector = Detector(image)
+        boot_ms = (time.perf_counter() - start) * 1000
+        clean = sum(detector.inspect(t.benign(rng)).detection is None
+                    for _ in range(BENIGN_SESSIONS))
+        result(clean == BENIGN_SESSIONS, f"booted a flash clone in {boot_ms:.0f} ms; "
+               f"{clean}/{BENIGN_SESSIONS} benign sessions raised nothing")
+        messages = tuple(t.exploit(rng))
+        start = time.perf_counter()
+        run = detector.inspect(messages)
+        detect_ms = (time.perf_counter() - start) * 1000
+        if run.detection is None:
+            result(False, "the exploit was not detected")
+            continue
+        result(run.detection.verification.type == t.EXPECTED_TYPE,
+               f"exploit caught by taint tracking: {run.detection.verification.type.value}, "
+               f"{detect_ms:.1f} ms")
+        generated = detector.generate(messages, run.detection, Verifier([image]))
+        if generated is None:
+            result(False, "no candidate alert verified at the detector")
+            continue
+        alert = generated.alert
+        encoded = encode_alert(alert)
+        result(True, f"alert {alert_id(encoded).hex()[:16]}… ({len(encoded)} bytes, "
+               f"{len(alert.messages)} message(s)) verified locally: {generated.verdict.detail}")
+        wire = seal(encoded, detector_key, time.time()).encode()
+        envelope = decode_envelope(wire)
+        received = envelope.open()
+        receiver.sandbox(image.service_id)  # boot the receiver's clone outside the timing
+        first = receiver.verify(received)
+        verdict = receiver.verify(received)  # again, with fresh unpredictable values
+        result(first.verified and verdict.verified and envelope.node_id == detector_key.node_id,
+               f"receiver: signature of {envelope.node_id.hex()[:16]}… good; own sandbox says "
+               f"{verdict} ({first.elapsed_s * 1000:.2f} ms first, "
+               f"{verdict.elapsed_s * 1000:.2f} ms warm)")
+        summary.add_row(image.name, alert.type.value, f"{detect_ms:.1f}",
+                        f"{generated.verdict.elapsed_s * 1000:.2f}",
+                        f"{verdict.elapsed_s * 1000:.2f}", str(len(encoded)))
+        benign = max(t.benign(rng), key=lambda m: len(m.data))
+        mid = len(benign.data) // 2
+        dressed = Alert(image.service_id, image.name, (benign,),
+                        ExecutionControl(tuple(ByteRef(0, mid + i) for i in range(3)
+                                               if mid + i < len(benign.data))))
+        lie = receiver.verify(dressed)
+        result(not lie.verified, f"a benign message dressed up as an alert: refuted ({lie})")
+        forged = bytearray(wire)
+        forged[wire.index(alert.messages[0].data[:8])] ^= 0x01
+        try:
+            decode_envelope(bytes(forged)).open()
+            result(False, "a tampered envelope was accepted")
+        except FormatError as exc:
+            result(True, f"one flipped bit in the envelope: refused ({exc})")
+    console.print()
+    console.print(summary)
     if failures:
         console.print(Text(f"demo: {failures} step(s) failed", style="bold red"))
         return 1

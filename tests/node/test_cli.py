@@ -13,12 +13,24 @@ import pytest
 from click.testing import CliRunner
 
 from node.cli import main
-from node.demo import example_alert
 from node.render import hexdump
-from sca.alert import Alert, ByteRef, FunctionArgument, Message
+from sca.alert import Alert, ByteRef, ExecutionControl, FunctionArgument, Message
 from sca.codec import AlertFormatError, alert_id, encode_alert
 from sca.envelope import seal
 from sca.keys import NodeKey
+
+
+def example_alert() -> Alert:
+    """A fixed, synthetic execution-control alert: one datagram whose bytes 97..104 would
+    become a return address. No real service or exploit is involved."""
+    payload = b"\x04" + b"A" * 96 + (0xDEADBEEF).to_bytes(8, "little") + b"\x90" * 15
+    return Alert(
+        service_id=hashlib.sha256(b"herdwall demo: not a real service binary").digest(),
+        service_name="demo-resolver",
+        messages=(Message(payload),),
+        verification=ExecutionControl(target=tuple(ByteRef(0, 97 + i) for i in range(8))),
+    )
+
 
 COMMANDS = ["alert", "filter", "node", "peer", "throttle", "testbed", "monitor", "demo",
             "keygen", "id"]
@@ -198,7 +210,10 @@ def test_demo_runs_every_step() -> None:
     result = run("demo")
     assert result.exit_code == 0, result.output
     assert "every step passed" in result.output
-    assert "refused: invalid signature" in result.output
+    assert "refused (invalid signature" in result.output
+    assert "refuted" in result.output  # a benign message dressed up as an alert
+    for service in ("resolver", "httpd", "rpcd", "mgmtd"):
+        assert service in result.output
     assert "FAIL" not in result.output
 
 
