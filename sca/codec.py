@@ -142,6 +142,8 @@ def load_strict(data: Any, *, limit: int, error: type[FormatError]) -> Any:
             allow_indefinite=False,
             allow_duplicate_keys=False,
         )
+    # A hostile length head (a byte string or array "of 2**64 items") costs nothing: cbor2 6.x
+    # reads in bounded chunks and fails at the end of the input, and the input is capped above.
     # cbor2's C decoder raises CBORDecodeError for most faults, but hostile input has also been
     # seen to surface ValueError, OverflowError, RecursionError and MemoryError; the contract is
     # that only ``error`` leaves this function, so catch everything that is an Exception.

@@ -111,6 +111,11 @@ def seal(alert_bytes: bytes, key: NodeKey, now: float) -> Envelope:
                     signature=signature)
 
 
+def encode_envelope(envelope: Envelope) -> bytes:
+    """The canonical encoding of ``envelope`` (same as ``envelope.encode()``)."""
+    return envelope.encode()
+
+
 def _fail(reason: str) -> NoReturn:
     raise EnvelopeFormatError(reason)
 
