@@ -371,26 +371,6 @@ class TaintTracker:
         self.last_cmp = None
         self._set_op(dst, labels, insn.vex)
 
-    def _k_smear(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
-        f: Label = None
-        for r in insn.reads:
-            t = self.regs.get(r[0])
-            if t is not None:
-                f = self._first(t[r[1]:r[1] + r[2]])
-                if f is not None:
-                    break
-        if f is None:
-            for a, n in self.reads:
-                f = self._first(self._mem_labels(a, n))
-                if f is not None:
-                    break
-        for w in insn.writes:
-            self._set_reg(w[0], w[1], w[2], [f] * w[2], insn.vex)
-        for a, n in self.writes:
-            self._set_mem(a, [f] * n)
-        self.flags = f
-        self.last_cmp = None
-
     def _k_push(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
         src = self._op_labels(ops[0]) if ops else []
         if self.writes:
@@ -498,8 +478,12 @@ class TaintTracker:
         else:
             self._clear_writes()
 
+    def _k_generic(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
+        self._generic(insn)
+
     def _generic(self, insn: Insn) -> None:
-        """Conservative fallback: everything written may hold anything that was read."""
+        """Shuffles, masks, bit scans and anything without its own handler: everything written
+        may hold anything that was read (conservative; exact copies have their own handlers)."""
         f: Label = None
         for r in insn.reads:
             t = self.regs.get(r[0])
@@ -577,7 +561,7 @@ def _shift_labels(labels: list[Label], m: str, count: int) -> list[Label]:
 
 _KIND_HANDLERS = {
     d.MOV: TaintTracker._k_mov, d.MOVX: TaintTracker._k_movx, d.ALU: TaintTracker._k_alu,
-    d.CMP: TaintTracker._k_cmp, d.UNARY: TaintTracker._k_unary, d.SMEAR: TaintTracker._k_smear,
+    d.CMP: TaintTracker._k_cmp, d.UNARY: TaintTracker._k_unary, d.SMEAR: TaintTracker._k_generic,
     d.PUSH: TaintTracker._k_push, d.POP: TaintTracker._k_pop, d.RET: TaintTracker._k_ret,
     d.BRANCH: TaintTracker._k_branch, d.CALLDIRECT: TaintTracker._k_calldirect,
     d.JCC: TaintTracker._k_jcc, d.SETCC: TaintTracker._k_setcc, d.CMOV: TaintTracker._k_cmov,
