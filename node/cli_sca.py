@@ -46,7 +46,10 @@ def parse_message_args(specs: tuple[str, ...], proto: str) -> tuple[Message, ...
         if proto == "tcp" and conn is None:
             conn, next_conn = next_conn, next_conn + 1
         out.append(Message(data, conn))
-    return tuple(out)
+    # Alerts number connections 0, 1, ... in order of first use: one exploit, one encoding.
+    order: dict[int, int] = {}
+    return tuple(m if m.connection is None else
+                 Message(m.data, order.setdefault(m.connection, len(order))) for m in out)
 
 
 def _conn_of(spec: str) -> int | None:
