@@ -40,7 +40,7 @@ TRAP_PREFIX = b"\x48\xb8"  # movabs rax, imm64
 TRAP_SUFFIX = b"\x0f\x05"  # syscall
 TRAP_LEN = len(TRAP_PREFIX) + 8 + len(TRAP_SUFFIX)
 MIN_ARGUMENT_BYTES = 4  # fewer nonce bytes could turn up in a benign execve by chance
-VERIFY_BUDGET = Budget(instructions=5_000_000, memory=64 << 20, wall_ms=2000)
+VERIFY_BUDGET = Budget(instructions=5_000_000, memory=64 << 20, wall_ms=500)
 
 
 class Reason(StrEnum):

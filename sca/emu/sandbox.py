@@ -27,6 +27,7 @@ from unicorn import (
     UC_HOOK_MEM_FETCH_PROT,
     UC_HOOK_MEM_FETCH_UNMAPPED,
     UC_HOOK_MEM_READ_UNMAPPED,
+    UC_HOOK_MEM_WRITE,
     UC_HOOK_MEM_WRITE_PROT,
     UC_HOOK_MEM_WRITE_UNMAPPED,
     UC_MODE_64,
@@ -134,7 +135,7 @@ class Sandbox:
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.layout = self._map_memory()
         self.kernel = Kernel(self.uc, KernelState())
-        self._deadline = 0.0
+        self.deadline = 0.0
         self._fetch_address: int | None = None
         self.uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, UC_X86_INS_SYSCALL)
         self.uc.hook_add(
@@ -144,6 +145,14 @@ class Sandbox:
             UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_WRITE_PROT,
             self._on_bad_access,
         )
+        # First writes to arena pages after a restore are slow in unicorn (a loop touching a
+        # 32 MiB heap page by page ran ~100 s on 5M instructions), and such a loop makes no
+        # syscall where the deadline is checked: check it on arena writes too (C filters the
+        # range, so other writes cost nothing).
+        for lo, hi in ((self.layout.brk_base, self.layout.brk_limit),
+                       (self.layout.mmap_base, self.layout.mmap_limit)):
+            self.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_arena_write, None, lo, hi - 1)
+        self._arena_writes = 0
         self._boot()
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -232,7 +241,7 @@ class Sandbox:
     # -- hooks ----------------------------------------------------------------------------------
     def _on_syscall(self, uc: Uc, _user: object) -> None:
         nr, a0, a1, a2, a3, a4, a5, rip = uc.reg_read_batch(_SYSCALL_ARGS)
-        if time.perf_counter() > self._deadline:
+        if time.perf_counter() > self.deadline:
             uc.reg_write(UC_X86_REG_RIP, rip - 2)
             raise StopRun(Outcome.BUDGET)
         try:
@@ -242,6 +251,11 @@ class Sandbox:
             uc.reg_write(UC_X86_REG_RIP, rip - 2)
             raise
         uc.reg_write(UC_X86_REG_RAX, ret & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def _on_arena_write(self, uc: Uc, *_: object) -> None:
+        self._arena_writes += 1
+        if not self._arena_writes & 0x3F and time.perf_counter() > self.deadline:
+            raise StopRun(Outcome.BUDGET)
 
     def _on_bad_fetch(self, uc: Uc, _access: int, address: int, *_: object) -> bool:
         self._fetch_address = address
@@ -255,7 +269,7 @@ class Sandbox:
         io = self.kernel.io
         self._fetch_address = None
         start = time.perf_counter()
-        self._deadline = start + wall_ms / 1000
+        self.deadline = start + wall_ms / 1000
         outcome, fault, status, reason = Outcome.BUDGET, "", None, None
         try:
             # No unicorn timeout: it starts a timer thread per call (~0.5 ms). The instruction

@@ -22,6 +22,7 @@ filter generator builds on them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -37,7 +38,7 @@ from sca.alert import (
     Verification,
 )
 from sca.emu.kernel import Kernel
-from sca.emu.sandbox import Budget, RunResult, Sandbox, StopRun
+from sca.emu.sandbox import Budget, Outcome, RunResult, Sandbox, StopRun
 
 from . import decode as d
 from .decode import Decoder, Insn, Operand
@@ -156,6 +157,9 @@ class TaintTracker:
         if self.cur is not None:
             self._finish(address)
         self.count += 1
+        # Hooked code runs ~100x slower than bare: keep the wall-time budget here too.
+        if not self.count & 0xFFF and time.perf_counter() > self.sb.deadline:
+            raise StopRun(Outcome.BUDGET)
         mem = self.mem
         if address in mem:
             raise StopRun(Detection(CodeExecution(to_ref(mem[address])), address,
