@@ -74,9 +74,7 @@ def _mgmtd_replies(stream: bytes) -> int:
 
 # -- boot and benign traffic -------------------------------------------------------------------
 @pytest.mark.parametrize("name", SAMPLES)
-def test_every_sample_boots_to_its_first_receive(
-    name: str, sandboxes: dict[str, Sandbox]
-) -> None:
+def test_every_sample_boots_to_its_first_receive(name: str, sandboxes: dict[str, Sandbox]) -> None:
     sb = sandboxes[name]
     result = sb.run([])
     assert result.outcome == Outcome.BLOCKED
@@ -235,8 +233,9 @@ def test_hostile_messages_never_crash_the_sandbox(hostile: Sandbox) -> None:
     """Random datagrams and every command in a row: each run ends with an outcome, and the
     next clone still serves a well-behaved request."""
     rng = random.Random(5)
-    sessions = [[Message(bytes(rng.randrange(256) for _ in range(rng.randint(1, 64))))]
-                for _ in range(50)]
+    sessions = [
+        [Message(bytes(rng.randrange(256) for _ in range(rng.randint(1, 64))))] for _ in range(50)
+    ]
     sessions.append([Message(c) for c in (b"E1", b"U", b"D", b"M", b"E2", b"R")])
     for messages in sessions:
         result = hostile.run(messages)
@@ -388,7 +387,7 @@ def test_unreadable_manifests_are_explained(tmp_path: Path) -> None:
     bad.write_text("name = \n")
     with pytest.raises(ManifestError, match="not valid TOML"):
         load_image(bad)
-    bad.write_bytes(b"name = \"\xff\xfe\"\n")
+    bad.write_bytes(b'name = "\xff\xfe"\n')
     with pytest.raises(ManifestError, match="cannot read manifest"):
         load_image(bad)
     with pytest.raises(ManifestError, match="cannot read binary"):
