@@ -5,6 +5,7 @@
 #
 #   bin/hostile          static -nostdlib x86-64 service that misbehaves on request
 #   bin/exit-at-boot     static x86-64 program that exits before any receive
+#   bin/bigbss           static x86-64 service that writes every page of a 4 MiB .bss buffer
 #   bin/snippet          static x86-64 service: straight-line data movement (a Triton oracle)
 #   bin/dynamic          dynamically linked x86-64 program (glibc)
 #   bin/pie              static-pie x86-64 program
@@ -20,6 +21,7 @@ mkdir -p bin
 "$CC" "${COMMON[@]}" -static -no-pie -nostdlib -o bin/hostile hostile.c
 "$CC" "${COMMON[@]}" -static -no-pie -nostdlib -o bin/exit-at-boot refused.c
 "$CC" "${COMMON[@]}" -static -no-pie -nostdlib -o bin/snippet snippet.S
+"$CC" "${COMMON[@]}" -static -no-pie -nostdlib -DBIG=$((4 << 20)) -o bin/bigbss bigbss.S
 "$CC" "${COMMON[@]}" -no-pie -DWITH_LIBC -o bin/dynamic refused.c
 "$CC" "${COMMON[@]}" -static-pie -nostdlib -o bin/pie refused.c
 if "$CC" -m32 "${COMMON[@]}" -static -nostdlib -o bin/i386 refused.c 2>/dev/null; then

@@ -14,6 +14,7 @@
  *   'D'  open sockets until the kernel refuses; answer "D <count> <errno>"
  *   'R'  recurse without end (the stack runs out)
  *   'W'  send forever (the sandbox keeps a bounded record)
+ *   'N'  call a NULL function pointer (a crash: fetch from address 0)
  *
  * Built freestanding (-nostdlib, own _start and syscall stub) by build.sh. It must never be run
  * natively; tests run it only inside herdwall's emulator (sca.emu).
@@ -69,6 +70,7 @@ static struct sockaddr_in peer;
 static unsigned int peer_len;
 static int sock;
 volatile unsigned long sink;
+void (*volatile null_fn)(void);
 
 static char *put_str(char *p, const char *s)
 {
@@ -237,6 +239,9 @@ int main(void)
             break;
         case 'R':
             sink = recurse(0);
+            break;
+        case 'N':
+            null_fn();
             break;
         case 'W':
             for (;;)
