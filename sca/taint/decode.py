@@ -77,6 +77,7 @@ class Insn:
     target: int | None = None  # immediate branch target
     vex: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+    regnames: frozenset[str] = frozenset()  # every register it reads or writes, canonical
 
 
 def _canon(name: str) -> tuple[str, int, int] | None:
@@ -123,8 +124,9 @@ class Decoder:
             touches_mem = True
         target = ops[0].imm if ops and ops[0].kind == X86_OP_IMM and kind in (JCC, BRANCH,
                                                                            CALLDIRECT) else None
+        names = frozenset([r[0] for r in reads + writes] + [o.reg for o in ops if o.reg])
         insn = Insn(i.address, i.size, m, kind, tuple(ops), touches_mem, reads, writes, target,
-                    vex=m.startswith("v"))
+                    vex=m.startswith("v"), regnames=names)
         if prefix:
             insn.extra["prefix"] = prefix
         return insn

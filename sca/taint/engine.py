@@ -45,6 +45,7 @@ from .decode import Decoder, Insn, Operand
 from .regs import full_size
 
 X86_OP_REG, X86_OP_MEM, X86_OP_IMM = 1, 3, 2
+LINE_SHIFT = 6
 HIJACK_WINDOW = 8  # instructions to watch after a tainted transfer for a fetch from tainted bytes
 MAX_CONDITIONS = 4096
 
@@ -105,6 +106,7 @@ class TaintTracker:
 
     def _reset(self) -> None:
         self.mem: dict[int, int] = {}
+        self.lines: set[int] = set()  # memory lines (64 bytes) that have held taint this run
         self.regs: dict[str, list[Label]] = {}
         self.flags: Label = None
         self.last_cmp: tuple[str, list[Label], list[Label] | int | None] | None = None
@@ -121,6 +123,20 @@ class TaintTracker:
         mem = self.mem
         for i in range(n):
             mem[addr + i] = (msg << 16) | (off + i)
+        self.lines.update(range(addr >> LINE_SHIFT, ((addr + n - 1) >> LINE_SHIFT) + 1))
+
+    def _hot_memory(self) -> bool:
+        """Whether the current instruction touched a line that has held taint in this run."""
+        lines = self.lines
+        if not lines:
+            return False
+        for a, n in self.reads:
+            if a >> LINE_SHIFT in lines or (a + n - 1) >> LINE_SHIFT in lines:
+                return True
+        for a, n in self.writes:
+            if a >> LINE_SHIFT in lines or (a + n - 1) >> LINE_SHIFT in lines:
+                return True
+        return False
 
     def _kernel_write(self, addr: int, n: int) -> None:
         if self.mem:
@@ -199,6 +215,8 @@ class TaintTracker:
                 mem.pop(addr + i, None)
             else:
                 mem[addr + i] = x
+        # Lines are only ever added during a run: an over-approximation keeps the fast path safe.
+        self.lines.update(range(addr >> LINE_SHIFT, ((addr + len(labels) - 1) >> LINE_SHIFT) + 1))
 
     def _clear_writes(self) -> None:
         if self.mem:
@@ -264,12 +282,17 @@ class TaintTracker:
         insn = self.cur
         assert insn is not None
         self.cur = None
-        if not self.regs and not insn.touches_mem and insn.kind != d.JCC:
-            if insn.kind in (d.ALU, d.CMP, d.UNARY):
+        regs = self.regs
+        # Fast path: no tainted register involved, no tainted memory line touched, and no
+        # tainted flags read: the instruction cannot move taint, at most it clears the flags.
+        if (
+            (not regs or regs.keys().isdisjoint(insn.regnames))
+            and (self.flags is None or insn.kind not in _FLAG_READERS)
+            and not self._hot_memory()
+        ):
+            if insn.kind in _FLAG_SETTERS:
                 self.flags = None
                 self.last_cmp = None
-            return
-        if not self.regs and not self.mem:
             return
         self.tainted_count += 1
         kind = insn.kind
@@ -537,6 +560,8 @@ def _span(events: list[tuple[int, int]], start: int, size: int) -> tuple[int, in
     return a, n
 
 
+_FLAG_READERS = frozenset({d.JCC, d.SETCC, d.CMOV})
+_FLAG_SETTERS = frozenset({d.ALU, d.CMP, d.UNARY, d.SCAS, d.SMEAR, d.GENERIC})
 _SHIFTS = frozenset({"shl", "sal", "shr", "sar", "rol", "ror"})
 
 
