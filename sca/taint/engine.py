@@ -78,6 +78,9 @@ class Detection:
     verification: Verification
     pc: int
     detail: str
+    # Where the attacker's bytes sat in service memory when they took effect: the slot a
+    # hijacked target was read from, or execve's argument string (filter generation uses it).
+    site: int | None = None
 
 
 @dataclass
@@ -87,6 +90,11 @@ class TaintRun:
     conditions: list[Condition] = field(default_factory=list)
     instructions: int = 0
     tainted_instructions: int = 0
+    memory: dict[int, int] = field(default_factory=dict)  # address -> label, at the end
+
+    def labels_at(self, addr: int, n: int) -> list[ByteRef | None]:
+        return [to_ref(x) if (x := self.memory.get(a)) is not None else None
+                for a in range(addr, addr + n)]
 
 
 class TaintTracker:
@@ -114,6 +122,7 @@ class TaintTracker:
         self.reads: list[tuple[int, int]] = []
         self.writes: list[tuple[int, int]] = []
         self.hijack: tuple[ExecutionControl, int, int] | None = None
+        self.site: int | None = None
         self.conditions: list[Condition] = []
         self.count = 0
         self.tainted_count = 0
@@ -151,7 +160,7 @@ class TaintTracker:
                 tainted = [to_ref(x) for x in labels if x is not None]
                 if tainted:
                     v = FunctionArgument("execve", arg, tuple(tainted))
-                    raise StopRun(Detection(v, 0, f"tainted execve argument {arg}"))
+                    raise StopRun(Detection(v, 0, f"tainted execve argument {arg}", a))
 
     def _string_labels(self, addr: int) -> list[Label]:
         s = self.sb.kernel.cstring(addr)
@@ -179,11 +188,11 @@ class TaintTracker:
         mem = self.mem
         if address in mem:
             raise StopRun(Detection(CodeExecution(to_ref(mem[address])), address,
-                                    "instruction fetched from tainted bytes"))
+                                    "instruction fetched from tainted bytes", self.site))
         if self.hijack is not None:
             v, pc, left = self.hijack
             if left <= 0:
-                raise StopRun(Detection(v, pc, "tainted control transfer"))
+                raise StopRun(Detection(v, pc, "tainted control transfer", self.site))
             self.hijack = (v, pc, left - 1)
         insn = self.cache.get(address)
         if insn is None:
@@ -411,7 +420,7 @@ class TaintTracker:
         elif ops:
             self._set_op(ops[0], labels)
 
-    def _transfer(self, insn: Insn, labels: list[Label]) -> None:
+    def _transfer(self, insn: Insn, labels: list[Label], site: int | None) -> None:
         # Only a target whose low bytes come from the message is a hijack the verifier can test.
         prefix = []
         for x in labels:
@@ -420,14 +429,16 @@ class TaintTracker:
             prefix.append(to_ref(x))
         if prefix and self.hijack is None:
             self.hijack = (ExecutionControl(tuple(prefix)), insn.address, HIJACK_WINDOW)
+            self.site = site
 
     def _k_ret(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
         if self.reads:
-            self._transfer(insn, self._mem_labels(*self.reads[0]))
+            self._transfer(insn, self._mem_labels(*self.reads[0]), self.reads[0][0])
 
     def _k_branch(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
         if ops:
-            self._transfer(insn, self._op_labels(ops[0]))
+            site = self.reads[0][0] if ops[0].kind == X86_OP_MEM and self.reads else None
+            self._transfer(insn, self._op_labels(ops[0]), site)
         if insn.mnemonic == "call":
             self._clear_writes()
 
@@ -543,8 +554,9 @@ class TaintTracker:
         if detection is None and self.hijack is not None:
             # The hijacked transfer faulted (e.g. into unmapped memory) before the window ended.
             v, pc, _ = self.hijack
-            detection = Detection(v, pc, "tainted control transfer")
-        return TaintRun(result, detection, self.conditions, self.count, self.tainted_count)
+            detection = Detection(v, pc, "tainted control transfer", self.site)
+        return TaintRun(result, detection, self.conditions, self.count, self.tainted_count,
+                        dict(self.mem))
 
 
 def _span(events: list[tuple[int, int]], start: int, size: int) -> tuple[int, int] | None:

@@ -1,0 +1,244 @@
+"""The filter condition model: one model, evaluated in user space and compiled to nftables.
+
+A condition is a conjunction over one message (a UDP datagram, or a TCP connection's reassembled
+stream): byte pins (``m[o] == v``), then a vulnerable field located either at a fixed offset or
+just after the first occurrence of a delimiter, and the overflow condition on that field:
+
+- ``terminated``: the ``reach`` bytes from the field's start exist and none is a terminator, so
+  a terminator-driven copy (strcpy and kin) reaches the overwritten slot;
+- ``length``: an integer length field (``size`` bytes, little- or big-endian) is at least
+  ``reach``, so a length-driven copy (memcpy) reaches it.
+
+``Specific`` is the cheap first line: the exact bytes at fixed offsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+MAX_REACH = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    offset: int
+    value: int
+    why: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """Where the vulnerable field starts: ``offset``, or, with ``delimiter`` set, right after
+    the first ``delimiter`` byte at or after ``offset``."""
+
+    offset: int
+    delimiter: int | None = None
+    occurrence: int = 1  # after the n-th delimiter from ``offset`` on
+
+    def start(self, m: bytes) -> int | None:
+        if self.delimiter is None:
+            return self.offset
+        needle = bytes([self.delimiter])
+        i = self.offset - 1
+        for _ in range(self.occurrence):
+            i = m.find(needle, i + 1)
+            if i < 0:
+                return None
+        return i + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Overflow:
+    kind: Literal["terminated", "length"]
+    field: Field
+    reach: int  # bytes from the field's start to the overwritten slot (terminated), or the
+    # smallest length value that reaches it (length)
+    terminators: tuple[int, ...] = ()  # terminated: bytes that stop the copy
+    size: int = 0  # length: bytes of the length field
+    little_endian: bool = True
+    why: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class General:
+    """Matches messages that exploit the vulnerability: every pin holds and the overflow
+    condition holds."""
+
+    pins: tuple[Pin, ...]
+    overflow: Overflow
+    # For a TCP stream: the exploit may follow other requests, so offsets count from any
+    # position where the pins hold (a datagram is always matched from its first byte).
+    sliding: bool = False
+
+    def matches(self, m: bytes) -> bool:
+        if not self.sliding:
+            return self._matches_at(m, 0)
+        if not self.pins:
+            return any(self._matches_at(m, b) for b in range(len(m)))
+        first = self.pins[0]
+        needle = bytes([first.value])
+        i = m.find(needle, first.offset)
+        while i >= 0:
+            if self._matches_at(m, i - first.offset):
+                return True
+            i = m.find(needle, i + 1)
+        return False
+
+    def _matches_at(self, m: bytes, base: int) -> bool:
+        for p in self.pins:
+            at = base + p.offset
+            if at >= len(m) or m[at] != p.value:
+                return False
+        if base:
+            m = m[base:]
+        o = self.overflow
+        start = o.field.start(m)
+        if start is None:
+            return False
+        if o.kind == "terminated":
+            if start + o.reach > len(m):
+                return False
+            window = m[start:start + o.reach]
+            return not any(bytes([t]) in window for t in o.terminators)
+        if start + o.size > len(m):
+            return False
+        raw = m[start:start + o.size]
+        value = int.from_bytes(raw, "little" if o.little_endian else "big")
+        return value >= o.reach
+
+    def describe(self) -> list[str]:
+        out = [f"byte {p.offset} is {p.value:#04x}" + (f" ({p.why})" if p.why else "")
+               for p in self.pins]
+        if self.sliding:
+            out.insert(0, "anywhere in the connection's stream, counting from where the pins hold:")
+        o = self.overflow
+        nth = {1: "first", 2: "second", 3: "third"}.get(o.field.occurrence,
+                                                      f"{o.field.occurrence}th")
+        where = (f"offset {o.field.offset}" if o.field.delimiter is None else
+                 f"just after the {nth} {o.field.delimiter:#04x} byte at or after offset "
+                 f"{o.field.offset}")
+        if o.kind == "terminated":
+            terms = ", ".join(f"{t:#04x}" for t in o.terminators)
+            out.append(f"the {o.reach} bytes from {where} contain none of {terms} "
+                       f"(the copy reaches the overwritten slot)" + (f"; {o.why}" if o.why else ""))
+        else:
+            endian = "little" if o.little_endian else "big"
+            out.append(f"the {o.size}-byte {endian}-endian length at {where} is at least "
+                       f"{o.reach} (the copy reaches the overwritten slot)"
+                       + (f"; {o.why}" if o.why else ""))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Specific:
+    """The exact bytes ``value`` at ``offset``: cheap, blocks only this exploit's bytes."""
+
+    offset: int
+    value: bytes
+
+    def matches(self, m: bytes) -> bool:
+        return m[self.offset:self.offset + len(self.value)] == self.value
+
+    def describe(self) -> list[str]:
+        return [f"bytes {self.offset}..{self.offset + len(self.value) - 1} are "
+                f"{self.value.hex()}"]
+
+
+Condition = General | Specific
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """A condition scoped to a service's protocol and port. Its identity is the service and the
+    condition: the same condition from two alerts is one filter."""
+
+    service_id: bytes
+    service_name: str
+    proto: Literal["udp", "tcp"]
+    port: int
+    condition: Condition
+
+    @property
+    def kind(self) -> str:
+        return "general" if isinstance(self.condition, General) else "specific"
+
+    @property
+    def filter_id(self) -> str:
+        body = json.dumps(_condition_json(self.condition), sort_keys=True).encode()
+        return hashlib.sha256(self.service_id + b"\0" + body).hexdigest()[:16]
+
+    def matches(self, message: bytes) -> bool:
+        return self.condition.matches(message)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.filter_id,
+            "kind": self.kind,
+            "service_id": self.service_id.hex(),
+            "service": self.service_name,
+            "proto": self.proto,
+            "port": self.port,
+            "condition": _condition_json(self.condition),
+            "words": self.condition.describe(),
+        }
+
+
+def _condition_json(c: Condition) -> dict[str, object]:
+    if isinstance(c, Specific):
+        return {"specific": {"offset": c.offset, "value": c.value.hex()}}
+    d = asdict(c)
+    for p in d["pins"]:
+        p.pop("why", None)
+    d["overflow"].pop("why", None)
+    return {"general": d}
+
+
+def condition_from_json(d: dict[str, object]) -> Condition:
+    """The inverse of the JSON form, strict: a stored filter that is not valid raises
+    ValueError instead of becoming a filter that matches the wrong thing."""
+    if not isinstance(d, dict) or len(d) != 1:
+        raise ValueError("a condition is an object with one key, specific or general")
+    (kind, body), = d.items()
+    if not isinstance(body, dict):
+        raise ValueError("a condition's body must be an object")
+    if kind == "specific":
+        off, val = body.get("offset"), body.get("value")
+        if not _uint(off) or not isinstance(val, str):
+            raise ValueError("specific: bad offset or value")
+        return Specific(off, bytes.fromhex(val))  # type: ignore[arg-type]
+    if kind != "general":
+        raise ValueError(f"unknown condition kind {kind!r}")
+    pins = []
+    for p in body.get("pins", ()):  # type: ignore[union-attr]
+        if not (isinstance(p, dict) and _uint(p.get("offset")) and _byte(p.get("value"))):
+            raise ValueError("general: bad pin")
+        pins.append(Pin(p["offset"], p["value"]))
+    o = body.get("overflow")
+    if not isinstance(o, dict) or o.get("kind") not in ("terminated", "length"):
+        raise ValueError("general: bad overflow")
+    f = o.get("field")
+    if not (isinstance(f, dict) and _uint(f.get("offset"))
+            and (f.get("delimiter") is None or _byte(f.get("delimiter")))
+            and _uint(f.get("occurrence", 1)) and 1 <= f.get("occurrence", 1) <= 64):
+        raise ValueError("general: bad field")
+    terms = o.get("terminators", [])
+    if not (isinstance(terms, list) and all(_byte(t) for t in terms)):
+        raise ValueError("general: bad terminators")
+    reach, size = o.get("reach"), o.get("size", 0)
+    if not (_uint(reach) and 0 < reach <= MAX_REACH and _uint(size) and size <= 8):  # type: ignore[operator]
+        raise ValueError("general: bad reach or size")
+    return General(tuple(pins), Overflow(
+        o["kind"], Field(f["offset"], f.get("delimiter"), f.get("occurrence", 1)), reach,  # type: ignore[arg-type]
+        tuple(terms), size,
+        bool(o.get("little_endian", True))), bool(body.get("sliding", False)))
+
+
+def _uint(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_REACH
+
+
+def _byte(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255

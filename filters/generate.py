@@ -1,0 +1,365 @@
+"""Filters from a verified alert, with the sandbox as the oracle (Vigilante's filters, Bouncer's
+checking of every generalisation).
+
+The alert's execution is re-run with taint to find what the vulnerability depends on: where the
+overwritten slot (or the critical argument) sits in the message, the comparisons the service
+made on message bytes on its way there, and how far the vulnerable field must reach. Each step
+is checked by replaying modified copies of the exploit through the verifier (fresh flash clones,
+unpredictable traps): a byte is pinned only if changing it stops the exploit; a terminator is
+kept only if putting it in the field stops the exploit; a field is anchored to a delimiter only
+if moving the delimiter moves the field. The result is a **general filter** over the vulnerable
+field (so mutated exploits are blocked too) and a **specific filter**: the exploit's exact bytes
+at the alert's offsets.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from sca.alert import (
+    Alert,
+    ByteRef,
+    CodeExecution,
+    ExecutionControl,
+    FunctionArgument,
+    Message,
+    Messages,
+    Verification,
+)
+from sca.emu.image import ServiceImage
+from sca.generate import Detector
+from sca.taint.engine import Condition, TaintRun
+from sca.verify import Verifier
+
+from .condition import Field, Filter, General, Overflow, Pin, Specific
+
+SAFE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+SAMPLES = 20
+MOVE = 5  # bytes inserted before a delimiter to check that the field moves with it
+
+
+class FilterGenerationError(ValueError):
+    """No filter could be derived (the reason says which step failed)."""
+
+
+@dataclass
+class Generated:
+    specific: Filter
+    general: Filter | None
+    notes: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    oracle_runs: int = 0
+
+
+@dataclass
+class _Stream:
+    """The message the vulnerability is in: a datagram, or a connection's chunks joined."""
+
+    alert: Alert
+    index: list[int]  # alert message indexes making up the stream, in order
+    data: bytes
+
+    @property
+    def sliding(self) -> bool:
+        # A TCP stream may carry other requests before the exploit: match at any position.
+        return self.alert.messages[self.index[0]].connection is not None
+
+    def offset(self, ref: ByteRef) -> int | None:
+        pos = 0
+        for i in self.index:
+            if i == ref.message:
+                return pos + ref.offset
+            pos += len(self.alert.messages[i].data)
+        return None
+
+    def messages(self, data: bytes) -> Messages:
+        """The alert's messages with this stream replaced by ``data`` (as one chunk)."""
+        first = self.index[0]
+        out: list[Message] = []
+        for i, m in enumerate(self.alert.messages):
+            if i == first:
+                out.append(Message(data, m.connection))
+            elif i not in self.index:
+                out.append(m)
+        return tuple(out)
+
+    def ref(self, offset: int) -> ByteRef:
+        """A stream offset as a reference into ``messages()``'s output."""
+        return ByteRef(self.index[0], offset)
+
+
+def _stream_of(alert: Alert) -> _Stream:
+    refs = alert.refs()
+    msg = alert.messages[refs[0].message]
+    if msg.connection is None:
+        idx = [refs[0].message]
+    else:
+        idx = [i for i, m in enumerate(alert.messages) if m.connection == msg.connection]
+    return _Stream(alert, idx, b"".join(alert.messages[i].data for i in idx))
+
+
+class _Oracle:
+    """Does a modified copy of the exploit still reach the vulnerability? Answered by the
+    verifier with the alert's own kind of trap, at the moved offsets."""
+
+    def __init__(self, verifier: Verifier, stream: _Stream) -> None:
+        self.verifier = verifier
+        self.stream = stream
+        self.runs = 0
+
+    def works(self, data: bytes, shift_from: int = 1 << 30, shift: int = 0) -> bool:
+        s = self.stream
+
+        def move(r: ByteRef) -> ByteRef:
+            off = s.offset(r)
+            if off is None:
+                return r
+            return s.ref(off + shift if off >= shift_from else off)
+
+        v = _map_refs(s.alert.verification, move)
+        alert = Alert(s.alert.service_id, s.alert.service_name, s.messages(data), v)
+        self.runs += 1
+        return self.verifier.verify(alert).verified
+
+
+def _map_refs(v: Verification, f: Callable[[ByteRef], ByteRef]) -> Verification:
+    if isinstance(v, ExecutionControl):
+        return ExecutionControl(tuple(f(r) for r in v.target))
+    if isinstance(v, CodeExecution):
+        return CodeExecution(f(v.code))
+    return FunctionArgument(v.call, v.argument, tuple(f(r) for r in v.bytes))
+
+
+def _other(b: int, rng: random.Random) -> int:
+    while True:
+        c = rng.choice(SAFE)
+        if c != b:
+            return c
+
+
+def _compared_offsets(stream: _Stream, conditions: Iterable[Condition]) -> dict[int, set[int]]:
+    """Stream offset -> constants the service compared that byte with (``test x,x`` is 0)."""
+    out: dict[int, set[int]] = {}
+    for c in conditions:
+        refs = [r for r in c.left if r is not None]
+        if len(refs) != 1 or (len(c.left) > 1 and any(x != refs[0] for x in c.left if x)):
+            continue
+        off = stream.offset(refs[0])
+        if off is None:
+            continue
+        if isinstance(c.right, int):
+            out.setdefault(off, set()).add(c.right & 0xFF)
+        elif c.op == "test" and c.right is not None and tuple(c.right) == tuple(c.left):
+            out.setdefault(off, set()).add(0)
+    return out
+
+
+def _slot_offset(stream: _Stream, run: TaintRun, alert: Alert) -> int:
+    """Where the overwritten slot (or the critical argument) starts in the stream."""
+    d = run.detection
+    refs: list[ByteRef] = []
+    if d is not None and d.site is not None:
+        refs = [r for r in run.labels_at(d.site, 8) if r is not None]
+    if not refs or isinstance(alert.verification, FunctionArgument):
+        refs = list(alert.refs())
+    offs = [o for o in (stream.offset(r) for r in refs) if o is not None]
+    if not offs:
+        raise FilterGenerationError("the overwritten bytes are not in the exploit's stream")
+    return min(offs)
+
+
+def _specific(alert: Alert, image: ServiceImage, stream: _Stream) -> Filter:
+    offs = sorted(o for o in (stream.offset(r) for r in alert.refs()) if o is not None)
+    lo, hi = offs[0], offs[-1]
+    return Filter(alert.service_id, image.name, image.proto, image.port,  # type: ignore[arg-type]
+                  Specific(lo, stream.data[lo:hi + 1]))
+
+
+def generate_filters(alert: Alert, image: ServiceImage, *, detector: Detector | None = None,
+                     verifier: Verifier | None = None, benign: Iterable[Message] = (),
+                     seed: int = 0) -> Generated:
+    """Both filters for a verified ``alert`` of ``image``. ``benign`` (optional) is a corpus the
+    general filter must not match; a relaxation that would match it is not taken."""
+    start = time.perf_counter()
+    if alert.service_id != image.service_id:
+        raise FilterGenerationError("the alert is for another service")
+    verifier = verifier or Verifier([image])
+    detector = detector or Detector(image)
+    rng = random.Random(seed)
+    stream = _stream_of(alert)
+    oracle = _Oracle(verifier, stream)
+    if not oracle.works(stream.data):
+        raise FilterGenerationError("the alert does not verify")
+    run = detector.inspect(alert.messages)
+    if run.detection is None:
+        raise FilterGenerationError("the tainted re-run caught no exploit")
+    specific = _specific(alert, image, stream)
+    notes: list[str] = []
+    slot = _slot_offset(stream, run, alert)
+    compared = _compared_offsets(stream, run.conditions)
+    general = (_terminated(stream, slot, compared, oracle, rng, notes)
+               or _length(stream, run, slot, oracle, rng, notes))
+    result = None
+    if general is not None:
+        benign_hits = [m for m in benign if general.matches(m.data)]
+        if benign_hits:
+            notes.append(f"general filter dropped: it matches {len(benign_hits)} benign "
+                         "message(s)")
+        else:
+            result = Filter(alert.service_id, image.name, image.proto, image.port,  # type: ignore[arg-type]
+                            general)
+    else:
+        notes.append("no general filter: the vulnerable field could not be delimited")
+    return Generated(specific, result, notes, time.perf_counter() - start, oracle.runs)
+
+
+def _field_start(stream: _Stream, slot: int, oracle: _Oracle, rng: random.Random) -> int:
+    """Scan back from the slot: the field starts after the last byte whose change stops the
+    exploit."""
+    data = stream.data
+    for i in range(slot - 1, -1, -1):
+        patched = bytearray(data)
+        patched[i] = _other(data[i], rng)
+        if not oracle.works(bytes(patched)):
+            return i + 1
+    return 0
+
+
+def _pins(stream: _Stream, upto: int, compared: dict[int, set[int]], oracle: _Oracle,
+          rng: random.Random, skip: Iterable[int] = ()) -> list[Pin]:
+    pins = []
+    skipped = set(skip)
+    for off in sorted(o for o in compared if o < upto and o not in skipped):
+        patched = bytearray(stream.data)
+        patched[off] = _other(stream.data[off], rng)
+        if not oracle.works(bytes(patched)):
+            pins.append(Pin(off, stream.data[off], "changing it stops the exploit"))
+    return pins
+
+
+def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]], oracle: _Oracle,
+                rng: random.Random, notes: list[str]) -> General | None:
+    data = stream.data
+    start = _field_start(stream, slot, oracle, rng)
+    reach = slot - start
+    if reach <= 0:
+        return None
+    # Every byte value is a candidate: string routines compare vector-wide, so the recorded
+    # conditions do not name every terminator; the replay decides.
+    mid = start + reach // 2
+    terminators = []
+    for t in range(256):
+        patched = bytearray(data)
+        patched[mid] = t
+        if data[mid] != t and not oracle.works(bytes(patched)):
+            terminators.append(t)
+    if not terminators:
+        return None  # nothing in the field stops the copy: not a terminator-driven copy
+    notes.append(f"field {start}..{slot - 1} ({reach} bytes) is copied up to the slot; "
+                 f"terminators confirmed by replay: {', '.join(hex(t) for t in terminators)}")
+    fld = Field(start)
+    delim = data[start - 1] if start > 0 else None
+    pins = _pins(stream, start - 1 if delim is not None else start, compared, oracle, rng)
+    # Anchor the field on its delimiter if the delimiter is scanned for (compared at several
+    # earlier offsets) and the exploit still works with the field moved.
+    if delim is not None and delim not in SAFE:
+        scan_from = max((p.offset + 1 for p in pins), default=0)
+        nth = data.count(bytes([delim]), scan_from, start)
+        previous = data.rfind(bytes([delim]), scan_from, start - 1)
+        # Lengthen the token before the delimiter, at its end or at its start: if the exploit
+        # still works, the field's position is not what matters, its delimiter is.
+        for at in dict.fromkeys((start - 1, previous + 1 if previous >= 0 else scan_from)):
+            filler = bytes(rng.choice(SAFE) for _ in range(MOVE))
+            if oracle.works(data[:at] + filler + data[at:], shift_from=at, shift=MOVE):
+                fld = Field(scan_from, delim, nth)
+                notes.append(f"the field follows delimiter {delim:#04x} number {nth} after "
+                             f"offset {scan_from}: moving it by {MOVE} bytes keeps the exploit "
+                             "working")
+                break
+        else:
+            pins.append(Pin(start - 1, delim, "the field does not move with it"))
+    elif delim is not None:
+        patched = bytearray(data)
+        patched[start - 1] = _other(delim, rng)
+        if not oracle.works(bytes(patched)):
+            pins.append(Pin(start - 1, delim, "changing it stops the exploit"))
+    general = General(tuple(sorted(pins, key=lambda p: p.offset)),
+                      Overflow("terminated", fld, reach, tuple(terminators),
+                               why="every terminator confirmed by replay"),
+                      sliding=stream.sliding)
+    _check_samples(general, stream, oracle, rng, notes)
+    return general
+
+
+def _length(stream: _Stream, run: TaintRun, slot: int, oracle: _Oracle, rng: random.Random,
+            notes: list[str]) -> General | None:
+    """A length-driven copy: a multi-byte field compared by the service whose value, lowered
+    below the distance to the slot, stops the exploit."""
+    data = stream.data
+    seen: set[tuple[int, int]] = set()
+    for c in run.conditions:
+        refs = [r for r in c.left if r is not None]
+        offs = sorted({o for o in (stream.offset(r) for r in refs) if o is not None})
+        if len(offs) not in (2, 4) or offs[-1] - offs[0] != len(offs) - 1 or offs[-1] >= slot:
+            continue
+        off, size = offs[0], len(offs)
+        if (off, size) in seen:
+            continue
+        seen.add((off, size))
+        for little in (True, False):
+            value = int.from_bytes(data[off:off + size], "little" if little else "big")
+            payload = len(data) - value  # the copy's source: the rest of the message
+            if not 0 < payload <= slot:
+                continue
+            reach = slot - payload + 1
+            shorter = bytearray(data)
+            shorter[off:off + size] = (reach - 1).to_bytes(size, "little" if little else "big")
+            if oracle.works(bytes(shorter)):
+                continue  # the exploit does not need this length: not the copy's length
+            pins = _pins(stream, off, _header_offsets(run, stream, off), oracle, rng)
+            notes.append(f"a {size}-byte {'little' if little else 'big'}-endian length at "
+                         f"{off} drives the copy from offset {payload}; {reach} reaches the slot")
+            general = General(tuple(pins), Overflow(
+                "length", Field(off), reach, size=size, little_endian=little,
+                why="a smaller length stops the exploit"), sliding=stream.sliding)
+            _check_samples(general, stream, oracle, rng, notes)
+            return general
+    return None
+
+
+def _header_offsets(run: TaintRun, stream: _Stream, upto: int) -> dict[int, set[int]]:
+    """Offsets before ``upto`` the service compared (single or multi-byte): pin candidates."""
+    out: dict[int, set[int]] = {}
+    for c in run.conditions:
+        for r in c.left:
+            off = stream.offset(r) if r is not None else None
+            if off is not None and off < upto:
+                out.setdefault(off, set())
+    return out
+
+
+def _check_samples(general: General, stream: _Stream, oracle: _Oracle, rng: random.Random,
+                   notes: list[str]) -> None:
+    """Bouncer's check: messages that satisfy the condition with the field's filler redrawn
+    still reach the vulnerability."""
+    o = general.overflow
+    data = stream.data
+    start = o.field.start(data)
+    if start is None or o.kind != "terminated":
+        return
+    ok = 0
+    for _ in range(SAMPLES):
+        patched = bytearray(data)
+        for i in range(start, start + o.reach):
+            c = rng.choice(SAFE)
+            while c in o.terminators:
+                c = rng.choice(SAFE)
+            patched[i] = c
+        assert general.matches(bytes(patched))
+        ok += oracle.works(bytes(patched))
+    notes.append(f"{ok}/{SAMPLES} samples with the field's bytes redrawn still exploit")
+    if ok < SAMPLES:
+        raise FilterGenerationError("relaxed condition admits messages that do not exploit")
