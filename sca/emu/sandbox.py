@@ -60,6 +60,9 @@ STACK_TOP = 0x7FFF_F000_0000
 STACK_SIZE = 1 << 20
 MMAP_BASE = 0x7F00_0000_0000
 BRK_GAP = 0x10_0000  # a guard gap after the image, so a heap overflow faults instead of wrapping
+# emu_start's stop address: a non-canonical one no jump can reach (0 would make a call to NULL
+# end the run quietly instead of faulting).
+NEVER = 0xDEAD_0000_0000_0000
 _SYSCALL_ARGS = (
     UC_X86_REG_RAX, UC_X86_REG_RDI, UC_X86_REG_RSI, UC_X86_REG_RDX,
     UC_X86_REG_R10, UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_RIP,
@@ -145,12 +148,12 @@ class Sandbox:
             UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_WRITE_PROT,
             self._on_bad_access,
         )
-        # First writes to arena pages after a restore are slow in unicorn (a loop touching a
-        # 32 MiB heap page by page ran ~100 s on 5M instructions), and such a loop makes no
-        # syscall where the deadline is checked: check it on arena writes too (C filters the
-        # range, so other writes cost nothing).
-        for lo, hi in ((self.layout.brk_base, self.layout.brk_limit),
-                       (self.layout.mmap_base, self.layout.mmap_limit)):
+        # First writes to pages after a restore are slow in unicorn (a loop touching a 32 MiB
+        # heap page by page ran ~100 s on 5M instructions), and such a loop makes no syscall
+        # where the deadline is checked: check it on writes to the image's data and the arenas
+        # too (C filters the ranges, so stack writes cost nothing).
+        for lo, hi in [*self._writable, (self.layout.brk_base, self.layout.brk_limit),
+                       (self.layout.mmap_base, self.layout.mmap_limit)]:
             self.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_arena_write, None, lo, hi - 1)
         self._arena_writes = 0
         self._boot()
@@ -162,10 +165,17 @@ class Sandbox:
         for seg in self.exe.segments:
             for p in range(page_down(seg.vaddr), page_up(seg.vaddr + seg.memsz), PAGE):
                 pages[p] = pages.get(p, 0) | seg.perms
-        regions = []
+        # One mapping per run of pages with the same permissions: a page each made boot slow
+        # and copy-on-write after a restore slower with every region (a big .bss).
+        regions: list[tuple[int, int, int]] = []
         for p in sorted(pages):
-            uc.mem_map(p, PAGE, pages[p] | UC_PROT_READ)
-            regions.append((p, p + PAGE))
+            if regions and regions[-1][1] == p and regions[-1][2] == pages[p]:
+                regions[-1] = (regions[-1][0], p + PAGE, pages[p])
+            else:
+                regions.append((p, p + PAGE, pages[p]))
+        for lo, hi, perms in regions:
+            uc.mem_map(lo, hi - lo, perms | UC_PROT_READ)
+        self._writable = [(lo, hi) for lo, hi, perms in regions if perms & UC_PROT_WRITE]
         for seg in self.exe.segments:
             uc.mem_write(seg.vaddr, seg.data)
         # Arenas: half the memory budget each for brk and mmap, mapped now (see module doc).
@@ -175,12 +185,12 @@ class Sandbox:
         uc.mem_map(MMAP_BASE, half, UC_PROT_READ | UC_PROT_WRITE)
         # The stack is executable, as on the old systems the sample worms attacked.
         uc.mem_map(STACK_TOP - STACK_SIZE, STACK_SIZE, UC_PROT_ALL)
-        regions += [
+        spans = [(lo, hi) for lo, hi, _ in regions] + [
             (brk_base, brk_base + half),
             (MMAP_BASE, MMAP_BASE + half),
             (STACK_TOP - STACK_SIZE, STACK_TOP),
         ]
-        return _Layout(brk_base, brk_base + half, MMAP_BASE, MMAP_BASE + half, regions)
+        return _Layout(brk_base, brk_base + half, MMAP_BASE, MMAP_BASE + half, spans)
 
     def is_mapped(self, addr: int) -> bool:
         return any(lo <= addr < hi for lo, hi in self.layout.regions)
@@ -274,7 +284,7 @@ class Sandbox:
         try:
             # No unicorn timeout: it starts a timer thread per call (~0.5 ms). The instruction
             # count bounds pure computation; the deadline is checked at every syscall.
-            self.uc.emu_start(begin, 0, count=count)
+            self.uc.emu_start(begin, NEVER, count=count)
         except Blocked:
             outcome = Outcome.BLOCKED
         except Exited as e:

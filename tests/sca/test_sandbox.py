@@ -253,25 +253,12 @@ def test_wall_budget_holds_for_a_page_toucher(hostile_image: ServiceImage) -> No
     assert took < 0.6, f"a 100 ms wall budget took {took:.2f} s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG sca/emu/sandbox: the wall budget is checked at syscalls and on brk/mmap arena "
-    "writes only; first writes to pages of the image's own .bss after the copy-on-write "
-    "snapshot get slower with every page copied, so a loop over a 4 MiB static buffer "
-    "overruns a 100 ms budget many times",
-)
 def test_wall_budget_holds_for_a_static_buffer_toucher() -> None:
     sb = Sandbox(load_image(DATA / "bigbss.toml"), Budget(instructions=50_000_000, wall_ms=100))
     _result, took = _timed(sb, b"x")
     assert took < 1.0, f"a 100 ms wall budget took {took:.2f} s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG sca/emu/sandbox: emu_start(begin, 0, ...) uses address 0 as its stop address, "
-    "so a jump or call to NULL ends the run normally and is reported as 'budget' (no fault, no "
-    "fetch address) instead of a fault at 0",
-)
 def test_a_call_to_null_is_a_fault(hostile: Sandbox) -> None:
     result, took = _timed(hostile, b"N")
     assert took < 1.0
