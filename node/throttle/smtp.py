@@ -28,6 +28,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from node.throttle.core import ThrottleCore
+from node.throttle.driver import CoreDriver
 from node.throttle.events import Blocked, Event, Flagged, Passed, Released
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,7 @@ class MailThrottle:
         self._outbox: asyncio.Queue[list[OutMail]] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_due: float | None = None
+        self._driver: CoreDriver | None = None
         self.handler = _Handler(self)  # the aiosmtpd handler (for a server made elsewhere)
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -168,12 +168,13 @@ class MailThrottle:
         """Bind to the running loop and start the delivery worker (``start`` does it)."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+            self._driver = CoreDriver(self.core, self._loop, self._apply, self.on_event)
             self._outbox = asyncio.Queue()
             self._worker = self._loop.create_task(self._deliver_loop())
 
     async def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._driver is not None:
+            self._driver.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -191,9 +192,8 @@ class MailThrottle:
 
     def clear(self, src: Hashable) -> list[Event]:
         """Clear the mass-mailer flag; held mail stays held until released or discarded."""
-        events = self.core.clear(src)
-        self._emit(events)
-        return events
+        assert self._driver is not None
+        return self._driver.clear(src)
 
     def held(self, src: Hashable | None = None) -> list[OutMail]:
         if src is not None:
@@ -225,16 +225,14 @@ class MailThrottle:
         return "250 OK"
 
     def _on_data(self, session: Session, envelope: Envelope) -> str:
-        assert self._loop is not None
+        assert self._driver is not None
         src = self.source_of(session, envelope)
         content = envelope.original_content or b""
         mail_id = next(self._ids)
-        now = self._loop.time()
-        events: list[Event] = []
-        for rcpt in envelope.rcpt_tos:
-            mail = OutMail(mail_id, src, envelope.mail_from or "", rcpt, content)
-            events += self.core.attempt(src, recipient_key(rcpt), now, flow=mail)
-        self._apply(events)
+        mail_from = envelope.mail_from or ""
+        self._driver.attempts([
+            (src, recipient_key(rcpt), OutMail(mail_id, src, mail_from, rcpt, content))
+            for rcpt in envelope.rcpt_tos])
         return f"250 2.0.0 OK: queued as {mail_id}"
 
     # -- events -------------------------------------------------------------------------------
@@ -257,18 +255,11 @@ class MailThrottle:
                 log.warning("mass mailing suspected from %s: %d recipients waiting; outgoing "
                             "mail held", e.src, e.depth)
         self._flush(passed)
-        self._emit(events)
-        self._arm_timer()
 
     def _flush(self, passed: dict[int, list[OutMail]]) -> None:
         for mails in passed.values():
             self._enqueue(mails)
         passed.clear()
-
-    def _emit(self, events: list[Event]) -> None:
-        if self.on_event is not None:
-            for e in events:
-                self.on_event(e)
 
     def _hold(self, mail: OutMail) -> None:
         self._held.setdefault(mail.src, []).append(mail)
@@ -279,26 +270,6 @@ class MailThrottle:
                 del self._held[oldest]
             log.warning("held mail over %d: dropped message %d to %s", MAX_HELD, dropped.id,
                         dropped.rcpt)
-
-    def _arm_timer(self) -> None:
-        assert self._loop is not None
-        due = self.core.next_deadline()
-        if due == self._timer_due:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_due = due
-        if due is not None:
-            self._timer = self._loop.call_at(due, self._on_timer)
-
-    def _on_timer(self) -> None:
-        assert self._loop is not None
-        # call_at may fire a hair before the deadline; ticking at the deadline itself keeps the
-        # core from seeing "not yet" and the timer from never being re-armed.
-        now = max(self._loop.time(), self._timer_due or 0.0)
-        self._timer, self._timer_due = None, None
-        self._apply(self.core.tick(now))
 
     # -- delivery -----------------------------------------------------------------------------
 
