@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sca.alert import (
     Alert,
     ByteRef,
-    CodeExecution,
-    ExecutionControl,
     FunctionArgument,
     Message,
     Messages,
-    Verification,
+    map_refs,
 )
 from sca.emu.image import ServiceImage
 from sca.generate import Detector
@@ -119,18 +117,10 @@ class _Oracle:
                 return r
             return s.ref(off + shift if off >= shift_from else off)
 
-        v = _map_refs(s.alert.verification, move)
+        v = map_refs(s.alert.verification, move)
         alert = Alert(s.alert.service_id, s.alert.service_name, s.messages(data), v)
         self.runs += 1
         return self.verifier.verify(alert).verified
-
-
-def _map_refs(v: Verification, f: Callable[[ByteRef], ByteRef]) -> Verification:
-    if isinstance(v, ExecutionControl):
-        return ExecutionControl(tuple(f(r) for r in v.target))
-    if isinstance(v, CodeExecution):
-        return CodeExecution(f(v.code))
-    return FunctionArgument(v.call, v.argument, tuple(f(r) for r in v.bytes))
 
 
 def _other(b: int, rng: random.Random) -> int:

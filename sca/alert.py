@@ -7,6 +7,7 @@ detectors that catch the same exploit therefore write byte-identical alerts (see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -75,6 +76,15 @@ class FunctionArgument:
 
 Verification = ExecutionControl | CodeExecution | FunctionArgument
 Messages = tuple[Message, ...]
+
+
+def map_refs(v: Verification, f: Callable[[ByteRef], ByteRef]) -> Verification:
+    """The same verification info with every reference passed through ``f``."""
+    if isinstance(v, ExecutionControl):
+        return ExecutionControl(tuple(f(r) for r in v.target))
+    if isinstance(v, CodeExecution):
+        return CodeExecution(f(v.code))
+    return FunctionArgument(v.call, v.argument, tuple(f(r) for r in v.bytes))
 
 
 def verification_refs(v: Verification) -> tuple[ByteRef, ...]:

@@ -11,7 +11,7 @@ offsets, so two detectors catching the same exploit write the same alert.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from sca.alert import (
@@ -19,12 +19,11 @@ from sca.alert import (
     MAX_TOTAL_BYTES,
     Alert,
     ByteRef,
-    CodeExecution,
     ExecutionControl,
-    FunctionArgument,
     Message,
     Messages,
     Verification,
+    map_refs,
     verification_refs,
 )
 from sca.emu.image import ServiceImage
@@ -94,11 +93,13 @@ def _subsets(messages: Messages, used: set[int]) -> Iterator[list[int]]:
     if messages[0].connection is None:
         seen.append(sorted(used))
     else:
-        # A connection's chunks up to the last one used: the stream before it shapes its state.
+        # A connection's chunks up to the last one used: the stream before it shapes its state;
+        # then all of those connections' chunks (the request may end in a later send).
         conns = {messages[i].connection for i in used}
         upto = {c: max(i for i in used if messages[i].connection == c) for c in conns}
         seen.append([i for i, m in enumerate(messages) if m.connection in conns
                      and i <= upto[m.connection]])
+        seen.append([i for i, m in enumerate(messages) if m.connection in conns])
     seen.append(list(range(last + 1)))
     seen.append(list(range(len(messages))))
     out: list[list[int]] = []
@@ -108,16 +109,31 @@ def _subsets(messages: Messages, used: set[int]) -> Iterator[list[int]]:
             yield s
 
 
-def _remap(messages: Messages, keep: list[int]) -> tuple[Messages, dict[int, int]]:
-    index = {old: new for new, old in enumerate(keep)}
+def _remap(messages: Messages, keep: list[int], join: bool
+           ) -> tuple[Messages, Callable[[ByteRef], ByteRef]]:
+    """The kept messages, connections renumbered in order of first use; with ``join`` each
+    connection's chunks become one (a trap that straddles two sends then fits)."""
     conn_map: dict[int, int] = {}
-    out = []
+    out: list[Message] = []
+    where: dict[int, tuple[int, int]] = {}  # old index -> (new index, offset shift)
     for i in keep:
         m = messages[i]
         if m.connection is not None:
             m = replace(m, connection=conn_map.setdefault(m.connection, len(conn_map)))
+            if join:
+                j = next((k for k, o in enumerate(out) if o.connection == m.connection), None)
+                if j is not None:
+                    where[i] = (j, len(out[j].data))
+                    out[j] = Message(out[j].data + m.data, m.connection)
+                    continue
+        where[i] = (len(out), 0)
         out.append(m)
-    return tuple(out), index
+
+    def move(r: ByteRef) -> ByteRef:
+        new, shift = where[r.message]
+        return ByteRef(new, r.offset + shift)
+
+    return tuple(out), move
 
 
 def _verification_variants(v: Verification) -> Iterator[Verification]:
@@ -131,20 +147,11 @@ def _verification_variants(v: Verification) -> Iterator[Verification]:
 def candidates(messages: Messages, v: Verification) -> Iterator[tuple[Messages, Verification]]:
     refs = verification_refs(v)
     used = {r.message for r in refs}
+    tcp = messages[0].connection is not None
     for keep in _subsets(messages, used):
-        msgs, index = _remap(messages, keep)
-
-        def move(r: ByteRef, index: dict[int, int] = index) -> ByteRef:
-            return ByteRef(index[r.message], r.offset)
-
-        for variant in _verification_variants(v):
-            yield msgs, _map_refs(variant, move)
-
-
-def _map_refs(v: Verification, f) -> Verification:  # type: ignore[no-untyped-def]
-    if isinstance(v, ExecutionControl):
-        return ExecutionControl(tuple(f(r) for r in v.target))
-    if isinstance(v, CodeExecution):
-        return CodeExecution(f(v.code))
-    assert isinstance(v, FunctionArgument)
-    return FunctionArgument(v.call, v.argument, tuple(f(r) for r in v.bytes))
+        for join in (False, True) if tcp else (False,):
+            msgs, move = _remap(messages, keep, join)
+            if join and len(msgs) == len(keep):
+                continue  # nothing to join
+            for variant in _verification_variants(v):
+                yield msgs, map_refs(variant, move)

@@ -170,11 +170,25 @@ class Verifier:
         if len(v.bytes) < MIN_ARGUMENT_BYTES:
             return refuse(Reason.TOO_FEW_ARGUMENT_BYTES,
                           f"{len(v.bytes)} argument bytes; at least {MIN_ARGUMENT_BYTES} needed")
+        # First as sent: the alert's own bytes must reach the call. Otherwise bytes that stop
+        # the request short (a line end) could sit at the offsets, and the nonce, replacing
+        # them, would make an exploit out of a benign session.
+        own = bytes(messages[r.message].data[r.offset] for r in v.bytes)
+        result = sb.run(messages, budget=self.budget)
+        if not self._arrived(result, v, own):
+            return self._not_reached(result, refuse,
+                                     f"the alert's own bytes in {v.call} argument {v.argument}")
         value = nonce(len(v.bytes))
         result = sb.run(patch(messages, v.bytes, value), budget=self.budget)
+        if self._arrived(result, v, value):
+            return Verdict(True, Reason.VERIFIED, f"the nonce arrived in {v.call} argument "
+                           f"{v.argument}", time.perf_counter() - start, result.outcome)
+        return self._not_reached(result, refuse, f"nonce in {v.call} argument {v.argument}")
+
+    @staticmethod
+    def _arrived(result: RunResult, v: FunctionArgument, value: bytes) -> bool:
         for path, argv in result.execves():
             strings = (path,) if v.argument == 0 else argv
             if any(value in s for s in strings):
-                return Verdict(True, Reason.VERIFIED, f"the nonce arrived in {v.call} argument "
-                               f"{v.argument}", time.perf_counter() - start, result.outcome)
-        return self._not_reached(result, refuse, f"nonce in {v.call} argument {v.argument}")
+                return True
+        return False

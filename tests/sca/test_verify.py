@@ -287,12 +287,6 @@ def test_the_verifier_budget_is_the_one_given(hostile_image: ServiceImage) -> No
 
 
 # -- a verified alert must be an exploit ---------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG sca/verify: the nonce replaces the alert's own bytes, so bytes that stop the "
-    "exploit (a line end) can sit at the offsets; a benign mgmtd session then verifies as a "
-    "function-argument alert although its messages, as sent, never reach execve",
-)
 def test_benign_session_with_a_line_end_at_the_offsets_does_not_verify(
     images: dict[str, ServiceImage], verifier: Verifier, detectors: dict[str, Detector]
 ) -> None:

@@ -1,0 +1,274 @@
+"""Filters in the kernel: compile to nftables and install in table ``inet herdwall``.
+
+What nftables can say goes into the kernel: specific filters as elements of typed sets
+(``typeof udp dport . @ih,OFF,LEN``: 10,000 elements cost nothing on the fast path), general
+filters on datagrams as one rule of fixed-offset ``@ih`` comparisons. What it cannot say (a field
+after a delimiter, a length in little-endian, anything in a TCP stream past the first segment)
+is checked in user space: the filter's nft part marks the port's packets for the stack's queue,
+and ``filters.userspace`` applies the same condition there.
+
+Every change is one libnftables batch, all-or-nothing. The batches are nft's text syntax: this
+libnftables (1.0.6) cannot express typeof sets over raw payload in its JSON input, and a text
+buffer is applied as one transaction just the same. Listing reads JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .condition import Filter, General, Specific
+
+TABLE = "inet herdwall"
+RULES_CHAIN = "filters"
+QUEUE_CHAIN = "filter_queue"
+COMMENT_PREFIX = "hw:"
+MAX_RULE_COMPARISONS = 256  # beyond this a general filter is checked in user space
+# Before the stock filter hooks (0), so a drop here wins; the queue mark is set in prerouting
+# before iptables' mangle table (-150), whose static NFQUEUE rules match marks.
+FILTER_PRIORITY = -5
+QUEUE_PRIORITY = -160
+
+
+class NftError(RuntimeError):
+    """libnftables refused a batch (nothing of it was applied)."""
+
+
+Apply = Callable[[str], None]  # run one text batch atomically, raise NftError on failure
+Query = Callable[[str], dict[str, object]]  # run a list command, return its JSON output
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A filter's kernel part: ``setup`` statements are idempotent (sets), ``rules`` are the
+    filter's own rules and elements; ``userspace`` says whether the condition (or part of it)
+    must be checked on the queue path."""
+
+    filter: Filter
+    setup: tuple[str, ...]
+    rules: tuple[str, ...]
+    userspace: bool
+
+
+def _comment(f: Filter) -> str:
+    return f'comment "{COMMENT_PREFIX}{f.filter_id}"'
+
+
+def _action(f: Filter, tcp_action: str) -> str:
+    return "drop" if f.proto == "udp" else tcp_action
+
+
+def specific_set(f: Filter) -> tuple[str, int, int]:
+    assert isinstance(f.condition, Specific)
+    off, length = f.condition.offset * 8, len(f.condition.value) * 8
+    return f"spec_{f.proto}_{off}_{length}", off, length
+
+
+def compile_filter(f: Filter, *, queue_mark: int, tcp_action: str = "reject with tcp reset"
+                   ) -> Compiled:
+    c = f.condition
+    if isinstance(c, Specific):
+        name, off, length = specific_set(f)
+        value = int.from_bytes(c.value, "big")
+        setup = (
+            f"add set {TABLE} {name} {{ typeof {f.proto} dport . @ih,{off},{length}; counter; }}",
+        )
+        rules = (f"add element {TABLE} {name} {{ {f.port} . {value:#x} {_comment(f)} }}",)
+        return Compiled(f, setup, rules, userspace=False)
+    assert isinstance(c, General)
+    exprs = _general_exprs(c)
+    if f.proto == "udp" and exprs is not None:
+        rule = (f"add rule {TABLE} {RULES_CHAIN} udp dport {f.port} {' '.join(exprs)} "
+                f"counter {_action(f, tcp_action)} {_comment(f)}")
+        return Compiled(f, (), (rule,), userspace=False)
+    mark = (f"add rule {TABLE} {QUEUE_CHAIN} {f.proto} dport {f.port} "
+            f"meta mark set {queue_mark:#x} counter {_comment(f)}")
+    return Compiled(f, (), (mark,), userspace=True)
+
+
+def _general_exprs(c: General) -> list[str] | None:
+    """Fixed-offset comparisons equivalent to ``c`` on a datagram, or None if nft can't say it."""
+    o = c.overflow
+    if c.sliding or o.field.delimiter is not None or o.kind != "terminated":
+        return None
+    if o.reach * len(o.terminators) + len(c.pins) > MAX_RULE_COMPARISONS:
+        return None
+    start = o.field.offset
+    # The datagram must hold the whole field: udp length counts its 8-byte header.
+    exprs = [f"udp length >= {8 + start + o.reach}"]
+    exprs += [f"@ih,{p.offset * 8},8 {p.value:#04x}" for p in c.pins]
+    for i in range(start, start + o.reach):
+        exprs += [f"@ih,{i * 8},8 != {t:#04x}" for t in o.terminators]
+    return exprs
+
+
+def base_chains() -> list[str]:
+    """The filter chains, made once per table: one regular chain holds the rules, jumped to
+    from input (filters protecting this host) and forward (a node in the path)."""
+    return [
+        f"add table {TABLE}",
+        f"add chain {TABLE} {RULES_CHAIN}",
+        f"add chain {TABLE} filter_in {{ type filter hook input priority {FILTER_PRIORITY}; "
+        "policy accept; }",
+        f"add chain {TABLE} filter_fwd {{ type filter hook forward priority {FILTER_PRIORITY}; "
+        "policy accept; }",
+        f"add rule {TABLE} filter_in jump {RULES_CHAIN}",
+        f"add rule {TABLE} filter_fwd jump {RULES_CHAIN}",
+        f"add chain {TABLE} {QUEUE_CHAIN} {{ type filter hook prerouting priority "
+        f"{QUEUE_PRIORITY}; policy accept; }}",
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Installed:
+    filter_id: str
+    packets: int
+    bytes: int
+
+
+class FilterTable:
+    """install / remove / list / sync of filters in the kernel, each one atomic batch.
+
+    ``apply`` and ``query`` drive libnftables (the node passes its NftTable's); ``queue_mark``
+    is the mark the stack's static NFQUEUE rule takes."""
+
+    def __init__(self, apply: Apply, query: Query, *, queue_mark: int,
+                 tcp_action: str = "reject with tcp reset") -> None:
+        self._apply = apply
+        self._query = query
+        self.queue_mark = queue_mark
+        self.tcp_action = tcp_action
+
+    def _ruleset(self) -> list[dict[str, object]]:
+        try:
+            out = self._query(f"list table {TABLE}")
+        except NftError:
+            return []
+        items = out.get("nftables", [])
+        return items if isinstance(items, list) else []
+
+    def _has_chains(self, items: list[dict[str, object]]) -> bool:
+        return any(isinstance(i.get("chain"), dict) and i["chain"].get("name") == RULES_CHAIN
+                   for i in items)
+
+    def _batch(self, install: Iterable[Filter], remove: Iterable[str],
+               items: list[dict[str, object]]) -> str:
+        lines: list[str] = [] if self._has_chains(items) else base_chains()
+        gone = set(remove)
+        for kind, key, handle, spec in _entries(items):
+            if kind == "rule" and key in gone:
+                lines.append(f"delete rule {TABLE} {spec} handle {handle}")
+            elif kind == "elem" and key in gone:
+                lines.append(f"delete element {TABLE} {spec}")
+        set_rules = {spec for kind, _, _, spec in _entries(items) if kind == "setrule"}
+        for f in install:
+            c = compile_filter(f, queue_mark=self.queue_mark, tcp_action=self.tcp_action)
+            lines += c.setup
+            if isinstance(f.condition, Specific):
+                name, off, length = specific_set(f)
+                if name not in set_rules:
+                    set_rules.add(name)
+                    lines.append(
+                        f"add rule {TABLE} {RULES_CHAIN} {f.proto} dport . @ih,{off},{length} "
+                        f"@{name} {_action(f, self.tcp_action)} comment \"set:{name}\"")
+            lines += c.rules
+        return "\n".join(lines) + "\n"
+
+    def install(self, filters: Iterable[Filter]) -> list[Compiled]:
+        fs = list(filters)
+        current = {i.filter_id for i in self.list()}
+        new = [f for f in fs if f.filter_id not in current]
+        if new:
+            self._apply(self._batch(new, (), self._ruleset()))
+        return [compile_filter(f, queue_mark=self.queue_mark) for f in fs]
+
+    def remove(self, filter_ids: Iterable[str]) -> None:
+        ids = list(filter_ids)
+        if ids:
+            self._apply(self._batch((), ids, self._ruleset()))
+
+    def sync(self, desired: Iterable[Filter]) -> None:
+        """Make the kernel hold exactly ``desired``: one batch of removals and additions."""
+        want = {f.filter_id: f for f in desired}
+        have = {i.filter_id for i in self.list()}
+        add = [f for fid, f in want.items() if fid not in have]
+        drop = [fid for fid in have if fid not in want]
+        if add or drop or not self._has_chains(self._ruleset()):
+            self._apply(self._batch(add, drop, self._ruleset()))
+
+    def list(self) -> list[Installed]:
+        out: dict[str, Installed] = {}
+        for kind, key, counters, _ in _entries(self._ruleset(), with_counters=True):
+            if kind in ("rule", "elem") and key:
+                p, b = counters  # type: ignore[misc]
+                prev = out.get(key)
+                out[key] = Installed(key, p + (prev.packets if prev else 0),
+                                     b + (prev.bytes if prev else 0))
+        return list(out.values())
+
+
+def _entries(items: list[dict[str, object]], with_counters: bool = False
+             ) -> Iterable[tuple[str, str, object, str]]:
+    """(kind, filter id, handle or counters, where) for the filter parts in a listed table."""
+    for item in items:
+        rule = item.get("rule")
+        if isinstance(rule, dict):
+            comment = str(rule.get("comment", ""))
+            if comment.startswith("set:"):
+                yield "setrule", "", rule.get("handle"), comment[4:]
+            elif comment.startswith(COMMENT_PREFIX):
+                counters = _counter(rule.get("expr", []))
+                yield ("rule", comment[len(COMMENT_PREFIX):],
+                       counters if with_counters else rule.get("handle"), str(rule.get("chain")))
+        s = item.get("set")
+        if isinstance(s, dict):
+            for e in s.get("elem", []) or []:
+                elem = e.get("elem") if isinstance(e, dict) else None
+                if not isinstance(elem, dict):
+                    continue
+                comment = str(elem.get("comment", ""))
+                if not comment.startswith(COMMENT_PREFIX):
+                    continue
+                val = elem.get("val", {})
+                concat = val.get("concat", []) if isinstance(val, dict) else []
+                counter = elem.get("counter") or {}
+                counters = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+                where = f"{s.get('name')} {{ {' . '.join(_nft_value(v) for v in concat)} }}"
+                yield ("elem", comment[len(COMMENT_PREFIX):],
+                       counters if with_counters else None, where)
+
+
+def _nft_value(v: object) -> str:
+    return f"{v:#x}" if isinstance(v, int) and v > 65535 else str(v)
+
+
+def _counter(exprs: object) -> tuple[int, int]:
+    if isinstance(exprs, list):
+        for e in exprs:
+            if isinstance(e, dict) and isinstance(e.get("counter"), dict):
+                return int(e["counter"].get("packets", 0)), int(e["counter"].get("bytes", 0))
+    return 0, 0
+
+
+def libnftables_driver() -> tuple[Apply, Query]:
+    """``apply``/``query`` straight on libnftables, for a process already in the right
+    network namespace (tools and tests; the node passes its own)."""
+    import nftables
+
+    nft = nftables.Nftables()
+
+    def apply(batch: str) -> None:
+        nft.set_json_output(False)
+        rc, _, err = nft.cmd(batch)
+        if rc != 0:
+            raise NftError(err.strip() or f"nft batch failed ({rc})")
+
+    def query(cmd: str) -> dict[str, object]:
+        nft.set_json_output(True)
+        rc, out, err = nft.cmd(cmd)
+        if rc != 0:
+            raise NftError(err.strip() or f"nft {cmd!r} failed ({rc})")
+        return json.loads(out) if out else {}
+
+    return apply, query
