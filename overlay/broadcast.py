@@ -1,0 +1,596 @@
+"""The broadcast core, sans-I/O: a Kademlia tree broadcast of verified alerts.
+
+Inputs are bytes, verdicts and ``now`` (monotonic seconds; ``wall`` unix seconds where an
+envelope's signing time is judged); outputs are actions for a thin adapter to carry out:
+``Send`` a datagram, ``Fetch`` a body over a stream, ``Verify`` an alert in the sandbox,
+``Deliver`` a verified alert to the node, report an ``Unresponsive`` contact. Unit tests drive it
+with a fake clock (``tests/overlay/test_broadcast.py``).
+
+The tree (after Czirkos and Hosszú's Kademlia broadcast). A node's contacts fall into groups by
+how many leading id bits they share with it: group ``p`` is the subtree of nodes that share
+exactly ``p`` bits, so the groups ``p >= L`` together are every node that shares at least ``L``
+bits with it. An announcement carries such a range limit ``L``: "you are responsible for every
+node that shares ``L`` bits with you". A node that holds a verified alert with limit ``L`` hands
+each non-empty group ``p >= L`` to a contact in that group with limit ``p + 1``: exactly that
+subtree, which the contact covers in turn.
+
+Two replicas. Every subtree is handed to two contacts so that one dead or lying relay does not
+lose it, but if both of them handed every sub-subtree to two more, entries would multiply level
+after level (measured on the fake network: 5-6 announcements per node). So an announcement also
+carries a replica index ``r`` (0 or 1). The publisher hands every group to two contacts, with
+``r = 0`` and ``r = 1``; a node holding replica ``r`` hands each group to one contact, the one
+of rank ``r`` in that group. Ranks are the same at every forwarder: contacts sorted by XOR
+distance to a point chosen by the alert id (super-peers first), so the two copies of a subtree
+enter it at two different nodes, once each, and different alerts enter at different nodes.
+When a contact does not acknowledge within ``ack_timeout`` (or answers that it will not
+forward), the next contact of that replica's ranks (``r + 2``, ``r + 4``, ...) takes its place,
+so the two copies' fallbacks stay apart too. A node forwards each (replica, range) once; a later
+announcement with a wider range makes it hand over only the groups it has not handed over yet.
+
+Distribution follows Vigilante's rules. An announcement is the alert id in a small datagram; a
+node that has not seen the id fetches the body (the signed envelope) from the announcer over a
+stream, and that fetch is its acknowledgement. Then, in this order: the body must parse and hash
+to the announced id, the signature must be good, the signing time recent, and the sandbox (the
+injected verifier) must verify the alert. Only then is the alert delivered and forwarded. What
+did not verify is never delivered or forwarded, and its id is remembered as refuted, so it costs
+nothing when it comes again. A body that does not match its id or its signature is the
+announcer's fault, not the id's: the node tries another announcer, and strikes the one that
+served it; three strikes ban an address for ``ban_s``.
+
+A node whose verifier has no image for the alert's service (it does not run that service)
+cannot verify it, so it does not forward it either; it answers ``CANNOT_VERIFY`` and the sender
+gives the subtree to another contact. Super-peers (nodes configured with many service images,
+flagged in their signed hello) are tried first in every group, so alerts for services that only
+some nodes run still cross the tree through nodes that can check them.
+
+Every announcement and digest is charged to its sender's token bucket before it is parsed, and
+every fetch request to the requester's (``admit_fetch``), so no peer can make a node do more
+than a bounded amount of work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from overlay import wire
+from overlay.antientropy import AntiEntropy
+from overlay.limits import KeyedBuckets, Rate
+from overlay.seen import SeenCache
+from overlay.wire import Ack, AckStatus, Announce, IHave, Kind, WireError
+from sca.alert import Alert
+from sca.codec import FormatError, decode_alert
+from sca.envelope import Envelope, decode_envelope
+from sca.keys import NODE_ID_LEN
+
+Addr = tuple[str, int]
+NO_RANGE = wire.MAX_LIMIT + 1  # a limit past every group: nothing to forward
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    node_id: bytes
+    addr: Addr
+    super_peer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    addr: Addr
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    addr: Addr
+    alert_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    alert_id: bytes
+    envelope: Envelope
+    alert: Alert
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    alert_id: bytes
+    envelope: Envelope
+    alert: Alert
+    hops: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unresponsive:
+    contact: Contact
+
+
+Action = Send | Fetch | Verify | Deliver | Unresponsive
+
+
+class Outcome(StrEnum):
+    VERIFIED = "verified"
+    REFUTED = "refuted"  # the alert itself is false or malformed: the id is bad for good
+    CANNOT_VERIFY = "cannot-verify"  # no image for its service here
+    STALE = "stale"  # signed too long ago (or in the future): a replay
+    FORGED = "forged"  # the body does not match the id or its signature: the sender's fault
+
+
+# Rates are frozen values, safe to share as defaults.
+DEFAULT_ANNOUNCE_RATE = Rate(10.0, 20.0)
+DEFAULT_FETCH_RATE = Rate(10.0, 20.0)
+
+
+@dataclass(frozen=True)
+class BroadcastConfig:
+    replicas: int = 2
+    ack_timeout: float = 0.3
+    max_tries_per_group: int = 8
+    seen_ttl: float = 3600.0
+    max_seen: int = 4096
+    max_refused: int = 4096
+    max_body_bytes: int = 16 << 20
+    max_pending: int = 64
+    max_announcers: int = 4
+    announce_rate: Rate = DEFAULT_ANNOUNCE_RATE  # announcements + digests, per peer address
+    fetch_rate: Rate = DEFAULT_FETCH_RATE  # fetch requests served, per peer address
+    malformed_cost: float = 5.0  # tokens a malformed datagram costs its sender
+    strikes_to_ban: int = 3
+    ban_s: float = 600.0
+    max_age_s: float = 3600.0  # an envelope signed longer ago than this is a replay
+    max_skew_s: float = 300.0  # or signed this far in the future
+    ae_interval: float = 10.0
+    ae_window: float = 600.0
+    linger_s: float = 30.0  # how long forwarding state waits for late acknowledgements
+    max_peers_tracked: int = 4096
+
+
+class PublishError(ValueError):
+    """An envelope this node was asked to publish is not one it may send."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    roles: dict[int, int]  # replica index -> widest (smallest) limit asked of us
+    hops: int
+    announcers: list[Addr]
+    tried: set[Addr] = field(default_factory=set)
+    current: Addr | None = None
+    verifying: bool = False
+    local: bool = False
+    body: bytes | None = None
+    envelope: Envelope | None = None
+    alert: Alert | None = None
+
+
+@dataclass(slots=True)
+class _Held:
+    forwarded: list[int]  # per replica index: groups >= this have been handed over
+    hops: int
+
+
+class _Delegation:
+    """One copy of one group (subtree) handed over for one alert: its candidates in rank
+    order, who is being asked, who has taken it."""
+
+    __slots__ = ("alert_id", "candidates", "hops", "limit", "next", "outstanding", "replica",
+                 "taken", "tries")
+
+    def __init__(self, alert_id: bytes, limit: int, hops: int, replica: int,
+                 candidates: list[Contact]) -> None:
+        self.alert_id = alert_id
+        self.limit = limit
+        self.hops = hops
+        self.replica = replica
+        self.candidates = candidates
+        self.next = 0
+        self.tries = 0
+        self.outstanding: dict[Addr, tuple[int, Contact]] = {}
+        self.taken: set[Addr] = set()
+
+
+def prefix_len(a: int, b: int) -> int:
+    """Leading bits two 160-bit ids share (160 for equal ids)."""
+    return 160 - (a ^ b).bit_length()
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    outcome: Outcome | None  # None: passed every check before the sandbox
+    reason: str
+    envelope: Envelope | None = None
+    alert: Alert | None = None
+
+
+def check_body(alert_id: bytes, body: bytes, wall: float, cfg: BroadcastConfig) -> Checked:
+    """Every check before the sandbox, cheapest first; the signature before the alert's parse."""
+    try:
+        envelope = decode_envelope(body)
+    except FormatError as exc:
+        return Checked(Outcome.FORGED, str(exc))
+    if hashlib.sha256(envelope.alert_bytes).digest() != alert_id:
+        return Checked(Outcome.FORGED, "body does not hash to the announced id")
+    try:
+        envelope.check()
+    except FormatError as exc:
+        return Checked(Outcome.FORGED, str(exc))
+    age = wall - envelope.signed_at_s
+    if age > cfg.max_age_s or age < -cfg.max_skew_s:
+        return Checked(Outcome.STALE, f"signed {age:.0f} s ago")
+    try:
+        alert = decode_alert(envelope.alert_bytes)
+    except FormatError as exc:
+        # Signed, hashes to the id, and still not an alert: the id itself is worthless.
+        return Checked(Outcome.REFUTED, str(exc))
+    return Checked(None, "", envelope, alert)
+
+
+_ACK_STATUS = {Outcome.REFUTED: AckStatus.REFUTED, Outcome.STALE: AckStatus.REFUTED,
+               Outcome.CANNOT_VERIFY: AckStatus.CANNOT_VERIFY}
+
+
+class BroadcastCore:
+    def __init__(self, node_id: bytes, contacts: Callable[[], Sequence[Contact]],
+                 config: BroadcastConfig | None = None, rng: random.Random | None = None,
+                 now: float = 0.0) -> None:
+        if type(node_id) is not bytes or len(node_id) != NODE_ID_LEN:
+            raise ValueError(f"node id must be {NODE_ID_LEN} bytes")
+        self.node_id = node_id
+        self._long = int.from_bytes(node_id, "big")
+        self._contacts = contacts
+        self.cfg = cfg = config or BroadcastConfig()
+        self.rng = rng or random.Random()
+        self._good: SeenCache[_Held] = SeenCache(cfg.seen_ttl, cfg.max_seen, cfg.max_body_bytes)
+        self._bad: SeenCache[Outcome] = SeenCache(cfg.seen_ttl, cfg.max_refused, 0)
+        self._pending: dict[bytes, _Pending] = {}
+        self._delegations: dict[bytes, dict[Addr, _Delegation]] = {}
+        self._timers: list[tuple[float, int, str, object]] = []
+        self._seq = 0
+        self._announce_buckets = KeyedBuckets(cfg.announce_rate, cfg.max_peers_tracked)
+        self._fetch_buckets = KeyedBuckets(cfg.fetch_rate, cfg.max_peers_tracked)
+        self._strikes: OrderedDict[str, int] = OrderedDict()
+        self._banned: OrderedDict[str, float] = OrderedDict()
+        self.ae = AntiEntropy(cfg.ae_interval, cfg.ae_window, self.rng, now)
+        self.stats: Counter[str] = Counter()
+
+    # --- queries -----------------------------------------------------------------------------
+
+    def status(self, alert_id: bytes, now: float) -> Outcome | str | None:
+        if self._good.get(alert_id, now) is not None:
+            return Outcome.VERIFIED
+        bad = self._bad.get(alert_id, now)
+        if bad is not None:
+            return bad
+        return "pending" if alert_id in self._pending else None
+
+    def body(self, alert_id: bytes, now: float) -> bytes | None:
+        return self._good.body(alert_id, now)
+
+    def recent(self, now: float, limit: int = wire.MAX_IHAVE_IDS) -> list[bytes]:
+        return self._good.recent(now, self.cfg.ae_window, limit)
+
+    def banned(self, ip: str, now: float) -> bool:
+        until = self._banned.get(ip)
+        if until is None:
+            return False
+        if until <= now:
+            del self._banned[ip]
+            return False
+        return True
+
+    def next_deadline(self) -> float:
+        if self._timers:
+            return min(self._timers[0][0], self.ae.next_at)
+        return self.ae.next_at
+
+    # --- inputs ------------------------------------------------------------------------------
+
+    def on_datagram(self, addr: Addr, data: bytes, now: float) -> list[Action]:
+        """A broadcast datagram (first byte 0x10 or more) from ``addr``."""
+        ip = addr[0]
+        if self.banned(ip, now):
+            self.stats["drop_banned"] += 1
+            return []
+        kind = data[0] if data else -1
+        # Charged before parsing: only the kind byte has been looked at.
+        if kind in (Kind.ANNOUNCE, Kind.IHAVE) and not self._announce_buckets.take(ip, now):
+            self.stats["drop_rate"] += 1
+            return []
+        try:
+            msg = wire.decode(data)
+        except WireError:
+            self.stats["drop_malformed"] += 1
+            self._announce_buckets.charge(ip, now, self.cfg.malformed_cost)
+            return []
+        if isinstance(msg, Announce):
+            self.stats["rx_announce"] += 1
+            return self._on_announce(addr, msg, now)
+        if isinstance(msg, Ack):
+            self.stats["rx_ack"] += 1
+            return self._on_ack(addr, msg, now)
+        self.stats["rx_ihave"] += 1
+        return self._on_ihave(addr, msg, now)
+
+    def admit_fetch(self, ip: str, now: float) -> bool:
+        """May ``ip`` open a fetch now? Asked when the connection is accepted, before reading."""
+        if self.banned(ip, now):
+            self.stats["fetch_refused_banned"] += 1
+            return False
+        if not self._fetch_buckets.take(ip, now):
+            self.stats["fetch_refused_rate"] += 1
+            return False
+        return True
+
+    def serve_fetch(self, ip: str, request: bytes, now: float) -> bytes | None:
+        """The reply to a fetch request, or None to just close (a malformed request)."""
+        try:
+            alert_id, port = wire.decode_fetch_request(request)
+        except WireError:
+            self.stats["fetch_malformed"] += 1
+            self._fetch_buckets.charge(ip, now, self.cfg.malformed_cost)
+            return None
+        self._taken(alert_id, (ip, port))
+        body = self._good.body(alert_id, now)
+        self.stats["fetch_served" if body is not None else "fetch_not_here"] += 1
+        return wire.encode_fetch_reply(body)
+
+    def on_fetched(self, alert_id: bytes, addr: Addr, body: bytes | None, now: float,
+                   wall: float) -> list[Action]:
+        """The result of a ``Fetch``: the body, or None if it failed for any reason."""
+        p = self._pending.get(alert_id)
+        if p is None or p.verifying or p.current != addr:
+            return []
+        p.tried.add(addr)
+        if body is None:
+            self.stats["fetch_failed"] += 1
+            return self._next_fetch(alert_id, p)
+        checked = check_body(alert_id, body, wall, self.cfg)
+        if checked.outcome is Outcome.FORGED:
+            self.stats["forged"] += 1
+            self._strike(addr[0], now)
+            return self._next_fetch(alert_id, p)
+        if checked.outcome is not None:
+            if checked.outcome is Outcome.REFUTED:
+                self._strike(addr[0], now)
+            return self._settle_bad(alert_id, p, checked.outcome, now)
+        assert checked.envelope is not None and checked.alert is not None
+        p.verifying = True
+        p.body, p.envelope, p.alert = body, checked.envelope, checked.alert
+        return [Verify(alert_id, checked.envelope, checked.alert)]
+
+    def on_verdict(self, alert_id: bytes, verified: bool | None, now: float) -> list[Action]:
+        """The sandbox's verdict on a ``Verify``: True, False (refuted), None (cannot tell: no
+        image for the service here)."""
+        p = self._pending.get(alert_id)
+        if p is None or not p.verifying:
+            return []
+        if verified is not True:
+            outcome = Outcome.CANNOT_VERIFY if verified is None else Outcome.REFUTED
+            if outcome is Outcome.REFUTED and p.current is not None:
+                self._strike(p.current[0], now)
+            return self._settle_bad(alert_id, p, outcome, now)
+        del self._pending[alert_id]
+        assert p.envelope is not None and p.alert is not None
+        self.stats["verified"] += 1
+        held = _Held(forwarded=[NO_RANGE] * self.cfg.replicas, hops=p.hops)
+        self._good.put(alert_id, held, now, body=p.body)
+        actions: list[Action] = []
+        if not p.local:
+            actions.append(Deliver(alert_id, p.envelope, p.alert, p.hops))
+        for replica, limit in sorted(p.roles.items()):
+            actions += self._forward(alert_id, held, replica, limit, now)
+        return actions
+
+    def publish(self, envelope_bytes: bytes, now: float, wall: float
+                ) -> tuple[bytes, list[Action]]:
+        """Broadcast an alert this node made. It goes through the same checks as any other
+        (the sandbox included, via the ``Verify`` action) before it is sent anywhere."""
+        if not isinstance(envelope_bytes, bytes):
+            raise PublishError("an envelope is bytes")
+        try:
+            alert_bytes = decode_envelope(envelope_bytes).alert_bytes
+        except FormatError as exc:
+            raise PublishError(str(exc)) from None
+        alert_id = hashlib.sha256(alert_bytes).digest()
+        checked = check_body(alert_id, envelope_bytes, wall, self.cfg)
+        if checked.outcome is not None:
+            raise PublishError(f"{checked.outcome.value}: {checked.reason}")
+        if self._good.get(alert_id, now) is not None:
+            return alert_id, []  # already out
+        self._bad.discard(alert_id)  # our own sandbox gets the last word on our own alert
+        old = self._pending.pop(alert_id, None)
+        roles = dict.fromkeys(range(self.cfg.replicas), 0)  # every copy of everything
+        p = _Pending(roles=roles, hops=0, announcers=old.announcers if old else [], local=True,
+                     verifying=True, body=envelope_bytes, envelope=checked.envelope,
+                     alert=checked.alert)
+        self._pending[alert_id] = p
+        assert checked.envelope is not None and checked.alert is not None
+        return alert_id, [Verify(alert_id, checked.envelope, checked.alert)]
+
+    def tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        while self._timers and self._timers[0][0] <= now:
+            _, _, what, payload = heapq.heappop(self._timers)
+            if what == "ack":
+                alert_id, addr, token = payload  # type: ignore[misc]
+                actions += self._ack_timeout(alert_id, addr, token, now)
+            elif what == "purge":
+                self._delegations.pop(payload, None)  # type: ignore[arg-type]
+        if self.ae.due(now):
+            contacts = self._contacts()
+            peer = self.ae.start_round(now, [c.addr for c in contacts])
+            if peer is not None:
+                self.stats["ae_rounds"] += 1
+                actions.append(Send(peer, wire.encode(IHave(tuple(self.recent(now)), True))))
+        return actions
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _timer(self, when: float, what: str, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, what, payload))
+
+    def _on_announce(self, addr: Addr, ann: Announce, now: float) -> list[Action]:
+        aid = ann.alert_id
+        replica = ann.replica % self.cfg.replicas
+        held = self._good.get(aid, now)
+        if held is not None:
+            actions: list[Action] = [Send(addr, wire.encode(Ack(aid, AckStatus.TAKEN)))]
+            if ann.limit < held.forwarded[replica]:
+                actions += self._forward(aid, held, replica, ann.limit, now)
+            return actions
+        bad = self._bad.get(aid, now)
+        if bad is not None:
+            self.stats["rx_announce_refused"] += 1
+            return [Send(addr, wire.encode(Ack(aid, _ACK_STATUS.get(bad, AckStatus.REFUTED))))]
+        p = self._pending.get(aid)
+        if p is not None:
+            p.roles[replica] = min(p.roles.get(replica, NO_RANGE), ann.limit)
+            p.hops = min(p.hops, ann.hops)
+            if addr not in p.announcers and len(p.announcers) < self.cfg.max_announcers:
+                p.announcers.append(addr)
+            return [Send(addr, wire.encode(Ack(aid, AckStatus.TAKEN)))]
+        return self._start_fetch(aid, addr, {replica: ann.limit}, ann.hops)
+
+    def _start_fetch(self, aid: bytes, addr: Addr, roles: dict[int, int], hops: int
+                     ) -> list[Action]:
+        if len(self._pending) >= self.cfg.max_pending:
+            self.stats["drop_busy"] += 1
+            return []  # no acknowledgement: the sender gives the subtree to someone else
+        self._pending[aid] = _Pending(roles=roles, hops=hops, announcers=[addr], current=addr)
+        self.stats["fetches"] += 1
+        return [Fetch(addr, aid)]
+
+    def _next_fetch(self, aid: bytes, p: _Pending) -> list[Action]:
+        for addr in p.announcers:
+            if addr not in p.tried:
+                p.current = addr
+                self.stats["fetches"] += 1
+                return [Fetch(addr, aid)]
+        del self._pending[aid]  # nobody could give it: a later announcement may
+        self.stats["fetch_gave_up"] += 1
+        return []
+
+    def _settle_bad(self, aid: bytes, p: _Pending, outcome: Outcome, now: float
+                    ) -> list[Action]:
+        del self._pending[aid]
+        self.stats[outcome.value] += 1
+        self._bad.put(aid, outcome, now)
+        status = _ACK_STATUS.get(outcome, AckStatus.REFUTED)
+        # Tell every announcer, so an honest one gives the subtree to another contact.
+        return [Send(a, wire.encode(Ack(aid, status))) for a in p.announcers]
+
+    def _on_ack(self, addr: Addr, ack: Ack, now: float) -> list[Action]:
+        if ack.status is AckStatus.TAKEN:
+            self._taken(ack.alert_id, addr)
+            return []
+        d = self._delegations.get(ack.alert_id, {}).get(addr)
+        if d is None:
+            return []
+        if d.outstanding.pop(addr, None) is None:
+            if addr not in d.taken:
+                return []
+            d.taken.discard(addr)
+        self.stats["refused_delegation"] += 1
+        return self._launch(d, now)
+
+    def _taken(self, alert_id: bytes, addr: Addr) -> None:
+        d = self._delegations.get(alert_id, {}).get(addr)
+        if d is not None and d.outstanding.pop(addr, None) is not None:
+            d.taken.add(addr)
+
+    def _ack_timeout(self, alert_id: bytes, addr: Addr, token: int, now: float
+                     ) -> list[Action]:
+        d = self._delegations.get(alert_id, {}).get(addr)
+        if d is None:
+            return []
+        entry = d.outstanding.get(addr)
+        if entry is None or entry[0] != token:
+            return []
+        del d.outstanding[addr]
+        self.stats["ack_timeouts"] += 1
+        return [Unresponsive(entry[1]), *self._launch(d, now)]
+
+    def _forward(self, aid: bytes, held: _Held, replica: int, limit: int, now: float
+                 ) -> list[Action]:
+        """Hand copy ``replica`` of the groups ``limit <= p < held.forwarded[replica]`` over."""
+        upper = held.forwarded[replica]
+        if limit >= upper:
+            return []
+        held.forwarded[replica] = limit
+        groups: dict[int, list[Contact]] = {}
+        for c in self._contacts():
+            p = prefix_len(self._long, int.from_bytes(c.node_id, "big"))
+            if limit <= p < upper and p < 160:
+                groups.setdefault(p, []).append(c)
+        if aid not in self._delegations:
+            self._delegations[aid] = {}
+            self._timer(now + self.cfg.linger_s, "purge", aid)
+        target = int.from_bytes(aid[:20], "big")
+        r = self.cfg.replicas
+        actions: list[Action] = []
+        for p in sorted(groups):
+            ranked = sorted(groups[p], key=lambda c: (
+                not c.super_peer, int.from_bytes(c.node_id, "big") ^ target))
+            # This copy's own ranks first, then the rest: a group smaller than the number of
+            # copies still gets every copy (its members are the only way into it).
+            mine = ranked[replica::r]
+            rest = [c for i, c in enumerate(ranked) if i % r != replica]
+            d = _Delegation(aid, p + 1, held.hops + 1, replica, mine + rest)
+            actions += self._launch(d, now)
+        return actions
+
+    def _launch(self, d: _Delegation, now: float) -> list[Action]:
+        """Ask the next candidate of ``d`` unless one is being asked or has it already."""
+        dels = self._delegations.get(d.alert_id)
+        if dels is None or d.outstanding or d.taken:  # purged: too late to start anything
+            return []
+        cfg = self.cfg
+        while d.next < len(d.candidates) and d.tries < cfg.max_tries_per_group:
+            c = d.candidates[d.next]
+            d.next += 1
+            if c.addr in dels:  # already asked for another copy or group (a stale table)
+                continue
+            d.tries += 1
+            self._seq += 1
+            token = self._seq
+            d.outstanding[c.addr] = (token, c)
+            dels[c.addr] = d
+            self._timer(now + cfg.ack_timeout, "ack", (d.alert_id, c.addr, token))
+            self.stats["tx_announce"] += 1
+            return [Send(c.addr, wire.encode(Announce(d.alert_id, d.limit, d.hops, d.replica)))]
+        self.stats["group_exhausted"] += 1
+        return []
+
+    def _on_ihave(self, addr: Addr, msg: IHave, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for aid in msg.ids:
+            if (aid in self._pending or self._good.get(aid, now) is not None
+                    or self._bad.get(aid, now) is not None):
+                continue
+            self.stats["ae_repairs"] += 1
+            actions += self._start_fetch(aid, addr, {}, wire.MAX_HOPS)
+        if msg.reply:
+            lacking = AntiEntropy.lacking(msg.ids, self.recent(now))
+            if lacking:
+                actions.append(Send(addr, wire.encode(IHave(lacking, False))))
+        return actions
+
+    def _strike(self, ip: str, now: float) -> None:
+        n = self._strikes.pop(ip, 0) + 1
+        self._strikes[ip] = n
+        while len(self._strikes) > self.cfg.max_peers_tracked:
+            self._strikes.popitem(last=False)
+        self.stats["strikes"] += 1
+        if n >= self.cfg.strikes_to_ban:
+            del self._strikes[ip]
+            self._banned[ip] = now + self.cfg.ban_s
+            while len(self._banned) > self.cfg.max_peers_tracked:
+                self._banned.popitem(last=False)
+            self.stats["bans"] += 1

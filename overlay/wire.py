@@ -1,0 +1,203 @@
+"""Broadcast wire formats: small fixed-layout datagrams and the fetch stream, by hand with struct.
+
+The overlay shares one UDP port between the Kademlia RPCs (rpcudp frames: first byte 0x00
+request, 0x01 response, then a 20-byte message id and msgpack) and the broadcast datagrams
+below, told apart by the first byte. Broadcast datagrams carry no msgpack: every field has a
+fixed place and size, so a decoder checks the length first and cannot be made to do more work
+than reading a few bytes. All integers are big-endian.
+
+Datagrams (version byte 1)::
+
+    ANNOUNCE  0x10 | ver | alert id (32) | limit (1) | hops (1) | replica  37 bytes
+    ACK       0x11 | ver | alert id (32) | status (1)                       35 bytes
+    IHAVE     0x12 | ver | flags (1) | n (1) | n alert ids (32 each)       4 + 32n, n <= 16
+
+``limit`` is the announcement's range: the receiver is responsible for the nodes that share at
+least ``limit`` leading id bits with it (0: everyone). ``replica`` says which of the sender's
+copies of that subtree this is (0 or 1 with two replicas; see ``overlay.broadcast``). ``hops``
+is informational (tree depth).
+
+Fetch, over a TCP connection to the announcer's address and port (the UDP port number)::
+
+    request   b"HWF" | ver | alert id (32) | requester's UDP port (2)      38 bytes
+    reply     status (1) | length (4) | envelope (length bytes)            status 0: found
+
+The requester's UDP port lets the announcer match the fetch to the announcement it sent (the
+TCP connection comes from an ephemeral port): a fetch is the receiver's acknowledgement.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+VERSION = 1
+ID_LEN = 32
+MAX_IHAVE_IDS = 16
+MAX_LIMIT = 160  # a 160-bit id space: limit 160 means "nobody below me"
+MAX_HOPS = 255
+
+RPC_REQUEST = 0x00
+RPC_RESPONSE = 0x01
+
+
+class Kind(IntEnum):
+    ANNOUNCE = 0x10
+    ACK = 0x11
+    IHAVE = 0x12
+
+
+class AckStatus(IntEnum):
+    TAKEN = 0  # received, fetching, verified or already had it: the subtree is in hand
+    REFUTED = 1  # this id did not verify here: the sender should not count on me
+    CANNOT_VERIFY = 2  # no image for the service here: I will not forward it (Vigilante)
+
+
+ANNOUNCE_LEN = 37
+MAX_REPLICA = 7
+ACK_LEN = 35
+IHAVE_HEAD = 4
+IHAVE_FLAG_REPLY = 0x01  # "tell me what I lack": the receiver answers with its own digest
+
+FETCH_MAGIC = b"HWF"
+FETCH_REQUEST_LEN = 38
+FETCH_REPLY_HEAD = 5
+FETCH_FOUND = 0
+FETCH_NOT_HERE = 1
+
+_ANNOUNCE = struct.Struct(">BB32sBBB")
+_ACK = struct.Struct(">BB32sB")
+_IHAVE = struct.Struct(">BBBB")
+_FETCH_REPLY = struct.Struct(">BI")
+
+
+class WireError(ValueError):
+    """A datagram or stream message that is not valid."""
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    alert_id: bytes
+    limit: int
+    hops: int = 0
+    replica: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    alert_id: bytes
+    status: AckStatus
+
+
+@dataclass(frozen=True, slots=True)
+class IHave:
+    ids: tuple[bytes, ...]
+    reply: bool = False
+
+
+Datagram = Announce | Ack | IHave
+
+
+def _check_id(alert_id: bytes) -> None:
+    if type(alert_id) is not bytes or len(alert_id) != ID_LEN:
+        raise WireError(f"an alert id is {ID_LEN} bytes")
+
+
+def encode(msg: Datagram) -> bytes:
+    if isinstance(msg, Announce):
+        _check_id(msg.alert_id)
+        if not 0 <= msg.limit <= MAX_LIMIT:
+            raise WireError(f"limit {msg.limit} outside 0..{MAX_LIMIT}")
+        if not 0 <= msg.replica <= MAX_REPLICA:
+            raise WireError(f"replica {msg.replica} outside 0..{MAX_REPLICA}")
+        return _ANNOUNCE.pack(Kind.ANNOUNCE, VERSION, msg.alert_id, msg.limit,
+                              min(msg.hops, MAX_HOPS), msg.replica)
+    if isinstance(msg, Ack):
+        _check_id(msg.alert_id)
+        return _ACK.pack(Kind.ACK, VERSION, msg.alert_id, AckStatus(msg.status))
+    if isinstance(msg, IHave):
+        if len(msg.ids) > MAX_IHAVE_IDS:
+            raise WireError(f"at most {MAX_IHAVE_IDS} ids in a digest")
+        for i in msg.ids:
+            _check_id(i)
+        flags = IHAVE_FLAG_REPLY if msg.reply else 0
+        return _IHAVE.pack(Kind.IHAVE, VERSION, flags, len(msg.ids)) + b"".join(msg.ids)
+    raise TypeError(f"not a broadcast datagram: {type(msg).__name__}")
+
+
+def decode(data: bytes) -> Datagram:
+    """Parse one broadcast datagram; ``WireError`` for anything else (never another error)."""
+    n = len(data)
+    if n < 2:
+        raise WireError("datagram too short")
+    kind, version = data[0], data[1]
+    if version != VERSION:
+        raise WireError(f"unsupported version {version}")
+    if kind == Kind.ANNOUNCE:
+        if n != ANNOUNCE_LEN:
+            raise WireError(f"announce of {n} bytes, expected {ANNOUNCE_LEN}")
+        _, _, alert_id, limit, hops, replica = _ANNOUNCE.unpack(data)
+        if limit > MAX_LIMIT:
+            raise WireError(f"limit {limit} outside 0..{MAX_LIMIT}")
+        if replica > MAX_REPLICA:
+            raise WireError(f"replica {replica} outside 0..{MAX_REPLICA}")
+        return Announce(alert_id, limit, hops, replica)
+    if kind == Kind.ACK:
+        if n != ACK_LEN:
+            raise WireError(f"ack of {n} bytes, expected {ACK_LEN}")
+        _, _, alert_id, status = _ACK.unpack(data)
+        try:
+            return Ack(alert_id, AckStatus(status))
+        except ValueError:
+            raise WireError(f"unknown ack status {status}") from None
+    if kind == Kind.IHAVE:
+        if n < IHAVE_HEAD:
+            raise WireError("digest too short")
+        _, _, flags, count = _IHAVE.unpack_from(data)
+        if count > MAX_IHAVE_IDS or n != IHAVE_HEAD + count * ID_LEN:
+            raise WireError(f"digest of {n} bytes does not hold {count} ids")
+        if flags & ~IHAVE_FLAG_REPLY:
+            raise WireError(f"unknown digest flags {flags:#x}")
+        ids = tuple(bytes(data[IHAVE_HEAD + i * ID_LEN: IHAVE_HEAD + (i + 1) * ID_LEN])
+                    for i in range(count))
+        return IHave(ids, bool(flags & IHAVE_FLAG_REPLY))
+    raise WireError(f"unknown datagram kind {kind:#x}")
+
+
+def encode_fetch_request(alert_id: bytes, port: int) -> bytes:
+    _check_id(alert_id)
+    if not 0 <= port <= 0xFFFF:
+        raise WireError(f"port {port} out of range")
+    return FETCH_MAGIC + bytes((VERSION,)) + alert_id + port.to_bytes(2, "big")
+
+
+def decode_fetch_request(data: bytes) -> tuple[bytes, int]:
+    """The alert id asked for and the requester's UDP port."""
+    if len(data) != FETCH_REQUEST_LEN or data[:3] != FETCH_MAGIC:
+        raise WireError("not a fetch request")
+    if data[3] != VERSION:
+        raise WireError(f"unsupported fetch version {data[3]}")
+    return bytes(data[4:36]), int.from_bytes(data[36:38], "big")
+
+
+def encode_fetch_reply(body: bytes | None) -> bytes:
+    if body is None:
+        return _FETCH_REPLY.pack(FETCH_NOT_HERE, 0)
+    return _FETCH_REPLY.pack(FETCH_FOUND, len(body)) + body
+
+
+def decode_fetch_reply_head(head: bytes, max_body: int) -> int | None:
+    """Body length that follows, or None if the peer does not have the alert."""
+    if len(head) != FETCH_REPLY_HEAD:
+        raise WireError("short fetch reply")
+    status, length = _FETCH_REPLY.unpack(head)
+    if status == FETCH_NOT_HERE:
+        if length:
+            raise WireError("a not-here reply carries no body")
+        return None
+    if status != FETCH_FOUND:
+        raise WireError(f"unknown fetch status {status}")
+    if not 0 < length <= max_body:
+        raise WireError(f"body of {length} bytes, at most {max_body}")
+    return length

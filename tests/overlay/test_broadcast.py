@@ -1,0 +1,447 @@
+"""The sans-I/O broadcast core, driven by a fake clock: a discrete-event network of cores."""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from overlay import wire
+from overlay.broadcast import (
+    BroadcastConfig,
+    BroadcastCore,
+    Contact,
+    Deliver,
+    Fetch,
+    Outcome,
+    PublishError,
+    Send,
+    Unresponsive,
+    Verify,
+    check_body,
+    prefix_len,
+)
+from overlay.wire import Ack, AckStatus, Announce, IHave
+from sca.alert import Alert, ByteRef, ExecutionControl, Message
+from sca.codec import encode_alert
+from sca.envelope import seal
+from sca.keys import NodeKey
+
+WALL = 1_800_000_000.0
+K = 20
+
+
+def make_alert(tag: bytes = b"A", service: bytes = b"\x01" * 32) -> bytes:
+    alert = Alert(service, "svc", (Message(tag * 40),),
+                  ExecutionControl((ByteRef(0, 0), ByteRef(0, 1), ByteRef(0, 2))))
+    return encode_alert(alert)
+
+
+def envelope(tag: bytes = b"A", key: NodeKey | None = None, wall: float = WALL,
+             service: bytes = b"\x01" * 32) -> bytes:
+    return seal(make_alert(tag, service), key or NodeKey.generate(), wall).encode()
+
+
+def aid_of(env: bytes) -> bytes:
+    from sca.envelope import decode_envelope
+    return hashlib.sha256(decode_envelope(env).alert_bytes).digest()
+
+
+@dataclass
+class SimNode:
+    core: BroadcastCore
+    addr: tuple[str, int]
+    contacts: list[Contact] = field(default_factory=list)
+    dead: bool = False
+    delivered: dict[bytes, float] = field(default_factory=dict)
+    verify: Callable[[Alert], bool | None] = lambda alert: True
+    sent: int = 0
+
+
+class Net:
+    """Cores wired by a fake network: every datagram arrives ``latency`` later; a fetch takes
+    two latencies; dead nodes drop everything."""
+
+    def __init__(self, n: int, seed: int = 1, latency: float = 0.001,
+                 config: BroadcastConfig | None = None, k: int = K) -> None:
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.latency = latency
+        self.events: list[tuple[float, int, Callable[[], None]]] = []
+        self.seq = 0
+        self.counts: Counter[str] = Counter()
+        self.nodes: dict[tuple[str, int], SimNode] = {}
+        ids = [self.rng.randbytes(20) for _ in range(n)]
+        for i, nid in enumerate(ids):
+            addr = (f"10.{i // 250}.{i % 250}.1", 4000)
+            node = SimNode(None, addr)  # type: ignore[arg-type]
+            node.core = BroadcastCore(nid, lambda node=node: node.contacts, config,
+                                      random.Random(seed * 7919 + i), self.now)
+            self.nodes[addr] = node
+        # A Kademlia-like table: up to k random members of each prefix group.
+        everyone = list(self.nodes.values())
+        for node in everyone:
+            groups: dict[int, list[Contact]] = {}
+            me = int.from_bytes(node.core.node_id, "big")
+            for other in everyone:
+                if other is node:
+                    continue
+                p = prefix_len(me, int.from_bytes(other.core.node_id, "big"))
+                groups.setdefault(p, []).append(Contact(other.core.node_id, other.addr))
+            for members in groups.values():
+                self.rng.shuffle(members)
+                node.contacts.extend(members[:k])
+        for node in everyone:
+            self.at(node.core.next_deadline(), lambda node=node: self.tick(node))
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (when, self.seq, fn))
+
+    def run(self, node: SimNode, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                node.sent += 1
+                self.counts[f"dgram_{a.data[0]:#x}"] += 1
+                self.at(self.now + self.latency,
+                        lambda a=a, src=node.addr: self.deliver_datagram(src, a.addr, a.data))
+            elif isinstance(a, Fetch):
+                self.counts["fetch"] += 1
+                node.sent += 1
+                self.at(self.now + self.latency,
+                        lambda a=a, n=node: self.fetch_arrives(n, a.addr, a.alert_id))
+            elif isinstance(a, Verify):
+                verdict = node.verify(a.alert)
+                self.run(node, node.core.on_verdict(a.alert_id, verdict, self.now))
+            elif isinstance(a, Deliver):
+                node.delivered[a.alert_id] = self.now
+            else:
+                assert isinstance(a, Unresponsive)
+                self.counts["unresponsive"] += 1
+        self.at(node.core.next_deadline(), lambda n=node: self.tick(n))
+
+    def tick(self, node: SimNode) -> None:
+        if node.dead:
+            return
+        if node.core.next_deadline() <= self.now:
+            self.run(node, node.core.tick(self.now))
+        else:
+            self.at(node.core.next_deadline(), lambda: self.tick(node))
+
+    def deliver_datagram(self, src: tuple[str, int], dst: tuple[str, int], data: bytes) -> None:
+        node = self.nodes.get(dst)
+        if node is None or node.dead:
+            return
+        self.run(node, node.core.on_datagram(src, data, self.now))
+
+    def fetch_arrives(self, requester: SimNode, server_addr: tuple[str, int],
+                      alert_id: bytes) -> None:
+        server = self.nodes.get(server_addr)
+        body = None
+        if server is not None and not server.dead and server.core.admit_fetch(
+                requester.addr[0], self.now):
+            reply = server.core.serve_fetch(
+                requester.addr[0], wire.encode_fetch_request(alert_id, requester.addr[1]),
+                self.now)
+            if reply is not None and reply[0] == wire.FETCH_FOUND:
+                body = reply[wire.FETCH_REPLY_HEAD:]
+
+        def back() -> None:
+            if not requester.dead:
+                self.run(requester, requester.core.on_fetched(
+                    alert_id, server_addr, body, self.now, WALL + self.now))
+        self.at(self.now + self.latency, back)
+
+    def publish(self, node: SimNode, env: bytes) -> bytes:
+        aid, actions = node.core.publish(env, self.now, WALL + self.now)
+        self.run(node, actions)
+        return aid
+
+    def settle(self, until: float) -> None:
+        while self.events and self.events[0][0] <= until:
+            when, _, fn = heapq.heappop(self.events)
+            self.now = max(self.now, when)
+            fn()
+        self.now = until
+
+    def live(self) -> list[SimNode]:
+        return [n for n in self.nodes.values() if not n.dead]
+
+
+def coverage(net: Net, origin: SimNode, aid: bytes) -> float:
+    others = [n for n in net.live() if n is not origin]
+    return sum(aid in n.delivered for n in others) / len(others)
+
+
+# --- the pieces ---------------------------------------------------------------------------
+
+
+def test_prefix_len() -> None:
+    assert prefix_len(0, 0) == 160
+    assert prefix_len(0, 1 << 159) == 0
+    assert prefix_len(0, 1) == 159
+    assert prefix_len(5 << 100, (5 << 100) | (1 << 99)) == 60
+
+
+def test_check_body_order_and_outcomes() -> None:
+    cfg = BroadcastConfig()
+    env = envelope()
+    aid = aid_of(env)
+    assert check_body(aid, env, WALL, cfg).outcome is None
+    assert check_body(b"\x00" * 32, env, WALL, cfg).outcome is Outcome.FORGED
+    assert check_body(aid, b"\xa0junk", WALL, cfg).outcome is Outcome.FORGED
+    forged = bytearray(env)
+    forged[-5] ^= 1  # inside the signature
+    assert check_body(aid, bytes(forged), WALL, cfg).outcome is Outcome.FORGED
+    assert check_body(aid, env, WALL + cfg.max_age_s + 1, cfg).outcome is Outcome.STALE
+    assert check_body(aid, env, WALL - cfg.max_skew_s - 1, cfg).outcome is Outcome.STALE
+
+
+# --- whole networks on the fake clock --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dead", [0.0, 0.1, 0.3])
+def test_tree_reaches_every_live_node(dead: float) -> None:
+    net = Net(400, seed=3)
+    nodes = list(net.nodes.values())
+    origin = nodes[0]
+    for n in net.rng.sample(nodes[1:], int(dead * len(nodes))):
+        n.dead = True
+    env = envelope()
+    aid = net.publish(origin, env)
+    net.settle(5.0)
+    assert coverage(net, origin, aid) == 1.0
+    t_last = max(n.delivered[aid] for n in net.live() if n is not origin)
+    # Hops of a few milliseconds, plus a chain of 0.3 s timeouts where a copy met dead nodes.
+    assert t_last < (0.1 if dead == 0 else 1.0 if dead <= 0.1 else 3.0)
+    per_node = sum(n.sent for n in net.live()) / len(net.live())
+    assert per_node < 6, net.counts
+    # Verify before forward: a node forwards only after its verdict, so nothing arrives twice.
+    assert all(len(n.delivered) == 1 for n in net.live() if n is not origin)
+
+
+def test_message_budget_without_failures() -> None:
+    net = Net(1000, seed=5)
+    origin = next(iter(net.nodes.values()))
+    aid = net.publish(origin, envelope())
+    net.settle(3.0)
+    assert coverage(net, origin, aid) == 1.0
+    per_node = sum(n.sent for n in net.live()) / len(net.live())
+    assert per_node <= 6, (per_node, net.counts)
+
+
+def test_refuted_alert_is_never_forwarded_and_remembered() -> None:
+    net = Net(60, seed=9)
+    nodes = list(net.nodes.values())
+    liar = nodes[0]
+    for n in nodes[1:]:
+        n.verify = lambda alert: False
+    # The liar's own verifier says yes, so it announces; everyone else refutes it.
+    env = envelope(b"B")
+    aid = net.publish(liar, env)
+    net.settle(3.0)
+    for n in nodes[1:]:
+        assert aid not in n.delivered
+        assert n.core.status(aid, net.now) in (Outcome.REFUTED, None)
+    refuted = [n for n in nodes[1:] if n.core.status(aid, net.now) is Outcome.REFUTED]
+    assert refuted
+    # Only the liar ever announced it: refuting nodes forwarded nothing.
+    announcers = {n.addr for n in nodes if n.core.stats["tx_announce"]}
+    assert announcers == {liar.addr}
+    # Told again, a refuting node does not fetch again.
+    victim = refuted[0]
+    fetches = victim.core.stats["fetches"]
+    actions = victim.core.on_datagram(liar.addr, wire.encode(Announce(aid, 0)), net.now)
+    assert victim.core.stats["fetches"] == fetches
+    assert [wire.decode(a.data) for a in actions] == [Ack(aid, AckStatus.REFUTED)]
+
+
+def test_cannot_verify_nodes_do_not_forward_but_super_peers_carry_it() -> None:
+    """Half the nodes lack the service's image; a few super-peers have every image."""
+    net = Net(300, seed=11)
+    nodes = list(net.nodes.values())
+    rng = random.Random(4)
+    runs = {n.addr for n in rng.sample(nodes, 150)}
+    supers = {n.addr for n in rng.sample(nodes, 30)}
+    for n in nodes:
+        if n.addr not in runs and n.addr not in supers:
+            n.verify = lambda alert: None
+    for n in nodes:  # every table marks the super-peers
+        n.contacts = [Contact(c.node_id, c.addr, c.addr in supers) for c in n.contacts]
+    origin = next(n for n in nodes if n.addr in runs)
+    aid = net.publish(origin, envelope(b"C"))
+    net.settle(5.0)
+    needing = [n for n in nodes if n.addr in runs and n is not origin]
+    assert all(aid in n.delivered for n in needing)
+    blind = [n for n in nodes if n.addr not in runs and n.addr not in supers]
+    assert not any(aid in n.delivered for n in blind)
+    assert not any(n.core.stats["tx_announce"] for n in blind)
+
+
+def test_anti_entropy_repairs_a_node_the_tree_missed() -> None:
+    cfg = BroadcastConfig(ae_interval=1.0)
+    net = Net(50, seed=13, config=cfg)
+    nodes = list(net.nodes.values())
+    origin, lost = nodes[0], nodes[1]
+    # Nobody knows the lost node: the tree cannot reach it, only anti-entropy can.
+    for n in nodes:
+        n.contacts = [c for c in n.contacts if c.addr != lost.addr]
+    lost.contacts = [Contact(o.core.node_id, o.addr) for o in nodes[2:6]]
+    aid = net.publish(origin, envelope(b"D"))
+    net.settle(0.5)
+    assert aid not in lost.delivered
+    net.settle(10.0)
+    assert aid in lost.delivered
+    assert lost.core.stats["ae_repairs"] + sum(n.core.stats["ae_rounds"] for n in nodes) > 0
+
+
+def test_wider_range_later_extends_forwarding() -> None:
+    net = Net(40, seed=17)
+    nodes = list(net.nodes.values())
+    a = nodes[0]
+    env = envelope(b"E")
+    aid = aid_of(env)
+    # First announced to `a` with a narrow range, then with the widest.
+    acts = a.core.on_datagram(("10.9.9.9", 1), wire.encode(Announce(aid, 158)), 0.0)
+    assert isinstance(acts[0], Fetch)
+    acts = a.core.on_fetched(aid, ("10.9.9.9", 1), env, 0.0, WALL)
+    assert isinstance(acts[0], Verify)
+    acts = a.core.on_verdict(aid, True, 0.0)
+    narrow = [x for x in acts if isinstance(x, Send)]
+    acts = a.core.on_datagram(("10.9.9.8", 1), wire.encode(Announce(aid, 0)), 0.0)
+    wide = [x for x in acts if isinstance(x, Send)]
+    assert wire.decode(wide[0].data) == Ack(aid, AckStatus.TAKEN)
+    assert len(wide) - 1 > len(narrow)
+    # ...and a third time, nothing new.
+    acts = a.core.on_datagram(("10.9.9.7", 1), wire.encode(Announce(aid, 0)), 0.0)
+    assert len(acts) == 1
+
+
+def test_forged_body_strikes_the_announcer_not_the_id() -> None:
+    core = BroadcastCore(b"\x01" * 20, lambda: [], BroadcastConfig())
+    env = envelope(b"F")
+    aid = aid_of(env)
+    bad_peer, good_peer = ("10.0.0.66", 1), ("10.0.0.7", 1)
+    assert core.on_datagram(bad_peer, wire.encode(Announce(aid, 0)), 0.0) == [
+        Fetch(bad_peer, aid)]
+    core.on_datagram(good_peer, wire.encode(Announce(aid, 0)), 0.0)
+    forged = bytearray(env)
+    forged[-5] ^= 1
+    acts = core.on_fetched(aid, bad_peer, bytes(forged), 0.0, WALL)
+    assert acts == [Fetch(good_peer, aid)]  # the id is still wanted, from someone else
+    assert core.stats["forged"] == 1 and core.stats["strikes"] == 1
+    acts = core.on_fetched(aid, good_peer, env, 0.0, WALL)
+    assert isinstance(acts[0], Verify)
+    acts = core.on_verdict(aid, True, 0.0)
+    assert any(isinstance(a, Deliver) for a in acts)
+
+
+def test_liar_is_banned_after_three_strikes_and_rate_limited() -> None:
+    cfg = BroadcastConfig()
+    core = BroadcastCore(b"\x02" * 20, lambda: [], cfg)
+    liar = ("10.0.0.66", 5)
+    now = 0.0
+    for i in range(cfg.strikes_to_ban):
+        env = envelope(bytes([0x41 + i]))
+        aid = aid_of(env)
+        assert core.on_datagram(liar, wire.encode(Announce(aid, 0)), now) == [Fetch(liar, aid)]
+        core.on_fetched(aid, liar, env, now, WALL)
+        acts = core.on_verdict(aid, False, now)
+        assert [wire.decode(a.data) for a in acts] == [Ack(aid, AckStatus.REFUTED)]
+        assert core.status(aid, now) is Outcome.REFUTED
+    assert core.banned(liar[0], now)
+    assert core.on_datagram(liar, wire.encode(Announce(b"\x07" * 32, 0)), now) == []
+    assert not core.admit_fetch(liar[0], now)
+    assert core.stats["drop_banned"] == 1
+    # The ban ends.
+    assert not core.banned(liar[0], now + cfg.ban_s + 1)
+
+
+def test_announcement_flood_is_rate_limited_before_parsing() -> None:
+    cfg = BroadcastConfig()
+    core = BroadcastCore(b"\x03" * 20, lambda: [], cfg)
+    flooder = ("10.0.0.99", 7)
+    fetches = 0
+    for i in range(1000):
+        acts = core.on_datagram(flooder, wire.encode(Announce(i.to_bytes(32, "big"), 0)), 0.0)
+        fetches += sum(isinstance(a, Fetch) for a in acts)
+    # The burst, bounded by the pending limit too; the rest dropped before parsing.
+    assert fetches <= min(cfg.announce_rate.burst, cfg.max_pending)
+    assert core.stats["drop_rate"] >= 1000 - cfg.announce_rate.burst
+    # Junk costs more than a well-formed datagram.
+    other = ("10.0.0.98", 7)
+    for _ in range(10):
+        core.on_datagram(other, b"\x10\x01junk", 10.0)
+    assert core.stats["drop_malformed"] <= 10 and core.stats["drop_rate"] > 1000 - 20
+
+
+def test_hostile_datagrams_never_raise() -> None:
+    core = BroadcastCore(b"\x04" * 20, lambda: [], BroadcastConfig(
+        announce_rate=BroadcastConfig().announce_rate.__class__(1e9, 1e9)))
+    rng = random.Random(1)
+    for i in range(5000):
+        n = rng.choice([0, 1, 2, 3, 34, 35, 36, 37, 4 + 32 * 3, 600])
+        data = bytes([rng.choice([0x10, 0x11, 0x12, rng.randrange(256)]), 1]) + rng.randbytes(n)
+        core.on_datagram((f"10.1.{i % 200}.1", 1), data[: n + 2], float(i))
+    assert core.stats["drop_malformed"] > 0
+
+
+def test_fetch_serving_and_acks() -> None:
+    contacts = [Contact(bytes([0x80 | i]) + b"\x00" * 19, (f"10.0.0.{i}", 9)) for i in range(4)]
+    core = BroadcastCore(b"\x00" * 20, lambda: contacts, BroadcastConfig(ack_timeout=0.5))
+    env = envelope(b"G")
+    aid, acts = core.publish(env, 0.0, WALL)
+    assert [type(a) for a in acts] == [Verify]
+    acts = core.on_verdict(aid, True, 0.0)
+    sends = [a for a in acts if isinstance(a, Send)]
+    assert len(sends) == 2  # one group, two contacts
+    first, second = sends[0].addr, sends[1].addr
+    assert core.admit_fetch(first[0], 0.1)
+    reply = core.serve_fetch(first[0], wire.encode_fetch_request(aid, first[1]), 0.1)
+    assert reply == wire.encode_fetch_reply(env)
+    assert core.serve_fetch("10.0.0.77", b"nonsense", 0.1) is None
+    # The other never answers: after the timeout the group goes to a third contact.
+    acts = core.tick(0.6)
+    assert any(isinstance(a, Unresponsive) and a.contact.addr == second for a in acts)
+    third = [a for a in acts if isinstance(a, Send)]
+    assert len(third) == 1 and third[0].addr not in (first, second)
+    # The fetcher that took it then says it cannot verify: its slot goes to a fourth.
+    acts = core.on_datagram(first, wire.encode(Ack(aid, AckStatus.CANNOT_VERIFY)), 0.7)
+    fourth = [a for a in acts if isinstance(a, Send)]
+    assert len(fourth) == 1 and fourth[0].addr not in (first, second, third[0].addr)
+
+
+def test_publish_refuses_bad_envelopes() -> None:
+    core = BroadcastCore(b"\x05" * 20, lambda: [])
+    with pytest.raises(PublishError):
+        core.publish(b"\x00garbage", 0.0, WALL)
+    forged = bytearray(envelope(b"H"))
+    forged[-5] ^= 1
+    with pytest.raises(PublishError):
+        core.publish(bytes(forged), 0.0, WALL)
+    with pytest.raises(PublishError):
+        core.publish(envelope(b"H", wall=WALL - 10 * 3600), 0.0, WALL)
+
+
+def test_anti_entropy_digest_exchange() -> None:
+    core = BroadcastCore(b"\x06" * 20, lambda: [Contact(b"\x07" * 20, ("10.0.0.7", 1))],
+                         BroadcastConfig(ae_interval=1.0))
+    env = envelope(b"I")
+    aid, acts = core.publish(env, 0.0, WALL)
+    core.on_verdict(aid, True, 0.0)
+    acts = core.tick(2.0)
+    digests = [wire.decode(a.data) for a in acts if isinstance(a, Send)]
+    assert IHave((aid,), True) in digests
+    # A peer that lacks nothing gets no answer; one that lacks it gets a digest back.
+    assert core.on_datagram(("10.0.0.8", 1), wire.encode(IHave((aid,), True)), 2.0) == []
+    acts = core.on_datagram(("10.0.0.9", 1), wire.encode(IHave((), True)), 2.0)
+    assert [wire.decode(a.data) for a in acts] == [IHave((aid,), False)]
+    # An unknown id in a digest is fetched from the peer.
+    other = b"\x09" * 32
+    acts = core.on_datagram(("10.0.0.9", 1), wire.encode(IHave((other,), False)), 2.0)
+    assert acts == [Fetch(("10.0.0.9", 1), other)]
