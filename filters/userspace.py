@@ -1,0 +1,41 @@
+"""User-space filter checks: the general conditions nftables cannot say, per service port.
+
+The stack hands over each datagram, or a TCP connection's reassembled stream as it grows; the
+check is ``Filter.matches``, the same condition the nft compiler translates, so both back ends
+have one meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .condition import Filter
+
+
+class UserspaceFilters:
+    def __init__(self, filters: Iterable[Filter] = ()) -> None:
+        self._by_port: dict[tuple[str, int], dict[str, Filter]] = {}
+        for f in filters:
+            self.add(f)
+
+    def add(self, f: Filter) -> None:
+        self._by_port.setdefault((f.proto, f.port), {})[f.filter_id] = f
+
+    def remove(self, filter_id: str) -> bool:
+        for filters in self._by_port.values():
+            if filters.pop(filter_id, None) is not None:
+                return True
+        return False
+
+    def ports(self) -> set[tuple[str, int]]:
+        return {k for k, v in self._by_port.items() if v}
+
+    def check(self, proto: str, port: int, data: bytes) -> Filter | None:
+        """The first filter that ``data`` (a datagram, or a stream so far) matches."""
+        for f in self._by_port.get((proto, port), {}).values():
+            if f.matches(data):
+                return f
+        return None
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_port.values())

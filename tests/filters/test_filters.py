@@ -1,0 +1,178 @@
+"""Filters from verified alerts: generation, one condition model, nftables in a namespace."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from filters.condition import Filter, condition_from_json
+from filters.generate import Generated, generate_filters
+from filters.nft import compile_filter
+from filters.userspace import UserspaceFilters
+from sca.alert import Message
+from sca.emu.image import ServiceImage, load_image
+from sca.generate import Detector
+from sca.services import SAMPLES, manifest_path, traffic
+from sca.verify import Verifier
+
+MUTANTS = 150
+BENIGN_SESSIONS = 400
+PROBE = Path(__file__).with_name("netns_probe.py")
+
+
+def streams(messages: list[Message]) -> list[bytes]:
+    """What a filter sees: each datagram, or each connection's reassembled stream."""
+    if messages[0].connection is None:
+        return [m.data for m in messages]
+    conns: dict[int | None, bytes] = {}
+    for m in messages:
+        conns[m.connection] = conns.get(m.connection, b"") + m.data
+    return list(conns.values())
+
+
+@pytest.fixture(scope="module")
+def made() -> dict[str, tuple[ServiceImage, Detector, Verifier, Generated]]:
+    out = {}
+    for name in SAMPLES:
+        image = load_image(manifest_path(name))
+        det, ver = Detector(image), Verifier([image])
+        msgs = tuple(traffic(name).exploit())
+        run = det.inspect(msgs)
+        assert run.detection is not None
+        g = det.generate(msgs, run.detection, ver)
+        assert g is not None
+        out[name] = (image, det, ver, generate_filters(g.alert, image, detector=det, verifier=ver))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [
+    "resolver", "httpd", "rpcd",
+    pytest.param("mgmtd", marks=pytest.mark.xfail(strict=True, reason=(
+        "the tag field follows the command name, whose length varies; anchoring on the space "
+        "cannot be checked by replay (a longer command name is refused before the copy), so "
+        "the general filter keeps the field's absolute offset and misses other commands"))),
+])
+def test_general_filter_blocks_confirmed_mutants_and_passes_benign(name: str, made) -> None:  # type: ignore[no-untyped-def]
+    image, det, _, gen = made[name]
+    assert gen.general is not None, gen.notes
+    t = traffic(name)
+    rng = random.Random(11)
+    blocked = confirmed = 0
+    for i in range(MUTANTS):
+        mutant = t.exploit(random.Random(10_000 + i))
+        if det.inspect(tuple(mutant)).detection is None:
+            continue  # only mutants that still exploit in the sandbox count
+        confirmed += 1
+        blocked += any(gen.general.matches(s) for s in streams(mutant))
+    assert confirmed >= MUTANTS * 0.9
+    assert blocked == confirmed
+    false_positives = [s for _ in range(BENIGN_SESSIONS) for s in streams(t.benign(rng))
+                       if gen.general.matches(s)]
+    assert false_positives == []
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_specific_filter_is_the_exploits_bytes(name: str, made) -> None:  # type: ignore[no-untyped-def]
+    _, _, _, gen = made[name]
+    exploit = streams(traffic(name).exploit())
+    assert any(gen.specific.matches(s) for s in exploit)
+    rng = random.Random(5)
+    assert not any(gen.specific.matches(s) for _ in range(200) for s in streams(
+        traffic(name).benign(rng)))
+
+
+def test_every_kept_condition_says_why(made) -> None:  # type: ignore[no-untyped-def]
+    for name, (_, _, _, gen) in made.items():
+        assert gen.general is not None or name == "mgmtd"
+        for line in gen.general.condition.describe() if gen.general else []:
+            assert "(" in line or "anywhere" in line, (name, line)
+        assert gen.notes, name
+
+
+def test_condition_json_round_trips_and_refuses_garbage(made) -> None:  # type: ignore[no-untyped-def]
+    for _, _, _, gen in made.values():
+        for f in (gen.specific, gen.general):
+            if f is None:
+                continue
+            back = condition_from_json(json.loads(json.dumps(f.to_json()["condition"])))
+            assert Filter(f.service_id, f.service_name, f.proto, f.port, back).filter_id == \
+                f.filter_id
+    for bad in ({}, {"x": {}}, {"general": {"pins": [{"offset": -1, "value": 1}]}},
+                {"general": {"pins": [], "overflow": {"kind": "terminated", "reach": 0,
+                                                       "field": {"offset": 0}}}},
+                {"specific": {"offset": "1", "value": "00"}}):
+        with pytest.raises(ValueError):
+            condition_from_json(bad)  # type: ignore[arg-type]
+
+
+def test_userspace_and_filter_agree(made) -> None:  # type: ignore[no-untyped-def]
+    us = UserspaceFilters()
+    for _, _, _, gen in made.values():
+        if gen.general is not None:
+            us.add(gen.general)
+    rng = random.Random(3)
+    for name in SAMPLES:
+        t = traffic(name)
+        port = load_image(manifest_path(name)).port
+        proto = load_image(manifest_path(name)).proto
+        for s in streams(t.exploit(rng)) + streams(t.benign(rng)):
+            hit = us.check(proto, port, s)
+            gen = made[name][3].general
+            assert (hit is not None) == (gen is not None and gen.matches(s))
+
+
+def test_udp_general_filter_compiles_to_kernel_and_tcp_goes_to_user_space(made) -> None:  # type: ignore[no-untyped-def]
+    r = compile_filter(made["resolver"][3].general, queue_mark=0x10)
+    assert not r.userspace and "@ih,0,8 0x04" in r.rules[0]
+    h = compile_filter(made["httpd"][3].general, queue_mark=0x10)
+    assert h.userspace and "meta mark set 0x10" in h.rules[0]
+
+
+def _probe(netns, request: dict[str, object]) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    out = subprocess.run(["ip", "netns", "exec", netns.name, sys.executable, str(PROBE)],
+                         input=json.dumps(request), capture_output=True, text=True, timeout=60,
+                         cwd=str(PROBE.parents[2]))
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.netns
+def test_kernel_drops_udp_exploits_and_passes_benign(netns, made) -> None:  # type: ignore[no-untyped-def]
+    image, _, _, gen = made["resolver"]
+    t = traffic("resolver")
+    rng = random.Random(8)
+    exploits = [d for i in range(10) for d in streams(t.exploit(random.Random(i)))
+                if gen.general.matches(d)]
+    benign = [d for _ in range(10) for d in streams(t.benign(rng))]
+    req = {"cmd": "udp", "port": 1434, "filters": [gen.specific.to_json(), gen.general.to_json()],
+           "data": [d.hex() for d in exploits + benign]}
+    out = _probe(netns, req)
+    delivered = out["delivered"]
+    assert delivered[:len(exploits)] == [False] * len(exploits)
+    assert delivered[len(exploits):] == [True] * len(benign)
+    assert sum(out["listed"].values()) >= len(exploits)  # counters count the drops
+
+
+@pytest.mark.netns
+def test_kernel_resets_tcp_exploit_first_segment(netns, made) -> None:  # type: ignore[no-untyped-def]
+    _, _, _, gen = made["httpd"]
+    exploit = streams(traffic("httpd").exploit())[0]
+    benign = streams(traffic("httpd").benign(random.Random(2)))[0]
+    out = _probe(netns, {"cmd": "tcp", "port": 8080, "filters": [
+        {**gen.specific.to_json(), "port": 8080}], "data": [exploit.hex(), benign.hex()]})
+    assert out["outcome"][0] == "reset"
+    assert out["outcome"][1] == "ok"
+    assert benign.hex() in out["received"] and exploit.hex() not in out["received"]
+
+
+@pytest.mark.netns
+def test_a_failed_batch_leaves_the_ruleset_as_it_was(netns, made) -> None:  # type: ignore[no-untyped-def]
+    _, _, _, gen = made["resolver"]
+    out = _probe(netns, {"cmd": "atomic", "filters": [gen.specific.to_json()]})
+    assert out == {"failed": True, "same": True}
