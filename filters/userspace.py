@@ -22,10 +22,7 @@ class UserspaceFilters:
         self._by_port.setdefault((f.proto, f.port), {})[f.filter_id] = f
 
     def remove(self, filter_id: str) -> bool:
-        for filters in self._by_port.values():
-            if filters.pop(filter_id, None) is not None:
-                return True
-        return False
+        return any(filters.pop(filter_id, None) is not None for filters in self._by_port.values())
 
     def ports(self) -> set[tuple[str, int]]:
         return {k for k, v in self._by_port.items() if v}

@@ -89,7 +89,9 @@ def atomic(filters: list[Filter]) -> dict[str, object]:
     table = FilterTable(apply, query, queue_mark=0x10)
     table.install(filters[:1])
     before = query("list table inet herdwall")
-    bad = "add element inet herdwall spec_udp_584_32 { 1434 . 0x1 }\nadd element inet nosuch x { 1 }\n"
+    # A good element, then one for a table that does not exist: all or nothing.
+    bad = ("add element inet herdwall spec_udp_584_32 { 1434 . 0x1 }\n"
+           "add element inet nosuch x { 1 }\n")
     try:
         apply(bad)
         failed = False

@@ -59,7 +59,7 @@ def made() -> dict[str, tuple[ServiceImage, Detector, Verifier, Generated]]:
         "the general filter keeps the field's absolute offset and misses other commands"))),
 ])
 def test_general_filter_blocks_confirmed_mutants_and_passes_benign(name: str, made) -> None:  # type: ignore[no-untyped-def]
-    image, det, _, gen = made[name]
+    _image, det, _, gen = made[name]
     assert gen.general is not None, gen.notes
     t = traffic(name)
     rng = random.Random(11)
@@ -144,7 +144,7 @@ def _probe(netns, request: dict[str, object]) -> dict[str, object]:  # type: ign
 
 @pytest.mark.netns
 def test_kernel_drops_udp_exploits_and_passes_benign(netns, made) -> None:  # type: ignore[no-untyped-def]
-    image, _, _, gen = made["resolver"]
+    _image, _, _, gen = made["resolver"]
     t = traffic("resolver")
     rng = random.Random(8)
     exploits = [d for i in range(10) for d in streams(t.exploit(random.Random(i)))
