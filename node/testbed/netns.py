@@ -86,6 +86,14 @@ class Namespace:
             self.close()
             raise
 
+    @classmethod
+    def attach(cls, name: str) -> Namespace:
+        """A handle on an existing namespace made elsewhere; ``close()`` leaves it alone."""
+        ns = cls.__new__(cls)
+        ns.name = name
+        ns._closed = True
+        return ns
+
     def __enter__(self) -> Namespace:
         return self
 

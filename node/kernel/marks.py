@@ -1,0 +1,33 @@
+"""Packet marks and NFQUEUE numbers: the one place that defines them.
+
+herdwall owns the four mark bits under ``MASK`` and leaves the other 28 to other software
+(every match and every set in ``node.kernel.nft`` is masked). The values are exclusive
+categories, not flags: the last rule of ``inet herdwall`` that sets one wins.
+
+- ``PASS``: never queued, never throttled. The node's own sockets carry it (``SO_MARK``, see
+  ``node.kernel.sockets``); ``inet herdwall`` copies it into the conntrack mark so the replies
+  of those connections pass too; the throttle gives it to working-set (source, destination)
+  pairs through an nft set.
+- ``QUEUE_STACK``: to NFQUEUE ``Q_STACK``, read by the user-level stack (traffic of protected
+  services, both directions).
+- ``QUEUE_THROTTLE``: to NFQUEUE ``Q_THROTTLE``, read by the throttle (new outgoing flows).
+"""
+
+from __future__ import annotations
+
+MASK = 0x000F0000
+PASS = 0x00010000
+QUEUE_STACK = 0x00020000
+QUEUE_THROTTLE = 0x00030000
+
+Q_STACK = 0
+Q_THROTTLE = 1
+
+# Mark value -> queue number: what node.kernel.queue_rules installs.
+QUEUES: dict[int, int] = {QUEUE_STACK: Q_STACK, QUEUE_THROTTLE: Q_THROTTLE}
+
+
+def with_mark(current: int, value: int) -> int:
+    """``current`` with herdwall's bits replaced by ``value`` (a verdict mark that keeps other
+    software's bits)."""
+    return (current & ~MASK & 0xFFFFFFFF) | (value & MASK)
