@@ -176,3 +176,51 @@ def test_a_failed_batch_leaves_the_ruleset_as_it_was(netns, made) -> None:  # ty
     _, _, _, gen = made["resolver"]
     out = _probe(netns, {"cmd": "atomic", "filters": [gen.specific.to_json()]})
     assert out == {"failed": True, "same": True}
+
+
+def _herdwall(*args: str, netns: str | None = None) -> subprocess.CompletedProcess[str]:
+    exe = str(Path(sys.executable).with_name("herdwall"))
+    argv = ([*("ip", "netns", "exec", netns)] if netns else []) + [exe, *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def resolver_alert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("cli")
+    exploit, benign = d / "exploit.bin", d / "benign.bin"
+    exploit.write_bytes(traffic("resolver").exploit()[0].data)
+    benign.write_bytes(b"\x04MSSQLSERVER\x00")
+    alert = d / "alert.cbor"
+    r = _herdwall("alert", "detect", str(manifest_path("resolver")), str(exploit), "-o", str(alert))
+    assert r.returncode == 0, r.stderr
+    return alert, d
+
+
+def test_cli_filter_generate_and_test(resolver_alert: tuple[Path, Path]) -> None:
+    alert, d = resolver_alert
+    m = str(manifest_path("resolver"))
+    g = _herdwall("filter", "generate", m, str(alert), "--json")
+    assert g.returncode == 0, g.stderr
+    doc = json.loads(g.stdout)
+    assert {f["kind"] for f in doc["filters"]} == {"specific", "general"}
+    assert all(f["nft"] for f in doc["filters"])
+    t = _herdwall("filter", "test", m, str(alert), str(d / "exploit.bin"), str(d / "benign.bin"))
+    assert t.returncode == 0, t.stderr
+    lines = t.stdout.strip().splitlines()
+    assert "blocked" in lines[0] and lines[1].endswith("passed")
+
+
+@pytest.mark.netns
+def test_cli_filter_install_list_remove_in_a_namespace(netns, resolver_alert) -> None:  # type: ignore[no-untyped-def]
+    alert, _ = resolver_alert
+    netns.ip("link", "set", "lo", "up")
+    r = _herdwall("filter", "install", str(manifest_path("resolver")), str(alert),
+                  netns=netns.name)
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(_herdwall("filter", "list", "--json", netns=netns.name).stdout)
+    assert len(listed) == 2
+    assert _herdwall("filter", "remove", listed[0]["id"], netns=netns.name).returncode == 0
+    left = json.loads(_herdwall("filter", "list", "--json", netns=netns.name).stdout)
+    assert [f["id"] for f in left] == [listed[1]["id"]]
+    bad = _herdwall("filter", "remove", "0000", netns=netns.name)
+    assert bad.returncode == 1 and "no installed filter" in bad.stderr

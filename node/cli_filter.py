@@ -1,0 +1,154 @@
+"""``herdwall filter generate|test|install|list|remove``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+from sca.codec import FormatError
+from sca.emu.image import ManifestError, ServiceImage, load_image
+from sca.emu.sandbox import SandboxError
+from sca.envelope import MAX_ENVELOPE_BYTES
+
+from .cli import filter_, load_alert_or_envelope, print_error, read_input, stdout_console
+from .cli_sca import BAD_INPUT, MessageSpecError, parse_message_args
+
+# The mark the stack's static NFQUEUE rule takes for user-space checks.
+QUEUE_MARK = 0x10
+
+
+def _load(manifest: str, alert_path: str):  # type: ignore[no-untyped-def]
+    from filters.generate import FilterGenerationError, generate_filters
+
+    try:
+        image: ServiceImage = load_image(Path(manifest))
+        alert, _ = load_alert_or_envelope(read_input(alert_path, MAX_ENVELOPE_BYTES))
+        return image, generate_filters(alert, image)
+    except (ManifestError, FormatError, SandboxError, OSError, FilterGenerationError) as e:
+        print_error(str(e))
+        raise click.exceptions.Exit(BAD_INPUT) from None
+
+
+def _filters(gen):  # type: ignore[no-untyped-def]
+    return [f for f in (gen.specific, gen.general) if f is not None]
+
+
+@filter_.command("generate")
+@click.argument("manifest", metavar="MANIFEST")
+@click.argument("alert_path", metavar="ALERT")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def generate(manifest: str, alert_path: str, as_json: bool) -> None:
+    """Derive the general and the specific filter from a verified alert: the conditions in
+    words, why each was kept, and the nftables text that would be installed."""
+    from filters.nft import compile_filter
+
+    _, gen = _load(manifest, alert_path)
+    fs = _filters(gen)
+    if as_json:
+        click.echo(json.dumps({
+            "filters": [f.to_json() | {"nft": list(compile_filter(f, queue_mark=QUEUE_MARK).rules)}
+                        for f in fs],
+            "notes": gen.notes, "oracle_runs": gen.oracle_runs,
+            "elapsed_ms": round(gen.elapsed_s * 1000, 1)}, indent=2))
+        return
+    console = stdout_console()
+    for f in fs:
+        c = compile_filter(f, queue_mark=QUEUE_MARK)
+        where = "user space (marked for the queue)" if c.userspace else "nftables"
+        console.print(Text(f"{f.kind} filter {f.filter_id} for {f.service_name} "
+                           f"{f.proto}/{f.port}, checked in {where}", style="bold"))
+        for line in f.condition.describe():
+            console.print(Text(f"  - {line}"))
+        for rule in c.setup + c.rules:
+            console.print(Text(f"  nft: {rule}", style="dim"))
+    for note in gen.notes:
+        console.print(Text(f"note: {note}", style="cyan"))
+    console.print(Text(f"{gen.oracle_runs} sandbox replays, {gen.elapsed_s * 1000:.0f} ms"))
+
+
+@filter_.command("test")
+@click.argument("manifest", metavar="MANIFEST")
+@click.argument("alert_path", metavar="ALERT")
+@click.argument("msgfiles", metavar="MSGFILE...", nargs=-1, required=True)
+def test(manifest: str, alert_path: str, msgfiles: tuple[str, ...]) -> None:
+    """Say for each message (UDP: each file a datagram; TCP: each file a connection, FILE@N
+    for chunks) whether the filters from ALERT would block it. Exit 0 always on good input."""
+    image, gen = _load(manifest, alert_path)
+    try:
+        messages = parse_message_args(msgfiles, image.proto)
+    except (MessageSpecError, FormatError, OSError) as e:
+        print_error(str(e))
+        raise click.exceptions.Exit(BAD_INPUT) from None
+    streams: dict[object, bytes] = {}
+    for i, m in enumerate(messages):
+        key = i if m.connection is None else f"connection {m.connection}"
+        streams[key] = streams.get(key, b"") + m.data
+    console = stdout_console()
+    for key, data in streams.items():
+        hits = [f for f in _filters(gen) if f.matches(data)]
+        label = f"message {key}" if isinstance(key, int) else key
+        verdict = ("blocked by " + ", ".join(f"{f.kind} {f.filter_id}" for f in hits)
+                   if hits else "passed")
+        console.print(Text(f"{label}: {verdict}", style="red" if hits else "green"))
+
+
+def _table():  # type: ignore[no-untyped-def]
+    from filters.nft import FilterTable, libnftables_driver
+
+    apply, query = libnftables_driver()
+    return FilterTable(apply, query, queue_mark=QUEUE_MARK)
+
+
+@filter_.command("install")
+@click.argument("manifest", metavar="MANIFEST")
+@click.argument("alert_path", metavar="ALERT")
+def install(manifest: str, alert_path: str) -> None:
+    """Verify ALERT here, derive its filters and install them in table inet herdwall (root;
+    in a namespace: ip netns exec NS herdwall filter install ...). One atomic batch."""
+    from sca.verify import Verifier
+
+    image = load_image(Path(manifest))
+    alert, _ = load_alert_or_envelope(read_input(alert_path, MAX_ENVELOPE_BYTES))
+    verdict = Verifier([image]).verify(alert)
+    if not verdict.verified:
+        print_error(f"not installing filters for an alert that does not verify: {verdict}")
+        raise click.exceptions.Exit(1)
+    _, gen = _load(manifest, alert_path)
+    compiled = _table().install(_filters(gen))
+    console = stdout_console()
+    for c in compiled:
+        where = "user space" if c.userspace else "nftables"
+        console.print(Text(f"installed {c.filter.kind} filter {c.filter.filter_id} ({where})"))
+
+
+@filter_.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_(as_json: bool) -> None:
+    """Installed filters with their packet and byte counters."""
+    rows = _table().list()
+    if as_json:
+        click.echo(json.dumps([{"id": r.filter_id, "packets": r.packets, "bytes": r.bytes}
+                               for r in rows]))
+        return
+    t = Table("filter", "packets", "bytes")
+    for r in rows:
+        t.add_row(r.filter_id, str(r.packets), str(r.bytes))
+    stdout_console().print(t)
+
+
+@filter_.command("remove")
+@click.argument("filter_ids", metavar="ID...", nargs=-1, required=True)
+def remove(filter_ids: tuple[str, ...]) -> None:
+    """Remove installed filters by id (one atomic batch)."""
+    table = _table()
+    known = {r.filter_id for r in table.list()}
+    missing = [i for i in filter_ids if i not in known]
+    if missing:
+        print_error(f"no installed filter with id {', '.join(missing)}")
+        raise click.exceptions.Exit(1)
+    table.remove(filter_ids)
+    stdout_console().print(Text(f"removed {len(filter_ids)} filter(s)"))
