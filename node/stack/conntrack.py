@@ -102,7 +102,7 @@ class Flow:
 
     __slots__ = ("created", "deadline", "dirs", "halves", "id", "in_closing", "keys",
                  "last_seen", "orig", "picked_up", "proto", "resp", "state", "stream",
-                 "ts_recent")
+                 "synack_ts", "ts_recent")
 
     def __init__(self, flow_id: int, proto: int, orig: tuple[bytes, int],
                  resp: tuple[bytes, int], now: float) -> None:
@@ -118,6 +118,7 @@ class Flow:
         self.stream: Reassembler | None = None
         self.picked_up = False
         self.ts_recent: int | None = None  # responder's PAWS reference for originator data
+        self.synack_ts: tuple[int, int] | None = None  # first and last TSval of its SYN/ACKs
         self.keys: tuple[bytes, bytes] = (b"", b"")
         self.dirs: tuple[FlowDir, FlowDir] | None = None
         self.in_closing = False

@@ -298,6 +298,9 @@ class Stack:
             return events
         if (flow.state == TcpState.SYN_RECV and fd.dir == 0 and flags & ACK
                 and tcp.ack == fd.rcv.next_seq):
+            if not self._tsecr_ok(flow, opts):
+                self.stats["tsecr_rejected"] += 1
+                return [Drop("handshake ACK echoes no SYN/ACK timestamp", flow.id)]
             flow.state = TcpState.ESTABLISHED
             events.append(FlowEstablished(flow.id))
             self._open_stream(flow)
@@ -394,6 +397,9 @@ class Stack:
             self.stats["synack_ignored"] += 1
             return
         self._record_syn(resp, tcp, opts)
+        if opts.ts is not None:
+            first = flow.synack_ts[0] if flow.synack_ts else opts.ts[0]
+            flow.synack_ts = (first, opts.ts[0])
         resp.ack = tcp.ack
         scaling = orig.wscale is not None and resp.wscale is not None
         orig.shift = min(orig.wscale or 0, 14) if scaling else 0
@@ -401,6 +407,15 @@ class Stack:
         resp.right_edge = (tcp.ack + tcp.window) & MASK  # windows on SYNs are never scaled
         flow.state = TcpState.SYN_RECV
         self.tcp.touch(flow, now)
+
+    @staticmethod
+    def _tsecr_ok(flow: Flow, opts: TcpOptions) -> bool:
+        """tcp_check_req (Linux 6.15+): with timestamps on, the ACK that completes the handshake
+        must echo a TSval between the first and the last SYN/ACK's, or it is dropped."""
+        if not flow.timestamps or opts.ts is None or not opts.ts[1] or flow.synack_ts is None:
+            return True
+        first, last = flow.synack_ts
+        return ((opts.ts[1] - first) & MASK) <= ((last - first) & MASK)
 
     def _open_stream(self, flow: Flow, start: int | None = None) -> None:
         if flow.resp[1] not in self.protected_tcp or flow.stream is not None:

@@ -23,6 +23,8 @@ class TcpConversation:
     wscale: int | None = 7
     window: int = 502  # raw window after the handshake (scaled by wscale)
     ts_clock: int = 100
+    server_ts: int = 0  # the server's latest TSval: client segments echo it (Linux checks the
+    # TSecr of the handshake-completing ACK against the SYN/ACKs it sent)
     c_next: int = field(init=False)
     s_next: int = field(init=False)
 
@@ -32,9 +34,14 @@ class TcpConversation:
         self._c = ip_bytes(self.client)
         self._s = ip_bytes(self.server)
 
-    def _ts(self) -> tuple[int, int] | None:
+    def _ts(self, server: bool = False) -> tuple[int, int] | None:
         self.ts_clock += 1
-        return (self.ts_clock, self.ts_clock - 1) if self.timestamps else None
+        if not self.timestamps:
+            return None
+        if server:
+            self.server_ts = self.ts_clock
+            return self.ts_clock, self.ts_clock - 1
+        return self.ts_clock, self.server_ts
 
     def syn(self) -> bytes:
         opts = TcpOptions(mss=1460, sack_ok=True, ts=self._ts(), wscale=self.wscale)
@@ -42,7 +49,7 @@ class TcpConversation:
                           flags=SYN, window=64240, options=opts)
 
     def synack(self) -> bytes:
-        opts = TcpOptions(mss=1460, sack_ok=True, ts=self._ts(), wscale=self.wscale)
+        opts = TcpOptions(mss=1460, sack_ok=True, ts=self._ts(True), wscale=self.wscale)
         return tcp_packet(self._s, self._c, self.dport, self.sport, seq=self.server_isn,
                           ack=self.c_next, flags=SYN | ACK, window=65160, options=opts)
 
@@ -71,7 +78,7 @@ class TcpConversation:
                   window: int | None = None) -> bytes:
         """A server segment acknowledging ``ack`` (stream offset) or everything so far."""
         a = self.c_next if ack is None else (self.client_isn + 1 + ack) & 0xFFFFFFFF
-        opts = TcpOptions(ts=self._ts()) if self.timestamps else None
+        opts = TcpOptions(ts=self._ts(True)) if self.timestamps else None
         pkt = tcp_packet(self._s, self._c, self.dport, self.sport, seq=self.s_next, ack=a,
                          flags=flags, window=self.window if window is None else window,
                          options=opts, payload=data)
