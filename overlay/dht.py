@@ -1,0 +1,746 @@
+"""Kademlia membership: the ``kademlia`` library (2.2.3), hardened by subclassing.
+
+What the library gets wrong for a hostile network, and what the subclasses here do instead
+(``/work/shared/FIELD-NOTES.md`` has the measurements):
+
+- No authentication. A contact enters the routing table only after a signed hello
+  (``overlay.hello``: key hashes to the id, fresh nonce, address signed) and at most
+  ``max_ids_per_ip`` ids per IP address are admitted.
+- Handlers trust arguments and replies. Every request is checked against a schema (types,
+  sizes, 20-byte ids, IP literals, ports) before its handler runs, and every reply before the
+  library's crawler sees it; a malformed reply counts as no reply, so nothing raises out of
+  ``bootstrap`` or a lookup. Requests are answered inline (no task per datagram) and every
+  handler, timer and task is wrapped so nothing surfaces as an unhandled task exception.
+- Expensive rejection. Datagrams over ``MAX_DATAGRAM`` bytes and datagrams from an address over
+  its token bucket are dropped before any parsing; malformed ones cost their sender extra tokens.
+- ``store`` is open and unbounded: it is not served at all (the overlay stores nothing in the
+  DHT), and ``Server.set``/``get`` refuse.
+- ``save_state``/``load_state`` use pickle: they refuse; ``overlay.neighbours`` keeps a JSON
+  neighbour cache instead.
+- One missed reply evicts a contact: here three consecutive misses do.
+- The kernel's default receive buffer overflows in lookup bursts: the socket asks for
+  ``rcvbuf`` bytes with SO_RCVBUFFORCE (plain SO_RCVBUF is capped by ``rmem_max``) and logs the
+  size in effect.
+- Tables do not fill from bootstrap alone: after joining, and every ``refresh_s`` after, the
+  node looks up a random id in each prefix group (``refresh_groups``).
+
+Broadcast datagrams (first byte 0x10 and up, ``overlay.wire``) share the socket and go to the
+``on_broadcast`` callback after the same size and rate checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import random
+import socket
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import umsgpack
+from kademlia.crawling import NodeSpiderCrawl
+from kademlia.network import Server
+from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
+
+from overlay import hello as hello_mod
+from overlay.limits import KeyedBuckets, Rate
+from overlay.wire import RPC_REQUEST, RPC_RESPONSE
+from sca.keys import NODE_ID_LEN, NodeKey
+
+log = logging.getLogger(__name__)
+
+Addr = tuple[str, int]
+# Anything over ~1,200 bytes fragments on a real network; the largest honest datagram is a
+# find_node reply with 20 IPv6 contacts (~1.3 KB).
+MAX_DATAGRAM = 1400
+_HEAD = 21  # rpcudp: kind byte + 20-byte message id
+_NO_REPLY = object()
+_DEFAULT_DATAGRAM_RATE = Rate(200.0, 400.0)
+_DEFAULT_HELLO_RATE = Rate(20.0, 40.0)
+
+
+@dataclass(frozen=True)
+class DhtConfig:
+    ksize: int = 20
+    alpha: int = 3
+    rpc_timeout: float = 2.0
+    misses_to_evict: int = 3
+    max_ids_per_ip: int = 2
+    datagram_rate: Rate = _DEFAULT_DATAGRAM_RATE  # every datagram, per source IP
+    hello_rate: Rate = _DEFAULT_HELLO_RATE  # hellos this node starts, per target IP
+    malformed_cost: float = 20.0
+    max_hellos_inflight: int = 256
+    rcvbuf: int = 4 << 20
+    refresh_s: float = 900.0
+    max_peers: int = 4096
+    super_peer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    node_id: bytes
+    addr: Addr
+    flags: int
+
+    @property
+    def super_peer(self) -> bool:
+        return bool(self.flags & hello_mod.FLAG_SUPER_PEER)
+
+
+class PeerBook:
+    """Peers whose hello checked out: node id <-> address, bounded (least recently proven go)."""
+
+    def __init__(self, max_ids_per_ip: int, max_peers: int) -> None:
+        self.max_ids_per_ip = max_ids_per_ip
+        self.max_peers = max_peers
+        self._by_id: OrderedDict[bytes, Peer] = OrderedDict()
+        self._by_addr: dict[Addr, bytes] = {}
+        self._per_ip: Counter[str] = Counter()
+
+    def get(self, node_id: bytes) -> Peer | None:
+        return self._by_id.get(node_id)
+
+    def by_addr(self, addr: Addr) -> Peer | None:
+        node_id = self._by_addr.get(addr)
+        return None if node_id is None else self._by_id.get(node_id)
+
+    def room_for(self, node_id: bytes, addr: Addr) -> bool:
+        old = self._by_id.get(node_id)
+        if old is not None and old.addr[0] == addr[0]:
+            return True
+        if self._by_addr.get(addr) is not None:
+            return True  # replaces whoever was at that address
+        return self._per_ip[addr[0]] < self.max_ids_per_ip
+
+    def add(self, peer: Peer) -> list[Peer]:
+        """Record ``peer``; returns the peers it displaced (same address, or evicted)."""
+        gone: list[Peer] = []
+        old_id = self._by_addr.get(peer.addr)
+        if old_id is not None and old_id != peer.node_id:
+            gone.append(self._remove(old_id))
+        if peer.node_id in self._by_id:
+            self._remove(peer.node_id)
+        self._by_id[peer.node_id] = peer
+        self._by_addr[peer.addr] = peer.node_id
+        self._per_ip[peer.addr[0]] += 1
+        while len(self._by_id) > self.max_peers:
+            gone.append(self._remove(next(iter(self._by_id))))
+        return gone
+
+    def _remove(self, node_id: bytes) -> Peer:
+        peer = self._by_id.pop(node_id)
+        if self._by_addr.get(peer.addr) == node_id:
+            del self._by_addr[peer.addr]
+        self._per_ip[peer.addr[0]] -= 1
+        if self._per_ip[peer.addr[0]] <= 0:
+            del self._per_ip[peer.addr[0]]
+        return peer
+
+    def discard(self, node_id: bytes) -> None:
+        if node_id in self._by_id:
+            self._remove(node_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterable[Peer]:  # type: ignore[override]
+        return iter(list(self._by_id.values()))
+
+
+# --- argument and reply schemas -------------------------------------------------------------
+
+
+def _is_id(v: object) -> bool:
+    return type(v) is bytes and len(v) == NODE_ID_LEN
+
+
+def _valid_ip(v: object) -> bool:
+    if type(v) is not str or not 0 < len(v) <= hello_mod.MAX_HOST_LEN:
+        return False
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _valid_port(v: object) -> bool:
+    return type(v) is int and 0 < v <= 0xFFFF
+
+
+def valid_node_list(raw: object, ksize: int) -> list[tuple[bytes, str, int]] | None:
+    """A find_node reply: at most ``ksize`` [id, ip, port] triples, or None if malformed."""
+    if type(raw) is not list or len(raw) > ksize:
+        return None
+    out: list[tuple[bytes, str, int]] = []
+    for item in raw:
+        if type(item) is not list or len(item) != 3:
+            return None
+        node_id, ip, port = item
+        if not (_is_id(node_id) and _valid_ip(ip) and _valid_port(port)):
+            return None
+        out.append((node_id, ip, port))
+    return out
+
+
+def _args_ids(n: int) -> Callable[[list[Any]], tuple[Any, ...] | None]:
+    def check(args: list[Any]) -> tuple[Any, ...] | None:
+        if len(args) != n or not all(_is_id(a) for a in args):
+            return None
+        return tuple(args)
+    return check
+
+
+def _args_hello(args: list[Any]) -> tuple[Any, ...] | None:
+    if len(args) != 3:
+        return None
+    nonce, host, port = args
+    if type(nonce) is not bytes or len(nonce) != hello_mod.NONCE_LEN:
+        return None
+    if not (_valid_ip(host) and _valid_port(port)):
+        return None
+    return nonce, host, port
+
+
+class _NoStorage(dict):  # type: ignore[type-arg]
+    """The library wants an IStorage; nothing is ever stored (``store`` is not served)."""
+
+    def __setitem__(self, key: object, value: object) -> None:
+        raise NotImplementedError("the herdwall overlay stores nothing in the DHT")
+
+    def iter_older_than(self, seconds_old: float) -> list[Any]:
+        return []
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(())
+
+
+class HardenedProtocol(KademliaProtocol):
+    def __init__(self, source_node: Node, storage: Any, ksize: int, *, key: NodeKey,
+                 config: DhtConfig,
+                 on_broadcast: Callable[[bytes, Addr], None] | None = None,
+                 spawn: Callable[[Any], Any] | None = None) -> None:
+        super().__init__(source_node, storage, ksize)
+        self.ksize = ksize
+        self._wait_timeout = config.rpc_timeout
+        self.key = key
+        self.config = config
+        self.on_broadcast = on_broadcast
+        self._spawn_fn = spawn
+        self.local_addr: Addr | None = None
+        self.peers = PeerBook(config.max_ids_per_ip, config.max_peers)
+        self.misses: OrderedDict[bytes, int] = OrderedDict()
+        self.nonces = hello_mod.NonceBook()
+        self._dgram_buckets = KeyedBuckets(config.datagram_rate)
+        self._hello_buckets = KeyedBuckets(config.hello_rate)
+        self._hellos: dict[Addr, asyncio.Future[bytes | None]] = {}
+        self._expected: dict[bytes, Addr] = {}
+        self.stats: Counter[str] = Counter()
+        self._handlers: dict[str, tuple[Callable[[list[Any]], tuple[Any, ...] | None],
+                                        Callable[..., Any]]] = {
+            "ping": (_args_ids(1), self.rpc_ping),
+            "find_node": (_args_ids(2), self.rpc_find_node),
+            "find_value": (_args_ids(2), self.rpc_find_value),
+            "hello": (_args_hello, self.rpc_hello),
+        }
+        self._flags = hello_mod.FLAG_SUPER_PEER if config.super_peer else 0
+        self._error_logged = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        # rpcudp turns every unknown attribute into a remote call; here a typo is an error and
+        # only the RPCs defined below can ever be sent.
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    # --- transport ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        with contextlib.suppress(Exception):
+            sockname = transport.get_extra_info("sockname")
+            self.local_addr = (sockname[0], sockname[1])
+
+    def send_datagram(self, data: bytes, addr: Addr) -> None:
+        """Every datagram this node sends goes through here (and is counted)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if len(data) > MAX_DATAGRAM:
+            self.stats["tx_oversize"] += 1
+            return
+        self.stats[f"tx_{data[0]:#04x}"] += 1
+        self.stats["tx"] += 1
+        transport.sendto(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (port unreachable from a dead peer) arrive here; the RPC timeout handles it.
+        self.stats["icmp_errors"] += 1
+
+    def _log_error(self, what: str) -> None:
+        self.stats["handler_errors"] += 1
+        now = time.monotonic()
+        if now - self._error_logged > 10.0:  # at most one traceback every 10 s
+            self._error_logged = now
+            log.warning("overlay %s failed (further errors counted, not logged)", what,
+                        exc_info=True)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:  # type: ignore[override]
+        try:
+            self._datagram(data, (addr[0], addr[1]))
+        except Exception:
+            self._log_error("datagram handler")
+
+    def _datagram(self, data: bytes, addr: Addr) -> None:
+        n = len(data)
+        if n > MAX_DATAGRAM:
+            self.stats["drop_oversize"] += 1
+            return
+        now = time.monotonic()
+        if not self._dgram_buckets.take(addr[0], now):
+            self.stats["drop_rate"] += 1
+            return
+        self.stats["rx"] += 1
+        kind = data[0] if n else -1
+        if kind in (RPC_REQUEST, RPC_RESPONSE):
+            if not self._rpc_datagram(kind, data, addr):
+                self.stats["drop_malformed"] += 1
+                self._dgram_buckets.charge(addr[0], now, self.config.malformed_cost)
+        elif kind >= 0x10 and self.on_broadcast is not None:
+            self.on_broadcast(data, addr)
+        else:
+            self.stats["drop_malformed"] += 1
+            self._dgram_buckets.charge(addr[0], now, self.config.malformed_cost)
+
+    def _rpc_datagram(self, kind: int, data: bytes, addr: Addr) -> bool:
+        if len(data) <= _HEAD:
+            return False
+        msg_id = data[1:_HEAD]
+        try:
+            obj = umsgpack.unpackb(data[_HEAD:])
+        except Exception:  # umsgpack raises many kinds (and RecursionError) on hostile input
+            return False
+        if kind == RPC_REQUEST:
+            return self._request(msg_id, obj, addr)
+        return self._response(msg_id, obj, addr)
+
+    def _request(self, msg_id: bytes, obj: object, addr: Addr) -> bool:
+        if type(obj) is not list or len(obj) != 2:
+            return False
+        name, args = obj
+        if type(name) is not str or type(args) is not list:
+            return False
+        entry = self._handlers.get(name)
+        if entry is None:
+            self.stats["rx_unknown_rpc"] += 1
+            return True  # well-formed, just not served (store, stun, ...)
+        check, handler = entry
+        checked = check(args)
+        if checked is None:
+            return False
+        self.stats[f"rx_rpc_{name}"] += 1
+        response = handler(addr, *checked)
+        if response is not _NO_REPLY:
+            self.send_datagram(b"\x01" + msg_id + umsgpack.packb(response), addr)
+        return True
+
+    def _response(self, msg_id: bytes, obj: object, addr: Addr) -> bool:
+        expected = self._expected.get(msg_id)
+        if expected is None or expected != addr:
+            self.stats["rx_unexpected_response"] += 1
+            return True
+        entry = self._outstanding.pop(msg_id, None)
+        del self._expected[msg_id]
+        if entry is None:
+            return True
+        future, timeout = entry
+        timeout.cancel()
+        if not future.done():
+            future.set_result((True, obj))
+        return True
+
+    def _call(self, name: str, addr: Addr, *args: Any) -> asyncio.Future[tuple[bool, Any]]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+        msg_id = os.urandom(20)
+        data = b"\x00" + msg_id + umsgpack.packb([name, list(args)])
+        if self.transport is None or self.transport.is_closing() or len(data) > MAX_DATAGRAM:
+            future.set_result((False, None))
+            return future
+        timeout = loop.call_later(self._wait_timeout, self._timeout, msg_id)
+        self._outstanding[msg_id] = (future, timeout)
+        self._expected[msg_id] = addr
+        self.send_datagram(data, addr)
+        return future
+
+    def _timeout(self, msg_id: bytes) -> None:
+        self._expected.pop(msg_id, None)
+        entry = self._outstanding.pop(msg_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result((False, None))
+
+    def close_outstanding(self) -> None:
+        for future, timeout in self._outstanding.values():
+            timeout.cancel()
+            if not future.done():
+                future.set_result((False, None))
+        self._outstanding.clear()
+        self._expected.clear()
+
+    # The library reaches these through RPCProtocol.__getattr__; defining them means only the
+    # RPCs listed here can ever be sent.
+    def ping(self, addr: Addr, node_id: bytes) -> asyncio.Future[tuple[bool, Any]]:
+        return self._call("ping", addr, node_id)
+
+    def find_node(self, addr: Addr, node_id: bytes, key: bytes
+                  ) -> asyncio.Future[tuple[bool, Any]]:
+        return self._call("find_node", addr, node_id, key)
+
+    def find_value(self, addr: Addr, node_id: bytes, key: bytes
+                   ) -> asyncio.Future[tuple[bool, Any]]:
+        return self._call("find_node", addr, node_id, key)  # nothing is stored anywhere
+
+    def hello(self, addr: Addr, nonce: bytes) -> asyncio.Future[tuple[bool, Any]]:
+        return self._call("hello", addr, nonce, addr[0], addr[1])
+
+    def store(self, *args: Any) -> asyncio.Future[tuple[bool, Any]]:
+        raise NotImplementedError("store is disabled")
+
+    # --- handlers (run inline; arguments already checked) --------------------------------------
+
+    def rpc_ping(self, sender: Addr, nodeid: bytes) -> bytes:  # type: ignore[override]
+        self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
+        return self.source_node.id
+
+    def rpc_find_node(self, sender: Addr, nodeid: bytes, key: bytes  # type: ignore[override]
+                      ) -> list[tuple[bytes, str, int]]:
+        source = Node(nodeid, sender[0], sender[1])
+        self.welcome_if_new(source)
+        neighbours = self.router.find_neighbors(Node(key), exclude=source)
+        return [(n.id, n.ip, n.port) for n in neighbours]
+
+    def rpc_find_value(self, sender: Addr, nodeid: bytes, key: bytes  # type: ignore[override]
+                       ) -> list[tuple[bytes, str, int]]:
+        return self.rpc_find_node(sender, nodeid, key)
+
+    def rpc_store(self, *args: Any) -> Any:  # type: ignore[override]
+        raise NotImplementedError("store is disabled")
+
+    def rpc_stun(self, *args: Any) -> Any:  # type: ignore[override]
+        raise NotImplementedError("stun is not served")
+
+    def rpc_hello(self, sender: Addr, nonce: bytes, host: str, port: int) -> Any:
+        # Sign only the address this node is really at: the asker checks it against the one
+        # it sent to, so a hello cannot be used to vouch for another address.
+        local = self.local_addr
+        if local is None or port != local[1]:
+            return _NO_REPLY
+        if local[0] not in ("0.0.0.0", "::") and ipaddress.ip_address(host) != \
+                ipaddress.ip_address(local[0]):
+            return _NO_REPLY
+        return hello_mod.make_hello(self.key, host, port, nonce, self._flags).wire()
+
+    # --- calls with checked replies (the library's crawler uses these) -------------------------
+
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node
+                             ) -> tuple[bool, Any]:
+        return await self._checked_find(node_to_ask, node_to_find)
+
+    async def call_find_value(self, node_to_ask: Node, node_to_find: Node
+                              ) -> tuple[bool, Any]:
+        return await self._checked_find(node_to_ask, node_to_find)
+
+    async def _checked_find(self, node_to_ask: Node, node_to_find: Node) -> tuple[bool, Any]:
+        try:
+            ok, raw = await self.find_node((node_to_ask.ip, node_to_ask.port),
+                                           self.source_node.id, node_to_find.id)
+            result: tuple[bool, Any] = (False, None)
+            if ok:
+                nodes = valid_node_list(raw, self.ksize)
+                if nodes is None:
+                    self.stats["bad_replies"] += 1
+                else:
+                    result = (True, nodes)
+            return self.handle_call_response(result, node_to_ask)
+        except Exception:
+            self._log_error("find_node call")
+            return (False, None)
+
+    async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
+        try:
+            ok, raw = await self.ping((node_to_ask.ip, node_to_ask.port), self.source_node.id)
+            good = ok and _is_id(raw) and raw == node_to_ask.id
+            if ok and not good:
+                self.stats["bad_replies"] += 1
+            return self.handle_call_response((True, raw) if good else (False, None),
+                                             node_to_ask)
+        except Exception:
+            self._log_error("ping call")
+            return (False, None)
+
+    async def call_store(self, node_to_ask: Node, key: bytes, value: Any) -> tuple[bool, Any]:
+        return (False, None)
+
+    def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
+        if not result[0]:
+            self.note_miss(node.id)
+            return result
+        self.misses.pop(node.id, None)
+        self.welcome_if_new(node)
+        return result
+
+    def note_miss(self, node_id: bytes) -> None:
+        """A contact did not answer; the third miss in a row evicts it."""
+        n = self.misses.pop(node_id, 0) + 1
+        if n >= self.config.misses_to_evict:
+            self.stats["evicted"] += 1
+            self.router.remove_contact(Node(node_id))
+            return
+        self.misses[node_id] = n
+        while len(self.misses) > self.config.max_peers:
+            self.misses.popitem(last=False)
+
+    # --- admission ----------------------------------------------------------------------------
+
+    def welcome_if_new(self, node: Node) -> None:
+        """Admit ``node`` if its hello has checked out at this address; else ask for one."""
+        if not _is_id(node.id) or node.id == self.source_node.id:
+            return
+        addr = (node.ip, node.port)
+        peer = self.peers.get(node.id)
+        if peer is not None and peer.addr == addr:
+            self.router.add_contact(node)
+            return
+        self.start_hello(addr, node.id)
+
+    def start_hello(self, addr: Addr, expected_id: bytes | None = None
+                    ) -> asyncio.Future[bytes | None] | None:
+        """Authenticate whoever is at ``addr`` (at most one hello per address at a time)."""
+        running = self._hellos.get(addr)
+        if running is not None:
+            return running
+        if len(self._hellos) >= self.config.max_hellos_inflight:
+            self.stats["hello_busy"] += 1
+            return None
+        if not self._hello_buckets.take(addr[0], time.monotonic()):
+            self.stats["hello_rate"] += 1
+            return None
+        task = asyncio.ensure_future(self._hello(addr, expected_id))
+        self._hellos[addr] = task
+        task.add_done_callback(lambda t, addr=addr: self._hello_done(addr, t))
+        return task
+
+    def _hello_done(self, addr: Addr, task: asyncio.Future[bytes | None]) -> None:
+        self._hellos.pop(addr, None)
+        if not task.cancelled() and task.exception() is not None:
+            self.stats["handler_errors"] += 1
+
+    async def _hello(self, addr: Addr, expected_id: bytes | None) -> bytes | None:
+        try:
+            nonce = self.nonces.issue(time.monotonic())
+            ok, raw = await self.hello(addr, nonce)
+            if not ok:
+                self.stats["hello_timeout"] += 1
+                if expected_id is not None:
+                    self.note_miss(expected_id)
+                return None
+            if not self.nonces.redeem(nonce, time.monotonic()):
+                self.stats["hello_stale"] += 1
+                return None
+            reply = hello_mod.parse_hello(raw)
+            node_id = hello_mod.check_hello(reply, addr[0], addr[1], nonce, expected_id)
+        except hello_mod.HelloError as exc:
+            self.stats["hello_refused"] += 1
+            log.debug("hello from %s refused: %s", addr, exc)
+            return None
+        except Exception:
+            self._log_error("hello")
+            return None
+        if node_id == self.source_node.id:
+            return None
+        if not self.peers.room_for(node_id, addr):
+            self.stats["hello_ip_cap"] += 1
+            return None
+        for gone in self.peers.add(Peer(node_id, addr, reply.flags)):
+            self.router.remove_contact(Node(gone.node_id))
+        self.stats["hello_ok"] += 1
+        self.router.add_contact(Node(node_id, addr[0], addr[1]))
+        return node_id
+
+    def contacts(self) -> list[Node]:
+        return [n for bucket in self.router.buckets for n in bucket.nodes.values()]
+
+
+def _make_udp_socket(host: str, port: int, rcvbuf: int) -> tuple[socket.socket, int]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, rcvbuf)
+        except (OSError, AttributeError):  # needs CAP_NET_ADMIN; fall back to the capped one
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    # Linux reports twice the size asked for (its bookkeeping overhead); halve it back.
+    in_effect = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+    return sock, in_effect
+
+
+class HardenedServer(Server):
+    protocol_class = HardenedProtocol
+
+    def __init__(self, key: NodeKey, config: DhtConfig | None = None,
+                 on_broadcast: Callable[[bytes, Addr], None] | None = None) -> None:
+        self.config = config or DhtConfig()
+        super().__init__(ksize=self.config.ksize, alpha=self.config.alpha, node_id=key.node_id,
+                         storage=_NoStorage())
+        self.key = key
+        self.on_broadcast = on_broadcast
+        self.protocol: HardenedProtocol | None = None  # type: ignore[assignment]
+        self.rcvbuf_in_effect = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._rng = random.Random()
+
+    def _create_protocol(self) -> HardenedProtocol:
+        return HardenedProtocol(self.node, self.storage, self.ksize, key=self.key,
+                                config=self.config, on_broadcast=self.on_broadcast)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task whose failure is counted and logged, never left unretrieved."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None and self.protocol is not None:
+                try:
+                    raise t.exception()  # type: ignore[misc]
+                except Exception:
+                    self.protocol._log_error("task")
+        task.add_done_callback(done)
+        return task
+
+    async def listen(self, port: int, interface: str = "0.0.0.0") -> None:  # type: ignore[override]
+        loop = asyncio.get_running_loop()
+        sock, self.rcvbuf_in_effect = _make_udp_socket(interface, port, self.config.rcvbuf)
+        log.info("overlay %s: UDP %s:%d, receive buffer %d bytes in effect (asked %d)",
+                 self.node.id.hex()[:12], interface, sock.getsockname()[1],
+                 self.rcvbuf_in_effect, self.config.rcvbuf)
+        transport, protocol = await loop.create_datagram_endpoint(self._create_protocol,
+                                                                  sock=sock)
+        self.transport, self.protocol = transport, protocol  # type: ignore[assignment]
+        self.refresh_table()
+
+    def refresh_table(self, interval: float | None = None) -> None:  # type: ignore[override]
+        self.refresh_loop = self.spawn(self._refresh_forever())  # type: ignore[assignment]
+
+    async def _refresh_forever(self) -> None:
+        period = self.config.refresh_s
+        while True:
+            await asyncio.sleep(period * self._rng.uniform(0.75, 1.25))
+            await self.refresh_groups()
+
+    async def refresh_groups(self, extra: int = 3) -> int:
+        """Look up a random id in every prefix group down to ``extra`` past the deepest one
+        that has contacts, so the table learns each subtree; returns lookups made."""
+        protocol = self.protocol
+        if protocol is None:
+            return 0
+        me = int.from_bytes(self.node.id, "big")
+        deepest = -1
+        for n in protocol.contacts():
+            deepest = max(deepest, 160 - (me ^ n.long_id).bit_length())
+        depth = min(160, deepest + 1 + extra)
+        lookups = []
+        for p in range(depth):
+            # Same first p bits as mine, bit p flipped, the rest random: a point in group p.
+            flip = 1 << (159 - p)
+            low = self._rng.getrandbits(159 - p) if p < 159 else 0
+            target = ((me >> (160 - p) << (160 - p)) if p else 0) | ((me & flip) ^ flip) | low
+            node = Node(target.to_bytes(20, "big"))
+            nearest = protocol.router.find_neighbors(node, self.alpha)
+            if nearest:
+                lookups.append(NodeSpiderCrawl(protocol, node, nearest, self.ksize,
+                                               self.alpha).find())
+        if lookups:
+            await asyncio.gather(*lookups, return_exceptions=True)
+        return len(lookups)
+
+    async def bootstrap(self, addrs: list[Addr]) -> list[Node]:  # type: ignore[override]
+        """Authenticate the given peers, look ourselves up through them, then fill the table
+        group by group. Never raises for anything the peers do."""
+        protocol = self.protocol
+        if protocol is None:
+            raise RuntimeError("listen() first")
+        hellos = [protocol.start_hello((a[0], a[1])) for a in addrs]
+        await asyncio.gather(*(h for h in hellos if h is not None), return_exceptions=True)
+        nodes = protocol.router.find_neighbors(self.node, self.ksize)
+        if not nodes:
+            return []
+        found = await NodeSpiderCrawl(protocol, self.node, nodes, self.ksize,
+                                      self.alpha).find()
+        await self.refresh_groups()
+        return list(found)
+
+    async def bootstrap_node(self, addr: Addr) -> Node | None:  # type: ignore[override]
+        protocol = self.protocol
+        if protocol is None:
+            return None
+        task = protocol.start_hello(addr)
+        node_id = await task if task is not None else None
+        return None if node_id is None else Node(node_id, addr[0], addr[1])
+
+    def bootstrappable_neighbors(self) -> list[Addr]:  # type: ignore[override]
+        protocol = self.protocol
+        if protocol is None:
+            return []
+        return [(n.ip, n.port) for n in protocol.router.find_neighbors(self.node)]
+
+    async def get(self, key: Any) -> Any:  # type: ignore[override]
+        raise NotImplementedError("the herdwall overlay stores nothing in the DHT")
+
+    async def set(self, key: Any, value: Any) -> Any:  # type: ignore[override]
+        raise NotImplementedError("the herdwall overlay stores nothing in the DHT")
+
+    async def set_digest(self, dkey: Any, value: Any) -> Any:  # type: ignore[override]
+        raise NotImplementedError("the herdwall overlay stores nothing in the DHT")
+
+    def save_state(self, fname: Any) -> None:  # type: ignore[override]
+        raise NotImplementedError("pickle state is unsafe; see overlay.neighbours")
+
+    @classmethod
+    async def load_state(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        raise NotImplementedError("pickle state is unsafe; see overlay.neighbours")
+
+    def save_state_regularly(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        raise NotImplementedError("pickle state is unsafe; see overlay.neighbours")
+
+    async def aclose(self) -> None:
+        """Stop everything this server runs and wait for it."""
+        if self.transport is not None:
+            self.transport.close()
+        if self.protocol is not None:
+            self.protocol.close_outstanding()
+            for hello_task in list(self.protocol._hellos.values()):
+                hello_task.cancel()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        for task in list(self._tasks):
+            task.cancel()

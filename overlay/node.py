@@ -1,0 +1,408 @@
+"""The overlay as the daemon uses it: membership, broadcast, fetches and the neighbour cache on
+one asyncio loop, behind a small API.
+
+    overlay = Overlay(key, bind=("10.0.0.5", 7400), bootstrap=["10.0.0.1:7400"],
+                      verify=verifier.verify, on_alert=install_filters, state_dir=state)
+    await overlay.start()                 # listen, authenticate, join, fill the table
+    alert_id = await overlay.publish(envelope_bytes)
+    overlay.peers()                       # authenticated contacts in the routing table
+    await overlay.stop()
+
+``verify`` is injected (``overlay`` never imports the sandbox). It takes a decoded ``Alert`` and
+returns, or returns an awaitable of: True (verified), False (refuted), None (no image for this
+service here: cannot tell), or an object with ``verified`` and ``reason`` attributes such as
+``sca.verify.Verdict`` (reason ``"unknown-service"`` counts as None), so ``Verifier.verify`` can
+be passed as it is. A verifier that raises counts as "cannot tell": the alert is neither
+forwarded nor held against anyone. ``on_alert(envelope, alert)`` is called once per alert this
+node verified that came from elsewhere (not for alerts it published itself), after the
+verdict and before the alert is forwarded to anyone.
+
+The UDP port carries Kademlia RPCs and broadcast datagrams; the TCP port with the same number
+serves alert bodies. Every datagram sent and every fetch made is counted in ``stats()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from overlay import neighbours
+from overlay.broadcast import (
+    Action,
+    BroadcastConfig,
+    BroadcastCore,
+    Contact,
+    Deliver,
+    Fetch,
+    Outcome,
+    PublishError,
+    Send,
+    Unresponsive,
+    Verify,
+)
+from overlay.dht import Addr, DhtConfig, HardenedServer, Peer
+from overlay.fetch import FetchServer, fetch
+from sca.alert import Alert
+from sca.envelope import MAX_ENVELOPE_BYTES, Envelope
+from sca.keys import NodeKey
+
+log = logging.getLogger(__name__)
+
+VerifyFn = Callable[[Alert], Any]
+OnAlert = Callable[[Envelope, Alert], Any]
+
+__all__ = ["Overlay", "OverlayConfig", "Peer", "PublishError", "parse_peer"]
+
+
+@dataclass(frozen=True)
+class OverlayConfig:
+    dht: DhtConfig = field(default_factory=DhtConfig)
+    broadcast: BroadcastConfig = field(default_factory=BroadcastConfig)
+    fetch_timeout: float = 2.0
+    join_timeout: float = 30.0
+    save_every_s: float = 600.0
+
+
+def parse_peer(text: str | tuple[str, int]) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"`` or a (host, port) pair; ValueError if malformed."""
+    if isinstance(text, tuple):
+        host, port = text
+    else:
+        if not isinstance(text, str) or ":" not in text:
+            raise ValueError(f"a peer is host:port, got {text!r}")
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]:")
+            if not sep:
+                raise ValueError(f"a peer is [v6 address]:port, got {text!r}")
+            port_text = rest
+        else:
+            host, _, port_text = text.rpartition(":")
+        if not port_text.isdigit():
+            raise ValueError(f"bad port in {text!r}")
+        port = int(port_text)
+    if not host or not isinstance(port, int) or not 0 < port <= 0xFFFF:
+        raise ValueError(f"bad peer {text!r}")
+    return host, port
+
+
+def _verdict_of(result: Any) -> bool | None:
+    if result is None or isinstance(result, bool):
+        return result
+    verified = getattr(result, "verified", None)
+    if isinstance(verified, bool):
+        if verified:
+            return True
+        return None if str(getattr(result, "reason", "")) == "unknown-service" else False
+    log.warning("verifier returned %r; counting it as 'cannot tell'", type(result).__name__)
+    return None
+
+
+class Overlay:
+    def __init__(self, key: NodeKey, bind: tuple[str, int] = ("0.0.0.0", 0),
+                 bootstrap: Sequence[str | tuple[str, int]] = (), *,
+                 verify: VerifyFn, on_alert: OnAlert | None = None,
+                 state_dir: Path | str | None = None, super_peer: bool = False,
+                 config: OverlayConfig | None = None) -> None:
+        cfg = config or OverlayConfig()
+        if super_peer and not cfg.dht.super_peer:
+            cfg = OverlayConfig(**{**cfg.__dict__,
+                                   "dht": DhtConfig(**{**cfg.dht.__dict__, "super_peer": True})})
+        self.config = cfg
+        self.key = key
+        self.bind = parse_peer(bind) if not isinstance(bind, tuple) else bind
+        self.bootstrap_peers = [parse_peer(p) for p in bootstrap]
+        self._verify = verify
+        self._on_alert = on_alert
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.server = HardenedServer(key, cfg.dht, on_broadcast=self._on_broadcast)
+        self.core: BroadcastCore | None = None
+        self.fetch_server: FetchServer | None = None
+        self.address: Addr | None = None
+        self.counters: Counter[str] = Counter()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> bytes:
+        return self.key.node_id
+
+    async def start(self, join: bool = True) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        self.core = BroadcastCore(self.key.node_id, self._contacts, self.config.broadcast,
+                                  now=loop.time())
+        host, port = self.bind
+        await self.server.listen(port, host)
+        assert self.server.transport is not None
+        port = self.server.transport.get_extra_info("sockname")[1]
+        self.address = (host, port)
+        self.fetch_server = FetchServer(self._admit_fetch, self._serve_fetch,
+                                        timeout=self.config.fetch_timeout)
+        await self.fetch_server.start(host, port)
+        self._arm()
+        if self.state_dir is not None:
+            self._spawn(self._save_forever())
+        if join:
+            await self.join()
+
+    async def join(self, extra: Sequence[str | tuple[str, int]] = ()) -> int:
+        """Authenticate and look up through the bootstrap peers, cached neighbours and
+        ``extra``; returns how many contacts the routing table holds afterwards."""
+        wanted = [*self.bootstrap_peers, *(parse_peer(p) for p in extra)]
+        if self.state_dir is not None:
+            wanted += [(n.host, n.port) for n in neighbours.load(self.state_dir)]
+        addrs: list[Addr] = []
+        for host, port in wanted:
+            with contextlib.suppress(OSError, ValueError):
+                addr = await self._resolve(host, port)
+                if addr != self.address and addr not in addrs:
+                    addrs.append(addr)
+        if addrs:
+            try:
+                async with asyncio.timeout(self.config.join_timeout):
+                    await self.server.bootstrap(addrs)
+            except TimeoutError:
+                log.warning("overlay join did not finish within %.0f s",
+                            self.config.join_timeout)
+        self.save_neighbours()
+        return len(self.peers())
+
+    async def _resolve(self, host: str, port: int) -> Addr:
+        loop = asyncio.get_running_loop()
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+            return host, port
+        except OSError:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            return infos[0][4][0], port
+
+    async def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        with contextlib.suppress(Exception):
+            self.save_neighbours()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.fetch_server is not None:
+            await self.fetch_server.close()
+        await self.server.aclose()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def save_neighbours(self) -> None:
+        if self.state_dir is None or self.server.protocol is None:
+            return
+        nodes = self.server.protocol.router.find_neighbors(self.server.node,
+                                                           neighbours.MAX_NEIGHBOURS)
+        if nodes:
+            neighbours.save(self.state_dir, self.node_id,
+                            [neighbours.Neighbour(n.id, n.ip, n.port) for n in nodes])
+
+    async def _save_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.save_every_s)
+            with contextlib.suppress(OSError):
+                self.save_neighbours()
+
+    # --- API ---------------------------------------------------------------------------------
+
+    async def publish(self, envelope_bytes: bytes) -> bytes:
+        """Verify our own alert like any other, then broadcast it to everyone; returns its id.
+        ``PublishError`` if the envelope is bad or our own sandbox does not verify it."""
+        core, loop = self._ready()
+        alert_id, actions = core.publish(envelope_bytes, loop.time(), time.time())
+        for action in actions:
+            if isinstance(action, Verify):
+                verdict = await self._judge(action.alert)
+                self._run(core.on_verdict(action.alert_id, verdict, loop.time()))
+            else:
+                self._run([action])
+        status = core.status(alert_id, loop.time())
+        if status is not Outcome.VERIFIED:
+            raise PublishError(f"this node's own sandbox did not verify it ({status})")
+        return alert_id
+
+    def peers(self) -> list[Peer]:
+        protocol = self.server.protocol
+        if protocol is None:
+            return []
+        out = []
+        for n in protocol.contacts():
+            known = protocol.peers.get(n.id)
+            out.append(Peer(n.id, (n.ip, n.port), known.flags if known else 0))
+        return out
+
+    def status(self, alert_id: bytes) -> str | None:
+        core, loop = self._ready()
+        s = core.status(alert_id, loop.time())
+        return None if s is None else str(s)
+
+    def stats(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        if self.server.protocol is not None:
+            out.update({f"dht.{k}": v for k, v in self.server.protocol.stats.items()})
+        if self.core is not None:
+            out.update({f"bcast.{k}": v for k, v in self.core.stats.items()})
+        out.update({f"node.{k}": v for k, v in self.counters.items()})
+        return dict(out)
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _ready(self) -> tuple[BroadcastCore, asyncio.AbstractEventLoop]:
+        if self.core is None or self._loop is None:
+            raise RuntimeError("start() the overlay first")
+        return self.core, self._loop
+
+    def _contacts(self) -> list[Contact]:
+        protocol = self.server.protocol
+        if protocol is None:
+            return []
+        out = []
+        for n in protocol.contacts():
+            known = protocol.peers.get(n.id)
+            out.append(Contact(n.id, (n.ip, n.port), bool(known and known.super_peer)))
+        return out
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.counters["task_errors"] += 1
+            log.warning("overlay task failed: %r", task.exception())
+
+    def _on_broadcast(self, data: bytes, addr: Addr) -> None:
+        if self.core is None or self._loop is None:
+            return
+        self._run(self.core.on_datagram(addr, data, self._loop.time()))
+
+    def _admit_fetch(self, ip: str) -> bool:
+        return (self.core is not None and self._loop is not None
+                and self.core.admit_fetch(ip, self._loop.time()))
+
+    def _serve_fetch(self, ip: str, request: bytes) -> bytes | None:
+        if self.core is None or self._loop is None:
+            return None
+        reply = self.core.serve_fetch(ip, request, self._loop.time())
+        self._arm()
+        return reply
+
+    def _run(self, actions: list[Action]) -> None:
+        for action in actions:
+            try:
+                self._do(action)
+            except Exception:
+                self.counters["action_errors"] += 1
+                log.warning("overlay action %s failed", type(action).__name__, exc_info=True)
+        self._arm()
+
+    def _do(self, action: Action) -> None:
+        protocol = self.server.protocol
+        if isinstance(action, Send):
+            if protocol is not None:
+                protocol.send_datagram(action.data, action.addr)
+        elif isinstance(action, Fetch):
+            self.counters["fetches"] += 1
+            self._spawn(self._fetch(action.addr, action.alert_id))
+        elif isinstance(action, Verify):
+            self._verify_now(action)
+        elif isinstance(action, Deliver):
+            self.counters["delivered"] += 1
+            self._deliver(action)
+        elif isinstance(action, Unresponsive) and protocol is not None:
+            protocol.note_miss(action.contact.node_id)
+
+    async def _fetch(self, addr: Addr, alert_id: bytes) -> None:
+        assert self.address is not None
+        local = self.address[0] if self.address[0] not in ("0.0.0.0", "::") else None
+        body = await fetch(addr, alert_id, self.address[1], local_ip=local,
+                           max_body=MAX_ENVELOPE_BYTES, timeout=self.config.fetch_timeout)
+        if body is None:
+            self.counters["fetch_failed"] += 1
+        core, loop = self._ready()
+        self._run(core.on_fetched(alert_id, addr, body, loop.time(), time.time()))
+
+    async def _judge(self, alert: Alert) -> bool | None:
+        try:
+            result = self._verify(alert)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception:
+            self.counters["verifier_errors"] += 1
+            log.warning("verifier raised; counting the alert as 'cannot tell'", exc_info=True)
+            return None
+        return _verdict_of(result)
+
+    def _verify_now(self, action: Verify) -> None:
+        # The common case is a synchronous verifier: no task, the verdict right away.
+        try:
+            result = self._verify(action.alert)
+        except Exception:
+            self.counters["verifier_errors"] += 1
+            log.warning("verifier raised; counting the alert as 'cannot tell'", exc_info=True)
+            result = None
+        if inspect.isawaitable(result):
+            async def later(awaitable: Any = result) -> None:
+                try:
+                    verdict = _verdict_of(await awaitable)
+                except Exception:
+                    self.counters["verifier_errors"] += 1
+                    verdict = None
+                core, loop = self._ready()
+                self._run(core.on_verdict(action.alert_id, verdict, loop.time()))
+            self._spawn(later())
+            return
+        core, loop = self._ready()
+        self._run(core.on_verdict(action.alert_id, _verdict_of(result), loop.time()))
+
+    def _deliver(self, action: Deliver) -> None:
+        if self._on_alert is None:
+            return
+        try:
+            result = self._on_alert(action.envelope, action.alert)
+        except Exception:
+            self.counters["on_alert_errors"] += 1
+            log.warning("on_alert raised", exc_info=True)
+            return
+        if inspect.isawaitable(result):
+            self._spawn(result)
+
+    def _arm(self) -> None:
+        if self.core is None or self._loop is None or self._stopping:
+            return
+        deadline = self.core.next_deadline()
+        if self._timer is not None and deadline >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        if self.core is None or self._loop is None or self._stopping:
+            return
+        self._run(self.core.tick(self._loop.time()))
