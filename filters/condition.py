@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Literal
 
 MAX_REACH = 65536
@@ -150,7 +151,7 @@ class Specific:
 Condition = General | Specific
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Filter:
     """A condition scoped to a service's protocol and port. Its identity is the service and the
     condition: the same condition from two alerts is one filter."""
@@ -165,7 +166,7 @@ class Filter:
     def kind(self) -> str:
         return "general" if isinstance(self.condition, General) else "specific"
 
-    @property
+    @cached_property
     def filter_id(self) -> str:
         body = json.dumps(_condition_json(self.condition), sort_keys=True).encode()
         return hashlib.sha256(self.service_id + b"\0" + body).hexdigest()[:16]
