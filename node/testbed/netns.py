@@ -192,6 +192,8 @@ class Testbed:
     ``mtu`` is set on every link. (NFQUEUE hands user space GSO packets already segmented, since
     the queue is not bound with the GSO flag, so offloads need not be turned off.)"""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     n: int = 2
     mtu: int = 1500
     tag: str = "tb"
