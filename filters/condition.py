@@ -168,7 +168,12 @@ class Filter:
 
     @cached_property
     def filter_id(self) -> str:
-        body = json.dumps(_condition_json(self.condition), sort_keys=True).encode()
+        c = self.condition
+        if isinstance(c, Specific):
+            # The common, numerous kind (10,000 in a set): hashed without a JSON detour.
+            body = b"specific\0%d\0" % c.offset + c.value
+        else:
+            body = json.dumps(_condition_json(c), sort_keys=True).encode()
         return hashlib.sha256(self.service_id + b"\0" + body).hexdigest()[:16]
 
     def matches(self, message: bytes) -> bool:

@@ -155,7 +155,7 @@ class FilterTable:
                    for i in items)
 
     def _batch(self, install: Iterable[Filter], remove: Iterable[str],
-               items: list[dict[str, object]]) -> str:
+               items: list[dict[str, object]], compiled: list[Compiled] | None = None) -> str:
         lines: list[str] = [] if self._has_chains(items) else base_chains()
         gone = set(remove)
         for kind, key, handle, spec in _entries(items):
@@ -169,6 +169,8 @@ class FilterTable:
         elements: dict[str, list[str]] = {}
         for f in install:
             c = compile_filter(f, queue_mark=self.queue_mark, tcp_action=self.tcp_action)
+            if compiled is not None:
+                compiled.append(c)
             lines += [s for s in c.setup if s not in lines]
             if isinstance(f.condition, Specific):
                 name, off, length = specific_set(f)
@@ -186,12 +188,14 @@ class FilterTable:
         return "\n".join(lines) + "\n"
 
     def install(self, filters: Iterable[Filter]) -> list[Compiled]:
+        """Install what is not installed yet; returns what was compiled and added."""
         fs = list(filters)
         current = {i.filter_id for i in self.list()}
         new = [f for f in fs if f.filter_id not in current]
+        compiled: list[Compiled] = []
         if new:
-            self._apply(self._batch(new, (), self._ruleset()))
-        return [compile_filter(f, queue_mark=self.queue_mark) for f in fs]
+            self._apply(self._batch(new, (), self._ruleset(), compiled))
+        return compiled
 
     def remove(self, filter_ids: Iterable[str]) -> None:
         ids = list(filter_ids)
