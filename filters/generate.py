@@ -174,6 +174,7 @@ def generate_filters(alert: Alert, image: ServiceImage, *, detector: Detector | 
     """Both filters for a verified ``alert`` of ``image``. ``benign`` (optional) is a corpus the
     general filter must not match; a relaxation that would match it is not taken."""
     start = time.perf_counter()
+    benign = list(benign)
     if alert.service_id != image.service_id:
         raise FilterGenerationError("the alert is for another service")
     verifier = verifier or Verifier([image])
@@ -190,7 +191,8 @@ def generate_filters(alert: Alert, image: ServiceImage, *, detector: Detector | 
     notes: list[str] = []
     slot = _slot_offset(stream, run, alert)
     compared = _compared_offsets(stream, run.conditions)
-    general = (_terminated(stream, slot, compared, oracle, rng, notes)
+    corpus = [m.data for m in benign]
+    general = (_terminated(stream, slot, compared, oracle, rng, notes, corpus)
                or _length(stream, run, slot, oracle, rng, notes))
     result = None
     if general is not None:
@@ -231,7 +233,7 @@ def _pins(stream: _Stream, upto: int, compared: dict[int, set[int]], oracle: _Or
 
 
 def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]], oracle: _Oracle,
-                rng: random.Random, notes: list[str]) -> General | None:
+                rng: random.Random, notes: list[str], benign: list[bytes]) -> General | None:
     data = stream.data
     start = _field_start(stream, slot, oracle, rng)
     reach = slot - start
@@ -261,12 +263,13 @@ def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]], oracl
         previous = data.rfind(bytes([delim]), scan_from, start - 1)
         # Lengthen the token before the delimiter, at its end or at its start: if the exploit
         # still works, the field's position is not what matters, its delimiter is.
-        for at in dict.fromkeys((start - 1, previous + 1 if previous >= 0 else scan_from)):
-            filler = bytes(rng.choice(SAFE) for _ in range(MOVE))
-            if oracle.works(data[:at] + filler + data[at:], shift_from=at, shift=MOVE):
+        token_at = previous + 1 if previous >= 0 else scan_from
+        for moved, at, shift in _moves(data, token_at, start - 1, delim, nth, scan_from,
+                                       benign, rng):
+            if oracle.works(moved, shift_from=at, shift=shift):
                 fld = Field(scan_from, delim, nth)
                 notes.append(f"the field follows delimiter {delim:#04x} number {nth} after "
-                             f"offset {scan_from}: moving it by {MOVE} bytes keeps the exploit "
+                             f"offset {scan_from}: moving it by {shift} bytes keeps the exploit "
                              "working")
                 break
         else:
@@ -282,6 +285,27 @@ def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]], oracl
                       sliding=stream.sliding)
     _check_samples(general, stream, oracle, rng, notes)
     return general
+
+
+def _moves(data: bytes, token_at: int, delim_at: int, delim: int, nth: int, scan_from: int,
+           benign: list[bytes], rng: random.Random) -> Iterable[tuple[bytes, int, int]]:
+    """Copies of the exploit with the token before the delimiter longer or shorter: filler at
+    its end or its start, then the tokens benign messages have in that place (a service may
+    accept only some tokens there, such as command names)."""
+    for at in dict.fromkeys((delim_at, token_at)):
+        filler = bytes(rng.choice(SAFE) for _ in range(MOVE))
+        yield data[:at] + filler + data[at:], at, MOVE
+    old = data[token_at:delim_at]
+    tried: set[bytes] = set()
+    sep = bytes([delim])
+    for b in benign:
+        parts = b[scan_from:].split(sep)
+        if len(parts) <= nth:
+            continue
+        alt = parts[nth - 1]
+        if alt and len(alt) != len(old) and alt not in tried and len(tried) < 8:
+            tried.add(alt)
+            yield data[:token_at] + alt + data[delim_at:], delim_at, len(alt) - len(old)
 
 
 def _length(stream: _Stream, run: TaintRun, slot: int, oracle: _Oracle, rng: random.Random,
