@@ -15,8 +15,12 @@ from node.throttle.events import Event
 class CoreDriver:
     def __init__(self, core: ThrottleCore, loop: asyncio.AbstractEventLoop,
                  apply: Callable[[list[Event]], None],
-                 on_event: Callable[[Event], None] | None = None) -> None:
+                 on_event: Callable[[Event], None] | None = None,
+                 before: Callable[[float], None] | None = None) -> None:
         self.core = core
+        # Called with `now` before every core call that may admit a destination (the kernel
+        # adapter brings the core's least-recently-used order up to date there).
+        self.before = before
         self.loop = loop
         self._apply = apply
         self.on_event = on_event
@@ -24,11 +28,16 @@ class CoreDriver:
         self._timer_due: float | None = None
 
     def attempt(self, src: Hashable, dst: Hashable, flow: Any = None) -> list[Event]:
-        return self.feed(self.core.attempt(src, dst, self.loop.time(), flow))
+        now = self.loop.time()
+        if self.before is not None:
+            self.before(now)
+        return self.feed(self.core.attempt(src, dst, now, flow))
 
     def attempts(self, items: list[tuple[Hashable, Hashable, Any]]) -> list[Event]:
         """Several attempts at one instant, applied together (one message's recipients)."""
         now = self.loop.time()
+        if self.before is not None:
+            self.before(now)
         events: list[Event] = []
         for src, dst, flow in items:
             events += self.core.attempt(src, dst, now, flow)
@@ -68,4 +77,6 @@ class CoreDriver:
         # core from answering "not yet" and the timer from never being re-armed.
         now = max(self.loop.time(), self._timer_due or 0.0)
         self._timer, self._timer_due = None, None
+        if self.before is not None:
+            self.before(now)
         self.feed(self.core.tick(now))
