@@ -25,6 +25,7 @@ import pytest
 import node.testbed as testbed
 from node.kernel.nft import NftTable
 from node.kernel.queue_rules import QueueRules
+from node.kernel.sockets import mark_socket
 from node.throttle import (
     Blocked,
     Cleared,
@@ -315,14 +316,26 @@ def test_scanner_is_queued_released_in_order_and_blocked_past_threshold(proto: s
     assert after["10.77.2.250"] == "refused" and after[SERVERS[0]] == "refused"
 
 
-def test_allowlisted_destination_is_never_queued() -> None:
+def test_allowlist_and_the_nodes_own_sockets_are_never_queued() -> None:
+    own: dict[str, Any] = {}
+
     async def scenario(bed: Bed) -> None:
         for a in SERVERS[:5]:
             await tcp_talk(a)
         await scan("tcp", [f"10.77.2.{i}" for i in range(1, 21)], 200.0)
         await asyncio.sleep(0.05)
+        # The node's own sockets (SO_MARK PASS) skip the throttle, new destinations included.
+        before = bed.throttle.queue.received
+        loop = asyncio.get_running_loop()
+        for i in range(100, 110):
+            s = mark_socket(socket.socket())
+            s.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(s, (f"10.77.2.{i}", PORT)), 5)
+            s.close()
+        own["received"] = bed.throttle.queue.received - before
 
     bed = run_bed(ThrottleConfig(release_rate=RATE), scenario, allow=["10.77.2.0/28"])
+    assert own["received"] == 0
     queued = {ip(e.dst) for e in bed.kinds(Queued)}
     allowed = {f"10.77.2.{i}" for i in range(1, 16)}
     assert not queued & allowed and queued  # 10.77.2.16-20 are outside the allowlist
