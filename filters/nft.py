@@ -25,10 +25,11 @@ RULES_CHAIN = "filters"
 QUEUE_CHAIN = "filter_queue"
 COMMENT_PREFIX = "hw:"
 MAX_RULE_COMPARISONS = 256  # beyond this a general filter is checked in user space
-# Before the stock filter hooks (0), so a drop here wins; the queue mark is set in prerouting
-# before iptables' mangle table (-150), whose static NFQUEUE rules match marks.
+# Before the stock filter hooks (0), so a drop here wins. The queue mark is set on input and
+# forward after the node's own mark chains (-160, where PASS is decided) and before iptables'
+# mangle table (-150), whose static NFQUEUE rules match marks.
 FILTER_PRIORITY = -5
-QUEUE_PRIORITY = -160
+QUEUE_PRIORITY = -155
 
 
 class NftError(RuntimeError):
@@ -66,8 +67,10 @@ def specific_set(f: Filter) -> tuple[str, int, int]:
     return f"spec_{f.proto}_{off}_{length}", off, length
 
 
-def compile_filter(f: Filter, *, queue_mark: int, tcp_action: str = "reject with tcp reset"
-                   ) -> Compiled:
+def compile_filter(f: Filter, *, queue_mark: int, mark_mask: int = 0xFFFFFFFF,
+                   tcp_action: str = "reject with tcp reset") -> Compiled:
+    """``queue_mark`` under ``mark_mask`` is what the stack's static NFQUEUE rule takes; a
+    packet that already carries a mark under the mask (the node's own, PASS) keeps it."""
     c = f.condition
     if isinstance(c, Specific):
         name, off, length = specific_set(f)
@@ -84,8 +87,10 @@ def compile_filter(f: Filter, *, queue_mark: int, tcp_action: str = "reject with
         rule = (f"add rule {TABLE} {RULES_CHAIN} udp dport {f.port} {' '.join(exprs)} "
                 f"counter {_action(f, tcp_action)} {_comment(f)}")
         return Compiled(f, (), (rule,), userspace=False)
-    mark = (f"add rule {TABLE} {QUEUE_CHAIN} {f.proto} dport {f.port} "
-            f"meta mark set {queue_mark:#x} counter {_comment(f)}")
+    keep = ~mark_mask & 0xFFFFFFFF
+    mark = (f"add rule {TABLE} {QUEUE_CHAIN} meta mark & {mark_mask:#010x} == 0 "
+            f"{f.proto} dport {f.port} meta mark set meta mark & {keep:#010x} | "
+            f"{queue_mark & mark_mask:#010x} counter {_comment(f)}")
     return Compiled(f, (), (mark,), userspace=True)
 
 
@@ -117,8 +122,13 @@ def base_chains() -> list[str]:
         "policy accept; }",
         f"add rule {TABLE} filter_in jump {RULES_CHAIN}",
         f"add rule {TABLE} filter_fwd jump {RULES_CHAIN}",
-        f"add chain {TABLE} {QUEUE_CHAIN} {{ type filter hook prerouting priority "
+        f"add chain {TABLE} {QUEUE_CHAIN}",
+        f"add chain {TABLE} filter_queue_in {{ type filter hook input priority "
         f"{QUEUE_PRIORITY}; policy accept; }}",
+        f"add chain {TABLE} filter_queue_fwd {{ type filter hook forward priority "
+        f"{QUEUE_PRIORITY}; policy accept; }}",
+        f"add rule {TABLE} filter_queue_in jump {QUEUE_CHAIN}",
+        f"add rule {TABLE} filter_queue_fwd jump {QUEUE_CHAIN}",
     ]
 
 
@@ -136,10 +146,11 @@ class FilterTable:
     is the mark the stack's static NFQUEUE rule takes."""
 
     def __init__(self, apply: Apply, query: Query, *, queue_mark: int,
-                 tcp_action: str = "reject with tcp reset") -> None:
+                 mark_mask: int = 0xFFFFFFFF, tcp_action: str = "reject with tcp reset") -> None:
         self._apply = apply
         self._query = query
         self.queue_mark = queue_mark
+        self.mark_mask = mark_mask
         self.tcp_action = tcp_action
 
     def _ruleset(self) -> list[dict[str, object]]:
@@ -168,7 +179,8 @@ class FilterTable:
         # 10,000 statements take ten times longer.
         elements: dict[str, list[str]] = {}
         for f in install:
-            c = compile_filter(f, queue_mark=self.queue_mark, tcp_action=self.tcp_action)
+            c = compile_filter(f, queue_mark=self.queue_mark, mark_mask=self.mark_mask,
+                               tcp_action=self.tcp_action)
             if compiled is not None:
                 compiled.append(c)
             lines += [s for s in c.setup if s not in lines]

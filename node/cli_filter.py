@@ -16,9 +16,7 @@ from sca.envelope import MAX_ENVELOPE_BYTES
 
 from .cli import filter_, load_alert_or_envelope, print_error, read_input, stdout_console
 from .cli_sca import BAD_INPUT, MessageSpecError, parse_message_args
-
-# The mark the stack's static NFQUEUE rule takes for user-space checks.
-QUEUE_MARK = 0x10
+from .kernel.marks import MASK, QUEUE_STACK
 
 
 def _load(manifest: str, alert_path: str):  # type: ignore[no-untyped-def]
@@ -49,15 +47,17 @@ def generate(manifest: str, alert_path: str, as_json: bool) -> None:
     _, gen = _load(manifest, alert_path)
     fs = _filters(gen)
     if as_json:
+        def nft(f):  # type: ignore[no-untyped-def]
+            return list(compile_filter(f, queue_mark=QUEUE_STACK, mark_mask=MASK).rules)
+
         click.echo(json.dumps({
-            "filters": [f.to_json() | {"nft": list(compile_filter(f, queue_mark=QUEUE_MARK).rules)}
-                        for f in fs],
+            "filters": [f.to_json() | {"nft": nft(f)} for f in fs],
             "notes": gen.notes, "oracle_runs": gen.oracle_runs,
             "elapsed_ms": round(gen.elapsed_s * 1000, 1)}, indent=2))
         return
     console = stdout_console()
     for f in fs:
-        c = compile_filter(f, queue_mark=QUEUE_MARK)
+        c = compile_filter(f, queue_mark=QUEUE_STACK, mark_mask=MASK)
         where = "user space (marked for the queue)" if c.userspace else "nftables"
         console.print(Text(f"{f.kind} filter {f.filter_id} for {f.service_name} "
                            f"{f.proto}/{f.port}, checked in {where}", style="bold"))
@@ -100,7 +100,7 @@ def _table():  # type: ignore[no-untyped-def]
     from filters.nft import FilterTable, libnftables_driver
 
     apply, query = libnftables_driver()
-    return FilterTable(apply, query, queue_mark=QUEUE_MARK)
+    return FilterTable(apply, query, queue_mark=QUEUE_STACK, mark_mask=MASK)
 
 
 @filter_.command("install")

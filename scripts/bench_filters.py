@@ -98,7 +98,7 @@ import json, time
 from filters.condition import Filter, Specific
 from filters.nft import FilterTable, libnftables_driver
 apply, query = libnftables_driver()
-t = FilterTable(apply, query, queue_mark=0x10)
+t = FilterTable(apply, query, queue_mark=0x20000, mark_mask=0xF0000)
 fs = [Filter(b"\\x01" * 32, "bench", "udp", 1434, Specific(73, (i + 1).to_bytes(4, "big")))
       for i in range(10_000)]
 start = time.perf_counter()

@@ -15,7 +15,7 @@ from filters.nft import FilterTable, NftError, libnftables_driver
 
 def _table() -> FilterTable:
     apply, query = libnftables_driver()
-    return FilterTable(apply, query, queue_mark=0x10)
+    return FilterTable(apply, query, queue_mark=0x20000, mark_mask=0xF0000)
 
 
 def udp(filters: list[Filter], datagrams: list[bytes], port: int) -> dict[str, object]:
@@ -86,7 +86,7 @@ def tcp(filters: list[Filter], payloads: list[bytes], port: int) -> dict[str, ob
 def atomic(filters: list[Filter]) -> dict[str, object]:
     subprocess_up()
     apply, query = libnftables_driver()
-    table = FilterTable(apply, query, queue_mark=0x10)
+    table = FilterTable(apply, query, queue_mark=0x20000, mark_mask=0xF0000)
     table.install(filters[:1])
     before = query("list table inet herdwall")
     # A good element, then one for a table that does not exist: all or nothing.

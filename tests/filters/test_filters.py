@@ -14,6 +14,7 @@ from filters.condition import Filter, condition_from_json
 from filters.generate import Generated, generate_filters
 from filters.nft import compile_filter
 from filters.userspace import UserspaceFilters
+from node.kernel.marks import MASK, QUEUE_STACK
 from sca.alert import Message
 from sca.emu.image import ServiceImage, load_image
 from sca.generate import Detector
@@ -126,10 +127,10 @@ def test_userspace_and_filter_agree(made) -> None:  # type: ignore[no-untyped-de
 
 
 def test_udp_general_filter_compiles_to_kernel_and_tcp_goes_to_user_space(made) -> None:  # type: ignore[no-untyped-def]
-    r = compile_filter(made["resolver"][3].general, queue_mark=0x10)
+    r = compile_filter(made["resolver"][3].general, queue_mark=QUEUE_STACK, mark_mask=MASK)
     assert not r.userspace and "@ih,0,8 0x04" in r.rules[0]
-    h = compile_filter(made["httpd"][3].general, queue_mark=0x10)
-    assert h.userspace and "meta mark set 0x10" in h.rules[0]
+    h = compile_filter(made["httpd"][3].general, queue_mark=QUEUE_STACK, mark_mask=MASK)
+    assert h.userspace and f"| {QUEUE_STACK:#010x}" in h.rules[0]
 
 
 def _probe(netns, request: dict[str, object]) -> dict[str, object]:  # type: ignore[no-untyped-def]
