@@ -119,3 +119,34 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         name = line.split()[0] if line.split() else ""
         if name.startswith(mine):
             _delete(name)
+
+
+@pytest.fixture
+def testbed_factory() -> Iterator[Callable[..., object]]:
+    """Call it (``n=2, mtu=1500, tag="tb"``) for a ``node.testbed.Testbed``: hosts
+    10.77.0.<i+1>/16 on a bridge in a namespace of its own, ready to talk; every testbed made is
+    deleted after the test, also when it fails."""
+    reason = netns_unavailable()
+    if reason:
+        _skip_or_fail(reason)
+    from node.testbed import Testbed
+
+    made: list[Testbed] = []
+
+    def make(n: int = 2, mtu: int = 1500, tag: str = "tb") -> Testbed:
+        tb = Testbed(n, mtu=mtu, tag=tag)
+        made.append(tb)
+        tb.wait_ready()
+        return tb
+
+    try:
+        yield make
+    finally:
+        for tb in made:
+            tb.close()
+
+
+@pytest.fixture
+def testbed(testbed_factory: Callable[..., object]) -> object:
+    """Two hosts on a bridge (see ``testbed_factory``)."""
+    return testbed_factory()

@@ -114,13 +114,16 @@ class Stack:
 
     # ------------------------------------------------------------------ entry points
 
-    def handle(self, packet: bytes | bytearray | memoryview, now: float) -> list[Event]:
-        """Process one IP packet. Never raises."""
+    def handle(self, packet: bytes | bytearray | memoryview, now: float, *,
+               trusted: bool = False) -> list[Event]:
+        """Process one IP packet. Never raises. ``trusted``: its checksums are known good or
+        not yet computed (a capture reports that per packet), so they are not checked."""
         self.packets += 1
         try:
             p = packet
+            verify = self._verify and not trusted
             events: list[Event] | None = None
-            if (not self._verify and len(p) >= 40 and p[0] == 0x45 and p[9] == 6
+            if (not verify and len(p) >= 40 and p[0] == 0x45 and p[9] == 6
                     and not (p[6] & 0x3F or p[7])):
                 fd = self.tcp.table.get(bytes(p[12:24]))
                 if fd is not None:
@@ -129,7 +132,7 @@ class Stack:
                             and (p[33] & 0x17) == ACK):
                         events = self._fast(p, fd, flow, now)
             if events is None:
-                events = self._slow(p, now)
+                events = self._slow(p, now, verify)
             if now >= self._next_expire:
                 self._next_expire = now + _EXPIRE_EVERY
                 events.extend(self.expire(now))
@@ -239,8 +242,9 @@ class Stack:
 
     # ------------------------------------------------------------------ general path
 
-    def _slow(self, p: bytes | bytearray | memoryview, now: float) -> list[Event]:
-        ip = parse_ip(p, self._verify)
+    def _slow(self, p: bytes | bytearray | memoryview, now: float,
+              verify: bool) -> list[Event]:
+        ip = parse_ip(p, verify)
         if ip.is_fragment:
             # Inline, the kernel's defragmenter runs before the queue; a fragment here comes
             # from a mirror and cannot be inspected.
@@ -248,11 +252,11 @@ class Stack:
             return [Drop("IP fragment")]
         proto = ip.proto
         if proto == IPPROTO_TCP:
-            return self._tcp(ip, parse_tcp(ip, self._verify), now)
+            return self._tcp(ip, parse_tcp(ip, verify), now)
         if proto == IPPROTO_UDP:
-            return self._udp(ip, parse_udp(ip, self._verify), now)
+            return self._udp(ip, parse_udp(ip, verify), now)
         if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-            parse_icmp(ip, self._verify)
+            parse_icmp(ip, verify)
             self.stats["icmp"] += 1
             return []
         self.stats["other_proto"] += 1

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,10 +24,8 @@ SERVER = "10.77.0.1"
 
 
 @pytest.fixture
-def bed() -> Iterator[Testbed]:
-    with Testbed(2, tag="krn") as tb:
-        tb.wait_ready()
-        yield tb
+def bed(testbed: Testbed) -> Testbed:
+    return testbed  # the shared fixture in tests/conftest.py
 
 
 def _kernel(tb: Testbed, *, fail_open: bool = True) -> tuple[NftTable, QueueRules]:
