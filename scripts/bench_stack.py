@@ -58,7 +58,12 @@ while c.recv(1 << 20):
 CLIENT_PY = f"""
 import socket, time, sys
 end = time.monotonic() + float(sys.argv[1])
-s = socket.create_connection(("{SERVER}", {PORT}))
+for _ in range(100):  # the server process may still be starting on a loaded machine
+    try:
+        s = socket.create_connection(("{SERVER}", {PORT}))
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.05)
 buf = b"x" * 65536
 while time.monotonic() < end:
     s.sendall(buf)
