@@ -267,6 +267,20 @@ class Sandbox:
         if not self._arena_writes & 0x3F and time.perf_counter() > self.deadline:
             raise StopRun(Outcome.BUDGET)
 
+    def add_raw_hook(self, htype: int, fptr: ctypes._CFuncPtr) -> int:
+        """Register a ctypes callback directly (no binding wrapper): for hot hooks. The callback
+        must catch its own exceptions and pass them to ``hook_failed``."""
+        handle = self.uc._Uc__do_hook_add(htype, fptr, 1, 0)  # type: ignore[attr-defined]
+        self.uc.ctl_flush_tb()  # blocks translated before the hook would run unhooked
+        return int(handle)
+
+    def hook_failed(self, exc: BaseException) -> None:
+        """Stop the run and have ``emu_start`` raise ``exc``, as the binding does for its own
+        hooks."""
+        if self.uc._hook_exception is None:  # type: ignore[attr-defined]
+            self.uc._hook_exception = exc  # type: ignore[attr-defined]
+        self.uc.emu_stop()
+
     def _on_bad_fetch(self, uc: Uc, _access: int, address: int, *_: object) -> bool:
         self._fetch_address = address
         return False
