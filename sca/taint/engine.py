@@ -204,6 +204,8 @@ class TaintTracker:
                 if insn is None:
                     self.cur = None
                     return
+                insn.handler = _KIND_HANDLERS.get(insn.kind, TaintTracker._k_generic)
+                insn.sets_flags = insn.kind in _FLAG_SETTERS
                 self.cache[address] = insn
             self.cur = insn
             if self.reads:
@@ -303,20 +305,14 @@ class TaintTracker:
         if (
             (not regs or regs.keys().isdisjoint(insn.regnames))
             and (self.flags is None or insn.kind not in _FLAG_READERS)
-            and not self._hot_memory()
+            and not (self.lines and (self.reads or self.writes) and self._hot_memory())
         ):
-            if insn.kind in _FLAG_SETTERS:
+            if insn.sets_flags:
                 self.flags = None
                 self.last_cmp = None
             return
         self.tainted_count += 1
-        kind = insn.kind
-        ops = insn.ops
-        handler = _KIND_HANDLERS.get(kind)
-        if handler is not None:
-            handler(self, insn, ops, next_address)
-        else:
-            self._generic(insn)
+        insn.handler(self, insn, insn.ops, next_address)
 
     def _k_mov(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
         if len(ops) < 2:
