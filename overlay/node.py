@@ -171,11 +171,23 @@ class Overlay:
                 if addr != self.address and addr not in addrs:
                     addrs.append(addr)
         if addrs:
-            try:
-                async with asyncio.timeout(self.config.join_timeout):
-                    await self.server.bootstrap(addrs)
-            except TimeoutError:
-                log.warning("overlay join did not finish within %.0f s",
+            # Retried with backoff until some peer has answered: a bootstrap peer may be slow
+            # to answer or not up yet, and a node alone in its table can do nothing.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.join_timeout
+            delay = 0.5
+            while True:
+                try:
+                    async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                        await self.server.bootstrap(addrs)
+                except TimeoutError:
+                    pass
+                if self.peers() or loop.time() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 8.0)
+            if not self.peers():
+                log.warning("overlay join: no peer answered within %.0f s",
                             self.config.join_timeout)
         self.save_neighbours()
         return len(self.peers())
