@@ -1,5 +1,14 @@
-"""The user-level stack inline on NFQUEUE: every queued packet goes through ``Stack.handle``
-and gets its verdict at once, drop if the stack advises it (``Drop``), else accept.
+"""The user-level stack inline on NFQUEUE.
+
+Two paths per packet, chosen by its protocol and port (a header read, no parse):
+
+- **inline** for ports where a verdict depends on the content (user-space filter checks): the
+  packet goes through ``Stack.handle`` first and is dropped if the stack advises it (``Drop``)
+  or the ``gate`` says so;
+- **verdict first** for the rest (detection replays copies, it never needs to hold a packet):
+  the packet is accepted at once and then handed to the stack. The kernel's time per verdict
+  grows with the time the reader spends before giving it (measured: 25 µs bare, 63 µs with
+  the stack in front), so answering first keeps protected traffic near the bare rate.
 
 The packet bytes the binding hands over are passed to the stack as they are (no copy into a
 pool buffer: that would add one); the stack's views point into them and whatever it keeps
@@ -18,15 +27,34 @@ from node.stack.events import Drop, Event
 from node.stack.stack import Stack
 
 OnEvents = Callable[[list[Event]], None]
+Gate = Callable[[bytes, list[Event]], bool]  # (packet, its events) -> True: drop it
+
+
+def dest_port(p: bytes) -> tuple[int, int] | None:
+    """(IP protocol, destination port) of an IPv4/IPv6 TCP or UDP packet, or None."""
+    if len(p) >= 24 and p[0] >> 4 == 4:
+        ihl = (p[0] & 0x0F) * 4
+        proto = p[9]
+        if proto in (6, 17) and len(p) >= ihl + 4:
+            return proto, int.from_bytes(p[ihl + 2:ihl + 4], "big")
+    elif len(p) >= 44 and p[0] >> 4 == 6 and p[6] in (6, 17):
+        return p[6], int.from_bytes(p[42:44], "big")
+    return None
 
 
 class StackQueue:
     def __init__(self, stack: Stack, on_events: OnEvents | None = None, *,
                  queue_num: int = Q_STACK, netns: str | None = None,
                  loop: asyncio.AbstractEventLoop | None = None, fail_open: bool = True,
-                 max_len: int = 1024) -> None:
+                 max_len: int = 1024, gate: Gate | None = None,
+                 inline_ports: set[tuple[int, int]] | None = None) -> None:
+        """``inline_ports``: (IP protocol, destination port) pairs whose packets get their
+        verdict after the stack and the ``gate``; ``None`` means every packet (the stack's own
+        ``Drop`` advice then applies to all)."""
         self.stack = stack
         self.on_events = on_events
+        self.gate = gate
+        self.inline_ports = inline_ports
         self.dropped = 0
         self._loop = loop
         self.queue = QueueAdapter(queue_num, self._on_packet, netns=netns, loop=loop,
@@ -47,11 +75,17 @@ class StackQueue:
         self.close()
 
     def _on_packet(self, payload: bytes, handle: Handle) -> None:
-        events = self.stack.handle(payload, self._loop.time())  # type: ignore[union-attr]
-        if events and any(type(e) is Drop for e in events):
-            self.dropped += 1
-            handle.drop()
-        else:
+        inline = self.inline_ports is None or dest_port(payload) in self.inline_ports
+        if not inline:
             handle.accept()
+        events = self.stack.handle(payload, self._loop.time())  # type: ignore[union-attr]
+        if inline:
+            drop = (any(type(e) is Drop for e in events)
+                    or (self.gate is not None and self.gate(payload, events)))
+            if drop:
+                self.dropped += 1
+                handle.drop()
+            else:
+                handle.accept()
         if events and self.on_events is not None:
             self.on_events(events)

@@ -98,7 +98,11 @@ def test_full_path_tcp_and_udp_through_the_stack(bed: Testbed) -> None:
         async with StackQueue(stack, events.extend, netns=bed[0].name) as sq:
             echoed = await asyncio.to_thread(_tcp_roundtrip, bed, 5000, data)
             dgrams = await asyncio.to_thread(_udp_exchange, bed, 5353, [b"one", b"two!"])
-            await asyncio.sleep(0.1)
+            # The closing segments may still be on their way through the queue: wait for them.
+            for _ in range(100):
+                if any(type(e) is FlowClosed for e in events):
+                    break
+                await asyncio.sleep(0.02)
             assert sq.queue.received > 0 and sq.queue.errors == 0
         return echoed, dgrams
 
