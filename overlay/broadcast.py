@@ -138,6 +138,7 @@ class BroadcastConfig:
     max_body_bytes: int = 16 << 20
     max_pending: int = 64
     max_announcers: int = 4
+    max_fetches_per_peer: int = 4
     announce_rate: Rate = DEFAULT_ANNOUNCE_RATE  # announcements + digests, per peer address
     fetch_rate: Rate = DEFAULT_FETCH_RATE  # fetch requests served, per peer address
     malformed_cost: float = 5.0  # tokens a malformed datagram costs its sender
@@ -254,6 +255,7 @@ class BroadcastCore:
         self._seq = 0
         self._announce_buckets = KeyedBuckets(cfg.announce_rate, cfg.max_peers_tracked)
         self._fetch_buckets = KeyedBuckets(cfg.fetch_rate, cfg.max_peers_tracked)
+        self._inflight: Counter[str] = Counter()  # fetches under way, per peer IP
         self._strikes: OrderedDict[str, int] = OrderedDict()
         self._banned: OrderedDict[str, float] = OrderedDict()
         self.ae = AntiEntropy(cfg.ae_interval, cfg.ae_window, self.rng, now)
@@ -341,20 +343,25 @@ class BroadcastCore:
         return wire.encode_fetch_reply(body)
 
     def on_fetched(self, alert_id: bytes, addr: Addr, body: bytes | None, now: float,
-                   wall: float) -> list[Action]:
-        """The result of a ``Fetch``: the body, or None if it failed for any reason."""
+                   wall: float, blame: bool = False) -> list[Action]:
+        """The result of a ``Fetch``: the body, or None if it failed. ``blame``: the failure
+        was the announcer's doing (nobody listening at the address it announced from, "not
+        here" for an id it announced, a malformed reply), not the network's (a timeout)."""
+        self._fetch_done(addr[0])
         p = self._pending.get(alert_id)
         if p is None or p.verifying or p.current != addr:
             return []
         p.tried.add(addr)
         if body is None:
             self.stats["fetch_failed"] += 1
-            return self._next_fetch(alert_id, p)
+            if blame:
+                self._strike(addr[0], now)
+            return self._next_fetch(alert_id, p, now)
         checked = check_body(alert_id, body, wall, self.cfg)
         if checked.outcome is Outcome.FORGED:
             self.stats["forged"] += 1
             self._strike(addr[0], now)
-            return self._next_fetch(alert_id, p)
+            return self._next_fetch(alert_id, p, now)
         if checked.outcome is not None:
             if checked.outcome is Outcome.REFUTED:
                 self._strike(addr[0], now)
@@ -460,19 +467,35 @@ class BroadcastCore:
 
     def _start_fetch(self, aid: bytes, addr: Addr, roles: dict[int, int], hops: int
                      ) -> list[Action]:
+        # No acknowledgement when busy: the sender gives the subtree to someone else.
         if len(self._pending) >= self.cfg.max_pending:
             self.stats["drop_busy"] += 1
-            return []  # no acknowledgement: the sender gives the subtree to someone else
+            return []
+        if self._inflight[addr[0]] >= self.cfg.max_fetches_per_peer:
+            # One peer cannot fill the pending table with ids it will never serve.
+            self.stats["drop_busy_peer"] += 1
+            return []
         self._pending[aid] = _Pending(roles=roles, hops=hops, announcers=[addr], current=addr)
+        return self._fetch(addr, aid)
+
+    def _fetch(self, addr: Addr, aid: bytes) -> list[Action]:
+        self._inflight[addr[0]] += 1
         self.stats["fetches"] += 1
         return [Fetch(addr, aid)]
 
-    def _next_fetch(self, aid: bytes, p: _Pending) -> list[Action]:
+    def _fetch_done(self, ip: str) -> None:
+        n = self._inflight.get(ip, 0) - 1
+        if n > 0:
+            self._inflight[ip] = n
+        else:
+            self._inflight.pop(ip, None)
+
+    def _next_fetch(self, aid: bytes, p: _Pending, now: float) -> list[Action]:
         for addr in p.announcers:
-            if addr not in p.tried:
+            if (addr not in p.tried and not self.banned(addr[0], now)
+                    and self._inflight[addr[0]] < self.cfg.max_fetches_per_peer):
                 p.current = addr
-                self.stats["fetches"] += 1
-                return [Fetch(addr, aid)]
+                return self._fetch(addr, aid)
         del self._pending[aid]  # nobody could give it: a later announcement may
         self.stats["fetch_gave_up"] += 1
         return []
@@ -570,10 +593,17 @@ class BroadcastCore:
 
     def _on_ihave(self, addr: Addr, msg: IHave, now: float) -> list[Action]:
         actions: list[Action] = []
+        first = True
         for aid in msg.ids:
             if (aid in self._pending or self._good.get(aid, now) is not None
                     or self._bad.get(aid, now) is not None):
                 continue
+            # Each id we would fetch costs a token like an announcement (the first was paid
+            # on receipt): sixteen made-up ids cannot buy sixteen fetches.
+            if not first and not self._announce_buckets.take(addr[0], now):
+                self.stats["drop_rate"] += 1
+                break
+            first = False
             self.stats["ae_repairs"] += 1
             actions += self._start_fetch(aid, addr, {}, wire.MAX_HOPS)
         if msg.reply:

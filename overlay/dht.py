@@ -238,6 +238,9 @@ class HardenedProtocol(KademliaProtocol):
         self.on_broadcast = on_broadcast
         self._spawn_fn = spawn
         self.local_addr: Addr | None = None
+        # Set by the owner: addresses banned for lying (overlay.broadcast strikes); their
+        # datagrams are dropped here, before any parsing, RPCs included.
+        self.banned: Callable[[str], bool] | None = None
         self.peers = PeerBook(config.max_ids_per_ip, config.max_peers)
         self.misses: OrderedDict[bytes, int] = OrderedDict()
         self.nonces = hello_mod.NonceBook()
@@ -303,6 +306,9 @@ class HardenedProtocol(KademliaProtocol):
         n = len(data)
         if n > MAX_DATAGRAM:
             self.stats["drop_oversize"] += 1
+            return
+        if self.banned is not None and self.banned(addr[0]):
+            self.stats["drop_banned"] += 1
             return
         now = time.monotonic()
         if not self._dgram_buckets.take(addr[0], now):

@@ -81,16 +81,21 @@ class _FetchOne(asyncio.Protocol):
         self.buf = bytearray()
         self.need: int | None = None
         self.transport: asyncio.Transport | None = None
+        self.blame = False  # the peer's fault: "not here" or a malformed reply
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.transport.write(self.request)  # type: ignore[union-attr]
 
-    def _finish(self, body: bytes | None) -> None:
+    def _finish(self, body: bytes | None, blame: bool = False) -> None:
+        self.blame = blame
         if not self.done.done():
             self.done.set_result(body)
         if self.transport is not None:
-            self.transport.abort() if body is None else self.transport.close()
+            if body is None:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.done.done():
@@ -103,15 +108,15 @@ class _FetchOne(asyncio.Protocol):
                 length = wire.decode_fetch_reply_head(bytes(self.buf[:wire.FETCH_REPLY_HEAD]),
                                                       self.max_body)
                 if length is None:
-                    self._finish(None)
+                    self._finish(None, blame=True)
                     return
                 self.need = wire.FETCH_REPLY_HEAD + length
             if len(self.buf) > self.need:
-                self._finish(None)  # trailing bytes: not a reply we accept
+                self._finish(None, blame=True)  # trailing bytes: not a reply we accept
             elif len(self.buf) == self.need:
                 self._finish(bytes(self.buf[wire.FETCH_REPLY_HEAD:]))
         except wire.WireError:
-            self._finish(None)
+            self._finish(None, blame=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():
@@ -143,23 +148,35 @@ class FetchServer:
 
 
 async def fetch(addr: Addr, alert_id: bytes, my_port: int, *, local_ip: str | None,
-                max_body: int, timeout: float = 2.0) -> bytes | None:
-    """The envelope bytes ``addr`` serves for ``alert_id``, or None for any failure."""
+                max_body: int, timeout: float = 2.0) -> tuple[bytes | None, bool]:
+    """``(body, blame)``: the envelope bytes ``addr`` serves for ``alert_id``, or None for any
+    failure, and whether the failure was the peer's doing (refused connection: nobody listens
+    where it announced from; "not here"; a malformed reply) rather than the network's."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[bytes | None] = loop.create_future()
     request = wire.encode_fetch_request(alert_id, my_port)
     transport: asyncio.BaseTransport | None = None
+    proto: _FetchOne | None = None
+
+    def make() -> _FetchOne:
+        nonlocal proto
+        proto = _FetchOne(request, max_body, done)
+        return proto
+
     try:
         async with asyncio.timeout(timeout):
             # Bind to our own address so the server sees the IP it knows us by (on a host with
             # many addresses, or on loopback, the kernel would otherwise pick another).
             family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
             transport, _ = await loop.create_connection(
-                lambda: _FetchOne(request, max_body, done), addr[0], addr[1], family=family,
+                make, addr[0], addr[1], family=family,
                 local_addr=(local_ip, 0) if local_ip else None)
-            return await done
+            body = await done
+            return body, body is None and proto is not None and proto.blame
+    except ConnectionRefusedError:
+        return None, True
     except (OSError, TimeoutError):
-        return None
+        return None, False
     finally:
         if transport is not None and not transport.is_closing():
             transport.abort()  # type: ignore[attr-defined]

@@ -146,7 +146,9 @@ class Overlay:
                                   now=loop.time())
         host, port = self.bind
         await self.server.listen(port, host)
-        assert self.server.transport is not None
+        assert self.server.transport is not None and self.server.protocol is not None
+        core = self.core
+        self.server.protocol.banned = lambda ip: core.banned(ip, loop.time())
         port = self.server.transport.get_extra_info("sockname")[1]
         self.address = (host, port)
         self.fetch_server = FetchServer(self._admit_fetch, self._serve_fetch,
@@ -349,12 +351,12 @@ class Overlay:
     async def _fetch(self, addr: Addr, alert_id: bytes) -> None:
         assert self.address is not None
         local = self.address[0] if self.address[0] not in ("0.0.0.0", "::") else None
-        body = await fetch(addr, alert_id, self.address[1], local_ip=local,
-                           max_body=MAX_ENVELOPE_BYTES, timeout=self.config.fetch_timeout)
+        body, blame = await fetch(addr, alert_id, self.address[1], local_ip=local,
+                                  max_body=MAX_ENVELOPE_BYTES, timeout=self.config.fetch_timeout)
         if body is None:
             self.counters["fetch_failed"] += 1
         core, loop = self._ready()
-        self._run(core.on_fetched(alert_id, addr, body, loop.time(), time.time()))
+        self._run(core.on_fetched(alert_id, addr, body, loop.time(), time.time(), blame))
 
     async def _judge(self, alert: Alert) -> bool | None:
         try:
