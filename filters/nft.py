@@ -14,7 +14,6 @@ buffer is applied as one transaction just the same. Listing reads JSON.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -142,7 +141,8 @@ class Installed:
 class FilterTable:
     """install / remove / list / sync of filters in the kernel, each one atomic batch.
 
-    ``apply`` and ``query`` drive libnftables (the node passes its NftTable's); ``queue_mark``
+    ``apply`` and ``query`` drive libnftables (the node passes its ``NftTable.apply_text`` and
+    ``query_text``); ``queue_mark``
     is the mark the stack's static NFQUEUE rule takes."""
 
     def __init__(self, apply: Apply, query: Query, *, queue_mark: int,
@@ -275,26 +275,3 @@ def _counter(exprs: object) -> tuple[int, int]:
             if isinstance(e, dict) and isinstance(e.get("counter"), dict):
                 return int(e["counter"].get("packets", 0)), int(e["counter"].get("bytes", 0))
     return 0, 0
-
-
-def libnftables_driver() -> tuple[Apply, Query]:
-    """``apply``/``query`` straight on libnftables, for a process already in the right
-    network namespace (tools and tests; the node passes its own)."""
-    import nftables
-
-    nft = nftables.Nftables()
-
-    def apply(batch: str) -> None:
-        nft.set_json_output(False)
-        rc, _, err = nft.cmd(batch)
-        if rc != 0:
-            raise NftError(err.strip() or f"nft batch failed ({rc})")
-
-    def query(cmd: str) -> dict[str, object]:
-        nft.set_json_output(True)
-        rc, out, err = nft.cmd(cmd)
-        if rc != 0:
-            raise NftError(err.strip() or f"nft {cmd!r} failed ({rc})")
-        return json.loads(out) if out else {}
-
-    return apply, query

@@ -97,10 +97,12 @@ def test(manifest: str, alert_path: str, msgfiles: tuple[str, ...]) -> None:
 
 
 def _table():  # type: ignore[no-untyped-def]
-    from filters.nft import FilterTable, libnftables_driver
+    from filters.nft import FilterTable
 
-    apply, query = libnftables_driver()
-    return FilterTable(apply, query, queue_mark=QUEUE_STACK, mark_mask=MASK)
+    from .kernel.nft import NftTable
+
+    nft = NftTable()  # where this process is: ip netns exec puts it in a namespace
+    return FilterTable(nft.apply_text, nft.query_text, queue_mark=QUEUE_STACK, mark_mask=MASK)
 
 
 @filter_.command("install")

@@ -96,9 +96,11 @@ def in_ns(ns: str, code: str, timeout: float = 60) -> str:
 INSTALL = """
 import json, time
 from filters.condition import Filter, Specific
-from filters.nft import FilterTable, libnftables_driver
-apply, query = libnftables_driver()
-t = FilterTable(apply, query, queue_mark=0x20000, mark_mask=0xF0000)
+from filters.nft import FilterTable
+from node.kernel.marks import MASK, QUEUE_STACK
+from node.kernel.nft import NftTable
+nft = NftTable()
+t = FilterTable(nft.apply_text, nft.query_text, queue_mark=QUEUE_STACK, mark_mask=MASK)
 fs = [Filter(b"\\x01" * 32, "bench", "udp", 1434, Specific(73, (i + 1).to_bytes(4, "big")))
       for i in range(10_000)]
 start = time.perf_counter()

@@ -46,9 +46,11 @@ calling thread is (a real node).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from filters.nft import NftError as FilterNftError
 from node.kernel.marks import MASK, PASS, QUEUE_STACK
 
 FAMILY = "inet"
@@ -66,8 +68,9 @@ COUNTERS = ("pass", "stack_queued", "stack_invalid")
 Json = dict[str, Any]
 
 
-class NftError(RuntimeError):
-    """libnftables refused a batch; ``str()`` is its error text."""
+class NftError(FilterNftError):
+    """libnftables refused a batch; ``str()`` is its error text. (One error type with the
+    filters' installer, which runs its batches through this table.)"""
 
 
 # --------------------------------------------------------------------------- expressions
@@ -152,6 +155,26 @@ class NftTable:
 
     def list(self, what: Json) -> list[Json]:
         return self.apply([{"list": what}])
+
+    def apply_text(self, batch: str) -> None:
+        """Run a batch in nft's text syntax, also one atomic transaction: this libnftables
+        (1.0.6) cannot say typeof sets over raw payload in JSON, which filters need."""
+        with self._where():
+            self._nft.set_json_output(False)
+            try:
+                rc, _, err = self._nft.cmd(batch)
+            finally:
+                self._nft.set_json_output(True)
+        if rc != 0:
+            raise NftError((err or "libnftables failed").strip())
+
+    def query_text(self, command: str) -> dict[str, Any]:
+        """A list command in text syntax, its output as JSON."""
+        with self._where():
+            rc, out, err = self._nft.cmd(command)
+        if rc != 0:
+            raise NftError((err or "libnftables failed").strip())
+        return json.loads(out) if out else {}
 
     # -- life cycle
 

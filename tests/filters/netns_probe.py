@@ -10,12 +10,19 @@ import threading
 import time
 
 from filters.condition import Filter
-from filters.nft import FilterTable, NftError, libnftables_driver
+from filters.nft import FilterTable, NftError
+from node.kernel.marks import MASK, QUEUE_STACK
+from node.kernel.nft import NftTable
+
+
+def _driver() -> tuple[object, object]:
+    nft = NftTable()
+    return nft.apply_text, nft.query_text
 
 
 def _table() -> FilterTable:
-    apply, query = libnftables_driver()
-    return FilterTable(apply, query, queue_mark=0x20000, mark_mask=0xF0000)
+    apply, query = _driver()
+    return FilterTable(apply, query, queue_mark=QUEUE_STACK, mark_mask=MASK)  # type: ignore[arg-type]
 
 
 def udp(filters: list[Filter], datagrams: list[bytes], port: int) -> dict[str, object]:
@@ -85,8 +92,8 @@ def tcp(filters: list[Filter], payloads: list[bytes], port: int) -> dict[str, ob
 
 def atomic(filters: list[Filter]) -> dict[str, object]:
     subprocess_up()
-    apply, query = libnftables_driver()
-    table = FilterTable(apply, query, queue_mark=0x20000, mark_mask=0xF0000)
+    apply, query = _driver()
+    table = FilterTable(apply, query, queue_mark=QUEUE_STACK, mark_mask=MASK)  # type: ignore[arg-type]
     table.install(filters[:1])
     before = query("list table inet herdwall")
     # A good element, then one for a table that does not exist: all or nothing.

@@ -12,9 +12,11 @@ import time
 import pytest
 
 from filters.generate import generate_filters
+from filters.nft import FilterTable
 from filters.userspace import UserspaceFilters
 from node.filtering import FilterGate
 from node.kernel.inline import StackQueue
+from node.kernel.marks import MASK, QUEUE_STACK
 from node.kernel.nft import NftTable
 from node.kernel.queue_rules import QueueRules
 from node.stack import Stack, StackConfig
@@ -117,3 +119,47 @@ def test_tcp_exploit_is_stopped_in_user_space_and_benign_passes(testbed: Testbed
     # Nothing that completes the exploit reached the server: at most the segment before the
     # one that made the stream match.
     assert not any(httpd_filter.matches(r) or exploit in r for r in received)
+
+
+@pytest.fixture(scope="module")
+def resolver_filters():  # type: ignore[no-untyped-def]
+    image = load_image(manifest_path("resolver"))
+    det, ver = Detector(image), Verifier([image])
+    msgs = tuple(traffic("resolver").exploit())
+    g = det.generate(msgs, det.inspect(msgs).detection, ver)  # type: ignore[arg-type]
+    assert g is not None
+    gen = generate_filters(g.alert, image, detector=det, verifier=ver)
+    assert gen.general is not None
+    return gen
+
+
+def test_udp_filters_in_the_kernel_between_namespaces(testbed: Testbed,
+                                                      resolver_filters) -> None:  # type: ignore[no-untyped-def]
+    """Installed through the node's NftTable in the server's namespace; a real client in
+    another namespace sends exploit variants and benign datagrams over the veth."""
+    bed = testbed
+    nft = NftTable(bed[0].name)
+    nft.ensure()
+    table = FilterTable(nft.apply_text, nft.query_text, queue_mark=QUEUE_STACK, mark_mask=MASK)
+    table.install([resolver_filters.specific, resolver_filters.general])
+    t = traffic("resolver")
+    exploits = [m.data for i in range(20) for m in t.exploit(random.Random(i))
+                if resolver_filters.general.matches(m.data)]
+    rng = random.Random(4)
+    benign = [m.data for _ in range(30) for m in t.benign(rng)]
+    srv = bed[0].ns.call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    cli = bed[1].ns.call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    with srv, cli:
+        srv.bind((SERVER, 1434))
+        srv.settimeout(0.3)
+        got = []
+        for d in exploits + benign:
+            cli.sendto(d, (SERVER, 1434))
+            try:
+                got.append(srv.recv(65536))
+            except TimeoutError:
+                got.append(None)
+    assert got[:len(exploits)] == [None] * len(exploits)
+    assert got[len(exploits):] == benign
+    # Every drop is counted, on the filter that caught it (the specific one comes first).
+    assert sum(i.packets for i in table.list()) == len(exploits)
