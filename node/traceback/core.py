@@ -1,0 +1,149 @@
+"""The router role, sans-I/O: what happens to each forwarded packet, and how a query is
+answered. The NFQUEUE and UDP adapters (``node.traceback.router``,
+``node.traceback.transport``) only move bytes and read the clock.
+
+    core = RouterCore(config, node_key)
+    new = core.forward(packet, in_link="to-r1", out_link="to-r3", now=time.time())
+    # new is the packet to send on (mark written or cleared), or None: send it unchanged
+    reply = core.answer(datagram, source_ip, now)   # None: drop silently
+    core.tick(now)                                  # about every slice_s: close and fold
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from node.stack.packet import PacketError
+from node.traceback.bloom import DigestStore
+from node.traceback.config import EDGE, ROUTER, RouterConfig
+from node.traceback.digest import Digester, invariant_key
+from node.traceback.marking import decide, set_ident
+from node.traceback.wire import Hit, WireError, make_answer, read_query
+from overlay.limits import KeyedBuckets, Rate
+from sca.keys import NodeKey
+
+MAX_WINDOW_S = 600.0  # one query looks at most this far
+NONCE_MEMORY = 4096
+
+
+@dataclass
+class RouterStats:
+    forwarded: int = 0
+    logged: int = 0
+    marked: int = 0  # identification written with our mark
+    cleared: int = 0  # last hop: mark removed
+    not_atomic: int = 0  # fragments or no DF: logged, never marked
+    malformed: int = 0  # not parseable IPv4: passed on untouched
+    queries: int = 0
+    queries_refused: int = 0  # bad, replayed, stale, rate-limited or not allowed
+    retries: int = 0  # the same query again: the same answer again
+
+
+class RouterCore:
+    def __init__(self, config: RouterConfig, key: NodeKey, *, digest_key: bytes | None = None,
+                 query_rate: Rate | None = None) -> None:
+        self.config = config
+        self.key = key
+        self.store = DigestStore(config.bloom)
+        self.digester = Digester(digest_key)
+        self.stats = RouterStats()
+        # Per link: (table name, id of the traceback router behind it or None, faces hosts).
+        self._links = {lk.name: (lk.peer.router_id if lk.kind == ROUTER and lk.peer else None,
+                                 lk.kind == EDGE) for lk in config.links}
+        self._buckets = KeyedBuckets(query_rate or Rate(200.0, 400.0))
+        # nonce -> (time, the query datagram, our answer): a retried query (its answer was
+        # lost) gets the same answer again; any other reuse of a nonce is a replay.
+        self._nonces: dict[bytes, tuple[float, bytes, bytes | None]] = {}
+
+    # -- the forwarding path
+
+    def forward(self, packet: bytes, in_link: str, out_link: str, now: float) -> bytes | None:
+        """Log and/or mark one forwarded IPv4 packet. Returns the rewritten packet, or None
+        when it goes on unchanged (also when it is not IPv4: never drop for our sake)."""
+        st = self.stats
+        st.forwarded += 1
+        if len(packet) < 20 or packet[0] >> 4 != 4:
+            st.malformed += 1
+            return None
+        try:
+            inv = invariant_key(packet)
+        except PacketError:
+            st.malformed += 1
+            return None
+        # An interface missing from the config is treated like an edge link: untrusted, so the
+        # packet is logged (in a table named after it) and the trail is kept.
+        upstream_id, _ = self._links.get(in_link, (None, True))
+        _, last_hop = self._links.get(out_link, (None, False))
+        ident = (packet[4] << 8) | packet[5]
+        d = decide(frag_word=(packet[6] << 8) | packet[7], ident=ident,
+                   my_id=self.config.router_id, upstream_id=upstream_id, last_hop=last_hop)
+        if d.log:
+            self.store.insert(in_link, self.digester.hashes(inv), now)
+            st.logged += 1
+        if d.ident is None:
+            st.not_atomic += 1
+            return None
+        if d.ident == ident:
+            return None
+        if d.ident:
+            st.marked += 1
+        else:
+            st.cleared += 1
+        out = bytearray(packet)
+        set_ident(out, d.ident)
+        return bytes(out)
+
+    def tick(self, now: float) -> None:
+        self.store.tick(now)
+        horizon = now - self.config.max_skew_s
+        if len(self._nonces) > NONCE_MEMORY // 2:
+            self._nonces = {n: e for n, e in self._nonces.items() if e[0] >= horizon}
+
+    # -- the query path
+
+    def lookup(self, inv: bytes, t_from: float, t_to: float) -> list[Hit]:
+        hashes = self.digester.hashes(inv)
+        return [Hit(name, first, last)
+                for name, first, last in self.store.lookup(hashes, t_from, t_to)]
+
+    def answer(self, data: bytes, source: str, now: float) -> bytes | None:
+        """The signed answer to one query datagram, or None to drop it (malformed, bad
+        signature, replayed, stale, or over the sender's rate). A well-signed query from a
+        key that may not ask gets a signed ``denied``, so the asker knows why."""
+        st = self.stats
+        if not self._buckets.take(source, now):
+            st.queries_refused += 1
+            return None
+        try:
+            q = read_query(data)
+        except WireError:
+            self._buckets.charge(source, now, 10.0)  # malformed input costs its sender
+            st.queries_refused += 1
+            return None
+        cfg = self.config
+        seen = self._nonces.get(q.nonce)
+        if seen is not None:
+            if seen[1] == data:
+                st.retries += 1
+                return seen[2]
+            st.queries_refused += 1
+            return None
+        if abs(q.ts - now) > cfg.max_skew_s:
+            st.queries_refused += 1
+            return None
+        if len(self._nonces) >= NONCE_MEMORY:
+            self.tick(now)
+            if len(self._nonces) >= NONCE_MEMORY:  # a flood of fresh nonces: refuse, stay bounded
+                st.queries_refused += 1
+                return None
+        if cfg.queriers is not None and q.querier not in cfg.queriers:
+            st.queries_refused += 1
+            reply = make_answer(self.key, cfg.router_id, q.nonce, now, status="denied")
+        else:
+            st.queries += 1
+            t_to = q.t_to
+            t_from = max(q.t_from, t_to - MAX_WINDOW_S)
+            reply = make_answer(self.key, cfg.router_id, q.nonce, now,
+                                hits=self.lookup(q.key, t_from, t_to), links=cfg.links)
+        self._nonces[q.nonce] = (now, bytes(data), reply)
+        return reply

@@ -1,0 +1,275 @@
+"""Router testbeds: router namespaces joined by point-to-point links, hosts on edge links, and
+the traceback router role running in each router (for tests, the benchmark and demos).
+
+    net = RouterNet([("r1", "r2"), ("r2", "r3")], hosts={"atk": "r1", "vic": "r3"})
+    with net:                              # namespaces made; deleted on exit, also on failure
+        with net.run_routers() as routers: # RouterService in every router, one loop thread
+            ...
+
+Addresses follow the testbed rules (``node.testbed.netns``): all in 10.77.0.0/16; link i is
+10.77.(100+i).0/24 (.1 on the first router named, .2 on the second), host j sits on
+10.77.(1+j).0/24 (router .1, host .2). Routers get a route to every subnet by shortest path;
+hosts get 10.77.0.0/16 via their router. There is no default route anywhere, and forwarding
+and reverse-path filtering are set per namespace (the sysctls are per network namespace), so
+spoofed sources reach the victim: nothing leaves the testbed.
+
+Interfaces are named after what is on the other end: ``to-r2`` on a router, ``h-atk`` for a
+host's edge link; every host has ``eth0``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Coroutine, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from node.testbed.netns import Namespace, NetnsError, _ip
+from node.traceback.bloom import BloomConfig
+from node.traceback.config import EDGE, ROUTER, Link, RouterConfig, RouterRef
+from node.traceback.core import RouterCore
+from node.traceback.router import RouterService
+from sca.keys import NodeKey
+
+T = TypeVar("T")
+QUERY_PORT = 7450
+FIRST_ID = 101
+
+
+@dataclass
+class RouterNode:
+    name: str
+    router_id: int
+    ns: Namespace
+    key: NodeKey
+    links: list[Link] = field(default_factory=list)
+    addr: str = ""  # where it answers queries (its first link's address)
+
+    @property
+    def ref(self) -> RouterRef:
+        return RouterRef((self.addr, QUERY_PORT), self.key.public_bytes, self.router_id)
+
+
+@dataclass
+class HostNode:
+    name: str
+    ns: Namespace
+    addr: str
+    router: str
+    gateway: str  # the router's address on this host's link
+    prefix: str
+    link: str  # the router's interface towards this host
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; ``run(coro)`` waits for a coroutine's result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="traceback-loop",
+                                        daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class RouterNet:
+    def __init__(self, links: Sequence[tuple[str, str]], hosts: dict[str, str], *,
+                 tag: str = "tb") -> None:
+        names = list(dict.fromkeys([r for pair in links for r in pair] + list(hosts.values())))
+        if len(links) > 150 or len(hosts) > 99:
+            raise NetnsError("at most 150 links and 99 hosts")
+        self.link_pairs = list(links)
+        self.host_routers = dict(hosts)
+        self.tag = tag
+        self.routers: dict[str, RouterNode] = {}
+        self.hosts: dict[str, HostNode] = {}
+        self._router_names = names
+        self._made: list[Namespace] = []
+
+    # -- building
+
+    def __enter__(self) -> RouterNet:
+        try:
+            self.build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for ns in reversed(self._made):
+            ns.close()
+        self._made.clear()
+
+    def _ns(self, tag: str) -> Namespace:
+        ns = Namespace(f"{self.tag}{tag}")
+        self._made.append(ns)
+        return ns
+
+    def build(self) -> None:
+        for i, name in enumerate(self._router_names):
+            ns = self._ns(name)
+            for conf in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                         "net.ipv4.conf.default.rp_filter=0"):
+                ns.run(["sysctl", "-qw", conf])
+            self.routers[name] = RouterNode(name, FIRST_ID + i, ns, NodeKey.generate())
+        for i, (a, b) in enumerate(self.link_pairs):
+            net = f"10.77.{100 + i}"
+            ra, rb = self.routers[a], self.routers[b]
+            _ip("link", "add", f"to-{b}", "netns", ra.ns.name, "type", "veth", "peer", "name",
+                f"to-{a}", "netns", rb.ns.name)
+            for r, dev, host in ((ra, f"to-{b}", 1), (rb, f"to-{a}", 2)):
+                r.ns.add_address(dev, f"{net}.{host}/24")
+                r.ns.ip("link", "set", dev, "up")
+                r.addr = r.addr or f"{net}.{host}"
+        for j, (hname, rname) in enumerate(self.host_routers.items()):
+            net = f"10.77.{1 + j}"
+            r = self.routers[rname]
+            ns = self._ns(hname)
+            dev = f"h-{hname}"[:15]
+            _ip("link", "add", dev, "netns", r.ns.name, "type", "veth", "peer", "name", "eth0",
+                "netns", ns.name)
+            r.ns.add_address(dev, f"{net}.1/24")
+            r.ns.ip("link", "set", dev, "up")
+            ns.add_address("eth0", f"{net}.2/24")
+            ns.ip("link", "set", "eth0", "up")
+            ns.ip("route", "add", "10.77.0.0/16", "via", f"{net}.1")
+            r.addr = r.addr or f"{net}.1"
+            self.hosts[hname] = HostNode(hname, ns, f"{net}.2", rname, f"{net}.1",
+                                         f"{net}.0/24", dev)
+        self._routes()
+        self._links()
+
+    def _neighbours(self) -> dict[str, list[tuple[str, str]]]:
+        """router -> [(neighbour, neighbour's address on the shared link)]."""
+        nb: dict[str, list[tuple[str, str]]] = {r: [] for r in self.routers}
+        for i, (a, b) in enumerate(self.link_pairs):
+            nb[a].append((b, f"10.77.{100 + i}.2"))
+            nb[b].append((a, f"10.77.{100 + i}.1"))
+        return nb
+
+    def _routes(self) -> None:
+        nb = self._neighbours()
+        owned: dict[str, list[str]] = {r: [] for r in self.routers}  # directly attached
+        for i, (a, b) in enumerate(self.link_pairs):
+            owned[a].append(f"10.77.{100 + i}.0/24")
+            owned[b].append(f"10.77.{100 + i}.0/24")
+        for j, rname in enumerate(self.host_routers.values()):
+            owned[rname].append(f"10.77.{1 + j}.0/24")
+        for src in self.routers:
+            # BFS from src: the first hop towards every other router.
+            first: dict[str, tuple[str, str]] = {}
+            queue = deque([src])
+            seen = {src}
+            while queue:
+                here = queue.popleft()
+                for there, addr in nb[here]:
+                    if there in seen:
+                        continue
+                    seen.add(there)
+                    first[there] = (there, addr) if here == src else first[here]
+                    queue.append(there)
+            mine = set(owned[src])
+            done: set[str] = set()
+            for dst, (_, via) in first.items():
+                for prefix in owned[dst]:
+                    if prefix in mine or prefix in done:
+                        continue
+                    done.add(prefix)
+                    self.routers[src].ns.ip("route", "add", prefix, "via", via)
+
+    def _links(self) -> None:
+        for a, b in self.link_pairs:
+            ra, rb = self.routers[a], self.routers[b]
+            ra.links.append(Link(f"to-{b}", ROUTER, peer=RouterRef(
+                (rb.addr, QUERY_PORT), rb.key.public_bytes, rb.router_id)))
+            rb.links.append(Link(f"to-{a}", ROUTER, peer=RouterRef(
+                (ra.addr, QUERY_PORT), ra.key.public_bytes, ra.router_id)))
+        for h in self.hosts.values():
+            self.routers[h.router].links.append(Link(h.link, EDGE, prefix=h.prefix))
+
+    # -- the router role
+
+    def config(self, name: str, bloom: BloomConfig | None = None) -> RouterConfig:
+        r = self.routers[name]
+        # Listening on the advertised address, not 0.0.0.0: answers then leave from the address
+        # that was asked, whichever interface routes them (the asker's socket is connected).
+        return RouterConfig(r.router_id, tuple(r.links), (r.addr, QUERY_PORT),
+                            bloom or BloomConfig())
+
+    @contextlib.contextmanager
+    def run_routers(self, bloom: BloomConfig | None = None,
+                    only: Sequence[str] | None = None) -> Iterator[RunningRouters]:
+        """Start the router role (NFQUEUE + query server) in the routers (all, or ``only``),
+        on one loop thread; stop them all on exit."""
+        lt = LoopThread()
+        services: dict[str, RouterService] = {}
+        try:
+            for name in only if only is not None else self.routers:
+                r = self.routers[name]
+                svc = RouterService(RouterCore(self.config(name, bloom), r.key),
+                                    netns=r.ns.name)
+                lt.run(svc.start())
+                services[name] = svc
+            yield RunningRouters(self, lt, services)
+        finally:
+            for svc in services.values():
+                with contextlib.suppress(Exception):
+                    lt.run(svc.stop())
+            lt.close()
+
+    def gateway_of(self, host: str) -> RouterRef:
+        h = self.hosts[host]
+        r = self.routers[h.router]
+        return r.ref
+
+    def path(self, src_host: str, dst_host: str) -> list[str]:
+        """Router names on the (shortest) path from one host's router to another's."""
+        nb = self._neighbours()
+        a, b = self.host_routers[src_host], self.host_routers[dst_host]
+        prev: dict[str, str | None] = {a: None}
+        queue = deque([a])
+        while queue:
+            here = queue.popleft()
+            for there, _ in nb[here]:
+                if there not in prev:
+                    prev[there] = here
+                    queue.append(there)
+        out: list[str] = []
+        node: str | None = b
+        while node is not None:
+            out.append(node)
+            node = prev[node]
+        return out[::-1]
+
+    def by_key(self, pub: bytes) -> str:
+        for r in self.routers.values():
+            if r.key.public_bytes == pub:
+                return r.name
+        raise KeyError(pub.hex())
+
+
+@dataclass
+class RunningRouters:
+    net: RouterNet
+    loop: LoopThread
+    services: dict[str, RouterService]
+
+    def core(self, name: str) -> RouterCore:
+        return self.services[name].core
