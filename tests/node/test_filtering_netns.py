@@ -31,16 +31,21 @@ SERVER = "10.77.0.1"
 PORT = 8080
 
 
-@pytest.fixture(scope="module")
-def httpd_filter():  # type: ignore[no-untyped-def]
-    image = load_image(manifest_path("httpd"))
+def _filters_for(name: str):  # type: ignore[no-untyped-def]
+    """The sample's filters, from its canonical exploit's verified alert."""
+    image = load_image(manifest_path(name))
     det, ver = Detector(image), Verifier([image])
-    msgs = tuple(traffic("httpd").exploit())
+    msgs = tuple(traffic(name).exploit())
     g = det.generate(msgs, det.inspect(msgs).detection, ver)  # type: ignore[arg-type]
     assert g is not None
     gen = generate_filters(g.alert, image, detector=det, verifier=ver)
     assert gen.general is not None
-    f = gen.general
+    return gen
+
+
+@pytest.fixture(scope="module")
+def httpd_filter():  # type: ignore[no-untyped-def]
+    f = _filters_for("httpd").general
     # The same condition on this test's port.
     return type(f)(f.service_id, f.service_name, f.proto, PORT, f.condition)
 
@@ -123,14 +128,7 @@ def test_tcp_exploit_is_stopped_in_user_space_and_benign_passes(testbed: Testbed
 
 @pytest.fixture(scope="module")
 def resolver_filters():  # type: ignore[no-untyped-def]
-    image = load_image(manifest_path("resolver"))
-    det, ver = Detector(image), Verifier([image])
-    msgs = tuple(traffic("resolver").exploit())
-    g = det.generate(msgs, det.inspect(msgs).detection, ver)  # type: ignore[arg-type]
-    assert g is not None
-    gen = generate_filters(g.alert, image, detector=det, verifier=ver)
-    assert gen.general is not None
-    return gen
+    return _filters_for("resolver")
 
 
 def test_udp_filters_in_the_kernel_between_namespaces(testbed: Testbed,
