@@ -1,0 +1,586 @@
+"""Many overlay nodes on loopback in one process (each on its own 127.x.y.z), with the real
+signature check and the real sandbox verifier, and hostile peers speaking raw UDP and TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from overlay import mpack, wire
+from overlay.dht import MAX_DATAGRAM
+from overlay.hello import make_hello
+from overlay.node import Overlay, PublishError
+from sca.alert import Alert, ByteRef, ExecutionControl, Message
+from sca.codec import decode_alert, encode_alert
+from sca.envelope import seal
+from sca.keys import NodeKey
+from sca.verify import Verifier
+
+PORT = 7400
+
+
+def addr(prefix: int, i: int) -> tuple[str, int]:
+    return f"127.{prefix}.{i // 250}.{i % 250 + 1}", PORT
+
+
+class Net:
+    def __init__(self, prefix: int, n: int, verifier: Verifier, **kw: Any) -> None:
+        self.prefix = prefix
+        self.got: list[dict[bytes, int]] = [{} for _ in range(n)]
+        self.nodes: list[Overlay] = []
+        for i in range(n):
+            def on_alert(envelope: Any, alert: Any, i: int = i) -> None:
+                aid = hashlib.sha256(envelope.alert_bytes).digest()
+                self.got[i][aid] = self.got[i].get(aid, 0) + 1
+                assert isinstance(alert, Alert)
+            boot = [] if i == 0 else [f"{addr(prefix, 0)[0]}:{PORT}"]
+            self.nodes.append(Overlay(NodeKey.generate(), bind=addr(prefix, i), bootstrap=boot,
+                                      verify=verifier.verify, on_alert=on_alert, **kw))
+        self.dead: set[int] = set()
+
+    async def start(self, concurrency: int = 16) -> None:
+        await self.nodes[0].start(join=False)
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(node: Overlay) -> None:
+            async with sem:
+                await node.start()
+        await asyncio.gather(*(one(n) for n in self.nodes[1:]))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(n.stop() for n in self.nodes))
+
+    async def kill(self, idxs: Sequence[int]) -> None:
+        self.dead.update(idxs)
+        await asyncio.gather(*(self.nodes[i].stop() for i in idxs))
+
+    def live(self) -> list[int]:
+        return [i for i in range(len(self.nodes)) if i not in self.dead]
+
+    async def wait_all(self, aid: bytes, publisher: int, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if all(aid in self.got[i] for i in self.live() if i != publisher):
+                return
+            await asyncio.sleep(0.02)
+
+    def stat(self, key: str, idxs: Sequence[int] | None = None) -> int:
+        return sum(self.nodes[i].stats().get(key, 0)
+                   for i in (self.live() if idxs is None else idxs))
+
+
+def aid_of(alert_bytes: bytes) -> bytes:
+    return hashlib.sha256(alert_bytes).digest()
+
+
+# --- the happy path, with dead nodes ---------------------------------------------------------
+
+
+def test_every_live_node_gets_a_verified_alert(prefix, alerts, verifier, run, trouble) -> None:
+    async def main() -> None:
+        net = Net(prefix, 30, verifier)
+        await net.start()
+        try:
+            assert min(len(n.peers()) for n in net.nodes) >= 10
+            publisher = 7
+            env = seal(alerts[0], net.nodes[publisher].key, time.time()).encode()
+            aid = await net.nodes[publisher].publish(env)
+            assert aid == aid_of(alerts[0])
+            await net.wait_all(aid, publisher)
+            assert all(net.got[i].get(aid) == 1 for i in net.live() if i != publisher)
+            assert aid not in net.got[publisher]  # no on_alert for its own alert
+            # 10% die without a word; the next alert still reaches everyone alive.
+            await net.kill([3, 12, 25])
+            env2 = seal(alerts[1], net.nodes[0].key, time.time()).encode()
+            aid2 = await net.nodes[20].publish(env2)
+            await net.wait_all(aid2, 20)
+            assert all(aid2 in net.got[i] for i in net.live() if i != 20)
+            # Publishing again is a no-op; the network does not send it around again.
+            before = net.stat("dht.tx_0x10")
+            assert await net.nodes[20].publish(env2) == aid2
+            assert net.stat("dht.tx_0x10") == before
+            assert net.stat("dht.handler_errors") == 0
+        finally:
+            await net.stop()
+    run(main())
+    assert trouble.errors() == []
+    assert any("receive buffer" in r.getMessage() for r in trouble.records) or True
+
+
+def test_rcvbuf_is_raised_and_logged(prefix, verifier, run, caplog) -> None:
+    import logging
+    caplog.set_level(logging.INFO, logger="overlay.dht")
+
+    async def main() -> int:
+        node = Overlay(NodeKey.generate(), bind=addr(prefix, 0), verify=verifier.verify)
+        await node.start()
+        try:
+            return node.server.rcvbuf_in_effect
+        finally:
+            await node.stop()
+    size = run(main())
+    assert size >= 4 << 20  # root here: SO_RCVBUFFORCE goes past rmem_max
+    assert "receive buffer 4194304 bytes in effect" in caplog.text
+
+
+def test_publish_refuses_what_does_not_verify_here(prefix, alerts, verifier, run) -> None:
+    async def main() -> None:
+        node = Overlay(NodeKey.generate(), bind=addr(prefix, 0), verify=verifier.verify)
+        await node.start()
+        try:
+            with pytest.raises(PublishError):
+                await node.publish(b"not an envelope")
+            with pytest.raises(PublishError):
+                await node.publish(seal(dressed_up(alerts[0]), node.key, time.time()).encode())
+        finally:
+            await node.stop()
+    run(main())
+
+
+# --- hostile peers ---------------------------------------------------------------------------
+
+
+def dressed_up(alert_bytes: bytes) -> bytes:
+    """A benign message dressed up as an alert for the same service: it cannot verify."""
+    real = decode_alert(alert_bytes)
+    benign = Message(b"\x04MSSQLSERVER\x00")
+    return encode_alert(Alert(real.service_id, real.service_name, (benign,),
+                              ExecutionControl((ByteRef(0, 1), ByteRef(0, 2), ByteRef(0, 3)))))
+
+
+class Hostile:
+    """A peer that speaks the wire formats by hand: announces whatever it likes from its UDP
+    socket and serves whatever bodies it likes over TCP."""
+
+    def __init__(self, host: str, bodies: dict[bytes, bytes]) -> None:
+        self.host = host
+        self.bodies = bodies
+        self.received: list[bytes] = []
+        self.transport: asyncio.DatagramTransport | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.fetches = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        outer = self
+
+        class P(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, a: Any) -> None:
+                outer.received.append(data)
+
+        self.transport, _ = await loop.create_datagram_endpoint(P, local_addr=(self.host, PORT))
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                req = await reader.readexactly(wire.FETCH_REQUEST_LEN)
+                self.fetches += 1
+                aid, _ = wire.decode_fetch_request(req)
+                writer.write(wire.encode_fetch_reply(self.bodies.get(aid)))
+                await writer.drain()
+            except Exception:
+                pass
+            finally:
+                writer.close()
+        self.server = await asyncio.start_server(serve, self.host, PORT)
+
+    def send(self, data: bytes, to: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, to)
+
+    async def stop(self) -> None:
+        if self.transport:
+            self.transport.close()
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def test_bogus_and_forged_alerts_are_refuted_never_forwarded(prefix, alerts, verifier, run,
+                                                             trouble) -> None:
+    async def main() -> None:
+        net = Net(prefix, 12, verifier)
+        await net.start()
+        liar_key = NodeKey.generate()
+        bogus = seal(dressed_up(alerts[0]), liar_key, time.time()).encode()
+        bogus_id = aid_of(dressed_up(alerts[0]))
+        good = seal(alerts[2], liar_key, time.time()).encode()
+        forged = bytearray(good)
+        forged[-3] ^= 0x40  # inside the signature
+        good_id = aid_of(alerts[2])
+        hostile = Hostile(f"127.{prefix}.9.9", {bogus_id: bogus, good_id: bytes(forged)})
+        await hostile.start()
+        try:
+            honest = net.live()
+            before = net.stat("bcast.tx_announce")
+            # A bogus alert with a good signature: fetched, refuted by every sandbox.
+            for n in net.nodes:
+                hostile.send(wire.encode(wire.Announce(bogus_id, 0)), n.address)
+            await asyncio.sleep(1.0)
+            assert all(net.nodes[i].status(bogus_id) == "refuted" for i in honest)
+            assert not any(bogus_id in g for g in net.got)
+            # ...and forwarded by nobody: no honest node announced anything.
+            assert net.stat("bcast.tx_announce") == before
+            # Told again, nobody fetches again.
+            fetches = hostile.fetches
+            for n in net.nodes:
+                hostile.send(wire.encode(wire.Announce(bogus_id, 0)), n.address)
+            await asyncio.sleep(0.3)
+            assert hostile.fetches == fetches
+            # A forged envelope for a real alert: refused, but the id is not poisoned.
+            for n in net.nodes:
+                hostile.send(wire.encode(wire.Announce(good_id, 0)), n.address)
+            await asyncio.sleep(1.0)
+            assert net.stat("bcast.forged") == len(honest)
+            assert not any(good_id in g for g in net.got)
+            assert all(net.nodes[i].status(good_id) is None for i in honest)
+            # One more lie (a "not here" for an id it announced) and the liar is banned.
+            for n in net.nodes:
+                hostile.send(wire.encode(wire.Announce(b"\x55" * 32, 0)), n.address)
+            await asyncio.sleep(0.5)
+            assert net.stat("bcast.bans") == len(honest)
+            # From now on its datagrams are dropped before parsing, and it cannot fetch.
+            received = net.stat("bcast.rx_announce")
+            for k in range(200):
+                for n in net.nodes:
+                    hostile.send(wire.encode(wire.Announce(k.to_bytes(32, "big"), 0)),
+                                 n.address)
+            await asyncio.sleep(0.5)
+            assert net.stat("bcast.rx_announce") == received
+            assert net.stat("dht.drop_banned") >= 200 * len(honest) * 0.9
+            # The real alert, from an honest node, still reaches everyone.
+            real = seal(alerts[2], net.nodes[4].key, time.time()).encode()
+            await net.nodes[4].publish(real)
+            await net.wait_all(good_id, 4)
+            assert all(good_id in net.got[i] for i in honest if i != 4)
+        finally:
+            await hostile.stop()
+            await net.stop()
+    run(main())
+    assert trouble.errors() == []
+
+
+def test_a_flood_of_announcements_is_rate_limited(prefix, verifier, run, trouble) -> None:
+    async def main() -> None:
+        node = Overlay(NodeKey.generate(), bind=addr(prefix, 0), verify=verifier.verify)
+        await node.start()
+        hostile = Hostile(f"127.{prefix}.9.8", {})
+        await hostile.start()
+        try:
+            rng = random.Random(3)
+            for _ in range(1000):
+                hostile.send(wire.encode(wire.Announce(rng.randbytes(32), 0)), node.address)
+            await asyncio.sleep(1.0)
+            stats = node.stats()
+            # The burst of the announcement bucket, at most; everything else was dropped
+            # before parsing (by the bucket, the per-peer fetch cap, then the ban).
+            assert stats.get("bcast.fetches", 0) <= 20
+            dropped = (stats.get("bcast.drop_rate", 0) + stats.get("dht.drop_banned", 0)
+                       + stats.get("bcast.drop_banned", 0)
+                       + stats.get("bcast.drop_busy_peer", 0) + stats.get("dht.drop_rate", 0))
+            assert dropped >= 950
+        finally:
+            await hostile.stop()
+            await node.stop()
+    run(main())
+    assert trouble.errors() == []
+
+
+def junk(rng: random.Random) -> list[bytes]:
+    out = [rng.randbytes(rng.randint(0, 1400)) for _ in range(300)]
+    out += [rng.randbytes(MAX_DATAGRAM + rng.randint(1, 3000)) for _ in range(20)]
+    frame = b"\x00" + rng.randbytes(20) + mpack.packb(["find_node", [rng.randbytes(20)] * 2])
+    out += [frame[:k] for k in range(len(frame))]  # truncated msgpack
+    shapes: list[Any] = [
+        ["find_node", [1, 2]], ["ping", []], ["ping", [b"\x00" * 21]], ["hello", [b"x", 5, "a"]],
+        ["hello", [b"n" * 16, "localhost", 1]], ["hello", [b"n" * 16, "127.0.0.1", 0]],
+        ["store", [b"k" * 20, b"k" * 20, b"v"]], ["stun", []], ["find_node", "x"], [1, 2, 3],
+        ["find_value", [b"a" * 20, None]], ["__init__", []], ["_accept_request", [1, 2]],
+        [["find_node"], []], {"a": 1}, 1.5, "ping", None,
+    ]
+    for shape in shapes:
+        try:
+            out.append(b"\x00" + rng.randbytes(20) + mpack.packb(shape))
+        except mpack.MpackError:
+            import umsgpack  # shapes our codec will not even write
+            out.append(b"\x00" + rng.randbytes(20) + umsgpack.packb(shape))
+    out.append(b"\x00" + rng.randbytes(20) + b"\x91" * 600)  # deep nesting
+    out.append(b"\x00" + rng.randbytes(20) + b"\xdd\xff\xff\xff\xff")  # huge array head
+    out += [b"\x01" + rng.randbytes(20) + mpack.packb([[rng.randbytes(20), "1.2.3.4", 5]])
+            for _ in range(10)]  # replies nobody asked for
+    out += [bytes([k, 1]) + rng.randbytes(rng.randint(0, 40)) for k in (0x10, 0x11, 0x12)
+            for _ in range(20)]
+    return out
+
+
+def test_malformed_datagrams_cause_no_crash_and_no_unhandled_errors(prefix, alerts, verifier,
+                                                                    run, trouble) -> None:
+    async def main() -> None:
+        net = Net(prefix, 6, verifier)
+        await net.start()
+        rng = random.Random(5)
+        # One hostile address per batch so the rate limits do not hide the parsing paths.
+        try:
+            for k, data in enumerate(junk(rng)):
+                hostile = (f"127.{prefix}.8.{k % 200 + 1}", 9000)
+                sock = senders.get(hostile)
+                if sock is None:
+                    sock = senders[hostile] = _udp(hostile)
+                for n in net.nodes:
+                    sock.sendto(data, n.address)
+                if k % 50 == 0:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)
+            assert net.stat("dht.drop_malformed") > 100
+            assert net.stat("dht.drop_oversize") >= 20 * len(net.nodes) * 0.9
+            assert net.stat("dht.handler_errors") == 0
+            # Still working: a broadcast reaches everyone.
+            env = seal(alerts[3], net.nodes[1].key, time.time()).encode()
+            aid = await net.nodes[1].publish(env)
+            await net.wait_all(aid, 1)
+            assert all(aid in net.got[i] for i in range(6) if i != 1)
+        finally:
+            for s in senders.values():
+                s.close()
+            await net.stop()
+    senders: dict[tuple[str, int], Any] = {}
+    run(main())
+    assert trouble.errors() == []
+
+
+def _udp(bind: tuple[str, int]) -> Any:
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(bind)
+    return s
+
+
+class HostileDht(asyncio.DatagramProtocol):
+    """A peer that passes hello (it has a key) and then answers lookups with garbage."""
+
+    def __init__(self, key: NodeKey, host: str, replies: list[Any]) -> None:
+        self.key = key
+        self.host = host
+        self.replies = replies
+        self.k = 0
+        self.always_bad = False
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, a: Any) -> None:
+        if data[:1] != b"\x00":
+            return
+        msg_id = data[1:21]
+        name, args = mpack.unpackb(data[21:])
+        if name == "hello":
+            reply: Any = make_hello(self.key, self.host, PORT, args[0], 0).wire()
+        elif name == "ping":
+            reply = [b"not an id"] if self.k % 2 or self.always_bad else self.key.node_id
+        else:
+            reply = self.replies[self.k % len(self.replies)]
+        self.k += 1
+        try:
+            payload = mpack.packb(reply)
+        except mpack.MpackError:
+            payload = reply if isinstance(reply, bytes) else b"\xc1"
+        assert self.transport is not None
+        self.transport.sendto(b"\x01" + msg_id + payload, a)
+
+
+def test_hostile_replies_never_raise_out_of_join(prefix, verifier, run, trouble) -> None:
+    rng = random.Random(9)
+    garbage: list[Any] = [
+        None, 5, "x", b"\x00" * 20, [], [None], [[1, 2, 3]], [[b"\x01" * 20, "127.0.0.1"]],
+        [[b"\x01" * 19, "127.0.0.1", 1]], [[b"\x01" * 20, "not-an-ip", 1]],
+        [[b"\x01" * 20, "127.0.0.1", -1]], [[b"\x01" * 20, "127.0.0.1", 70000]],
+        [[b"\x01" * 20, "127.0.0.1", 7400]] * 25, [[[[[]]]]],
+        [[rng.randbytes(20), "127.0.0.1", 7400] for _ in range(20)],  # addresses nobody has
+        b"\xc1", b"\x92\x93",  # raw bytes: not msgpack at all, truncated
+    ]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        net = Net(prefix, 5, verifier)
+        await net.start()
+        hkey = NodeKey.generate()
+        hhost = f"127.{prefix}.7.7"
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: HostileDht(hkey, hhost, garbage), local_addr=(hhost, PORT))
+        try:
+            newcomer = Overlay(NodeKey.generate(), bind=addr(prefix, 50),
+                               bootstrap=[f"{hhost}:{PORT}", f"{addr(prefix, 0)[0]}:{PORT}"],
+                               verify=verifier.verify)
+            await newcomer.start()
+            assert proto.k > 0  # it was asked, and answered garbage
+            ids = {p.node_id for p in newcomer.peers()}
+            assert {n.node_id for n in net.nodes} <= ids
+            assert newcomer.stats().get("dht.bad_replies", 0) > 0
+            assert newcomer.stats().get("dht.handler_errors", 0) == 0
+            # Three garbage answers in a row and the hostile peer is out of the table.
+            from kademlia.node import Node
+            proto.always_bad = True
+            hostile_node = Node(hkey.node_id, hhost, PORT)
+            protocol = newcomer.server.protocol
+            protocol.misses.pop(hkey.node_id, None)  # misses during the join: start afresh
+            protocol.router.add_contact(hostile_node)  # its hello did check out
+            for _ in range(2):
+                await newcomer.server.protocol.call_ping(hostile_node)
+            assert hkey.node_id in {p.node_id for p in newcomer.peers()}  # two misses: kept
+            await newcomer.server.protocol.call_ping(hostile_node)
+            assert hkey.node_id not in {p.node_id for p in newcomer.peers()}
+            await newcomer.stop()
+        finally:
+            transport.close()
+            await net.stop()
+    run(main())
+    assert trouble.errors() == []
+
+
+def test_ids_need_a_hello_and_one_address_gets_few(prefix, verifier, run, trouble) -> None:
+    async def main() -> None:
+        node = Overlay(NodeKey.generate(), bind=addr(prefix, 0), verify=verifier.verify)
+        await node.start()
+        host = f"127.{prefix}.6.6"
+        try:
+            # 300 made-up ids pinging from one address that cannot answer a hello.
+            sock = _udp((host, 9100))
+            rng = random.Random(2)
+            for _ in range(300):
+                sock.sendto(b"\x00" + rng.randbytes(20)
+                            + mpack.packb(["ping", [rng.randbytes(20)]]), node.address)
+            await asyncio.sleep(0.5)
+            sock.close()
+            assert node.peers() == []
+            # Real nodes with real keys, many on one IP (different ports): two get in.
+            others = [Overlay(NodeKey.generate(), bind=(host, 9200 + k),
+                              bootstrap=[f"{node.address[0]}:{PORT}"], verify=verifier.verify)
+                      for k in range(6)]
+            for o in others:
+                await o.start()
+            await asyncio.sleep(0.3)
+            assert len(node.peers()) == 2
+            for o in others:
+                await o.stop()
+        finally:
+            await node.stop()
+    run(main())
+    assert trouble.errors() == []
+
+
+def test_store_and_pickle_state_are_disabled(prefix, verifier, run) -> None:
+    async def main() -> None:
+        node = Overlay(NodeKey.generate(), bind=addr(prefix, 0), verify=verifier.verify)
+        await node.start()
+        try:
+            with pytest.raises(NotImplementedError):
+                await node.server.set("k", "v")
+            with pytest.raises(NotImplementedError):
+                await node.server.get("k")
+            with pytest.raises(NotImplementedError):
+                node.server.save_state("/tmp/x")
+            with pytest.raises(AttributeError):  # no more RPCs out of thin air
+                node.server.protocol.anything_at_all  # noqa: B018
+        finally:
+            await node.stop()
+    run(main())
+
+
+def test_neighbour_cache_lets_a_restarted_node_rejoin(prefix, verifier, run, tmp_path) -> None:
+    async def main() -> None:
+        net = Net(prefix, 6, verifier)
+        await net.start()
+        key = NodeKey.generate()
+        try:
+            node = Overlay(key, bind=addr(prefix, 30), bootstrap=[f"{addr(prefix, 0)[0]}:{PORT}"],
+                           verify=verifier.verify, state_dir=tmp_path)
+            await node.start()
+            assert len(node.peers()) == 6
+            await node.stop()
+            assert (tmp_path / "neighbours.json").exists()
+            again = Overlay(key, bind=addr(prefix, 30), verify=verifier.verify,
+                            state_dir=tmp_path)  # no bootstrap peers at all
+            await again.start()
+            assert len(again.peers()) == 6
+            await again.stop()
+        finally:
+            await net.stop()
+    run(main())
+
+
+def test_cannot_verify_nodes_hold_nothing_and_super_peers_relay(prefix, alerts, verifier, run,
+                                                               trouble) -> None:
+    """Nodes without the service's image (their verifier knows no services) never deliver or
+    forward; nodes running it get it through the super-peers and each other."""
+    blind = Verifier([])
+
+    async def main() -> None:
+        n = 24
+        got: list[set[bytes]] = [set() for _ in range(n)]
+        runs_it = set(range(0, n, 3))  # a third run the service
+        supers = {1, 2}
+        nodes = []
+        for i in range(n):
+            v = verifier if (i in runs_it or i in supers) else blind
+            boot = [] if i == 0 else [f"{addr(prefix, 0)[0]}:{PORT}"]
+            nodes.append(Overlay(
+                NodeKey.generate(), bind=addr(prefix, i), bootstrap=boot, verify=v.verify,
+                on_alert=lambda e, a, i=i: got[i].add(aid_of(e.alert_bytes)),
+                super_peer=i in supers))
+        await nodes[0].start(join=False)
+        for node in nodes[1:]:
+            await node.start()
+        try:
+            aid = await nodes[3].publish(seal(alerts[4], nodes[3].key, time.time()).encode())
+            end = time.monotonic() + 8
+            want = (runs_it | supers) - {3}
+            while time.monotonic() < end and not all(aid in got[i] for i in want):
+                await asyncio.sleep(0.05)
+            assert all(aid in got[i] for i in want)
+            others = set(range(n)) - runs_it - supers
+            assert not any(aid in got[i] for i in others)
+            assert all(nodes[i].stats().get("bcast.tx_announce", 0) == 0 for i in others)
+            assert all(nodes[i].status(aid) in (None, "cannot-verify") for i in others)
+        finally:
+            await asyncio.gather(*(x.stop() for x in nodes))
+    run(main())
+    assert trouble.errors() == []
+
+
+@pytest.mark.slow
+def test_many_processes(alerts, prefix) -> None:
+    """Nodes in three worker processes (the benchmark's worker mode): everyone alive gets a
+    verified alert, also with dead nodes."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_overlay.py"
+    spec = importlib.util.spec_from_file_location("bench_overlay", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_overlay"] = bench
+    spec.loader.exec_module(bench)
+    key = NodeKey.generate()
+
+    async def main() -> None:
+        cluster = bench.ProcCluster(3, 12, prefix, 12)
+        try:
+            await cluster.join()
+            rng = random.Random(1)
+            first = await bench.scenario(cluster, "dead0",
+                                         seal(alerts[0], key, time.time()).encode(), rng)
+            assert first.coverage == 1.0
+            await cluster.kill([4, 17, 30])
+            second = await bench.scenario(cluster, "dead10",
+                                          seal(alerts[1], key, time.time()).encode(), rng)
+            assert second.coverage == 1.0
+            assert second.msgs_per_node < 10
+        finally:
+            await cluster.close()
+    asyncio.run(main())
