@@ -259,6 +259,7 @@ class BroadcastCore:
         self._strikes: OrderedDict[str, int] = OrderedDict()
         self._banned: OrderedDict[str, float] = OrderedDict()
         self.ae = AntiEntropy(cfg.ae_interval, cfg.ae_window, self.rng, now)
+        self.ban_epoch = 0  # bumped whenever the set of banned addresses changes
         self.stats: Counter[str] = Counter()
 
     # --- queries -----------------------------------------------------------------------------
@@ -285,6 +286,25 @@ class BroadcastCore:
             del self._banned[ip]
             return False
         return True
+
+    def ban(self, ip: str, now: float) -> None:
+        """Ban ``ip`` for ``ban_s`` (the DHT layer reports addresses that keep flooding)."""
+        self._strikes.pop(ip, None)
+        self._banned.pop(ip, None)
+        self._banned[ip] = now + self.cfg.ban_s
+        while len(self._banned) > self.cfg.max_peers_tracked:
+            self._banned.popitem(last=False)
+        self.ban_epoch += 1
+        self.stats["bans"] += 1
+
+    def banned_ips(self, now: float) -> list[str]:
+        """Addresses banned now (expired bans are dropped here, which bumps ``ban_epoch``)."""
+        expired = [ip for ip, until in self._banned.items() if until <= now]
+        for ip in expired:
+            del self._banned[ip]
+        if expired:
+            self.ban_epoch += 1
+        return list(self._banned)
 
     def next_deadline(self) -> float:
         if self._timers:
@@ -619,8 +639,4 @@ class BroadcastCore:
             self._strikes.popitem(last=False)
         self.stats["strikes"] += 1
         if n >= self.cfg.strikes_to_ban:
-            del self._strikes[ip]
-            self._banned[ip] = now + self.cfg.ban_s
-            while len(self._banned) > self.cfg.max_peers_tracked:
-                self._banned.popitem(last=False)
-            self.stats["bans"] += 1
+            self.ban(ip, now)

@@ -49,7 +49,7 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
 from overlay import hello as hello_mod
-from overlay import mpack
+from overlay import kfilter, mpack
 from overlay.limits import KeyedBuckets, Rate
 from overlay.wire import RPC_REQUEST, RPC_RESPONSE
 from sca.keys import NODE_ID_LEN, NodeKey
@@ -76,6 +76,7 @@ class DhtConfig:
     datagram_rate: Rate = _DEFAULT_DATAGRAM_RATE  # every datagram, per source IP
     hello_rate: Rate = _DEFAULT_HELLO_RATE  # hellos this node starts, per target IP
     malformed_cost: float = 20.0
+    abuse_drops: int = 200  # datagrams over the rate before an address is reported for a ban
     max_hellos_inflight: int = 256
     rcvbuf: int = 4 << 20
     refresh_s: float = 900.0
@@ -241,6 +242,9 @@ class HardenedProtocol(KademliaProtocol):
         # Set by the owner: addresses banned for lying (overlay.broadcast strikes); their
         # datagrams are dropped here, before any parsing, RPCs included.
         self.banned: Callable[[str], bool] | None = None
+        # Called with an address that keeps sending over its rate: the owner bans it.
+        self.on_abuse: Callable[[str], None] | None = None
+        self._over_rate: OrderedDict[str, int] = OrderedDict()
         self.peers = PeerBook(config.max_ids_per_ip, config.max_peers)
         self.misses: OrderedDict[bytes, int] = OrderedDict()
         self.nonces = hello_mod.NonceBook()
@@ -313,6 +317,7 @@ class HardenedProtocol(KademliaProtocol):
         now = time.monotonic()
         if not self._dgram_buckets.take(addr[0], now):
             self.stats["drop_rate"] += 1
+            self._note_over_rate(addr[0])
             return
         self.stats["rx"] += 1
         kind = data[0] if n else -1
@@ -325,6 +330,17 @@ class HardenedProtocol(KademliaProtocol):
         else:
             self.stats["drop_malformed"] += 1
             self._dgram_buckets.charge(addr[0], now, self.config.malformed_cost)
+
+    def _note_over_rate(self, ip: str) -> None:
+        # No honest peer comes near the datagram rate; one that keeps exceeding it is flooding.
+        n = self._over_rate.pop(ip, 0) + 1
+        if n >= self.config.abuse_drops and self.on_abuse is not None:
+            self.stats["abusers"] += 1
+            self.on_abuse(ip)
+            return
+        self._over_rate[ip] = n
+        while len(self._over_rate) > self.config.max_peers:
+            self._over_rate.popitem(last=False)
 
     def _rpc_datagram(self, kind: int, data: bytes, addr: Addr) -> bool:
         if len(data) <= _HEAD:
@@ -633,6 +649,8 @@ class HardenedServer(Server):
         self.on_broadcast = on_broadcast
         self.protocol: HardenedProtocol | None = None  # type: ignore[assignment]
         self.rcvbuf_in_effect = 0
+        self.sock: socket.socket | None = None
+        self.kernel_filter = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rng = random.Random()
 
@@ -658,13 +676,21 @@ class HardenedServer(Server):
     async def listen(self, port: int, interface: str = "0.0.0.0") -> None:  # type: ignore[override]
         loop = asyncio.get_running_loop()
         sock, self.rcvbuf_in_effect = _make_udp_socket(interface, port, self.config.rcvbuf)
-        log.info("overlay %s: UDP %s:%d, receive buffer %d bytes in effect (asked %d)",
-                 self.node.id.hex()[:12], interface, sock.getsockname()[1],
-                 self.rcvbuf_in_effect, self.config.rcvbuf)
+        self.sock = sock
+        self.kernel_filter = kfilter.attach(sock, MAX_DATAGRAM)
+        log.info("overlay %s: UDP %s:%d, receive buffer %d bytes in effect (asked %d), "
+                 "kernel filter %s", self.node.id.hex()[:12], interface, sock.getsockname()[1],
+                 self.rcvbuf_in_effect, self.config.rcvbuf,
+                 "on" if self.kernel_filter else "unavailable")
         transport, protocol = await loop.create_datagram_endpoint(self._create_protocol,
                                                                   sock=sock)
         self.transport, self.protocol = transport, protocol  # type: ignore[assignment]
         self.refresh_table()
+
+    def set_banned(self, ips: list[str]) -> None:
+        """Have the kernel drop datagrams from ``ips`` (IPv4) from now on."""
+        if self.sock is not None and self.kernel_filter and self.sock.fileno() >= 0:
+            kfilter.attach(self.sock, MAX_DATAGRAM, ips)
 
     def refresh_table(self, interval: float | None = None) -> None:  # type: ignore[override]
         self.refresh_loop = self.spawn(self._refresh_forever())  # type: ignore[assignment]

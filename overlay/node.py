@@ -131,6 +131,7 @@ class Overlay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self._ban_epoch = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
 
@@ -149,6 +150,7 @@ class Overlay:
         assert self.server.transport is not None and self.server.protocol is not None
         core = self.core
         self.server.protocol.banned = lambda ip: core.banned(ip, loop.time())
+        self.server.protocol.on_abuse = lambda ip: core.ban(ip, loop.time())
         port = self.server.transport.get_extra_info("sockname")[1]
         self.address = (host, port)
         self.fetch_server = FetchServer(self._admit_fetch, self._serve_fetch,
@@ -403,9 +405,20 @@ class Overlay:
         if inspect.isawaitable(result):
             self._spawn(result)
 
+    def _sync_bans(self) -> None:
+        # Banned addresses go into the kernel's socket filter, so their floods stop costing
+        # this process anything at all.
+        assert self.core is not None and self._loop is not None
+        ips = self.core.banned_ips(self._loop.time()) if self.core.ban_epoch != \
+            self._ban_epoch else None
+        if ips is not None:
+            self._ban_epoch = self.core.ban_epoch
+            self.server.set_banned([ip for ip in ips if ":" not in ip])
+
     def _arm(self) -> None:
         if self.core is None or self._loop is None or self._stopping:
             return
+        self._sync_bans()
         deadline = self.core.next_deadline()
         if self._timer is not None and deadline >= self._timer_at:
             return
@@ -419,4 +432,5 @@ class Overlay:
         self._timer_at = float("inf")
         if self.core is None or self._loop is None or self._stopping:
             return
+        self.core.banned_ips(self._loop.time())  # lets expired bans go (and the filter follow)
         self._run(self.core.tick(self._loop.time()))

@@ -252,7 +252,11 @@ def test_bogus_and_forged_alerts_are_refuted_never_forwarded(prefix, alerts, ver
                                  n.address)
             await asyncio.sleep(0.5)
             assert net.stat("bcast.rx_announce") == received
-            assert net.stat("dht.drop_banned") >= 200 * len(honest) * 0.9
+            if all(n.server.kernel_filter for n in net.nodes):
+                # The kernel's socket filter drops them: they never reach the process.
+                assert net.stat("dht.drop_banned") == 0
+            else:
+                assert net.stat("dht.drop_banned") >= 200 * len(honest) * 0.9
             # The real alert, from an honest node, still reaches everyone.
             real = seal(alerts[2], net.nodes[4].key, time.time()).encode()
             await net.nodes[4].publish(real)
@@ -337,7 +341,13 @@ def test_malformed_datagrams_cause_no_crash_and_no_unhandled_errors(prefix, aler
                     await asyncio.sleep(0.01)
             await asyncio.sleep(0.5)
             assert net.stat("dht.drop_malformed") > 100
-            assert net.stat("dht.drop_oversize") >= 20 * len(net.nodes) * 0.9
+            # Oversized ones never got here (the kernel filter) or were dropped unread.
+            assert net.stat("dht.drop_oversize") == 0 or not net.nodes[0].server.kernel_filter
+            # The same junk handed straight to the handler, past the kernel and the rate limit.
+            protocol = net.nodes[2].server.protocol
+            for k, data in enumerate(junk(random.Random(6))):
+                protocol.datagram_received(data, (f"127.{prefix}.5.{k % 250 + 1}", 9000))
+            assert protocol.stats["drop_oversize"] >= 20
             assert net.stat("dht.handler_errors") == 0
             # Still working: a broadcast reaches everyone.
             env = seal(alerts[3], net.nodes[1].key, time.time()).encode()

@@ -207,3 +207,37 @@ def test_neighbour_cache_roundtrip_and_refusals(tmp_path, caplog) -> None:  # ty
         assert neighbours.load(tmp_path) == []
     assert "ignor" in caplog.text
     assert neighbours.load(tmp_path / "missing") == []
+
+
+# --- kernel socket filter -------------------------------------------------------------------
+
+
+def test_kernel_filter_drops_banned_and_oversized() -> None:
+    import socket
+
+    from overlay import kfilter
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.9.77.1", 0))
+    rx.settimeout(0.2)
+    good = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    good.bind(("127.9.77.2", 0))
+    bad = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    bad.bind(("127.9.77.3", 0))
+    try:
+        if not kfilter.attach(rx, 100, ["127.9.77.3", "not-an-ip", "::1"]):
+            pytest.skip("this kernel takes no socket filters")
+
+        def arrives(sock: socket.socket, size: int) -> bool:
+            sock.sendto(b"x" * size, rx.getsockname())
+            try:
+                return len(rx.recv(4096)) == size
+            except TimeoutError:
+                return False
+        assert arrives(good, 100)
+        assert not arrives(good, 101)
+        assert not arrives(bad, 10)
+        assert kfilter.attach(rx, 100, [])  # replaced whole: the ban is lifted
+        assert arrives(bad, 10)
+    finally:
+        for s in (rx, good, bad):
+            s.close()
