@@ -183,13 +183,6 @@ def testbed() -> None:
 
 
 @main.command()
-def monitor() -> None:
-    """Live view of a running node (not yet)."""
-    print_error(f"herdwall monitor: {NOT_YET}")
-    raise click.exceptions.Exit(1)
-
-
-@main.command()
 def demo() -> None:
     """Show the alert path end to end on this machine."""
     from node.demo import run_demo  # imported late: a demo may pull in heavy modules

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import click
-from rich.table import Table
 from rich.text import Text
 
 from sca.codec import FormatError
@@ -129,28 +128,31 @@ def install(manifest: str, alert_path: str) -> None:
 
 @filter_.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_(as_json: bool) -> None:
-    """Installed filters with their packet and byte counters."""
-    rows = _table().list()
-    if as_json:
-        click.echo(json.dumps([{"id": r.filter_id, "packets": r.packets, "bytes": r.bytes}
-                               for r in rows]))
-        return
-    t = Table("filter", "packets", "bytes")
-    for r in rows:
-        t.add_row(r.filter_id, str(r.packets), str(r.bytes))
-    stdout_console().print(t)
+@click.option("--all", "all_states", is_flag=True,
+              help="Also filters removed by an operator or expired (from the store).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="HERDWALL_CONFIG", default=None, help="Node config (TOML).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The node's state directory.")
+def list_(as_json: bool, all_states: bool, config_path: Path | None,
+          state_dir: Path | None) -> None:
+    """Installed filters with their packet and byte counters: from the running node, else
+    from its store and the kernel table."""
+    from .cli_store import filter_list
+
+    filter_list(as_json, all_states, config_path, state_dir)
 
 
 @filter_.command("remove")
 @click.argument("filter_ids", metavar="ID...", nargs=-1, required=True)
-def remove(filter_ids: tuple[str, ...]) -> None:
-    """Remove installed filters by id (one atomic batch)."""
-    table = _table()
-    known = {r.filter_id for r in table.list()}
-    missing = [i for i in filter_ids if i not in known]
-    if missing:
-        print_error(f"no installed filter with id {', '.join(missing)}")
-        raise click.exceptions.Exit(1)
-    table.remove(filter_ids)
-    stdout_console().print(Text(f"removed {len(filter_ids)} filter(s)"))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="HERDWALL_CONFIG", default=None, help="Node config (TOML).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The node's state directory.")
+def remove(filter_ids: tuple[str, ...], config_path: Path | None,
+           state_dir: Path | None) -> None:
+    """Remove installed filters by id (one atomic batch). Through the running node if there is
+    one, and remembered: the same filter does not come back when its alert is seen again."""
+    from .cli_store import filter_remove
+
+    filter_remove(filter_ids, config_path, state_dir)

@@ -95,10 +95,10 @@ def test_empty_groups_say_so_and_fail(group: str) -> None:
     assert_one_line_error(result.stderr, "not available yet")
 
 
-def test_monitor_is_not_available_yet() -> None:
-    result = run("monitor")
-    assert result.exit_code == 1
-    assert_one_line_error(result.stderr, "not available yet")
+def test_monitor_says_plainly_when_no_node_runs(tmp_path: Path) -> None:
+    result = run("monitor", "--once", "--state-dir", str(tmp_path))
+    assert result.exit_code == 3
+    assert "No herdwall node is running" in result.output
 
 
 def test_group_with_commands_shows_help() -> None:

@@ -1,0 +1,533 @@
+"""The node's alert logic: detecting exploits in its own traffic, and receiving alerts.
+
+Detection (a detector node)::
+
+    submit_messages(service, messages, raw_packets)        # from the stack, on the loop
+      -> Sampler (bounded, fair, sampled under load)       # node.daemon.sampler
+      -> slow lane: worker.detect (taint, generate, verify locally, specific filter)
+      -> sign with the node key -> store (verified, with the raw packets)
+      -> install the specific filter -> broadcast(envelope) -> store (forwarded)
+      -> slow lane: worker.filters (general filter) -> install
+
+Receiving (every node)::
+
+    on_overlay_alert(envelope_bytes, from_peer) -> Decision
+      -> decode the envelope, check the signature, decode the alert   (on the loop: cheap)
+      -> known? the stored verdict stands (no sandbox run, no second forward)
+      -> fast lane: worker.verify (own sandbox) -> store verified/refuted + the verdict
+      -> verified: install the specific filter, Decision(forward=True); general filter later
+      -> refuted or forged: stored as refuted, never forwarded
+
+For ``overlay.Overlay``, which verifies and forwards by itself, the same path is split in two:
+``overlay_verify(alert)`` (its ``verify=``) and ``overlay_on_alert(envelope, alert)`` (its
+``on_alert=``).
+
+Everything a decision depends on is in the store or in the verdict of our own sandbox: the
+signature only says who sent an alert. A bad signature is never held against the alert itself
+(anyone can attach a bad signature to a true alert), and a refutation for lack of budget is
+not remembered (it may pass when the node is less busy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sca.alert import Alert, Message
+from sca.codec import FormatError, alert_id_hex, decode_alert, encode_alert
+from sca.emu.image import ServiceImage
+from sca.envelope import MAX_ENVELOPE_BYTES, Envelope, SignatureError, decode_envelope, seal
+from sca.keys import NodeKey
+
+from . import worker
+from .events import EventBus
+from .filters import FilterManager
+from .pools import JobFailed, Pools
+from .sampler import DUPLICATE, SAMPLED_OUT, Job, Sampler
+from .store import StoreRunner
+from .worker import DetectOutcome, VerifyOutcome
+
+Broadcast = Callable[[bytes], Awaitable[Any] | Any]
+
+# Refutation reasons that depend on the moment, not on the alert: not remembered.
+TRANSIENT = frozenset({"budget-exhausted", "error", "timeout"})
+MAX_SUBMIT_MESSAGES = 64
+MAX_SUBMIT_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What became of a received alert. ``forward`` is True exactly once per alert: the first
+    time it verifies here (the caller then forwards it)."""
+
+    alert_id: str
+    state: str  # verified, refuted, received (cannot tell here), malformed
+    forward: bool
+    reason: str
+    duplicate: bool = False
+
+
+@dataclass
+class DetectorStats:
+    analysed: int = 0
+    detections: int = 0
+    alerts: int = 0
+    errors: int = 0
+    last_ms: float = 0.0
+    total_ms: float = 0.0
+    last_service: str = ""
+    last_at: float = 0.0
+
+
+@dataclass
+class VerifierStats:
+    runs: int = 0
+    verified: int = 0
+    refuted: int = 0
+    cached: int = 0
+    last_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+def _peer_text(from_peer: object) -> str | None:
+    if from_peer is None:
+        return None
+    if isinstance(from_peer, tuple) and len(from_peer) == 2:
+        return f"{from_peer[0]}:{from_peer[1]}"
+    if isinstance(from_peer, bytes):
+        return from_peer.hex()
+    return str(from_peer)[:200]
+
+
+class Pipeline:
+    def __init__(self, *, key: NodeKey, images: Sequence[ServiceImage], pools: Pools,
+                 db: StoreRunner, bus: EventBus, filters: FilterManager,
+                 broadcast: Broadcast | None = None, detector: bool = False,
+                 queue_size: int = 256, job_timeout_s: float = 10.0,
+                 verify_timeout_s: float = 5.0, general_filters: bool = True,
+                 detect_concurrency: int = 1, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        self.key = key
+        self.node_id = key.node_id.hex()
+        self.images = {img.name: img for img in images}
+        self.by_port = {(img.proto, img.port): img.name for img in images}
+        self.by_id = {img.service_id: img for img in images}
+        self.pools = pools
+        self.db = db
+        self.bus = bus
+        self.filters = filters
+        self.broadcast = broadcast
+        self.detector_enabled = detector
+        self.job_timeout_s = job_timeout_s
+        self.verify_timeout_s = verify_timeout_s
+        self.general_filters = general_filters
+        self.detect_concurrency = max(1, detect_concurrency)
+        self.clock = clock
+        self.sampler = Sampler(queue_size, rng=rng)
+        self.dstats = DetectorStats()
+        self.vstats = VerifierStats()
+        self._wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._consumers: list[asyncio.Task[Any]] = []
+        self._inflight: dict[str, asyncio.Future[VerifyOutcome]] = {}
+        self._closing = False
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.detector_enabled:
+            self._consumers = [asyncio.create_task(self._consume(), name=f"detect-{i}")
+                               for i in range(self.detect_concurrency)]
+
+    async def stop(self) -> None:
+        """Stop taking work; wait briefly for what is in flight (stores are committed)."""
+        self._closing = True
+        for t in self._consumers:
+            t.cancel()
+        for t in self._consumers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=5)
+            for t in pending:
+                t.cancel()
+
+    async def idle(self, timeout: float = 30.0) -> None:
+        """Wait until the queue is empty and no job or background task runs (tests, tools)."""
+        deadline = time.monotonic() + timeout
+        while (len(self.sampler) or self.pools.slow.busy or self.pools.fast.busy
+               or self._tasks or self._inflight):
+            if time.monotonic() > deadline:
+                raise TimeoutError("pipeline still busy")
+            await asyncio.sleep(0.01)
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.bus.emit("pipeline.error", task=name, error=repr(t.exception()))
+        task.add_done_callback(done)
+
+    # --- detection --------------------------------------------------------------------------
+
+    def service_for(self, proto: str | int, port: int) -> str | None:
+        """The protected service on (proto, port): "udp"/"tcp" or IPPROTO numbers 17/6."""
+        p = {6: "tcp", 17: "udp"}.get(proto, proto) if isinstance(proto, int) else proto
+        return self.by_port.get((str(p), port))
+
+    def submit_messages(self, service: str, messages: Sequence[Message],
+                        raw_packets: Sequence[Sequence[bytes]] = ()) -> str:
+        """Offer what ``service`` received for taint replay. ``messages`` is the history the
+        replay needs (the flow's chunks for TCP, the datagram(s) for UDP), at most 64 messages
+        and 256 KiB (older ones are cut); ``raw_packets[i]`` are the IP packets that carried
+        ``messages[i]``, kept with an alert for traceback. Never blocks, never raises for bad
+        input: returns ``"queued"``, ``"replaced"``, ``"sampled-out"``, ``"duplicate"``,
+        ``"off"`` (not a detector) or ``"refused: ..."``."""
+        if not self.detector_enabled or self._closing:
+            return "off"
+        if service not in self.images:
+            return f"refused: no protected service {service!r}"
+        msgs = tuple(messages)[-MAX_SUBMIT_MESSAGES:]
+        if not msgs or not all(isinstance(m, Message) for m in msgs):
+            return "refused: messages must be sca.alert.Message"
+        total = 0
+        for i in range(len(msgs) - 1, -1, -1):
+            total += len(msgs[i].data)
+            if total > MAX_SUBMIT_BYTES:
+                msgs = msgs[i + 1:]
+                break
+        if not msgs:
+            return "refused: a single message over 256 KiB"
+        pk = tuple(tuple(bytes(p) for p in per) for per in raw_packets)[-len(msgs):] \
+            if raw_packets else ()
+        job = Job(service, msgs, pk, self.clock())
+        outcome = self.sampler.offer(job)
+        self.bus.count("detector.offered")
+        if outcome == SAMPLED_OUT:
+            self.bus.count("detector.sampled_out")
+        elif outcome == DUPLICATE:
+            self.bus.count("detector.duplicate")
+        else:
+            self._wakeup.set()
+        return outcome
+
+    async def _consume(self) -> None:
+        while True:
+            job = self.sampler.take()
+            if job is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                await self.detect_job(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.dstats.errors += 1
+                self.bus.emit("detector.error", service=job.service, error=repr(e))
+
+    async def detect_job(self, job: Job) -> DetectOutcome | None:
+        try:
+            out: DetectOutcome = await self.pools.slow.run(
+                worker.detect, job.service, job.messages, timeout=self.job_timeout_s)
+        except JobFailed as e:
+            self.dstats.errors += 1
+            self.sampler.forget([job.digest])
+            self.bus.emit("detector.error", service=job.service, error=str(e))
+            return None
+        s = self.dstats
+        s.analysed += 1
+        s.last_ms, s.total_ms = out.elapsed_ms, s.total_ms + out.elapsed_ms
+        s.last_service, s.last_at = job.service, self.clock()
+        self.bus.count("detector.analysed")
+        if out.error and not out.detected:
+            s.errors += 1
+            self.bus.emit("detector.error", service=job.service, error=out.error)
+            return out
+        if not out.detected:
+            return out
+        s.detections += 1
+        if out.alert is None:
+            self.bus.emit("detector.unconfirmed", service=job.service, type=out.alert_type,
+                          detail=out.detail, error=out.error)
+            return out
+        await self._detected(job, out)
+        return out
+
+    async def _detected(self, job: Job, out: DetectOutcome) -> None:
+        assert out.alert is not None
+        aid = alert_id_hex(out.alert)
+        existing = await self.db(self.db.store.alert, aid)
+        if existing is not None and existing.state in ("verified", "forwarded"):
+            await self.db(self.db.store.record_alert, alert_id=aid,
+                          service_id=existing.service_id, service=existing.service,
+                          type=existing.type, alert=out.alert, origin=existing.origin,
+                          state=existing.state, reason=existing.reason)
+            self.bus.emit("alert.detected_again", alert_id=aid, service=job.service)
+            return
+        alert = decode_alert(out.alert)
+        envelope = seal(out.alert, self.key, self.clock()).encode()
+        packets = _packets_for(alert, job)
+        self.dstats.alerts += 1
+        await self.db(self.db.store.record_alert, alert_id=aid, service_id=alert.service_id.hex(),
+                      service=alert.service_name, type=alert.type.value, alert=out.alert,
+                      origin="detected", state="verified", reason=out.verify_detail,
+                      envelope=envelope, signer=self.node_id, signed_at=self.clock(),
+                      packets=packets,
+                      verification=(True, "verified", out.verify_detail, out.verify_ms))
+        self.bus.emit("alert.detected", alert_id=aid, service=alert.service_name,
+                      type=alert.type.value, detail=out.detail, detect_ms=round(out.elapsed_ms, 3),
+                      candidates=out.tried, packets=len(packets),
+                      messages=len(alert.messages))
+        if out.specific is not None:
+            await self.filters.install([out.specific], alert_id=aid)
+        await self._broadcast(aid, envelope)
+        if self.general_filters:
+            self._spawn(self._general(aid, out.alert), f"filters-{aid[:8]}")
+
+    async def _broadcast(self, aid: str, envelope: bytes) -> None:
+        if self.broadcast is None:
+            self.bus.emit("alert.not_broadcast", alert_id=aid, reason="no overlay wired")
+            return
+        try:
+            r = self.broadcast(envelope)
+            if inspect.isawaitable(r):
+                await r
+        except Exception as e:
+            self.bus.emit("alert.broadcast_error", alert_id=aid, error=repr(e))
+            return
+        await self.db(self.db.store.set_alert_state, aid, "forwarded")
+        self.bus.emit("alert.forwarded", alert_id=aid, origin="detected")
+
+    async def _general(self, aid: str, alert_bytes: bytes) -> None:
+        try:
+            out = await self.pools.slow.run(worker.filters, alert_bytes,
+                                            timeout=max(60.0, self.job_timeout_s))
+        except JobFailed as e:
+            self.bus.emit("filter.error", action="generate", alert_id=aid, error=str(e))
+            return
+        if out.error:
+            self.bus.emit("filter.error", action="generate", alert_id=aid, error=out.error)
+        for note in out.notes:
+            self.bus.emit("filter.note", alert_id=aid, note=note)
+        if out.filters:
+            await self.filters.install(out.filters, alert_id=aid)
+
+    # --- receiving --------------------------------------------------------------------------
+
+    async def _verify(self, alert_bytes: bytes, aid: str) -> VerifyOutcome:
+        """Our own sandbox's verdict, once per alert even when copies arrive together."""
+        fut = self._inflight.get(aid)
+        if fut is not None:
+            self.vstats.cached += 1
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[aid] = fut
+        try:
+            try:
+                out: VerifyOutcome = await self.pools.fast.run(
+                    worker.verify, alert_bytes, timeout=self.verify_timeout_s)
+            except JobFailed as e:
+                out = VerifyOutcome(aid, False, "timeout", str(e), 0.0, error=str(e))
+            fut.set_result(out)
+            self.vstats.runs += 1
+            self.vstats.last_ms = out.elapsed_ms
+            self.vstats.total_ms += out.elapsed_ms
+            if out.verified:
+                self.vstats.verified += 1
+            elif out.reason != "unknown-service":
+                self.vstats.refuted += 1
+            self.bus.count("verifier.runs")
+            return out
+        except BaseException as e:
+            if not fut.done():
+                fut.set_exception(e)
+                fut.exception()  # retrieved: no "never retrieved" warning
+            raise
+        finally:
+            self._inflight.pop(aid, None)
+
+    async def _known(self, aid: str) -> tuple[str, str] | None:
+        """A verdict that stands for this alert: (state, reason), or None to verify it."""
+        row = await self.db(self.db.store.alert, aid)
+        if row is None:
+            return None
+        if row.state in ("verified", "forwarded"):
+            return row.state, row.reason
+        if row.state == "refuted" and row.reason not in TRANSIENT | {"bad-signature"}:
+            return row.state, row.reason
+        return None
+
+    async def on_overlay_alert(self, envelope_bytes: bytes, from_peer: object = None, *,
+                               origin: str = "overlay") -> Decision:
+        """An envelope from another node (``origin="import"``: given by an operator). Never
+        raises for what the peer sent."""
+        peer = _peer_text(from_peer)
+        self.bus.count("alerts.received")
+        if not isinstance(envelope_bytes, bytes | bytearray | memoryview) \
+                or len(envelope_bytes) > MAX_ENVELOPE_BYTES:
+            self.bus.emit("alert.malformed", from_peer=peer, error="not bytes or too large")
+            return Decision("", "malformed", False, "too large or not bytes")
+        data = bytes(envelope_bytes)
+        try:
+            envelope = decode_envelope(data)
+        except FormatError as e:
+            self.bus.emit("alert.malformed", from_peer=peer, error=str(e))
+            return Decision("", "malformed", False, str(e))
+        try:
+            alert = decode_alert(envelope.alert_bytes)
+        except FormatError as e:
+            self.bus.emit("alert.malformed", from_peer=peer, signer=envelope.node_id.hex(),
+                          error=str(e))
+            return Decision("", "malformed", False, str(e))
+        aid = alert_id_hex(envelope.alert_bytes)
+        try:
+            envelope.check()
+        except SignatureError as e:
+            return await self._bad_signature(aid, alert, envelope, peer, str(e), origin)
+        return await self._receive(aid, alert, envelope, peer, origin)
+
+    async def _bad_signature(self, aid: str, alert: Alert, envelope: Envelope,
+                             peer: str | None, error: str, origin: str) -> Decision:
+        row = await self.db(self.db.store.alert, aid)
+        if row is None or row.state in ("received", "refuted"):
+            await self.db(self.db.store.record_alert, alert_id=aid,
+                          service_id=alert.service_id.hex(), service=alert.service_name,
+                          type=alert.type.value, alert=envelope.alert_bytes, origin=origin,
+                          state="refuted", reason="bad-signature", from_peer=peer)
+        self.bus.emit("alert.refuted", alert_id=aid, service=alert.service_name,
+                      reason="bad-signature", detail=error, from_peer=peer,
+                      claimed_signer=envelope.node_id.hex())
+        return Decision(aid, "refuted", False, "bad-signature")
+
+    async def _receive(self, aid: str, alert: Alert, envelope: Envelope | None,
+                       peer: str | None, origin: str = "overlay") -> Decision:
+        alert_bytes = envelope.alert_bytes if envelope is not None else encode_alert(alert)
+        known = await self._known(aid)
+        env_fields: dict[str, Any] = {}
+        if envelope is not None:
+            env_fields = {"envelope": envelope.encode(), "signer": envelope.node_id.hex(),
+                          "signed_at": envelope.signed_at_s}
+        common = {"alert_id": aid, "service_id": alert.service_id.hex(),
+                  "service": alert.service_name, "type": alert.type.value,
+                  "alert": alert_bytes, "origin": origin, "from_peer": peer}
+        if known is not None:
+            state, reason = known
+            self.vstats.cached += 1
+            await self.db(self.db.store.record_alert, state=state, reason=reason, **common,
+                          **env_fields)
+            self.bus.emit("alert.duplicate", alert_id=aid, state=state, from_peer=peer)
+            return Decision(aid, "verified" if state == "forwarded" else state, False, reason,
+                            duplicate=True)
+        out = await self._verify(alert_bytes, aid)
+        if out.reason == "unknown-service":
+            await self.db(self.db.store.record_alert, state="received", reason=out.reason,
+                          **common, **env_fields)
+            self.bus.emit("alert.received", alert_id=aid, service=alert.service_name,
+                          from_peer=peer, reason="no such service here: cannot verify")
+            return Decision(aid, "received", False, out.reason)
+        state = "verified" if out.verified else "refuted"
+        await self.db(self.db.store.record_alert, state=state, reason=out.reason, **common,
+                      **env_fields,
+                      verification=(out.verified, out.reason, out.detail, out.elapsed_ms))
+        self.bus.emit(f"alert.{state}", alert_id=aid, service=alert.service_name,
+                      type=alert.type.value, reason=out.reason, detail=out.detail,
+                      verify_ms=round(out.elapsed_ms, 3), from_peer=peer,
+                      signer=env_fields.get("signer"))
+        if not out.verified:
+            return Decision(aid, "refuted", False, out.reason)
+        if out.specific is not None:
+            # Concurrently: the forward decision does not wait for the kernel batch.
+            self._spawn(self.filters.install([out.specific], alert_id=aid),
+                        f"specific-{aid[:8]}")
+        if self.general_filters:
+            self._spawn(self._general(aid, alert_bytes), f"filters-{aid[:8]}")
+        return Decision(aid, "verified", True, out.reason)
+
+    async def mark_forwarded(self, alert_id: str) -> None:
+        await self.db(self.db.store.set_alert_state, alert_id, "forwarded")
+        self.bus.emit("alert.forwarded", alert_id=alert_id, origin="overlay")
+
+    # --- the overlay.Overlay hooks ----------------------------------------------------------
+
+    async def overlay_verify(self, alert: Alert) -> VerifyOutcome:
+        """``Overlay(verify=...)``: our sandbox's verdict (``.verified``, ``.reason``)."""
+        alert_bytes = encode_alert(alert)
+        aid = alert_id_hex(alert_bytes)
+        known = await self._known(aid)
+        if known is not None:
+            state, reason = known
+            self.vstats.cached += 1
+            return VerifyOutcome(aid, state != "refuted", reason, "stored verdict", 0.0)
+        decision = await self._receive(aid, alert, None, None)
+        return VerifyOutcome(aid, decision.state == "verified",
+                             "unknown-service" if decision.state == "received"
+                             else decision.reason, "", 0.0)
+
+    async def overlay_on_alert(self, envelope: Envelope, alert: Alert) -> None:
+        """``Overlay(on_alert=...)``: called once per verified alert before it forwards it."""
+        aid = alert_id_hex(envelope.alert_bytes)
+        row = await self.db(self.db.store.alert, aid)
+        await self.db(self.db.store.record_alert, alert_id=aid,
+                      service_id=alert.service_id.hex(), service=alert.service_name,
+                      type=alert.type.value, alert=envelope.alert_bytes, origin="overlay",
+                      state="forwarded", reason=row.reason if row else "verified",
+                      envelope=envelope.encode(), signer=envelope.node_id.hex(),
+                      signed_at=envelope.signed_at_s)
+        self.bus.emit("alert.forwarded", alert_id=aid, origin="overlay",
+                      signer=envelope.node_id.hex())
+
+    # --- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        d, v = self.dstats, self.vstats
+        st = self.sampler.stats
+        return {
+            "detector": {
+                "enabled": self.detector_enabled, "queue": len(self.sampler),
+                "capacity": self.sampler.capacity, "depth": self.sampler.depth(),
+                "offered": st.offered, "queued": st.queued, "replaced": st.replaced,
+                "sampled_out": st.sampled_out, "duplicates": st.duplicates,
+                "analysed": d.analysed, "detections": d.detections, "alerts": d.alerts,
+                "errors": d.errors, "last_ms": round(d.last_ms, 3),
+                "avg_ms": round(d.total_ms / d.analysed, 3) if d.analysed else 0.0,
+                "last_service": d.last_service, "last_at": d.last_at,
+                "busy": self.pools.slow.busy,
+            },
+            "verifier": {
+                "runs": v.runs, "verified": v.verified, "refuted": v.refuted,
+                "cached": v.cached, "last_ms": round(v.last_ms, 3),
+                "avg_ms": round(v.total_ms / v.runs, 3) if v.runs else 0.0,
+                "busy": self.pools.fast.busy,
+            },
+            "pools": self.pools.status(),
+            "services": [{"name": i.name, "proto": i.proto, "port": i.port,
+                          "service_id": i.service_id.hex()} for i in self.images.values()],
+        }
+
+
+def _packets_for(alert: Alert, job: Job) -> list[bytes]:
+    """The raw packets that carried the alert's messages: those of every submitted message
+    whose bytes appear in one of the alert's (the alert keeps messages whole, or joins a
+    connection's chunks). All of them if none can be matched."""
+    if not job.packets:
+        return []
+    datas = [m.data for m in alert.messages]
+    chosen: list[bytes] = []
+    for m, pk in zip(job.messages, job.packets, strict=False):
+        if m.data and any(m.data in d for d in datas):
+            chosen.extend(p for p in pk if p not in chosen)
+    if not chosen:
+        for pk in job.packets:
+            chosen.extend(p for p in pk if p not in chosen)
+    return chosen

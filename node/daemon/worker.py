@@ -1,0 +1,213 @@
+"""What runs in the sandbox process pools.
+
+Each pool process keeps, for its whole life, one ``Detector`` per protected service and one
+``Verifier`` for all of them: booting a flash clone costs about 50 ms, a verification after
+that well under one. ``init`` (the pool's initializer) loads the images and boots them up front,
+so the first alert after start is as fast as the hundredth.
+
+The job functions take and return only plain picklable values (bytes, tuples of
+``sca.alert.Message``, small dataclasses), never raise for bad input (the error comes back as a
+string in the result), and never touch the store, the kernel or the network: they are the pure
+CPU part of the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sca.alert import Alert, Message
+from sca.codec import FormatError, alert_id_hex, decode_alert, encode_alert
+from sca.emu.image import ServiceImage, load_image
+from sca.generate import Detector
+from sca.verify import Verifier
+
+
+@dataclass(frozen=True)
+class DetectOutcome:
+    service: str
+    detected: bool
+    elapsed_ms: float
+    instructions: int = 0
+    tainted: int = 0
+    outcome: str = ""
+    alert: bytes | None = None  # canonical encoding of a locally verified alert
+    alert_type: str = ""
+    detail: str = ""
+    verify_detail: str = ""
+    verify_ms: float = 0.0
+    tried: int = 0
+    specific: dict[str, Any] | None = None  # the specific filter's JSON
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class VerifyOutcome:
+    alert_id: str
+    verified: bool
+    reason: str
+    detail: str
+    elapsed_ms: float
+    specific: dict[str, Any] | None = None  # when verified: the specific filter's JSON
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class FiltersOutcome:
+    alert_id: str
+    filters: tuple[dict[str, Any], ...]
+    notes: tuple[str, ...]
+    elapsed_ms: float
+    oracle_runs: int = 0
+    error: str | None = None
+
+
+class _State:
+    def __init__(self, manifests: list[str]) -> None:
+        self.images: dict[str, ServiceImage] = {}
+        self.errors: dict[str, str] = {}
+        for m in manifests:
+            try:
+                img = load_image(Path(m))
+            except Exception as e:  # a bad manifest is reported by the node, not fatal here
+                self.errors[m] = str(e)
+                continue
+            self.images[img.name] = img
+        self.by_id = {img.service_id: img for img in self.images.values()}
+        self.verifier = Verifier(list(self.images.values()))
+        self.detectors: dict[str, Detector] = {}
+
+    def detector(self, name: str) -> Detector | None:
+        d = self.detectors.get(name)
+        if d is None and name in self.images:
+            d = self.detectors[name] = Detector(self.images[name])
+        return d
+
+
+_state: _State | None = None
+
+
+def init(manifests: list[str], detectors: bool) -> None:
+    """Pool initializer: load the images, boot the verifier's clones (and the detectors' in
+    the detection pool)."""
+    global _state
+    _state = _State(manifests)
+    for img in _state.images.values():
+        try:
+            _state.verifier.sandbox(img.service_id)
+            if detectors:
+                _state.detector(img.name)
+        except Exception:
+            pass  # the job that needs it reports the error
+
+
+def _st() -> _State:
+    if _state is None:  # a pool made without the initializer (tests): no services
+        init([], False)
+    assert _state is not None
+    return _state
+
+
+def ping() -> int:
+    """The worker's pid (the node checks the pool is alive with it)."""
+    _st()
+    return os.getpid()
+
+
+def specific_filter(alert: Alert, image: ServiceImage) -> dict[str, Any]:
+    """The specific filter (the exploit's bytes at the alert's offsets) without the oracle
+    runs that the general one needs: cheap enough to install right after verification."""
+    # filters.generate computes the specific filter from these two helpers; reusing them keeps
+    # the filter id identical to what generate_filters gives for the same alert.
+    from filters.generate import _specific, _stream_of
+
+    return _specific(alert, image, _stream_of(alert)).to_json()
+
+
+def detect(service: str, messages: tuple[Message, ...]) -> DetectOutcome:
+    """Replay ``messages`` to ``service`` with taint; on an exploit, generate the smallest alert
+    that verifies and its specific filter."""
+    start = time.perf_counter()
+
+    def ms() -> float:
+        return (time.perf_counter() - start) * 1000
+
+    st = _st()
+    try:
+        detector = st.detector(service)
+        if detector is None:
+            return DetectOutcome(service, False, ms(), error=f"no service {service!r} here")
+        run = detector.inspect(messages)
+        base: dict[str, Any] = {"instructions": run.instructions,
+                                "tainted": run.tainted_instructions,
+                                "outcome": run.result.outcome.value}
+        if run.detection is None:
+            return DetectOutcome(service, False, ms(), **base)
+        kind = run.detection.verification.type.value
+        generated = detector.generate(messages, run.detection, st.verifier)
+        if generated is None:
+            return DetectOutcome(service, True, ms(), alert_type=kind,
+                                 detail=run.detection.detail,
+                                 error="no candidate alert verified", **base)
+        return DetectOutcome(
+            service, True, ms(), alert=encode_alert(generated.alert), alert_type=kind,
+            detail=run.detection.detail, verify_detail=generated.verdict.detail,
+            verify_ms=generated.verdict.elapsed_s * 1000, tried=generated.tried,
+            specific=specific_filter(generated.alert, detector.image), **base)
+    except Exception as e:
+        return DetectOutcome(service, False, ms(), error=_describe(e))
+
+
+def verify(alert_bytes: bytes) -> VerifyOutcome:
+    """Verify an alert in this process's own sandbox; when it verifies, its specific filter."""
+    start = time.perf_counter()
+    try:
+        alert = decode_alert(alert_bytes)
+    except FormatError as e:
+        return VerifyOutcome("", False, "malformed", str(e), 0.0)
+    aid = alert_id_hex(alert_bytes)
+    try:
+        st = _st()
+        verdict = st.verifier.verify(alert)
+        specific = None
+        if verdict.verified:
+            specific = specific_filter(alert, st.by_id[alert.service_id])
+        return VerifyOutcome(aid, verdict.verified, verdict.reason.value, verdict.detail,
+                             verdict.elapsed_s * 1000, specific)
+    except Exception as e:
+        return VerifyOutcome(aid, False, "error", _describe(e),
+                             (time.perf_counter() - start) * 1000, error=_describe(e))
+
+
+def filters(alert_bytes: bytes) -> FiltersOutcome:
+    """Both filters of a verified alert (the general one takes tens to hundreds of sandbox
+    replays: this is the slow lane's job)."""
+    from filters.generate import generate_filters
+
+    start = time.perf_counter()
+    aid = ""
+    try:
+        alert = decode_alert(alert_bytes)
+        aid = alert_id_hex(alert_bytes)
+        st = _st()
+        image = st.by_id.get(alert.service_id)
+        if image is None:
+            return FiltersOutcome(aid, (), (), 0.0, error="no such service here")
+        gen = generate_filters(alert, image, detector=st.detector(image.name),
+                               verifier=st.verifier)
+        fs = tuple(f.to_json() for f in (gen.specific, gen.general) if f is not None)
+        return FiltersOutcome(aid, fs, tuple(gen.notes), (time.perf_counter() - start) * 1000,
+                              gen.oracle_runs)
+    except Exception as e:
+        return FiltersOutcome(aid, (), (), (time.perf_counter() - start) * 1000,
+                              error=_describe(e))
+
+
+def _describe(e: BaseException) -> str:
+    where = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+    loc = f" at {where[0].filename.rsplit('/', 1)[-1]}:{where[0].lineno}" if where else ""
+    return f"{type(e).__name__}: {e}{loc}"[:1000]
