@@ -8,10 +8,13 @@ would have made with m/2 bits. That is what keeps storage close to the Bloom-fil
 
 - a slice closes when it holds its *capacity* (the most packets for which the false-positive
   rate stays at or under ``fp_rate``) or when it is ``slice_s`` old, whichever comes first;
-- a slice closed by time, part-full, is folded while its measured false-positive rate
-  (fill^k) stays at or under ``fp_rate``: idle tables do not keep big empty filters;
-- the next slice of a table is sized from the last one: doubled if that one filled up early,
-  the folded size if it was closed by time. Tables follow their neighbour's rate.
+- the next slice of a table is sized from the last one so that, at the rate seen, it fills
+  up in between slice_s/2 and slice_s (doubled if the last filled sooner, halved until it fits
+  if the last ran out of time). Tables follow their neighbour's rate, and under steady traffic
+  slices close *full*, where a Bloom filter costs exactly its optimum;
+- a slice closed by time, part-full (the rate fell), is folded while its measured
+  false-positive rate (fill^k) stays at or under ``fp_rate``: idle tables do not keep big
+  empty filters.
 
 Memory is bounded per store (one router): when slices would take more than ``max_bytes``,
 the oldest closed slices go first (the store forgets the distant past before the present),
@@ -35,7 +38,7 @@ MIN_BITS = 64
 class BloomConfig:
     fp_rate: float = 0.01  # per lookup of one slice, at capacity
     slice_s: float = 1.0  # a slice covers at most this long
-    min_bits: int = 1 << 12  # first slice of a new table (512 B)
+    min_bits: int = 1 << 8  # first slice of a new table (32 B): it doubles as it fills
     max_bits: int = 1 << 23  # largest slice (1 MiB)
     max_bytes: int = 64 << 20  # all tables of one router together
     max_age_s: float = 3600.0
@@ -182,25 +185,33 @@ class DigestTable:
 
     def close(self, now: float) -> tuple[Slice, int]:
         """Close the open slice (folding it if it was closed part-full); return it and the
-        bytes it released by folding."""
+        bytes it released by folding. Sizes the next slice so that at the rate seen it fills
+        up between slice_s/2 and slice_s: a slice that closes full costs exactly the Bloom
+        optimum, so steady traffic closes slices full and only a falling rate leaves a
+        part-full one (which folding then shrinks)."""
         s = self.open
         assert s is not None
         self.open = None
         before = s.nbytes
-        full = s.filter.count >= s.capacity
-        if full and now - s.t_open < self.cfg.slice_s:
-            self.next_bits = min(s.filter.m * 2, self.cfg.max_bits)
+        cfg = self.cfg
+        if s.filter.count >= s.capacity:
+            if now - s.t_open < cfg.slice_s / 2:
+                self.next_bits = min(s.filter.m * 2, cfg.max_bits)
+            else:
+                self.next_bits = s.filter.m
         else:
             f = s.filter
             while f.m > MIN_BITS:
                 smaller = f.folded()
-                if smaller.fp_now() > self.cfg.fp_rate:
+                if smaller.fp_now() > cfg.fp_rate:
                     break
                 f = smaller
             s.filter = f
             s.capacity = f.count  # closed: nothing more goes in
-            # A table that was busy for the whole slice keeps its size; an idle one shrinks.
-            self.next_bits = max(self.cfg.min_bits, min(f.m, self.cfg.max_bits))
+            bits = cfg.max_bits
+            while bits > cfg.min_bits and capacity(bits, cfg.k, cfg.fp_rate) > s.filter.count:
+                bits //= 2
+            self.next_bits = bits
         self.closed.append(s)
         return s, before - s.nbytes
 

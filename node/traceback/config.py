@@ -74,9 +74,11 @@ def check_id(v: object) -> int:
 
 
 def check_link_name(v: object) -> str:
-    # Interface names: at most 15 bytes in Linux; printable, no spaces (they end up in reports).
-    if not isinstance(v, str) or not 0 < len(v) <= 15 or not v.isprintable() or " " in v:
-        raise ConfigError(f"link name {v!r}: 1-15 printable characters, no spaces")
+    # Interface names as Linux allows them: at most 15 bytes, no "/", ":" or spaces (they end
+    # up in reports, and "/" marks a router's internal table names).
+    if (not isinstance(v, str) or not 0 < len(v) <= 15 or not v.isprintable()
+            or any(c in v for c in " /:")):
+        raise ConfigError(f"link name {v!r}: 1-15 printable characters, no space, / or :")
     return v
 
 

@@ -17,11 +17,12 @@ from node.stack.packet import PacketError
 from node.traceback.bloom import DigestStore
 from node.traceback.config import EDGE, ROUTER, RouterConfig
 from node.traceback.digest import Digester, invariant_key
-from node.traceback.marking import decide, set_ident
+from node.traceback.marking import ID_MASK, MARKED, decide, set_ident
 from node.traceback.wire import Hit, WireError, make_answer, read_query
 from overlay.limits import KeyedBuckets, Rate
 from sca.keys import NodeKey
 
+UNTRUSTED = "/u"  # table-name suffix (interface names cannot hold "/")
 MAX_WINDOW_S = 600.0  # one query looks at most this far
 NONCE_MEMORY = 4096
 
@@ -78,7 +79,13 @@ class RouterCore:
         d = decide(frag_word=(packet[6] << 8) | packet[7], ident=ident,
                    my_id=self.config.router_id, upstream_id=upstream_id, last_hop=last_hop)
         if d.log:
-            self.store.insert(in_link, self.digester.hashes(inv), now)
+            # A router link whose mark was not that neighbour's (it was down, bypassed under
+            # load, or misconfigured): a table of its own, so the walk knows that neighbour
+            # may have done nothing to the packet.
+            untrusted = upstream_id is not None and d.ident is not None and not (
+                ident & MARKED and ident & ID_MASK == upstream_id)
+            self.store.insert(in_link + UNTRUSTED if untrusted else in_link,
+                              self.digester.hashes(inv), now)
             st.logged += 1
         if d.ident is None:
             st.not_atomic += 1
@@ -103,7 +110,7 @@ class RouterCore:
 
     def lookup(self, inv: bytes, t_from: float, t_to: float) -> list[Hit]:
         hashes = self.digester.hashes(inv)
-        return [Hit(name, first, last)
+        return [Hit(name.removesuffix(UNTRUSTED), first, last, name.endswith(UNTRUSTED))
                 for name, first, last in self.store.lookup(hashes, t_from, t_to)]
 
     def answer(self, data: bytes, source: str, now: float) -> bytes | None:

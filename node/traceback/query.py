@@ -1,24 +1,36 @@
 """Path reconstruction: walk upstream from the victim's last hop, asking routers which of them
 saw the attack packet and from which neighbour (sans-I/O ``PathWalk``, driven by ``trace``).
 
-The walk follows the hybrid scheme (``node.traceback.marking``) backwards. Visiting router R,
-reached from its downstream D (none at the victim's gateway):
+The walk reads the hybrid scheme (``node.traceback.marking``) backwards. An answer names the
+tables holding the packet, one per upstream link: a hit means the router *logged* it and says
+where it came from (an edge link: this router is an **ingress** and that link is where the
+packet entered). What else is known about a router depends on how the walk got there, its
+*mode*:
 
-- R's answer names tables holding the packet: R *logged* it, and each table is an upstream
-  neighbour. An edge link means R is an **ingress** and that link is where the packet entered.
-  A router link means that neighbour forwarded it; go there next.
-- R holds nothing, and R is known to be on the path (it is the gateway, or a logger just named
-  it as its upstream): R only *marked* it, so its upstream logged it. Ask every other router
-  neighbour of R (the seed's "RPF manner"); only those that logged it count.
-- R holds nothing, and R was only a candidate neighbour: R is not on the path; prune.
+- ``gateway``: the victim's last hop. On the path; it may or may not have logged (the mark is
+  cleared). Follow its hits, and ask its other router neighbours (as ``candidate``s) in case it
+  only marked.
+- ``marker``: a logger's trusted table named it. On the path, and it did *not* log: the logger
+  logged because this router's mark said "not logged". Its own hits can only be false
+  positives and are ignored; its upstream logged, so ask its other neighbours as candidates
+  (the seed's "RPF manner").
+- ``either``: a logger's *untrusted* table named it (its mark was missing or wrong: it was
+  down, bypassed under load, or misconfigured). On the path, status unknown: follow its hits,
+  and ask its neighbours as ``maybe`` (its upstream may have logged or only marked).
+- ``candidate``: a neighbour of a router that did not log. On the path only if it logged.
+- ``maybe``: a neighbour of a transparent router. If it logged, follow that; if not, it may
+  have only marked: keep it tentatively and ask its neighbours as candidates.
 
-Packets that were not atomic (fragments, no DF) are logged at every hop, so there a router
-that holds nothing is never on the path. Every ingress logs (an arrival from hosts is
-untrusted), so every true path ends in a logged edge hit; at the end, branches that reach no
-ingress (Bloom-filter false positives that died out) are dropped from the graph and counted as
-``dead_ends``. Hits are also pruned by time: a packet cannot have passed an upstream router
-after the time its downstream last logged it (plus ``skew``), and a packet never entered on an
-edge link whose prefix holds its own destination.
+Packets that were not atomic (fragments, no DF) are logged at every hop: then every router
+named by a logger is a ``candidate`` and the gateway asks no neighbours.
+
+Every ingress logs (an arrival from hosts is untrusted), so every true path starts with a
+logged edge hit, unless a router on it did not answer (an *unresolved* end). At the end,
+branches that reach neither an ingress nor an unresolved end are dropped from the graph and
+counted as ``dead_ends`` (Bloom-filter false positives that died out). Hits are also pruned by
+time (a packet cannot have passed an upstream router after its downstream last logged it,
+plus ``skew``), by direction (never from the downstream it went to), and by address (never in
+over an edge link whose prefix holds its own destination).
 
 Answers are cached per router, so a router reached twice is asked once. Each answer must be
 signed by the key its downstream neighbour (or, for the gateway, the caller) vouched for.
@@ -28,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -72,8 +85,14 @@ class AttackGraph:
     packet: dict[str, object] = field(default_factory=dict)
     atomic: bool = True
 
+    @property
+    def unresolved(self) -> list[bytes]:
+        """Routers on the path that did not answer: the trail ends there."""
+        return [r.public_key for r in self.unanswered if r.public_key in self.hops]
+
     def paths(self, limit: int = MAX_PATHS) -> list[list[bytes]]:
-        """Router paths from each ingress to the gateway (ingress first)."""
+        """Router paths from each ingress, then from each unresolved end, to the gateway
+        (upstream end first)."""
         down: dict[bytes, list[bytes]] = {}
         for up, dn in sorted(self.edges):
             down.setdefault(up, []).append(dn)
@@ -90,8 +109,8 @@ class AttackGraph:
                 if nxt not in path:
                     walk([*path, nxt])
 
-        for ing in dict.fromkeys(i.router for i in self.ingresses):
-            walk([ing])
+        for start in dict.fromkeys([i.router for i in self.ingresses] + self.unresolved):
+            walk([start])
         return out
 
     def router_id(self, pub: bytes) -> int | None:
@@ -99,11 +118,15 @@ class AttackGraph:
         return hop.ref.router_id if hop else None
 
 
+GATEWAY, MARKER, EITHER, CANDIDATE, MAYBE = "gateway", "marker", "either", "candidate", "maybe"
+_ON_PATH = (GATEWAY, MARKER, EITHER)  # known on the path before its answer is read
+
+
 @dataclass(frozen=True)
 class _Visit:
     ref: RouterRef
     down: bytes | None  # downstream router's key; None at the gateway
-    need_log: bool  # only on the path if it logged the packet
+    mode: str
     t_max: float  # the packet was here no later than this
 
 
@@ -123,9 +146,10 @@ class PathWalk:
         self._to_ask: dict[bytes, RouterRef] = {}
         self._asked: set[bytes] = set()
         self._waiting: dict[bytes, list[_Visit]] = {}
-        self._seen: set[tuple[bytes, bytes | None, bool]] = set()
+        self._seen: dict[tuple[bytes, bytes | None, str], float] = {}
+        self._silent: set[bytes] = set()
         self._g = AttackGraph(gateway.public_key, atomic=atomic)
-        self._visit(_Visit(gateway, None, False, t_to))
+        self._visit(_Visit(gateway, None, GATEWAY, t_to))
 
     # -- driving
 
@@ -146,15 +170,17 @@ class PathWalk:
             self._process(v, answer)
 
     def graph(self) -> AttackGraph:
-        """The graph with branches that reach no ingress removed (if any ingress was found)."""
+        """The graph without the branches that reach neither an ingress nor an unresolved end
+        (kept whole when it has neither)."""
         g = self._g
-        if not g.ingresses:
+        starts = [i.router for i in g.ingresses] + [p for p in self._silent if p in g.hops]
+        if not starts:
             return g
-        keep: set[bytes] = set()
-        stack = [i.router for i in g.ingresses]
         down: dict[bytes, list[bytes]] = {}
         for up, dn in g.edges:
             down.setdefault(up, []).append(dn)
+        keep: set[bytes] = set()
+        stack = list(starts)
         while stack:
             n = stack.pop()
             if n not in keep:
@@ -169,10 +195,10 @@ class PathWalk:
 
     def _visit(self, v: _Visit) -> None:
         pub = v.ref.public_key
-        key = (pub, v.down, v.need_log)
-        if key in self._seen:
-            return
-        self._seen.add(key)
+        key = (pub, v.down, v.mode)
+        if self._seen.get(key, -math.inf) >= v.t_max:
+            return  # already walked from here with at least this much time
+        self._seen[key] = v.t_max
         if pub in self._answers:
             self._process(v, self._answers[pub])
             return
@@ -198,37 +224,55 @@ class PathWalk:
             return lk.peer is not None and lk.peer.public_key == down
         return lk.prefix is not None and self._dst in ipaddress.IPv4Network(lk.prefix)
 
-    def _process(self, v: _Visit, ans: TracebackAnswer | None) -> None:
-        if ans is None or ans.status != "ok":
-            if not v.need_log:  # named by a logger (or the gateway): on the path, silent
-                self._add_hop(v, v.ref, None)
-                if v.ref not in self._g.unanswered:
-                    self._g.unanswered.append(v.ref)
-            return
-        ref = RouterRef(v.ref.addr, v.ref.public_key, ans.router_id)
-        pub = ref.public_key
-        hits = []
+    def _hits(self, v: _Visit, ans: TracebackAnswer) -> dict[tuple[str, bool], float]:
+        """(link, untrusted) -> the latest time a matching slice saw it, after pruning."""
+        out: dict[tuple[str, bool], float] = {}
         for h in ans.hits:
             if h.first > v.t_max + self.skew:
                 continue
             lk = ans.link(h.link)
             if lk is not None and self._impossible(lk, v.down):
                 continue
-            hits.append((h, lk))
+            k = (h.link, h.untrusted)
+            out[k] = max(out.get(k, -math.inf), h.last)
+        return out
+
+    def _process(self, v: _Visit, ans: TracebackAnswer | None) -> None:
+        if ans is None or ans.status != "ok":
+            if v.mode in _ON_PATH:  # named by a logger (or the gateway): on the path, silent
+                self._add_hop(v, v.ref, None)
+                self._silent.add(v.ref.public_key)
+                if v.ref not in self._g.unanswered:
+                    self._g.unanswered.append(v.ref)
+            return
+        ref = RouterRef(v.ref.addr, v.ref.public_key, ans.router_id)
+        hits = {} if v.mode == MARKER else self._hits(v, ans)
         if hits:
             self._add_hop(v, ref, True)
-            for h, lk in hits:
-                if lk is None or lk.kind == EDGE or lk.peer is None:
-                    ing = Ingress(pub, ans.router_id, h.link, lk.prefix if lk else None)
-                    if ing not in self._g.ingresses:
-                        self._g.ingresses.append(ing)
-                else:
-                    self._visit(_Visit(lk.peer, pub, not self.atomic, min(v.t_max, h.last)))
-        elif not v.need_log:
+            self._follow(v, ref, ans, hits)
+        elif v.mode == CANDIDATE:
+            return  # did not log: not its upstream
+        else:
             self._add_hop(v, ref, False)
+        probe = {GATEWAY: CANDIDATE if self.atomic else None, MARKER: CANDIDATE,
+                 EITHER: MAYBE, MAYBE: None if hits else CANDIDATE}.get(v.mode)
+        if probe is not None:
             for lk in ans.links:
                 if lk.kind == ROUTER and lk.peer is not None and lk.peer.public_key != v.down:
-                    self._visit(_Visit(lk.peer, pub, True, v.t_max))
+                    self._visit(_Visit(lk.peer, ref.public_key, probe, v.t_max))
+
+    def _follow(self, v: _Visit, ref: RouterRef, ans: TracebackAnswer,
+                hits: dict[tuple[str, bool], float]) -> None:
+        for (name, untrusted), last in hits.items():
+            lk = ans.link(name)
+            if lk is None or lk.kind == EDGE or lk.peer is None:
+                ing = Ingress(ref.public_key, ans.router_id, name, lk.prefix if lk else None)
+                if ing not in self._g.ingresses:
+                    self._g.ingresses.append(ing)
+                continue
+            # Not atomic: every hop logs these, so the upstream must have logged too.
+            mode = CANDIDATE if not self.atomic else EITHER if untrusted else MARKER
+            self._visit(_Visit(lk.peer, ref.public_key, mode, min(v.t_max, last)))
 
 
 # --------------------------------------------------------------------------- the driver

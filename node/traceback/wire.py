@@ -8,7 +8,7 @@ query can never be replayed as an answer or as anything else herdwall signs)::
                  "key": invariant key(20), "from": ms, "to": ms}
     answer body {"v": 1, "n": same nonce, "ts": ms, "pk": router key(32), "rid": router id,
                  "st": "ok" | "denied",
-                 "hits": [[link, first_ms, last_ms], ...],      # tables that hold the packet
+                 "hits": [[link, first_ms, last_ms, untrusted], ...],  # tables holding it
                  "links": [[name, "r", rid, "a.b.c.d:port", key(32)] | [name, "e", prefix]]}
 
 A query asks one router: *did a packet with this invariant key pass you between ``from`` and
@@ -65,6 +65,7 @@ class Hit:
     link: str
     first: float  # seconds
     last: float
+    untrusted: bool = False  # logged because the arrival's mark was not the neighbour's
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def make_answer(key: NodeKey, router_id: int, nonce: bytes, now: float, *, statu
                 links: tuple[Link, ...] = ()) -> bytes:
     body = {"v": VERSION, "n": nonce, "ts": _ms(now), "pk": key.public_bytes, "rid": router_id,
             "st": status,
-            "hits": [[h.link, _ms(h.first), _ms(h.last)] for h in hits[:MAX_HITS]],
+            "hits": [[h.link, _ms(h.first), _ms(h.last), h.untrusted] for h in hits[:MAX_HITS]],
             "links": [_link_row(lk) for lk in links[:MAX_LINKS]]}
     return _sign(ANSWER_TAG, _A_DOMAIN, body, key)
 
@@ -209,14 +210,14 @@ def read_answer(data: bytes) -> TracebackAnswer:
         raise WireError("hits/links")
     hits = []
     for h in hits_raw:
-        if not isinstance(h, list) or len(h) != 3:
+        if not isinstance(h, list) or len(h) != 4 or type(h[3]) is not bool:
             raise WireError("hit row")
         try:
             name = check_link_name(h[0])
         except ConfigError as e:
             raise WireError(str(e)) from None
         first, last = _int(h[1], "hit first"), _int(h[2], "hit last")
-        hits.append(Hit(name, first / 1000, last / 1000))
+        hits.append(Hit(name, first / 1000, last / 1000, h[3]))
     try:
         rid = check_id(body.get("rid"))
     except ConfigError as e:
