@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from node.takeover.proxy import Proxy
 from node.takeover.tcp import Config, Endpoint, Seed, Segment
 
 
@@ -33,6 +34,7 @@ class Wire:
     delay: float = 0.0005
     drop: Drop | None = None
     now: float = 0.0
+    tap: Callable[[int, Segment, float], None] | None = None  # sees every delivered segment
     sent: list[list[Segment]] = field(default_factory=lambda: [[], []])
     lost: list[list[Segment]] = field(default_factory=lambda: [[], []])
     _q: list[tuple[float, int, int, Segment]] = field(default_factory=list)
@@ -58,6 +60,8 @@ class Wire:
         if self._q:
             t, _, d, seg = heapq.heappop(self._q)
             self.now = max(self.now, t)
+            if self.tap is not None:
+                self.tap(d, seg, self.now)
             (self.b if d == 0 else self.a).receive(seg, self.now)
             return True
         ds = [x for x in (self.a.deadline(), self.b.deadline()) if x is not None]
@@ -91,3 +95,70 @@ def pair(*, a_isn: int = 1000, b_isn: int = 9_000_000, shift: int | None = 7,
     a = Endpoint(seed(a_isn, b_isn, 500, 70_000), now, config)
     b = Endpoint(seed(b_isn, a_isn, 70_000, 500), now, b_config or config)
     return a, b
+
+
+ChainDrop = Callable[[int, Segment], bool]  # hops: 0 client->proxy, 1 proxy->client,
+# 2 proxy->server, 3 server->proxy
+
+
+@dataclass
+class Chain:
+    """client -- proxy -- server on one fake clock (the proxy in the middle of a taken-over
+    connection)."""
+
+    client: Endpoint
+    proxy: Proxy
+    server: Endpoint
+    now: float = 0.0
+    delay: float = 0.0005
+    drop: ChainDrop | None = None
+    sent: list[list[Segment]] = field(default_factory=lambda: [[], [], [], []])
+    _q: list[tuple[float, int, int, Segment]] = field(default_factory=list)
+    _n: itertools.count = field(default_factory=itertools.count)
+
+    def _send(self, hop: int, seg: Segment) -> None:
+        self.sent[hop].append(seg)
+        if self.drop is not None and self.drop(hop, seg):
+            return
+        heapq.heappush(self._q, (self.now + self.delay, next(self._n), hop, seg))
+
+    def _emit(self) -> bool:
+        n = sum(len(x) for x in self.sent)
+        for seg in self.client.poll(self.now):
+            self._send(0, seg)
+        for to_client, seg in self.proxy.poll(self.now):
+            self._send(1 if to_client else 2, seg)
+        for seg in self.server.poll(self.now):
+            self._send(3, seg)
+        return sum(len(x) for x in self.sent) != n
+
+    def step(self) -> bool:
+        if self._emit():
+            return True
+        if self._q:
+            t, _, hop, seg = heapq.heappop(self._q)
+            self.now = max(self.now, t)
+            if hop == 0:
+                self.proxy.receive(True, seg, self.now)
+            elif hop == 1:
+                self.client.receive(seg, self.now)
+            elif hop == 2:
+                self.server.receive(seg, self.now)
+            else:
+                self.proxy.receive(False, seg, self.now)
+            return True
+        ds = [x for x in (self.client.deadline(), self.server.deadline(),
+                          None if self.proxy.done else self.proxy.deadline()) if x is not None]
+        if not ds:
+            return False
+        self.now = max(self.now, min(ds))
+        return True
+
+    def run(self, until: Callable[[], bool] | None = None, *, max_time: float = 600.0,
+            max_steps: int = 2_000_000) -> None:
+        for _ in range(max_steps):
+            if until is not None and until():
+                return
+            if self.now > max_time or not self.step():
+                return
+        raise RuntimeError("simulation did not settle")
