@@ -17,7 +17,14 @@ from node.daemon.config import DEFAULTS_TOML, Config, ConfigError
 from node.daemon.control import ControlClient, ControlError, NoNode
 
 from .cli import main, node, peer, print_error, stdout_console, throttle
-from .cli_store import CONFIG_OPTION, STATE_OPTION, node_config, table_console, when
+from .cli_store import (
+    CONFIG_OPTION,
+    STATE_OPTION,
+    node_config,
+    plain_errors,
+    table_console,
+    when,
+)
 
 NOT_RUNNING = 3  # as LSB init scripts' "status": program is not running
 
@@ -46,6 +53,7 @@ def _request(cfg: Config, cmd: str, **args: Any) -> Any:
 @CONFIG_OPTION
 @STATE_OPTION
 @click.option("-v", "--verbose", is_flag=True, help="Print every event as a line on stdout.")
+@plain_errors
 def node_run(config_path: Path | None, state_dir: Path | None, verbose: bool) -> None:
     """Run this host's node in the foreground until SIGTERM or Ctrl-C. Works with no config
     (state in the default state directory, node key made on first run, no service protected);
@@ -122,6 +130,7 @@ def _status_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
 @click.option("--json", "as_json", is_flag=True, help="Print the node's whole status as JSON.")
 @CONFIG_OPTION
 @STATE_OPTION
+@plain_errors
 def node_status(as_json: bool, config_path: Path | None, state_dir: Path | None) -> None:
     """Is a node running here, and what is it doing. Exit 3 if none runs."""
     cfg = node_config(config_path, state_dir)
@@ -151,6 +160,7 @@ def node_status(as_json: bool, config_path: Path | None, state_dir: Path | None)
               "unprotected, until restarted).")
 @CONFIG_OPTION
 @STATE_OPTION
+@plain_errors
 def node_teardown(force: bool, config_path: Path | None, state_dir: Path | None) -> None:
     """Remove everything herdwall installed in the kernel: table inet herdwall (filters, the
     stack's and the throttle's rules) and the static NFQUEUE rules. The store keeps the
@@ -197,6 +207,7 @@ def node_config_cmd(check: bool, defaults: bool, config_path: Path | None,
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @CONFIG_OPTION
 @STATE_OPTION
+@plain_errors
 def peer_list(as_json: bool, config_path: Path | None, state_dir: Path | None) -> None:
     """The node's overlay peers (live from the running node, else last seen, from its store)."""
     cfg = node_config(config_path, state_dir)
@@ -243,6 +254,7 @@ def _throttle_state(cfg: Config) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @CONFIG_OPTION
 @STATE_OPTION
+@plain_errors
 def throttle_status(as_json: bool, config_path: Path | None, state_dir: Path | None) -> None:
     """Working sets, delay queues and flagged hosts of the running node's throttle."""
     st = _throttle_state(node_config(config_path, state_dir))
@@ -268,6 +280,7 @@ def throttle_status(as_json: bool, config_path: Path | None, state_dir: Path | N
 @click.argument("host")
 @CONFIG_OPTION
 @STATE_OPTION
+@plain_errors
 def throttle_clear(host: str, config_path: Path | None, state_dir: Path | None) -> None:
     """Let a flagged HOST make new connections again."""
     out = _request(node_config(config_path, state_dir), "throttle.clear", host=host)
@@ -285,6 +298,7 @@ def throttle_clear(host: str, config_path: Path | None, state_dir: Path | None) 
 @click.option("--interval", type=click.FloatRange(0.1, 1.0), default=1.0, show_default=True,
               help="Seconds between refreshes.")
 @click.option("--once", is_flag=True, help="Print one frame and exit (scripts, no terminal).")
+@plain_errors
 def monitor(config_path: Path | None, state_dir: Path | None, socket_path: Path | None,
             interval: float, once: bool) -> None:
     """Live view of the running node: peers, alerts, filters, throttle, detector. q or Ctrl-C

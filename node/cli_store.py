@@ -10,9 +10,11 @@ for people by default, ``--json`` for scripts.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,28 @@ CONFIG_OPTION = click.option(
 STATE_OPTION = click.option(
     "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="The node's state directory (overrides the config's).")
+
+
+def plain_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors that already say what is wrong and what to do (a bad config or store, no node)
+    become one red line and exit 1, without the exception's type name; --debug still shows
+    the traceback."""
+    from node.daemon.config import ConfigError
+    from node.daemon.control import AlreadyRunning
+    from node.daemon.store import StoreError
+
+    plain = (ConfigError, StoreError, ControlError, NoNode, AlreadyRunning)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except plain as e:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            print_error(str(e))
+            raise click.exceptions.Exit(1) from None
+    return wrapper
 
 
 def node_config(config_path: Path | None, state_dir: Path | None) -> Config:
@@ -128,6 +152,7 @@ class View:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @CONFIG_OPTION
 @STATE_OPTION
+@plain_errors
 def alert_list(state: str | None, limit: int, as_json: bool, config_path: Path | None,
                state_dir: Path | None) -> None:
     """Alerts this node detected or received, newest first."""
@@ -156,6 +181,7 @@ _file_show = alert.commands["show"]  # cli.py's: an alert or envelope FILE
 @CONFIG_OPTION
 @STATE_OPTION
 @click.pass_context
+@plain_errors
 def alert_show(ctx: click.Context, what: str, as_json: bool, config_path: Path | None,
                state_dir: Path | None) -> None:
     """Show an alert: a stored one by id (or a prefix of at least 4 hex digits), or an alert or
@@ -220,6 +246,7 @@ def pcap(packets: list[bytes], ts: float) -> bytes:
               help="The raw packets that carried it (pcap, raw IP), for traceback.")
 @CONFIG_OPTION
 @STATE_OPTION
+@plain_errors
 def alert_export(alert_id: str, output: Path | None, bare: bool, as_pcap: bool,
                  config_path: Path | None, state_dir: Path | None) -> None:
     """Write a stored alert's signed envelope (as received or as this node signed it), the
@@ -291,6 +318,7 @@ def filter_rows(cfg: Config, all_states: bool) -> tuple[list[dict[str, Any]], st
     return rows, note or "no node is running: read from the store and the kernel"
 
 
+@plain_errors
 def filter_list(as_json: bool, all_states: bool, config_path: Path | None,
                 state_dir: Path | None) -> None:
     rows, note = filter_rows(node_config(config_path, state_dir), all_states)
@@ -313,6 +341,7 @@ def filter_list(as_json: bool, all_states: bool, config_path: Path | None,
         console.print(Text(note, style="dim"))
 
 
+@plain_errors
 def filter_remove(filter_ids: tuple[str, ...], config_path: Path | None,
                   state_dir: Path | None) -> None:
     """Through the node if one runs (remembered: the filter does not come back unasked);

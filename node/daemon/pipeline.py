@@ -136,6 +136,7 @@ class Pipeline:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._consumers: list[asyncio.Task[Any]] = []
         self._inflight: dict[str, asyncio.Future[VerifyOutcome]] = {}
+        self._active = 0
         self._closing = False
 
     # --- life cycle -----------------------------------------------------------------------
@@ -161,8 +162,8 @@ class Pipeline:
     async def idle(self, timeout: float = 30.0) -> None:
         """Wait until the queue is empty and no job or background task runs (tests, tools)."""
         deadline = time.monotonic() + timeout
-        while (len(self.sampler) or self.pools.slow.busy or self.pools.fast.busy
-               or self._tasks or self._inflight):
+        while (len(self.sampler) or self._active or self.pools.slow.busy
+               or self.pools.fast.busy or self._tasks or self._inflight):
             if time.monotonic() > deadline:
                 raise TimeoutError("pipeline still busy")
             await asyncio.sleep(0.01)
@@ -228,6 +229,7 @@ class Pipeline:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            self._active += 1  # taken but not finished: idle() must wait for it
             try:
                 await self.detect_job(job)
             except asyncio.CancelledError:
@@ -235,6 +237,8 @@ class Pipeline:
             except Exception as e:
                 self.dstats.errors += 1
                 self.bus.emit("detector.error", service=job.service, error=repr(e))
+            finally:
+                self._active -= 1
 
     async def detect_job(self, job: Job) -> DetectOutcome | None:
         try:

@@ -1,0 +1,305 @@
+"""The alert pipeline with the real sandbox on the sample services, real process pools and a
+real SQLite store; the kernel side is a recording FilterTable-like object."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from typing import Any
+
+import pytest
+
+from node.daemon.pipeline import Pipeline
+from node.daemon.pools import JobFailed, Pools
+from sca.alert import Alert, ByteRef, ExecutionControl
+from sca.codec import alert_id_hex, encode_alert
+from sca.envelope import decode_envelope, seal
+from sca.keys import NodeKey
+from sca.services import traffic
+
+
+def pipeline(parts: Any, images: list, pools: Pools, *, detector: bool = False,
+             broadcast: Any = None, **kw: Any) -> Pipeline:
+    return Pipeline(key=NodeKey.generate(), images=images, pools=pools, db=parts.db,
+                    bus=parts.bus, filters=parts.filters, detector=detector,
+                    broadcast=broadcast, **kw)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def exploit_packets(messages: tuple) -> list[list[bytes]]:
+    # Stand-ins for the IP packets that carried each message (the stack gives real ones).
+    return [[b"\x45pkt" + m.data[:8]] for m in messages]
+
+
+@pytest.mark.parametrize("service", ["resolver", "mgmtd"])
+def test_detector_node_alerts_signs_stores_installs_broadcasts(
+        service: str, images: list, pools: Pools, parts_factory: Any,
+        rng: random.Random) -> None:
+    parts = parts_factory()
+    sent: list[bytes] = []
+
+    async def broadcast(envelope: bytes) -> None:
+        sent.append(envelope)
+
+    async def main() -> Pipeline:
+        p = pipeline(parts, images, pools, detector=True, broadcast=broadcast)
+        await p.start()
+        t = traffic(service)
+        assert p.submit_messages(service, tuple(t.benign(rng))) == "queued"
+        messages = tuple(t.exploit(rng))
+        assert p.submit_messages(service, messages, exploit_packets(messages)) == "queued"
+        await p.idle(60)
+        await p.stop()
+        return p
+
+    p = run(main())
+    assert len(sent) == 1
+    env = decode_envelope(sent[0])
+    alert = env.open()  # the signature is good
+    assert env.node_id == p.key.node_id
+    aid = alert_id_hex(env.alert_bytes)
+    row = parts.store.alert(aid)
+    assert row is not None
+    assert (row.origin, row.state, row.signer) == ("detected", "forwarded", p.node_id)
+    assert row.envelope == sent[0] and row.alert == env.alert_bytes
+    assert parts.store.packets(aid)  # kept for traceback
+    assert [v.verified for v in parts.store.verifications(aid)] == [True]
+    assert alert.service_name == service
+    kinds = {f.kind for f in parts.table.installed.values()}
+    assert "specific" in kinds and "general" in kinds
+    assert {r.filter_id for r in parts.store.filters(state="installed")} == \
+        set(parts.table.installed)
+    # The specific filter went in before the broadcast: the detector protects itself first.
+    types = parts.types()
+    assert types.index("filter.installed") < types.index("alert.forwarded")
+    assert p.dstats.analysed == 2 and p.dstats.detections == 1
+
+
+def test_benign_traffic_raises_nothing(images: list, pools: Pools, parts_factory: Any,
+                                       rng: random.Random) -> None:
+    parts = parts_factory()
+
+    async def main() -> None:
+        p = pipeline(parts, images, pools, detector=True)
+        await p.start()
+        for _ in range(5):
+            p.submit_messages("resolver", tuple(traffic("resolver").benign(rng)))
+        await p.idle(60)
+        await p.stop()
+
+    run(main())
+    assert parts.store.alerts() == [] and parts.table.installed == {}
+
+
+@pytest.fixture(scope="module")
+def envelopes(images: list) -> dict[str, tuple[bytes, Alert]]:
+    """A signed, verified alert per sample (made once, as a detector would)."""
+    from sca.generate import Detector
+    from sca.verify import Verifier
+
+    key = NodeKey.generate()
+    out = {}
+    rng = random.Random(11)
+    for img in images:
+        messages = tuple(traffic(img.name).exploit(rng))
+        d = Detector(img)
+        run_ = d.inspect(messages)
+        assert run_.detection is not None
+        gen = d.generate(messages, run_.detection, Verifier([img]))
+        assert gen is not None
+        blob = encode_alert(gen.alert)
+        out[img.name] = (seal(blob, key, time.time()).encode(), gen.alert)
+    return out
+
+
+def test_receiving_node_verifies_installs_and_forwards_once(
+        images: list, pools: Pools, parts_factory: Any, envelopes: dict) -> None:
+    parts = parts_factory()
+    env, alert = envelopes["resolver"]
+
+    async def main() -> tuple:
+        p = pipeline(parts, images, pools)
+        first = await p.on_overlay_alert(env, ("10.77.0.1", 7400))
+        second = await p.on_overlay_alert(env, ("10.77.0.2", 7400))
+        await p.idle(60)
+        if first.forward:
+            await p.mark_forwarded(first.alert_id)
+        return first, second
+
+    first, second = run(main())
+    aid = alert_id_hex(encode_alert(alert))
+    assert (first.alert_id, first.state, first.forward) == (aid, "verified", True)
+    assert (second.state, second.forward, second.duplicate) == ("verified", False, True)
+    row = parts.store.alert(aid)
+    assert row is not None and row.state == "forwarded" and row.from_peer == "10.77.0.1:7400"
+    assert row.envelope == env and row.seen_count == 2
+    assert len(parts.store.verifications(aid)) == 1  # the copy was not re-verified
+    assert {f.kind for f in parts.table.installed.values()} == {"specific", "general"}
+
+
+def test_forged_signature_is_refuted_and_never_forwarded(
+        images: list, pools: Pools, parts_factory: Any, envelopes: dict) -> None:
+    parts = parts_factory()
+    env, _ = envelopes["resolver"]
+    forged = bytearray(env)
+    forged[env.index(decode_envelope(env).signature) + 10] ^= 0x40  # inside the signature
+
+    async def main() -> tuple:
+        p = pipeline(parts, images, pools)
+        bad = await p.on_overlay_alert(bytes(forged), "peer-x")
+        good = await p.on_overlay_alert(env, "peer-y")  # the genuine one still counts
+        await p.idle(60)
+        return bad, good
+
+    bad, good = run(main())
+    assert (bad.state, bad.forward, bad.reason) == ("refuted", False, "bad-signature")
+    assert (good.state, good.forward) == ("verified", True)
+    row = parts.store.alert(bad.alert_id)
+    assert row is not None and row.state == "verified" and row.envelope == env
+
+
+def test_refuted_alert_is_stored_remembered_and_not_forwarded(
+        images: list, pools: Pools, parts_factory: Any, rng: random.Random) -> None:
+    parts = parts_factory()
+    resolver = next(i for i in images if i.name == "resolver")
+    benign = max(traffic("resolver").benign(rng), key=lambda m: len(m.data))
+    mid = len(benign.data) // 2
+    lie = Alert(resolver.service_id, "resolver", (benign,),
+                ExecutionControl(tuple(ByteRef(0, mid + i) for i in range(4))))
+    env = seal(encode_alert(lie), NodeKey.generate(), time.time()).encode()
+
+    async def main() -> tuple:
+        p = pipeline(parts, images, pools)
+        a = await p.on_overlay_alert(env, "liar")
+        b = await p.on_overlay_alert(env, "liar")
+        await p.idle(30)
+        return a, b
+
+    a, b = run(main())
+    assert (a.state, a.forward) == ("refuted", False) and a.reason == "trap-not-reached"
+    assert (b.state, b.forward, b.duplicate) == ("refuted", False, True)
+    assert len(parts.store.verifications(a.alert_id)) == 1
+    row = parts.store.alert(a.alert_id)
+    assert row is not None and row.state == "refuted" and row.signer
+    assert parts.table.installed == {}
+    assert "alert.refuted" in parts.types()
+
+
+def test_malformed_envelopes(images: list, pools: Pools, parts_factory: Any) -> None:
+    parts = parts_factory()
+
+    async def main() -> list:
+        p = pipeline(parts, images, pools)
+        return [await p.on_overlay_alert(b"\xa1\x00garbage", "p"),
+                await p.on_overlay_alert(b"x" * 200_000, "p"),
+                await p.on_overlay_alert("text", "p")]  # type: ignore[arg-type]
+
+    for d in run(main()):
+        assert (d.state, d.forward) == ("malformed", False)
+    assert parts.store.alerts() == []
+    assert parts.types().count("alert.malformed") == 3
+
+
+def test_unknown_service_cannot_be_verified(parts_factory: Any, envelopes: dict) -> None:
+    from sca.services import manifest_path
+
+    parts = parts_factory()
+    env, _ = envelopes["resolver"]
+    only_mgmtd = Pools([manifest_path("mgmtd")], fast_workers=1, slow_workers=1)
+    try:
+        async def main() -> Any:
+            await only_mgmtd.warm()
+            from sca.emu.image import load_image
+
+            p = pipeline(parts, [load_image(manifest_path("mgmtd"))], only_mgmtd)
+            return await p.on_overlay_alert(env, "p")
+
+        d = run(main())
+    finally:
+        only_mgmtd.close()
+    assert (d.state, d.forward, d.reason) == ("received", False, "unknown-service")
+    assert parts.store.alert(d.alert_id).state == "received"  # type: ignore[union-attr]
+
+
+def test_operator_removed_filter_does_not_come_back(
+        images: list, pools: Pools, parts_factory: Any, envelopes: dict) -> None:
+    parts = parts_factory()
+    env, _ = envelopes["mgmtd"]
+
+    async def main() -> list[str]:
+        p = pipeline(parts, images, pools, general_filters=False)
+        d = await p.on_overlay_alert(env, "p")
+        await p.idle(30)
+        ids = list(parts.table.installed)
+        assert await parts.filters.remove(ids) == ids
+        # The same alert again, even re-verified from scratch, installs nothing.
+        parts.store.set_alert_state(d.alert_id, "received")
+        await p.on_overlay_alert(env, "q")
+        await p.idle(30)
+        return ids
+
+    ids = run(main())
+    assert parts.table.installed == {}
+    assert "filter.skipped" in parts.types()
+    assert all(parts.store.filter(i).removed_by == "operator" for i in ids)  # type: ignore[union-attr]
+
+
+def test_overlay_hooks(images: list, pools: Pools, parts_factory: Any,
+                       envelopes: dict) -> None:
+    parts = parts_factory()
+    env_bytes, alert = envelopes["resolver"]
+    env = decode_envelope(env_bytes)
+
+    async def main() -> tuple:
+        p = pipeline(parts, images, pools, general_filters=False)
+        v = await p.overlay_verify(alert)  # what Overlay(verify=...) gets
+        await p.overlay_on_alert(env, alert)  # Overlay(on_alert=...)
+        again = await p.overlay_verify(alert)
+        await p.idle(30)
+        return v, again
+
+    v, again = run(main())
+    assert v.verified and v.reason == "verified"
+    assert again.verified and again.detail == "stored verdict"
+    row = parts.store.alert(v.alert_id)
+    assert row is not None and row.state == "forwarded" and row.envelope == env_bytes
+    assert len(parts.table.installed) == 1
+
+
+def test_sampling_under_load_keeps_the_queue_bounded(images: list, pools: Pools,
+                                                    parts_factory: Any,
+                                                    rng: random.Random) -> None:
+    parts = parts_factory()
+
+    async def main() -> Pipeline:
+        p = pipeline(parts, images, pools, detector=True, queue_size=4)
+        await p.start()
+        outcomes = [p.submit_messages("resolver", tuple(traffic("resolver").benign(rng)))
+                    for _ in range(300)]
+        assert len(p.sampler) <= 4
+        assert "sampled-out" in outcomes or "replaced" in outcomes
+        assert p.submit_messages("nope", ()).startswith("refused")
+        assert p.submit_messages("resolver", ()).startswith("refused")
+        await p.idle(120)
+        await p.stop()
+        return p
+
+    p = run(main())
+    st = p.status()["detector"]
+    assert st["offered"] == 300 and st["analysed"] <= 300 - st["sampled_out"]
+    assert st["sampled_out"] + st["duplicates"] + st["replaced"] > 0
+
+
+def test_a_dead_worker_restarts_its_lane(pools: Pools) -> None:
+    async def main() -> None:
+        with pytest.raises(JobFailed, match="died"):
+            await pools.fast.run(os._exit, 3)
+        assert pools.fast.restarts >= 1
+        assert isinstance(await pools.fast.run(os.getpid, timeout=30), int)
+
+    run(main())
