@@ -32,9 +32,13 @@ import ipaddress
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from node.testbed.daemons import NodeSpec
 from node.testbed.netns import Namespace, NetnsError, Testbed, _check_testbed_addr, _ip
 from node.testbed.worm import HostSpec
+
+Settings = dict[str, dict[str, Any]]
 
 POOL = "10.77.0.0/24"
 CHAIN = ("atk", "det", "r1", "r2", "r3", "vul", "cli")
@@ -124,6 +128,21 @@ class WormBed:
 
     def specs(self) -> list[HostSpec]:
         return [r.spec() for r in self.roles]
+
+    def node_specs(self, settings: Settings | None = None) -> list[NodeSpec]:
+        """A node on every detector and vulnerable host (the attacker and the client run
+        none). Every node joins through the detectors (the first detector through the
+        second, if any): a small, well-known set of bootstrap peers."""
+        dets = self.of("detector")
+        boots = [f"{d.addr}:7400" for d in dets] or [f"{self.of('vulnerable')[0].addr}:7400"]
+        out = []
+        for r in self.roles:
+            if r.name not in ("detector", "vulnerable"):
+                continue
+            peers = [b for b in boots if not b.startswith(f"{r.addr}:")]
+            out.append(NodeSpec(r.ns.name, r.addr, detector=r.name == "detector",
+                                bootstrap=peers, settings=dict(settings or {})))
+        return out
 
     def namespaces(self) -> list[str]:
         return self.testbed.namespaces() if self.testbed else []
@@ -231,6 +250,21 @@ class Chain:
 
     def namespaces(self) -> list[str]:
         return [h.ns.name for h in self.hosts]
+
+    def node_specs(self, settings: Settings | None = None) -> list[NodeSpec]:
+        """Nodes on the detector, the relays and the vulnerable host; each binds its overlay
+        on all of its addresses and bootstraps through its neighbours on the line (it can
+        reach no one else). Relays protect the service too: they verify before forwarding."""
+        out = []
+        for h in self.hosts:
+            if h.name in ("atk", "cli"):
+                continue
+            peers = [f"{a}:7400" for a in self.neighbours(h.name)
+                     if a not in (self["atk"].right, self["cli"].left)]
+            spec = NodeSpec(h.ns.name, "0.0.0.0", detector=h.name == "det", bootstrap=peers,
+                            settings=dict(settings or {}))
+            out.append(spec)
+        return out
 
     def close(self) -> None:
         for h in self.hosts:

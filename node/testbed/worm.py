@@ -34,7 +34,7 @@ Run it in this process (``HarnessThread``, for tests) or as a program, e.g. by t
 
 ``spec.json``: ``{"hosts": [{"ns": "hw-…", "addr": "10.77.0.2", "role": "vulnerable"}, …],
 "pool": ["10.77.0.0/24"], "rate": 20, "seed": 1, "client_rate": 5,
-"stop_when_all_infected": true}``.
+"stop_when_all_infected": true, "release": true}``.
 """
 
 from __future__ import annotations
@@ -669,12 +669,15 @@ def harness_from_spec(spec: dict[str, Any], reporter: Reporter) -> Harness:
 
 
 async def _main(spec_path: Path, out: TextIO, duration: float | None) -> None:
-    harness = harness_from_spec(load_spec(spec_path), Reporter(out))
+    spec = load_spec(spec_path)
+    harness = harness_from_spec(spec, Reporter(out))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await harness.run(duration, stop)
+    # "release": false serves the vulnerable hosts (benign replies, infection by hand-sent
+    # exploits) without letting the seeds scan: a testbed that is up, waiting for a person.
+    await harness.run(duration, stop, release=bool(spec.get("release", True)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
