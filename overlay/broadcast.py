@@ -256,6 +256,8 @@ class BroadcastCore:
         self._announce_buckets = KeyedBuckets(cfg.announce_rate, cfg.max_peers_tracked)
         self._fetch_buckets = KeyedBuckets(cfg.fetch_rate, cfg.max_peers_tracked)
         self._inflight: Counter[str] = Counter()  # fetches under way, per peer IP
+        self._group_source: Sequence[Contact] | None = None
+        self._groups: dict[int, list[Contact]] = {}
         self._strikes: OrderedDict[str, int] = OrderedDict()
         self._banned: OrderedDict[str, float] = OrderedDict()
         self.ae = AntiEntropy(cfg.ae_interval, cfg.ae_window, self.rng, now)
@@ -567,11 +569,7 @@ class BroadcastCore:
         if limit >= upper:
             return []
         held.forwarded[replica] = limit
-        groups: dict[int, list[Contact]] = {}
-        for c in self._contacts():
-            p = prefix_len(self._long, int.from_bytes(c.node_id, "big"))
-            if limit <= p < upper and p < 160:
-                groups.setdefault(p, []).append(c)
+        groups = {p: cs for p, cs in self._grouped().items() if limit <= p < upper}
         if aid not in self._delegations:
             self._delegations[aid] = {}
             self._timer(now + self.cfg.linger_s, "purge", aid)
@@ -588,6 +586,19 @@ class BroadcastCore:
             d = _Delegation(aid, p + 1, held.hops + 1, replica, mine + rest)
             actions += self._launch(d, now)
         return actions
+
+    def _grouped(self) -> dict[int, list[Contact]]:
+        """Contacts by prefix group, recomputed only when the adapter hands over a new list
+        (it hands over the same list object while its routing table is unchanged)."""
+        contacts = self._contacts()
+        if contacts is not self._group_source:
+            groups: dict[int, list[Contact]] = {}
+            for c in contacts:
+                p = prefix_len(self._long, int.from_bytes(c.node_id, "big"))
+                if p < 160:
+                    groups.setdefault(p, []).append(c)
+            self._group_source, self._groups = contacts, groups
+        return self._groups
 
     def _launch(self, d: _Delegation, now: float) -> list[Action]:
         """Ask the next candidate of ``d`` unless one is being asked or has it already."""

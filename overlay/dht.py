@@ -47,6 +47,7 @@ from kademlia.crawling import NodeSpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
+from kademlia.routing import RoutingTable
 
 from overlay import hello as hello_mod
 from overlay import kfilter, mpack
@@ -226,12 +227,32 @@ class _NoStorage(dict):  # type: ignore[type-arg]
         return iter(())
 
 
+class VersionedRoutingTable(RoutingTable):
+    """The library's table, with a version that changes whenever its contents may have, so
+    the broadcast core's view of it (asked for on every forward) can be cached."""
+
+    version = 0
+
+    def add_contact(self, node: Node) -> None:
+        self.version += 1
+        super().add_contact(node)
+
+    def remove_contact(self, node: Node) -> None:
+        self.version += 1
+        super().remove_contact(node)
+
+    def flush(self) -> None:
+        self.version += 1
+        super().flush()
+
+
 class HardenedProtocol(KademliaProtocol):
     def __init__(self, source_node: Node, storage: Any, ksize: int, *, key: NodeKey,
                  config: DhtConfig,
                  on_broadcast: Callable[[bytes, Addr], None] | None = None,
                  spawn: Callable[[Any], Any] | None = None) -> None:
         super().__init__(source_node, storage, ksize)
+        self.router = VersionedRoutingTable(self, ksize, source_node)
         self.ksize = ksize
         self._wait_timeout = config.rpc_timeout
         self.key = key

@@ -132,6 +132,7 @@ class Overlay:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._ban_epoch = 0
+        self._contacts_cache: tuple[int, list[Contact]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
 
@@ -291,10 +292,14 @@ class Overlay:
         protocol = self.server.protocol
         if protocol is None:
             return []
+        version = protocol.router.version
+        if self._contacts_cache is not None and self._contacts_cache[0] == version:
+            return self._contacts_cache[1]
         out = []
         for n in protocol.contacts():
             known = protocol.peers.get(n.id)
             out.append(Contact(n.id, (n.ip, n.port), bool(known and known.super_peer)))
+        self._contacts_cache = (version, out)
         return out
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
