@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import random
+import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from node.testbed.netns import Namespace, NetnsError, _ip
+from node.testbed.netns import TESTBED_NET, Namespace, NetnsError, _ip
 from node.traceback.bloom import BloomConfig
 from node.traceback.config import EDGE, ROUTER, Link, RouterConfig, RouterRef
 from node.traceback.core import RouterCore
@@ -258,6 +262,43 @@ class RouterNet:
             node = prev[node]
         return out[::-1]
 
+    # -- traffic (raw sockets live in the hosts' namespaces: nothing leaves the testbed)
+
+    def raw_sender(self, host: str) -> socket.socket:
+        """A raw IPv4 socket in ``host`` that sends whole packets as given (any source)."""
+        return self.hosts[host].ns.call(
+            lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW))
+
+    def send_raw(self, host: str, packet: bytes) -> None:
+        dst = socket.inet_ntoa(packet[16:20])
+        if ipaddress.IPv4Address(dst) not in TESTBED_NET:
+            raise NetnsError(f"{dst}: packets stay inside the testbed")
+        with self.raw_sender(host) as s:
+            s.sendto(packet, (dst, 0))
+
+    def capture(self, host: str, proto: int = socket.IPPROTO_UDP) -> socket.socket:
+        """A raw socket in ``host`` that receives a copy of every incoming ``proto`` packet,
+        IP header included, as delivered (after the last hop cleared the mark)."""
+        return self.hosts[host].ns.call(
+            lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, proto))
+
+    def noise(self, count: int, rng: random.Random, hosts: Sequence[str] | None = None,
+              port: int = 9) -> None:
+        """``count`` ordinary UDP datagrams (DF set, as Linux sends them) between random
+        pairs of ``hosts``, to a port nobody listens on: background traffic for the tables."""
+        names = list(hosts or self.hosts)
+        socks = {h: self.hosts[h].ns.call(
+            lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) for h in names}
+        try:
+            for _ in range(count):
+                a, b = rng.sample(names, 2)
+                with contextlib.suppress(OSError):  # ICMP errors from earlier sends
+                    socks[a].sendto(rng.randbytes(rng.randrange(8, 200)),
+                                    (self.hosts[b].addr, port))
+        finally:
+            for s in socks.values():
+                s.close()
+
     def by_key(self, pub: bytes) -> str:
         for r in self.routers.values():
             if r.key.public_bytes == pub:
@@ -273,3 +314,16 @@ class RunningRouters:
 
     def core(self, name: str) -> RouterCore:
         return self.services[name].core
+
+
+def wait_for(sock: socket.socket, needle: bytes, timeout: float = 5.0) -> tuple[bytes, float]:
+    """The first packet on ``sock`` that contains ``needle``, and when it arrived."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the packet did not arrive")
+        sock.settimeout(left)
+        data = sock.recv(65535)
+        if needle in data:
+            return data, time.time()

@@ -28,9 +28,10 @@ Every ingress logs (an arrival from hosts is untrusted), so every true path star
 logged edge hit, unless a router on it did not answer (an *unresolved* end). At the end,
 branches that reach neither an ingress nor an unresolved end are dropped from the graph and
 counted as ``dead_ends`` (Bloom-filter false positives that died out). Hits are also pruned by
-time (a packet cannot have passed an upstream router after its downstream last logged it,
-plus ``skew``), by direction (never from the downstream it went to), and by address (never in
-over an edge link whose prefix holds its own destination).
+time: each visit carries a window, the gateway's from the caller, an upstream's the span of the
+downstream's matching slices moved ``skew`` earlier (link latency and clock offset), and only
+slices overlapping it count. And by direction (never from the downstream it went to), and
+by address (never in over an edge link whose prefix holds its own destination).
 
 Answers are cached per router, so a router reached twice is asked once. Each answer must be
 signed by the key its downstream neighbour (or, for the gateway, the caller) vouched for.
@@ -127,7 +128,8 @@ class _Visit:
     ref: RouterRef
     down: bytes | None  # downstream router's key; None at the gateway
     mode: str
-    t_max: float  # the packet was here no later than this
+    t_min: float  # the packet was here no earlier than this
+    t_max: float  # and no later than this
 
 
 class PathWalk:
@@ -146,10 +148,10 @@ class PathWalk:
         self._to_ask: dict[bytes, RouterRef] = {}
         self._asked: set[bytes] = set()
         self._waiting: dict[bytes, list[_Visit]] = {}
-        self._seen: dict[tuple[bytes, bytes | None, str], float] = {}
+        self._seen: dict[tuple[bytes, bytes | None, str], tuple[float, float]] = {}
         self._silent: set[bytes] = set()
         self._g = AttackGraph(gateway.public_key, atomic=atomic)
-        self._visit(_Visit(gateway, None, GATEWAY, t_to))
+        self._visit(_Visit(gateway, None, GATEWAY, t_from, t_to))
 
     # -- driving
 
@@ -196,9 +198,11 @@ class PathWalk:
     def _visit(self, v: _Visit) -> None:
         pub = v.ref.public_key
         key = (pub, v.down, v.mode)
-        if self._seen.get(key, -math.inf) >= v.t_max:
-            return  # already walked from here with at least this much time
-        self._seen[key] = v.t_max
+        seen = self._seen.get(key)
+        if seen is not None and seen[0] <= v.t_min and seen[1] >= v.t_max:
+            return  # already walked from here with a window at least this wide
+        self._seen[key] = (min(v.t_min, seen[0]), max(v.t_max, seen[1])) if seen else (
+            v.t_min, v.t_max)
         if pub in self._answers:
             self._process(v, self._answers[pub])
             return
@@ -224,17 +228,20 @@ class PathWalk:
             return lk.peer is not None and lk.peer.public_key == down
         return lk.prefix is not None and self._dst in ipaddress.IPv4Network(lk.prefix)
 
-    def _hits(self, v: _Visit, ans: TracebackAnswer) -> dict[tuple[str, bool], float]:
-        """(link, untrusted) -> the latest time a matching slice saw it, after pruning."""
-        out: dict[tuple[str, bool], float] = {}
+    def _hits(self, v: _Visit, ans: TracebackAnswer
+              ) -> dict[tuple[str, bool], tuple[float, float]]:
+        """(link, untrusted) -> the span of the matching slices that fit the visit's window
+        (give or take ``skew``), after pruning."""
+        out: dict[tuple[str, bool], tuple[float, float]] = {}
         for h in ans.hits:
-            if h.first > v.t_max + self.skew:
+            if h.first > v.t_max + self.skew or h.last < v.t_min - self.skew:
                 continue
             lk = ans.link(h.link)
             if lk is not None and self._impossible(lk, v.down):
                 continue
             k = (h.link, h.untrusted)
-            out[k] = max(out.get(k, -math.inf), h.last)
+            lo, hi = out.get(k, (math.inf, -math.inf))
+            out[k] = (min(lo, h.first), max(hi, h.last))
         return out
 
     def _process(self, v: _Visit, ans: TracebackAnswer | None) -> None:
@@ -259,11 +266,13 @@ class PathWalk:
         if probe is not None:
             for lk in ans.links:
                 if lk.kind == ROUTER and lk.peer is not None and lk.peer.public_key != v.down:
-                    self._visit(_Visit(lk.peer, ref.public_key, probe, v.t_max))
+                    # One hop further up: up to ``skew`` earlier.
+                    self._visit(_Visit(lk.peer, ref.public_key, probe, v.t_min - self.skew,
+                                       v.t_max))
 
     def _follow(self, v: _Visit, ref: RouterRef, ans: TracebackAnswer,
-                hits: dict[tuple[str, bool], float]) -> None:
-        for (name, untrusted), last in hits.items():
+                hits: dict[tuple[str, bool], tuple[float, float]]) -> None:
+        for (name, untrusted), (first, last) in hits.items():
             lk = ans.link(name)
             if lk is None or lk.kind == EDGE or lk.peer is None:
                 ing = Ingress(ref.public_key, ans.router_id, name, lk.prefix if lk else None)
@@ -272,7 +281,10 @@ class PathWalk:
                 continue
             # Not atomic: every hop logs these, so the upstream must have logged too.
             mode = CANDIDATE if not self.atomic else EITHER if untrusted else MARKER
-            self._visit(_Visit(lk.peer, ref.public_key, mode, min(v.t_max, last)))
+            # The upstream saw it before this router did, by at most ``skew`` (link latency
+            # and clock offset): within the matching slices' span, moved that much earlier.
+            self._visit(_Visit(lk.peer, ref.public_key, mode,
+                               max(v.t_min, first) - self.skew, min(v.t_max, last)))
 
 
 # --------------------------------------------------------------------------- the driver
@@ -281,7 +293,7 @@ Ask = Callable[[RouterRef, bytes], Awaitable[bytes | None]]
 
 
 async def trace(packet: bytes, *, at: float, key: NodeKey, gateway: RouterRef, ask: Ask,
-                before: float = 5.0, after: float = 1.0, skew: float = 0.5,
+                before: float = 2.0, after: float = 1.0, skew: float = 0.5,
                 clock: Callable[[], float] = time.time) -> AttackGraph:
     """Trace one attack packet (raw IPv4 bytes as the victim received them, ``at`` the time it
     was captured): query routers through ``ask`` (a transport: ref and query bytes in, answer
