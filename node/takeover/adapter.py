@@ -1,0 +1,432 @@
+"""The kernel driver: NFQUEUE in, raw socket out, the user-level endpoints in between.
+
+``TakeoverQueue`` reads the takeover queue (``rules.Q_TAKEOVER``): the packets of the ports that
+``takeover`` filters watch and of flows already taken over, in both directions. For each packet:
+
+1. the engine is offered it first: a packet of a flow it owns is consumed (dropped in the kernel,
+   handled by the endpoints);
+2. otherwise the watch stack (``node.stack.Stack``) tracks it, keeps short tails of the bytes in
+   flight each way (so a taken-over endpoint can resend what a peer lost), and checks each new
+   in-order chunk of a client's stream against the filters. A match is the *trigger*: the engine
+   takes the flow over with that very packet (which never reaches the server);
+3. a client segment that arrives out of order is dropped rather than forwarded: the server must
+   never hold bytes the node has not released in order, or a takeover could not remove them
+   (the client resends it; with SACK that costs one round trip);
+4. everything else is accepted at once.
+
+``TakeoverEngine`` is herdwall's takeover (``proxy.Proxy`` per flow, segments out through a raw
+socket marked ``TAKEOVER_OWN``, timers on the loop); ``repair.RepairEngine`` and
+``reset.ResetEngine`` are the baselines, driven by the same queue and trigger.
+
+The daemon's own path (a flow flagged on the stack's queue by the detector): call
+``TakeoverEngine.take_over(flow, seq, data, packet, handle)`` from the stack queue's gate with
+the packet that carried the message (and return "drop"), and offer every later packet of the
+stack queue to ``TakeoverEngine.offer`` first; the engine adds the flow to ``takeover_flows`` so
+its packets come to the takeover queue from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from node.kernel.nfqueue import Handle, QueueAdapter
+from node.kernel.sockets import mark_socket
+from node.stack.conntrack import Flow
+from node.stack.events import Drop, FlowClosed, MessageIn
+from node.stack.packet import ACK, RST, SYN, PacketError
+from node.stack.stack import Stack, StackConfig
+from node.takeover import rules, wire
+from node.takeover.policy import Policy, Scrub
+from node.takeover.proxy import Proxy
+from node.takeover.seed import StreamTail, seeds
+from node.takeover.tcp import Config, Segment, State, seq_lt
+
+log = logging.getLogger(__name__)
+
+MAX_STREAM = 64 * 1024  # a filter's condition lies within an alert's 64 KiB
+
+
+@dataclass(slots=True)
+class Trigger:
+    """A flow to take over, at the message that made it match."""
+
+    flow: Flow
+    seq: int  # sequence number of the message's first byte
+    data: bytes  # the message (the bytes the trigger packet made deliverable)
+    seg: Segment  # the trigger packet's segment (its ACK, window, timestamps)
+    packet: bytes  # the trigger packet as queued
+    client: tuple[str, int]
+    server: tuple[str, int]
+    c2s: StreamTail | None = None
+    s2c: StreamTail | None = None
+    hit: Any = None  # what matched (a filters.condition.Filter, or the detector's verdict)
+
+
+class Engine(Protocol):
+    def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
+    def close(self) -> None: ...
+    def offer(self, payload: bytes, handle: Handle, now: float) -> bool: ...
+    def trigger(self, t: Trigger, handle: Handle, now: float) -> None: ...
+
+
+Detect = Callable[[Flow, bytes, bytes], Any]  # (flow, new chunk, stream so far) -> hit or None
+
+
+def _addr(a: bytes, port: int) -> tuple[str, int]:
+    return socket.inet_ntoa(a), port
+
+
+class TakeoverQueue:
+    def __init__(self, engine: Engine, *, detect: Detect | None = None,
+                 filters: Any = None, ports: set[int] | None = None,
+                 queue_num: int = rules.Q_TAKEOVER, netns: str | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None, fail_open: bool = True,
+                 max_len: int = 4096, tail_limit: int = 256 * 1024) -> None:
+        """``filters``: a ``filters.userspace.UserspaceFilters`` (its TCP filters trigger);
+        ``detect``: any other trigger; ``ports``: the TCP ports watched (the filters' too)."""
+        self.engine = engine
+        self.filters = filters
+        self.detect = detect
+        ports = set(ports or ())
+        if filters is not None:
+            ports |= {p for proto, p in filters.ports() if proto == "tcp"}
+        self.stack = Stack(StackConfig(protected_tcp=ports, verify_checksums=False))
+        self.tail_limit = tail_limit
+        self.tails: dict[int, tuple[StreamTail, StreamTail]] = {}
+        self.streams: dict[int, bytes] = {}
+        self.stats: Counter[str] = Counter()
+        self.triggers: list[Trigger] = []
+        self.netns = netns
+        self._loop = loop
+        self.queue = QueueAdapter(queue_num, self._on_packet, netns=netns, loop=loop,
+                                  fail_open=fail_open, max_len=max_len)
+
+    def watch(self, port: int) -> None:
+        self.stack.protected_tcp.add(port)
+
+    def start(self) -> TakeoverQueue:
+        self.queue.start()
+        self._loop = self.queue._loop
+        assert self._loop is not None
+        self.engine.start(self._loop)
+        return self
+
+    def close(self) -> None:
+        self.queue.close()
+        self.engine.close()
+
+    async def __aenter__(self) -> TakeoverQueue:
+        return self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ per packet
+
+    def _on_packet(self, payload: bytes, handle: Handle) -> None:
+        now = self._loop.time()  # type: ignore[union-attr]
+        if self.engine.offer(payload, handle, now):
+            self.stats["owned"] += 1
+            return
+        try:
+            p = wire.parse(payload)
+        except PacketError:
+            self.stats["not_tcp"] += 1
+            handle.accept()
+            return
+        events = self.stack.handle(payload, now)
+        fd = self.stack.tcp.table.get(p.key)
+        drop = False
+        for e in events:
+            if type(e) is MessageIn and fd is not None:
+                if self._message(e, fd.flow, p, payload, handle, now):
+                    return  # taken over: the engine gave the verdict
+            elif type(e) is Drop:
+                drop = True
+            elif type(e) is FlowClosed:
+                self.tails.pop(e.flow_id, None)
+                self.streams.pop(e.flow_id, None)
+        if fd is not None:
+            drop |= self._track(fd.dir, fd.flow, p, events)
+        if drop:
+            self.stats["dropped"] += 1
+            handle.drop()
+        else:
+            handle.accept()
+
+    def _track(self, direction: int, flow: Flow, p: wire.Parsed, events: list[Any]) -> bool:
+        """Tails of both directions; True to drop an out-of-order client segment."""
+        seg = p.seg
+        tails = self.tails.get(flow.id)
+        if tails is None:
+            tails = self.tails[flow.id] = (StreamTail(self.tail_limit),
+                                           StreamTail(self.tail_limit))
+        c2s, s2c = tails
+        if seg.flags & ACK:
+            (s2c if direction == 0 else c2s).trim(seg.ack)
+        if not seg.payload:
+            return False
+        if direction == 1:
+            s2c.add(seg.seq, seg.payload)
+            return False
+        stream = flow.stream
+        if stream is None or any(type(e) is MessageIn for e in events):
+            return False
+        if seq_lt(stream.next_seq, seg.seq):  # held by the stack: not for the server yet
+            self.stats["ooo_dropped"] += 1
+            return True
+        return False
+
+    def _message(self, e: MessageIn, flow: Flow, p: wire.Parsed, payload: bytes,
+                 handle: Handle, now: float) -> bool:
+        data = e.message.data
+        tails = self.tails.get(flow.id)
+        if tails is None:
+            tails = self.tails[flow.id] = (StreamTail(self.tail_limit),
+                                           StreamTail(self.tail_limit))
+        stream = (self.streams.get(flow.id, b"") + data)[-MAX_STREAM:]
+        self.streams[flow.id] = stream
+        hit = self._check(flow, data, stream)
+        if hit is None:
+            tails[0].add(e.seq, data)
+            return False
+        self.stats["triggers"] += 1
+        c, s = flow.orig, flow.resp
+        t = Trigger(flow, e.seq, data, p.seg, payload, _addr(*c), _addr(*s), tails[0], tails[1],
+                    hit)
+        self.triggers.append(t)
+        self.streams.pop(flow.id, None)
+        self.engine.trigger(t, handle, now)
+        return True
+
+    def _check(self, flow: Flow, data: bytes, stream: bytes) -> Any:
+        if self.detect is not None:
+            hit = self.detect(flow, data, stream)
+            if hit is not None:
+                return hit
+        if self.filters is not None:
+            port = flow.resp[1]
+            return self.filters.check("tcp", port, data) or \
+                self.filters.check("tcp", port, stream)
+        return None
+
+
+# ---------------------------------------------------------------------- herdwall's takeover
+
+PolicyFor = Callable[[Trigger], Policy]
+
+
+def open_raw_socket(netns: str | None) -> socket.socket:
+    """An IPv4 raw socket (``IPPROTO_RAW``: we write the IP header) marked ``TAKEOVER_OWN``,
+    non-blocking, opened in ``netns``."""
+
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        mark_socket(s, rules.TAKEOVER_OWN)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.setblocking(False)
+        return s
+
+    if netns is None:
+        return make()
+    from node.testbed.netns import Namespace
+
+    with Namespace.attach(netns).enter():
+        return make()
+
+
+class TakeoverEngine:
+    """Flows taken over into user-level endpoint pairs (see the module docstring)."""
+
+    def __init__(self, *, netns: str | None = None, policy: PolicyFor | None = None,
+                 config: Config | None = None, nft: rules.NftText | None = None,
+                 mark_flows: bool = True, idle_timeout: float = 3600.0,
+                 on_done: Callable[[Proxy], None] | None = None) -> None:
+        self.netns = netns
+        self.policy = policy or (lambda t: Scrub())
+        self.config = config
+        self.nft = nft
+        self.mark_flows = mark_flows and nft is not None
+        self.idle_timeout = idle_timeout
+        self.on_done = on_done
+        self.proxies: dict[bytes, Proxy] = {}  # both directions' flow keys
+        self.finished: list[Proxy] = []
+        self.stats: Counter[str] = Counter()
+        self.sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timers: dict[int, tuple[float, asyncio.TimerHandle]] = {}
+        self._dirty: set[Proxy] = set()
+        self._flush_scheduled = False
+        self._dst: dict[bytes, str] = {}
+        self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._addrs: dict[int, tuple[tuple[str, int], tuple[str, int]]] = {}
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        if self.sock is None:
+            self.sock = open_raw_socket(self.netns)
+
+    def close(self) -> None:
+        for _, h in self._timers.values():
+            h.cancel()
+        self._timers.clear()
+        for proxy in {id(p): p for p in self.proxies.values()}.values():
+            self._unmark(proxy)
+        self.proxies.clear()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    # ------------------------------------------------------------------ taking over
+
+    def trigger(self, t: Trigger, handle: Handle, now: float) -> None:
+        self.take_over(t.flow, t.seq, t.data, t.seg, now, handle=handle, c2s=t.c2s, s2c=t.s2c,
+                       policy=self.policy(t))
+
+    def take_over(self, flow: Flow, seq: int, data: bytes, seg: Segment, now: float, *,
+                  handle: Handle | None = None, policy: Policy | None = None,
+                  c2s: StreamTail | None = None, s2c: StreamTail | None = None) -> Proxy:
+        """Take ``flow`` over at the client message ``data`` that starts at ``seq`` and came in
+        the segment ``seg`` (its packet, if still held, is ``handle``: dropped here). The first
+        segments go out before this returns; the flow's set elements follow on the loop."""
+        to_client, to_server = seeds(flow, seq, c2s=c2s, s2c=s2c)
+        proxy = Proxy(flow.orig, flow.resp, to_client, to_server, policy or Scrub(), now,
+                      config=self.config, idle_timeout=self.idle_timeout)
+        proxy.start(Segment(seq, seg.ack, seg.flags & ~SYN, seg.window, data, seg.tsval,
+                            seg.tsecr), now)
+        if handle is not None:
+            handle.drop()
+        self._send(proxy, now, flush=True)
+        (c, cp), (s, sp) = flow.orig, flow.resp
+        ckey = c + s + cp.to_bytes(2, "big") + sp.to_bytes(2, "big")
+        skey = s + c + sp.to_bytes(2, "big") + cp.to_bytes(2, "big")
+        self.proxies[ckey] = self.proxies[skey] = proxy
+        self._keys[id(proxy)] = (ckey, skey)
+        self._addrs[id(proxy)] = (_addr(c, cp), _addr(s, sp))
+        self.stats["taken_over"] += 1
+        self._arm(proxy)
+        if self.mark_flows and self._loop is not None:
+            self._loop.call_soon(self._mark, proxy)
+        return proxy
+
+    def offer(self, payload: bytes, handle: Handle, now: float) -> bool:
+        if not self.proxies or len(payload) < 40:
+            return False
+        ihl = (payload[0] & 15) * 4
+        key = payload[12:20] + payload[ihl:ihl + 4]
+        proxy = self.proxies.get(key)
+        if proxy is None:
+            return False
+        try:
+            p = wire.parse(payload)
+        except PacketError:
+            handle.drop()
+            return True
+        seg = p.seg
+        from_client = key == self._keys[id(proxy)][0]
+        if seg.flags & SYN and not seg.flags & ACK and from_client and proxy.a.state in (
+                State.TIME_WAIT, State.CLOSED):
+            self._finish(proxy)  # a new connection on the same ports: not ours any more
+            return False
+        handle.drop()
+        if seg.flags & RST:
+            self.stats["rst_in"] += 1
+        proxy.receive(from_client, seg, now)
+        self._send(proxy, now, flush=False)
+        self._dirty.add(proxy)
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return True
+
+    # ------------------------------------------------------------------ output and timers
+
+    def _send(self, proxy: Proxy, now: float, flush: bool) -> None:
+        sock = self.sock
+        assert sock is not None
+        for dst, pkt in proxy.packets(now, flush=flush):
+            d = self._dst.get(dst)
+            if d is None:
+                d = self._dst[dst] = socket.inet_ntoa(dst)
+            try:
+                sock.sendto(pkt, (d, 0))
+                self.stats["sent"] += 1
+            except OSError as exc:  # ENOBUFS and kin: the endpoint's timer resends it
+                self.stats["send_errors"] += 1
+                log.debug("raw send: %s", exc)
+        if proxy.done:
+            self._finish(proxy)
+        else:
+            self._arm(proxy)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        now = self._loop.time()  # type: ignore[union-attr]
+        dirty, self._dirty = self._dirty, set()
+        for proxy in dirty:
+            if id(proxy) in self._keys:
+                self._send(proxy, now, flush=True)
+
+    def _arm(self, proxy: Proxy) -> None:
+        if self._loop is None:
+            return
+        d = proxy.deadline()
+        if d is None:
+            return
+        cur = self._timers.get(id(proxy))
+        if cur is not None:
+            if cur[0] <= d:
+                return  # fires earlier; it re-arms for the later deadline then
+            cur[1].cancel()
+        self._timers[id(proxy)] = (d, self._loop.call_at(d, self._on_timer, proxy))
+
+    def _on_timer(self, proxy: Proxy) -> None:
+        self._timers.pop(id(proxy), None)
+        if id(proxy) in self._keys:
+            self._send(proxy, self._loop.time(), flush=True)  # type: ignore[union-attr]
+
+    def _finish(self, proxy: Proxy) -> None:
+        keys = self._keys.pop(id(proxy), None)
+        if keys is None:
+            return
+        for k in keys:
+            self.proxies.pop(k, None)
+        t = self._timers.pop(id(proxy), None)
+        if t is not None:
+            t[1].cancel()
+        self._unmark(proxy)
+        self._addrs.pop(id(proxy), None)
+        self.finished.append(proxy)
+        del self.finished[:-256]
+        self.stats["finished"] += 1
+        if self.on_done is not None:
+            self.on_done(proxy)
+
+    def _mark(self, proxy: Proxy) -> None:
+        addrs = self._addrs.get(id(proxy))
+        if addrs is None or self.nft is None:
+            return
+        try:
+            self.nft.apply(rules.add_flow(*addrs))
+            self.stats["flows_marked"] += 1
+        except RuntimeError as exc:
+            self.stats["mark_errors"] += 1
+            log.warning("takeover: could not mark flow %s: %s", addrs, exc)
+
+    def _unmark(self, proxy: Proxy) -> None:
+        addrs = self._addrs.get(id(proxy))
+        if addrs is None or self.nft is None or not self.mark_flows:
+            return
+        # never added (closed before the loop ran it) or already gone: nothing to do
+        with contextlib.suppress(RuntimeError):
+            self.nft.apply(rules.delete_flow(*addrs))
+
+    def owned(self) -> list[Proxy]:
+        return list({id(p): p for p in self.proxies.values()}.values())
