@@ -87,13 +87,22 @@ def ns_pids(name: str) -> list[int]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Running, not a zombie (a child of this very process that ended, when ``up`` and
+    ``down`` run in one process, stays a zombie until reaped: reap it here)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def _cmdline(pid: int) -> str:
