@@ -135,3 +135,22 @@ def _proc_text(p: dict[str, Any] | None) -> str:
     if not p["alive"]:
         return f"node pid {p['pid']}: gone"
     return f"node pid {p['pid']}: {'answers' if p.get('answers') else 'not answering'}"
+
+
+@testbed.command("worm")
+@click.option("--vulnerable", type=click.IntRange(2, 200), default=16, show_default=True)
+@click.option("--detectors", type=click.IntRange(1, 20), default=2, show_default=True)
+@click.option("--rate", type=click.FloatRange(1, 1000), default=20.0, show_default=True,
+              help="Exploit datagrams per second per infected host.")
+@click.option("--with-herdwall/--without-only", default=True, show_default=True,
+              help="Also run the worm against herdwall nodes, or only without them.")
+@click.option("--keep", is_flag=True, help="Keep the work folder (logs, node states).")
+def worm(vulnerable: int, detectors: int, rate: float, with_herdwall: bool,
+         keep: bool) -> None:
+    """The worm demo: a Slammer-class worm on a testbed, without and with herdwall."""
+    from node.demo_worm import WormDemoConfig, run_worm_demo
+
+    _need_root()
+    cfg = WormDemoConfig(vulnerable=vulnerable, detectors=detectors, rate=rate,
+                         with_herdwall=with_herdwall, keep=keep)
+    raise click.exceptions.Exit(run_worm_demo(stdout_console(), cfg))

@@ -88,6 +88,8 @@ class NodeProc:
         self.config_path = self.dir / "node.toml"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
+        self._seen: list[dict[str, Any]] = []
+        self._offset = 0
 
     @property
     def socket_path(self) -> Path:
@@ -144,18 +146,30 @@ class NodeProc:
             return "(no output)"
 
     def events(self) -> list[dict[str, Any]]:
-        """The node's event log so far (whole lines only: the node flushes line by line)."""
-        out: list[dict[str, Any]] = []
+        """The node's event log so far, read on from where the last call stopped (whole lines
+        only: the node flushes line by line)."""
         try:
-            with self.event_log.open(encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    with contextlib.suppress(ValueError):
-                        rec = json.loads(line)
-                        if isinstance(rec, dict):
-                            out.append(rec)
+            with self.event_log.open("rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
         except OSError:
-            pass
-        return out
+            return self._seen
+        end = chunk.rfind(b"\n") + 1
+        for line in chunk[:end].splitlines():
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if isinstance(rec, dict):
+                    self._seen.append(rec)
+        self._offset += end
+        return self._seen
+
+    def first(self, event_type: str, since: float = 0.0, **fields: Any) -> dict[str, Any] | None:
+        """The first event of ``event_type`` at or after ``since`` whose fields match."""
+        for rec in self.events():
+            if rec.get("event_type") == event_type and rec.get("timestamp_s", 0) >= since \
+                    and all(rec.get(k) == v for k, v in fields.items()):
+                return rec
+        return None
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (the node leaves cleanly), then SIGKILL if it does not within ``timeout``."""

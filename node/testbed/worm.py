@@ -322,7 +322,10 @@ class WormHost:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         if self.spec.role in ("vulnerable", "sink"):
-            sock = ns_socket(self.spec.ns, (self.addr, PORT))
+            # A sink takes the port on every address of its host: a detector may own a whole
+            # dark range besides its own address (see node.testbed.hosts.WormBed).
+            bind = "0.0.0.0" if self.spec.role == "sink" else self.addr
+            sock = ns_socket(self.spec.ns, (bind, PORT))
             self.transport, _ = await loop.create_datagram_endpoint(
                 lambda: _Proto(self), sock=sock)
         if self.spec.role in ("vulnerable", "seed"):
