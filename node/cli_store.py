@@ -277,6 +277,37 @@ def alert_export(alert_id: str, output: Path | None, bare: bool, as_pcap: bool,
         stdout_console().print(Text(f"wrote {output} ({len(data)} bytes)"))
 
 
+@alert.command("import")
+@click.argument("path", metavar="FILE")
+@CONFIG_OPTION
+@STATE_OPTION
+@plain_errors
+def alert_import(path: str, config_path: Path | None, state_dir: Path | None) -> None:
+    """Give the running node a signed envelope (FILE, or - for stdin), as if a peer had sent
+    it: its own sandbox verifies it, and if it holds, the node installs the filters and
+    publishes it. Exit 0 verified, 1 refuted or malformed, 3 no node running."""
+    from sca.envelope import MAX_ENVELOPE_BYTES
+
+    from .cli import read_input
+
+    data = read_input(path, MAX_ENVELOPE_BYTES)
+    cfg = node_config(config_path, state_dir)
+    try:
+        client = ControlClient(cfg.socket_path).connect()
+    except NoNode as e:
+        print_error(str(e))
+        raise click.exceptions.Exit(3) from None
+    with client:
+        d = client.request("alert.import", envelope=data.hex())
+    console = stdout_console()
+    ok = d["state"] == "verified"
+    console.print(Text(f"alert {d['alert_id'] or '(unreadable)'}: {d['state']} "
+                       f"({d['reason']}){' (already known)' if d.get('duplicate') else ''}",
+                       style="green" if ok else "red"))
+    if not ok:
+        raise click.exceptions.Exit(1)
+
+
 # --- filter list|remove (registered in node.cli_filter) ---------------------------------------
 
 

@@ -290,6 +290,8 @@ class ControlClient:
                 chunk = self._sock.recv(1 << 16)
             except TimeoutError:
                 raise ControlError(f"the node did not answer within {self.timeout} s") from None
+            except ConnectionError:
+                raise NoNode("the node closed the control connection") from None
             if not chunk:
                 raise NoNode("the node closed the control connection")
             self._buf += chunk
@@ -308,8 +310,19 @@ class ControlClient:
         assert self._sock is not None
         self._next += 1
         rid = self._next
-        self._sock.sendall(_dumps({"id": rid, "cmd": cmd, "args": args}))
+        try:
+            self._sock.sendall(_dumps({"id": rid, "cmd": cmd, "args": args}))
+        except OSError:
+            # Closed on us (client limit, node stopping): its reason may be waiting to be read.
+            try:
+                reply = self._readline()
+            except OSError:
+                raise NoNode("the node closed the control connection") from None
+            raise ControlError(str(reply.get("error", "connection closed by the node"))
+                               ) from None
         reply = self._readline()
+        if reply.get("id") is None and not reply.get("ok"):  # refused before reading ours
+            raise ControlError(str(reply.get("error", "unknown error")))
         if reply.get("id") != rid:
             raise ControlError("the node answered out of order")
         if not reply.get("ok"):
@@ -318,8 +331,9 @@ class ControlClient:
 
     def events(self, types: list[str] | None = None, recent: int = 0,
                timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """Subscribe; yields event records (and ``{"dropped": n}`` notes) until closed.
-        ``timeout``: seconds to wait for each (None: forever); TimeoutError when it passes."""
+        """Subscribe now (events from this moment on are not missed); iterate the result for
+        event records until closed. ``timeout``: seconds to wait for each (None: forever);
+        TimeoutError when it passes."""
         if self._sock is None:
             self.connect()
         assert self._sock is not None
@@ -328,6 +342,9 @@ class ControlClient:
             args["types"] = types
         self.request("subscribe", **args)
         self._sock.settimeout(timeout)
+        return self._event_lines()
+
+    def _event_lines(self) -> Iterator[dict[str, Any]]:
         while True:
             try:
                 msg = self._readline()

@@ -96,6 +96,8 @@ class FilterManager:
         self._lock = asyncio.Lock()  # one kernel change at a time, in order
 
     async def _kernel(self, fn: Callable[..., T], *args: Any) -> T:
+        if fn != getattr(self.backend, "list", None):
+            self._counters_at = 0.0  # a change: the next listing reads the kernel again
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, functools.partial(fn, *args))
 

@@ -522,7 +522,8 @@ class Node:
 
     async def _cmd_detector_submit(self, args: dict[str, Any]) -> str:
         """Messages for a protected service, as if the stack had seen them (tools, tests):
-        ``{"service": "resolver", "messages": [[null, "hex"], [0, "hex"], ...]}``."""
+        ``{"service": "resolver", "messages": [[null, "hex"], [0, "hex"], ...],
+        "packets": [["hex", ...], ...]}`` (optional: the raw packets of each message)."""
         from sca.alert import Message
 
         assert self.pipeline is not None
@@ -539,7 +540,16 @@ class Node:
                 msgs.append(Message(bytes.fromhex(m[1]), m[0]))
             except ValueError:
                 raise CommandError("message bytes must be hex") from None
-        return self.pipeline.submit_messages(service, msgs)
+        packets = args.get("packets", [])
+        if not (isinstance(packets, list) and all(
+                isinstance(per, list) and all(isinstance(x, str) for x in per)
+                for per in packets)):
+            raise CommandError("packets must be a list of lists of hex strings")
+        try:
+            pk = [[bytes.fromhex(x) for x in per[:64]] for per in packets[:64]]
+        except ValueError:
+            raise CommandError("packets must be hex") from None
+        return self.pipeline.submit_messages(service, msgs, pk)
 
     async def _cmd_reconcile(self, args: dict[str, Any]) -> dict[str, int]:
         assert self.filters is not None

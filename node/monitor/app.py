@@ -121,7 +121,7 @@ def run_monitor(socket: Path, *, interval: float = 1.0, once: bool = False,
         if client is not None:
             client.close()
         console.print(render(Snapshot(socket, status, error, now=time.time(),
-                                      interval=interval)))
+                                      interval=interval, width=console.width)))
         return 0 if status is not None else NOT_RUNNING
     follower = EventFollower(socket)
     follower.start()
@@ -134,7 +134,7 @@ def run_monitor(socket: Path, *, interval: float = 1.0, once: bool = False,
                 status, error, client = poll(socket, client)
                 events = list(follower.events) if follower.connected else []
                 live.update(render(Snapshot(socket, status, error, events, time.time(),
-                                            interval)), refresh=True)
+                                            interval, console.width)), refresh=True)
                 deadline = time.monotonic() + interval
                 while (left := deadline - time.monotonic()) > 0:
                     key = wait_key(left, keys)

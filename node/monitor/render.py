@@ -29,6 +29,10 @@ class Snapshot:
     events: Sequence[dict[str, Any]] = field(default_factory=list)
     now: float = 0.0
     interval: float = 1.0
+    width: int = 160  # the terminal's: below NARROW the panels stack instead of pairing
+
+
+NARROW = 110
 
 
 def spark(values: Sequence[int], width: int = SPARK_WIDTH) -> Text:
@@ -108,7 +112,7 @@ def _identity(s: dict[str, Any], now: float) -> Panel:
     return Panel(Group(*body), title="identity and peers", title_align="left")
 
 
-def _alerts(s: dict[str, Any]) -> Panel:
+def _alerts(s: dict[str, Any], spark_width: int = SPARK_WIDTH) -> Panel:
     a = s.get("alerts", {})
     t = Table.grid(padding=(0, 1))
     t.add_column(style="bold", no_wrap=True)
@@ -123,7 +127,7 @@ def _alerts(s: dict[str, Any]) -> Panel:
     for label, key, rates in lines:
         series = [sum(x) for x in zip(*(_rate(s, r) or [0] * 60 for r in rates),
                                       strict=False)]
-        t.add_row(label, str(a.get(key, 0)), spark(series), _per_min(series))
+        t.add_row(label, str(a.get(key, 0)), spark(series, spark_width), _per_min(series))
     if a.get("received"):
         t.add_row(Text("unverifiable", style="dim"), str(a["received"]), Text(""), "")
     return Panel(t, title="alerts (last minute)", title_align="left")
@@ -155,7 +159,7 @@ def _filters(s: dict[str, Any]) -> Panel:
     return Panel(Group(*body), title="filters", title_align="left")
 
 
-def _detector(s: dict[str, Any], now: float) -> Panel:
+def _detector(s: dict[str, Any], now: float, spark_width: int = SPARK_WIDTH) -> Panel:
     d = s.get("detector", {})
     v = s.get("verifier", {})
     if d.get("enabled"):
@@ -164,11 +168,11 @@ def _detector(s: dict[str, Any], now: float) -> Panel:
             ("queue", f"{d.get('queue', 0)}/{d.get('capacity', 0)}"
                       + (f" ({depth})" if depth else "") + f", {d.get('busy', 0)} replaying"),
             ("replayed", Text(f"{d.get('analysed', 0)} ").append_text(
-                spark(_rate(s, "detector.analysed")))),
+                spark(_rate(s, "detector.analysed"), spark_width))),
             ("offered", Text(f"{d.get('offered', 0)} ").append_text(
-                spark(_rate(s, "detector.offered")))),
+                spark(_rate(s, "detector.offered"), spark_width))),
             ("sampled out", Text(f"{d.get('sampled_out', 0)} ").append_text(
-                spark(_rate(s, "detector.sampled_out")))),
+                spark(_rate(s, "detector.sampled_out"), spark_width))),
             ("detections", f"{d.get('detections', 0)} ({d.get('alerts', 0)} alert(s))"),
             ("replay time", f"last {d.get('last_ms', 0):.1f} ms, mean {d.get('avg_ms', 0):.1f} ms"
                             + (f", {d.get('last_service')} {_ago(d.get('last_at'), now)}"
@@ -243,7 +247,9 @@ def _events(events: Sequence[dict[str, Any]]) -> Panel:
     return Panel(t, title="events", title_align="left")
 
 
-def _pair(left: RenderableType, right: RenderableType) -> Table:
+def _pair(left: RenderableType, right: RenderableType, width: int) -> RenderableType:
+    if width < NARROW:
+        return Group(left, right)
     t = Table.grid(expand=True, padding=(0, 1))
     t.add_column(ratio=1)
     t.add_column(ratio=1)
@@ -268,10 +274,12 @@ def render(snap: Snapshot) -> RenderableType:
         return Group(title, Panel(Text(f"the node is {nd.get('state')}"), title="node"),
                      footer)
     events = snap.events or s.get("events", [])
+    w = snap.width
+    sw = SPARK_WIDTH if w >= 150 or w < NARROW else 16
     return Group(
         title,
-        _pair(_identity(s, snap.now), _alerts(s)),
-        _pair(_filters(s), _detector(s, snap.now)),
-        _pair(_throttle(s), _events(events)),
+        _pair(_identity(s, snap.now), _alerts(s, sw), w),
+        _pair(_filters(s), _detector(s, snap.now, sw), w),
+        _pair(_throttle(s), _events(events), w),
         footer,
     )

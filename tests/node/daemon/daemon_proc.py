@@ -59,6 +59,7 @@ class Daemon:
         self.socket = self.state / "control.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
+        self.env: dict[str, str] = {}  # extra environment (HERDWALL_DEBUG=1 to see tracebacks)
 
     def _prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.netns] if self.netns else []
@@ -69,7 +70,7 @@ class Daemon:
         err = open(self.tmp / f"err.{self.runs}", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([*self._prefix(), HERDWALL, "node", "run", "--config",
                                       str(self.config)], stdout=out, stderr=err,
-                                     env={**os.environ, "HERDWALL_DEBUG": "1"})
+                                     env=os.environ | self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
