@@ -112,10 +112,10 @@ def _render(console: Any, alert_id: str, n: int, total: int, g: AttackGraph) -> 
               help="This host's last-hop router's traceback address.")
 @click.option("--gateway-key", envvar="HERDWALL_TRACE_GATEWAY_KEY", default=None,
               metavar="HEX", help="That router's public key (64 hex digits).")
-@click.option("--before", type=click.FloatRange(0, 600), default=2.0, show_default=True,
+@click.option("--before", type=click.FloatRange(0, 600), default=1.0, show_default=True,
               help="Seconds before --at to ask about (the path's latency and clock skew; "
                    "a wider window means more false positives).")
-@click.option("--after", type=click.FloatRange(0, 60), default=1.0, show_default=True,
+@click.option("--after", type=click.FloatRange(0, 60), default=0.5, show_default=True,
               help="Seconds after --at to ask about (clock skew).")
 @click.option("--timeout", type=click.FloatRange(0.01, 10), default=0.3, show_default=True,
               help="Seconds to wait for each answer.")

@@ -6,14 +6,16 @@ are powers of two, so the k probe positions are ``(h1 + i*h2) & (m-1)`` and a fi
 would have made with m/2 bits. That is what keeps storage close to the Bloom-filter optimum
 (-ln p / ln² 2 bits a packet, 1.2 bytes at p = 1%) whatever the traffic rate:
 
-- a slice closes when it holds its *capacity* (the most packets for which the false-positive
-  rate stays at or under ``fp_rate``) or when it is ``slice_s`` old, whichever comes first;
+- a slice closes when it holds its *capacity* (the most packets for which its false-positive
+  rate stays at or under ``slice_fp``) or when it is ``slice_s`` old, whichever comes first;
+  ``slice_fp`` is ``fp_rate`` shared among the slices one lookup's time window touches, so a
+  lookup, not just one slice, stays at ``fp_rate``;
 - the next slice of a table is sized from the last one so that, at the rate seen, it fills
   up in between slice_s/2 and slice_s (doubled if the last filled sooner, halved until it fits
   if the last ran out of time). Tables follow their neighbour's rate, and under steady traffic
   slices close *full*, where a Bloom filter costs exactly its optimum;
 - a slice closed by time, part-full (the rate fell), is folded while its measured
-  false-positive rate (fill^k) stays at or under ``fp_rate``: idle tables do not keep big
+  false-positive rate (fill^k) stays at or under ``slice_fp``: idle tables do not keep big
   empty filters.
 
 Memory is bounded per store (one router): when slices would take more than ``max_bytes``,
@@ -36,8 +38,12 @@ MIN_BITS = 64
 
 @dataclass(frozen=True)
 class BloomConfig:
-    fp_rate: float = 0.01  # per lookup of one slice, at capacity
-    slice_s: float = 1.0  # a slice covers at most this long
+    fp_rate: float = 0.01  # per table lookup (all the slices a query window touches)
+    # How many slices a query window touches, about: each slice is built for
+    # fp_rate / lookup_slices, so a lookup stays at fp_rate. A window of 1.5 s over slices of
+    # 1-2 s touches two or three (measured by scripts/bench_traceback.py).
+    lookup_slices: float = 2.5
+    slice_s: float = 2.0  # a slice covers at most this long
     min_bits: int = 1 << 8  # first slice of a new table (32 B): it doubles as it fills
     max_bits: int = 1 << 23  # largest slice (1 MiB)
     max_bytes: int = 64 << 20  # all tables of one router together
@@ -46,6 +52,8 @@ class BloomConfig:
     def __post_init__(self) -> None:
         if not 0 < self.fp_rate < 0.5:
             raise ValueError("fp_rate must lie in (0, 0.5)")
+        if not 1 <= self.lookup_slices <= 64:
+            raise ValueError("lookup_slices must lie in [1, 64]")
         if not self.slice_s > 0 or not self.max_age_s > 0:
             raise ValueError("slice_s and max_age_s must be positive")
         for name in ("min_bits", "max_bits"):
@@ -58,8 +66,13 @@ class BloomConfig:
             raise ValueError("max_bytes must hold at least one slice of max_bits")
 
     @property
+    def slice_fp(self) -> float:
+        """The false-positive rate each slice is built for."""
+        return self.fp_rate / self.lookup_slices
+
+    @property
     def k(self) -> int:
-        return hashes_for(self.fp_rate)
+        return hashes_for(self.slice_fp)
 
 
 def hashes_for(fp_rate: float) -> int:
@@ -145,7 +158,7 @@ class Slice:
 
     def __init__(self, m_bits: int, cfg: BloomConfig, now: float) -> None:
         self.filter = BloomFilter(m_bits, cfg.k)
-        self.capacity = capacity(m_bits, cfg.k, cfg.fp_rate)
+        self.capacity = capacity(m_bits, cfg.k, cfg.slice_fp)
         self.t_open = now
         self.t_first = math.inf
         self.t_last = -math.inf
@@ -203,13 +216,13 @@ class DigestTable:
             f = s.filter
             while f.m > MIN_BITS:
                 smaller = f.folded()
-                if smaller.fp_now() > cfg.fp_rate:
+                if smaller.fp_now() > cfg.slice_fp:
                     break
                 f = smaller
             s.filter = f
             s.capacity = f.count  # closed: nothing more goes in
             bits = cfg.max_bits
-            while bits > cfg.min_bits and capacity(bits, cfg.k, cfg.fp_rate) > s.filter.count:
+            while bits > cfg.min_bits and capacity(bits, cfg.k, cfg.slice_fp) > s.filter.count:
                 bits //= 2
             self.next_bits = bits
         self.closed.append(s)

@@ -139,10 +139,11 @@ class RouterCore:
             st.queries_refused += 1
             return None
         if len(self._nonces) >= NONCE_MEMORY:
-            self.tick(now)
-            if len(self._nonces) >= NONCE_MEMORY:  # a flood of fresh nonces: refuse, stay bounded
-                st.queries_refused += 1
-                return None
+            # Full: forget the oldest. A query is a read, so a replay past this memory costs
+            # one lookup and one answer (rate-limited per source); refusing every query while
+            # the memory is full would let anyone shut the router's answers off.
+            for old in list(self._nonces)[:NONCE_MEMORY // 8]:
+                del self._nonces[old]
         if cfg.queriers is not None and q.querier not in cfg.queriers:
             st.queries_refused += 1
             reply = make_answer(self.key, cfg.router_id, q.nonce, now, status="denied")

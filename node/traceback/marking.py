@@ -17,14 +17,20 @@ one change at the edge)::
     trusted = M set, ``in`` faces a traceback router, and ID is that router's id
     trusted and L = 1  -> the upstream logged it: mark only          (write ID=me, L=0)
     otherwise          -> log it in the table of ``in``, and mark    (write ID=me, L=1)
-    leaving on an edge link (to hosts) -> this is the last hop: clear the field to 0
+    leaving on an edge link (to hosts), the last hop: clear the field to 0, and log only an
+    untrusted arrival
 
-So hops log alternately. The change: the seed's ingress only *marks* a packet that arrives
-from a host; here an untrusted arrival is *logged*, so alternation starts at the ingress. The
-number of logs on a path stays ceil(n/2) instead of floor(n/2), and the ingress router plus the
-very edge link the packet came in on are then confirmed by a digest, not inferred: a forged
-mark from a host is untrusted (wrong link kind), and a router whose upstream's mark is missing
-(that neighbour is down, so fails open) logs rather than lose the trail.
+So hops log alternately. Two changes to the seed, which cancel out in storage:
+
+- The seed's ingress only *marks* a packet that arrives from a host; here an untrusted arrival
+  is *logged*, so alternation starts at the ingress, and the ingress router plus the very edge
+  link the packet came in on are confirmed by a digest, not inferred from the silence of its
+  neighbours (where one Bloom-filter false positive makes a false ingress). A forged mark from
+  a host is untrusted (wrong link kind), and a router whose upstream's mark is missing (that
+  neighbour is down or bypassed: fail-open) logs rather than lose the trail.
+- The last hop does not log a trusted arrival: the victim's walk starts there anyway and finds
+  the logger among its neighbours or theirs (``node.traceback.query``). A path of n >= 2 hops
+  thus logs floor(n/2) packets, as in the seed.
 """
 
 from __future__ import annotations
@@ -84,9 +90,9 @@ def decide(*, frag_word: int, ident: int, my_id: int, upstream_id: int | None,
         return LOG_ONLY
     trusted = (upstream_id is not None and ident & MARKED != 0
                and ident & ID_MASK == upstream_id)
-    log = not (trusted and ident & LOGGED)
     if last_hop:
-        return Decision(log, 0)
+        return Decision(not trusted, 0)
+    log = not (trusted and ident & LOGGED)
     return Decision(log, MARKED | (LOGGED if log else 0) | my_id)
 
 

@@ -7,9 +7,9 @@ where it came from (an edge link: this router is an **ingress** and that link is
 packet entered). What else is known about a router depends on how the walk got there, its
 *mode*:
 
-- ``gateway``: the victim's last hop. On the path; it may or may not have logged (the mark is
-  cleared). Follow its hits, and ask its other router neighbours (as ``candidate``s) in case it
-  only marked.
+- ``gateway``: the victim's last hop. On the path; it logged only an untrusted arrival. Follow
+  its hits, and ask its router neighbours as ``maybe`` (its upstream logged, or only marked
+  after a logger).
 - ``marker``: a logger's trusted table named it. On the path, and it did *not* log: the logger
   logged because this router's mark said "not logged". Its own hits can only be false
   positives and are ignored; its upstream logged, so ask its other neighbours as candidates
@@ -18,8 +18,9 @@ packet entered). What else is known about a router depends on how the walk got t
   down, bypassed under load, or misconfigured). On the path, status unknown: follow its hits,
   and ask its neighbours as ``maybe`` (its upstream may have logged or only marked).
 - ``candidate``: a neighbour of a router that did not log. On the path only if it logged.
-- ``maybe``: a neighbour of a transparent router. If it logged, follow that; if not, it may
-  have only marked: keep it tentatively and ask its neighbours as candidates.
+- ``maybe``: a neighbour of the gateway or of a transparent router: it logged, or only marked
+  after a logger. Follow its hits (if any), keep it tentatively, and ask its other neighbours
+  as candidates (a hit here may be a false positive that hides the second case).
 
 Packets that were not atomic (fragments, no DF) are logged at every hop: then every router
 named by a logger is a ``candidate`` and the gateway asks no neighbours.
@@ -261,8 +262,8 @@ class PathWalk:
             return  # did not log: not its upstream
         else:
             self._add_hop(v, ref, False)
-        probe = {GATEWAY: CANDIDATE if self.atomic else None, MARKER: CANDIDATE,
-                 EITHER: MAYBE, MAYBE: None if hits else CANDIDATE}.get(v.mode)
+        probe = {GATEWAY: MAYBE if self.atomic else None, MARKER: CANDIDATE,
+                 EITHER: MAYBE, MAYBE: CANDIDATE}.get(v.mode)
         if probe is not None:
             for lk in ans.links:
                 if lk.kind == ROUTER and lk.peer is not None and lk.peer.public_key != v.down:
@@ -293,7 +294,7 @@ Ask = Callable[[RouterRef, bytes], Awaitable[bytes | None]]
 
 
 async def trace(packet: bytes, *, at: float, key: NodeKey, gateway: RouterRef, ask: Ask,
-                before: float = 2.0, after: float = 1.0, skew: float = 0.5,
+                before: float = 1.0, after: float = 0.5, skew: float = 0.5,
                 clock: Callable[[], float] = time.time) -> AttackGraph:
     """Trace one attack packet (raw IPv4 bytes as the victim received them, ``at`` the time it
     was captured): query routers through ``ask`` (a transport: ref and query bytes in, answer

@@ -18,6 +18,7 @@ from node.stack.checksum import checksum
 from node.traceback.bloom import BloomConfig
 from node.traceback.config import EDGE, ROUTER, Link, RouterConfig, RouterRef
 from node.traceback.core import RouterCore
+from overlay.limits import Rate
 from sca.keys import NodeKey
 
 PORT = 7450
@@ -50,7 +51,9 @@ class SimNet:
                                bloom or BloomConfig())
             # Fixed digest keys: a run is reproducible (real routers draw theirs at random).
             dkey = hashlib.sha256(f"{seed}/{n}".encode()).digest()[:16]
-            self.cores[n] = RouterCore(cfg, self.keys[n], digest_key=dkey)
+            # No query rate limit: simulated time jumps about, and the limit is not under test.
+            self.cores[n] = RouterCore(cfg, self.keys[n], digest_key=dkey,
+                                       query_rate=Rate(1e9, 1e9))
         self.asked = 0
 
     def ref(self, name: str) -> RouterRef:

@@ -61,7 +61,8 @@ def test_filter_rejects_bad_sizes() -> None:
 
 
 @pytest.mark.parametrize("kw", [{"fp_rate": 0}, {"fp_rate": 0.7}, {"slice_s": 0},
-                                {"min_bits": 1000}, {"min_bits": 1 << 20, "max_bits": 1 << 12},
+                                {"lookup_slices": 0.5}, {"min_bits": 1000},
+                                {"min_bits": 1 << 20, "max_bits": 1 << 12},
                                 {"max_bytes": 10}])
 def test_config_validation(kw: dict[str, float]) -> None:
     with pytest.raises(ValueError):
@@ -71,7 +72,7 @@ def test_config_validation(kw: dict[str, float]) -> None:
 def test_slices_rotate_by_capacity_and_time_and_windows_select_them() -> None:
     cfg = BloomConfig(slice_s=1.0, min_bits=1 << 12, max_bits=1 << 14)
     store = DigestStore(cfg)
-    cap = capacity(1 << 12, cfg.k, cfg.fp_rate)
+    cap = capacity(1 << 12, cfg.k, cfg.slice_fp)
     early = rand_hashes(cap + 10)
     for i, h in enumerate(early):  # all within 0.1 s: rotation by capacity
         store.insert("to-r1", h, 100.0 + i * 0.1 / len(early))
@@ -97,7 +98,7 @@ def test_no_false_negatives_through_folding_and_closing() -> None:
         store.insert("h-atk", h, 10.0)
     store.tick(12.0)  # closed by time, part-full: folded
     s = store.tables["h-atk"].closed[0]
-    assert s.filter.m < 1 << 15 and s.filter.fp_now() <= cfg.fp_rate
+    assert s.filter.m < 1 << 15 and s.filter.fp_now() <= cfg.slice_fp
     assert all(store.lookup(h, 9.0, 11.0) for h in hs)
     assert store.stats.bytes_now == s.nbytes
 
@@ -105,7 +106,7 @@ def test_no_false_negatives_through_folding_and_closing() -> None:
 def test_memory_bound_drops_oldest_first() -> None:
     cfg = BloomConfig(slice_s=1.0, min_bits=1 << 12, max_bits=1 << 12, max_bytes=2048)
     store = DigestStore(cfg)  # room for four 512-byte slices
-    cap = capacity(1 << 12, cfg.k, cfg.fp_rate)
+    cap = capacity(1 << 12, cfg.k, cfg.slice_fp)
     batches = [rand_hashes(cap) for _ in range(8)]
     for i, batch in enumerate(batches):
         for h in batch:
@@ -140,5 +141,5 @@ def test_steady_traffic_storage_near_optimum(rate: int, slack: float) -> None:
         store.insert("to-r1", h, i / rate)
     store.tick(n / rate + 2)
     per = store.stats.bytes_closed_total / store.stats.logged
-    assert per <= optimal_bytes_per_packet(cfg.fp_rate) * slack
+    assert per <= optimal_bytes_per_packet(cfg.slice_fp) * slack
     assert store.stats.bytes_allocated == store.stats.bytes_closed_total

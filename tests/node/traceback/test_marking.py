@@ -64,9 +64,11 @@ def test_rule_table() -> None:
     # A router link but a wrong id or no mark (that neighbour is down): log.
     assert run(encode(UP + 1, True), UP) == (True, MARKED | LOGGED | ME)
     assert run(0x1234, UP) == (True, MARKED | LOGGED | ME)
-    # The last hop clears, whether it logs or not.
+    # The last hop clears, and logs only what it cannot trust (the walk starts there anyway).
     assert run(encode(UP, True), UP, last=True) == (False, 0)
-    assert run(encode(UP, False), UP, last=True) == (True, 0)
+    assert run(encode(UP, False), UP, last=True) == (False, 0)
+    assert run(0x1234, UP, last=True) == (True, 0)
+    assert run(0, None, last=True) == (True, 0)
 
 
 @given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(1, 255),
@@ -82,7 +84,8 @@ def test_set_ident_keeps_the_checksum_right(old: int, new: int, ttl: int,
 
 @pytest.mark.parametrize("hops", range(1, 9))
 def test_alternation_along_a_chain(hops: int) -> None:
-    """Ingress logs, then every other hop; ceil(n/2) logs in all; the victim sees no mark."""
+    """Ingress logs, then every other hop, the last hop does not: floor(n/2) logs for n >= 2
+    (one for a one-router path); the victim sees no mark."""
     routers = [f"r{i}" for i in range(hops)]
     net = SimNet(list(itertools.pairwise(routers)),
                  {"atk": routers[0], "vic": routers[-1]})
@@ -90,7 +93,8 @@ def test_alternation_along_a_chain(hops: int) -> None:
                      ident=encode(7, True))  # a forged mark from the attacker
     got = net.send(pkt, "atk", "vic", now=1.0)
     logged = [net.cores[r].stats.logged for r in routers]
-    assert logged == [1 - i % 2 for i in range(hops)]
+    assert logged == [1 - i % 2 for i in range(hops - 1)] + [int(hops == 1)]
+    assert sum(logged) == max(1, hops // 2)
     assert struct.unpack_from("!H", got, 4)[0] == 0
     parse_ipv4(got, verify=True)
 
