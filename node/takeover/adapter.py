@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,13 +41,14 @@ from node.kernel.nfqueue import Handle, QueueAdapter
 from node.kernel.sockets import mark_socket
 from node.stack.conntrack import Flow
 from node.stack.events import Drop, FlowClosed, MessageIn
-from node.stack.packet import ACK, RST, SYN, PacketError
+from node.stack.packet import ACK, FIN, RST, SYN, PacketError
 from node.stack.stack import Stack, StackConfig
 from node.takeover import rules, wire
 from node.takeover.policy import Policy, Scrub
 from node.takeover.proxy import Proxy
-from node.takeover.seed import StreamTail, seeds
-from node.takeover.tcp import Config, Segment, State, seq_lt
+from node.takeover.seed import StreamTail, first_ack, seeds
+from node.takeover.tcp import Config, Segment, State, seq_add, seq_lt
+from node.takeover.wire import build
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,26 @@ Detect = Callable[[Flow, bytes, bytes], Any]  # (flow, new chunk, stream so far)
 
 def _addr(a: bytes, port: int) -> tuple[str, int]:
     return socket.inet_ntoa(a), port
+
+
+_TCP_HDR = struct.Struct("!HHIIBB")
+
+
+def _header(p: bytes) -> tuple[bytes, int, int, int, int, int] | None:
+    """(flow key, IP header length, seq, ack, flags, payload length) of an IPv4 TCP packet, or
+    None: one ``struct`` read instead of a full parse (the stack parses it anyway)."""
+    n = len(p)
+    if n < 40 or p[0] >> 4 != 4 or p[9] != 6:
+        return None
+    ihl = (p[0] & 15) * 4
+    total = (p[2] << 8) | p[3]
+    if ihl < 20 or n < ihl + 20 or total > n:
+        return None
+    _sp, _dp, seq, ack, off, flags = _TCP_HDR.unpack_from(p, ihl)
+    plen = total - ihl - (off >> 4) * 4
+    if plen < 0:
+        return None
+    return bytes(p[12:20]) + bytes(p[ihl:ihl + 4]), ihl, seq, ack, flags, plen
 
 
 class TakeoverQueue:
@@ -135,18 +157,18 @@ class TakeoverQueue:
         if self.engine.offer(payload, handle, now):
             self.stats["owned"] += 1
             return
-        try:
-            p = wire.parse(payload)
-        except PacketError:
+        hdr = _header(payload)
+        if hdr is None:
             self.stats["not_tcp"] += 1
             handle.accept()
             return
+        key, ihl, seq, ack, flags, plen = hdr
         events = self.stack.handle(payload, now)
-        fd = self.stack.tcp.table.get(p.key)
+        fd = self.stack.tcp.table.get(key)
         drop = False
         for e in events:
             if type(e) is MessageIn and fd is not None:
-                if self._message(e, fd.flow, p, payload, handle, now):
+                if self._message(e, fd.flow, payload, handle, now):
                     return  # taken over: the engine gave the verdict
             elif type(e) is Drop:
                 drop = True
@@ -154,43 +176,43 @@ class TakeoverQueue:
                 self.tails.pop(e.flow_id, None)
                 self.streams.pop(e.flow_id, None)
         if fd is not None:
-            drop |= self._track(fd.dir, fd.flow, p, events)
+            drop |= self._track(fd.dir, fd.flow, payload, ihl, seq, ack, flags, plen, events)
         if drop:
             self.stats["dropped"] += 1
             handle.drop()
         else:
             handle.accept()
 
-    def _track(self, direction: int, flow: Flow, p: wire.Parsed, events: list[Any]) -> bool:
-        """Tails of both directions; True to drop an out-of-order client segment."""
-        seg = p.seg
+    def _tails(self, flow: Flow) -> tuple[StreamTail, StreamTail]:
         tails = self.tails.get(flow.id)
         if tails is None:
             tails = self.tails[flow.id] = (StreamTail(self.tail_limit),
                                            StreamTail(self.tail_limit))
-        c2s, s2c = tails
-        if seg.flags & ACK:
-            (s2c if direction == 0 else c2s).trim(seg.ack)
-        if not seg.payload:
+        return tails
+
+    def _track(self, direction: int, flow: Flow, payload: bytes, ihl: int, seq: int, ack: int,
+               flags: int, plen: int, events: list[Any]) -> bool:
+        """Tails of both directions; True to drop an out-of-order client segment."""
+        c2s, s2c = self._tails(flow)
+        if flags & ACK:
+            (s2c if direction == 0 else c2s).trim(ack)
+        if not plen:
             return False
         if direction == 1:
-            s2c.add(seg.seq, seg.payload)
+            s2c.add(seq, memoryview(payload)[len(payload) - plen:])
             return False
         stream = flow.stream
         if stream is None or any(type(e) is MessageIn for e in events):
             return False
-        if seq_lt(stream.next_seq, seg.seq):  # held by the stack: not for the server yet
+        if seq_lt(stream.next_seq, seq):  # held by the stack: not for the server yet
             self.stats["ooo_dropped"] += 1
             return True
         return False
 
-    def _message(self, e: MessageIn, flow: Flow, p: wire.Parsed, payload: bytes,
-                 handle: Handle, now: float) -> bool:
+    def _message(self, e: MessageIn, flow: Flow, payload: bytes, handle: Handle,
+                 now: float) -> bool:
         data = e.message.data
-        tails = self.tails.get(flow.id)
-        if tails is None:
-            tails = self.tails[flow.id] = (StreamTail(self.tail_limit),
-                                           StreamTail(self.tail_limit))
+        tails = self._tails(flow)
         stream = (self.streams.get(flow.id, b"") + data)[-MAX_STREAM:]
         self.streams[flow.id] = stream
         hit = self._check(flow, data, stream)
@@ -198,12 +220,23 @@ class TakeoverQueue:
             tails[0].add(e.seq, data)
             return False
         self.stats["triggers"] += 1
-        c, s = flow.orig, flow.resp
-        t = Trigger(flow, e.seq, data, p.seg, payload, _addr(*c), _addr(*s), tails[0], tails[1],
-                    hit)
+        c = flow.halves[0]  # the stack has just taken the trigger: its fields are this packet's
+        fin = FIN if c.fin_seq is not None and c.fin_seq == seq_add(e.seq, len(data)) else 0
+        seg = Segment(e.seq, c.ack or 0, ACK | fin, c.window, data, c.ts_val, c.ts_ecr)
+        t = Trigger(flow, e.seq, data, seg, payload, _addr(*flow.orig), _addr(*flow.resp),
+                    tails[0], tails[1], hit)
         self.triggers.append(t)
+        del self.triggers[:-64]
         self.streams.pop(flow.id, None)
-        self.engine.trigger(t, handle, now)
+        try:
+            self.engine.trigger(t, handle, now)
+        except Exception:
+            # The message is known bad: whatever failed, it must not reach the server (the
+            # queue's fail-open default would forward it). The client will resend it, and it
+            # triggers again.
+            self.stats["trigger_errors"] += 1
+            log.exception("takeover of flow %d failed", flow.id)
+            handle.drop()
         return True
 
     def _check(self, flow: Flow, data: bytes, stream: bytes) -> Any:
@@ -297,12 +330,20 @@ class TakeoverEngine:
         the segment ``seg`` (its packet, if still held, is ``handle``: dropped here). The first
         segments go out before this returns; the flow's set elements follow on the loop."""
         to_client, to_server = seeds(flow, seq, c2s=c2s, s2c=s2c)
+        # Acknowledge the trigger at once, from the tracked state alone: every policy consumes
+        # it, and the client's stack learns nothing unusual. Then the endpoints.
+        (caddr, cport), (saddr, sport) = flow.orig, flow.resp
+        first = first_ack(to_client, seq, data, seg.tsval)
+        self._sendto(caddr, build(saddr, caddr, sport, cport, first))
         proxy = Proxy(flow.orig, flow.resp, to_client, to_server, policy or Scrub(), now,
-                      config=self.config, idle_timeout=self.idle_timeout)
+                      config=self.config, idle_timeout=self.idle_timeout, defer_server=True)
         proxy.start(Segment(seq, seg.ack, seg.flags & ~SYN, seg.window, data, seg.tsval,
                             seg.tsecr), now)
+        proxy.a.sent_ack(first)
+        self._send(proxy, now, flush=True)  # FIN or reply to the client (close, respond)
         if handle is not None:
             handle.drop()
+        proxy.connect_server(now)
         self._send(proxy, now, flush=True)
         (c, cp), (s, sp) = flow.orig, flow.resp
         ckey = c + s + cp.to_bytes(2, "big") + sp.to_bytes(2, "big")
@@ -348,19 +389,24 @@ class TakeoverEngine:
 
     # ------------------------------------------------------------------ output and timers
 
+    def _sendto(self, dst: bytes, pkt: bytes) -> None:
+        if self.sock is None:
+            return  # closed
+        d = self._dst.get(dst)
+        if d is None:
+            d = self._dst[dst] = socket.inet_ntoa(dst)
+        try:
+            self.sock.sendto(pkt, (d, 0))
+            self.stats["sent"] += 1
+        except OSError as exc:  # ENOBUFS and kin: the endpoint's timer resends it
+            self.stats["send_errors"] += 1
+            log.debug("raw send: %s", exc)
+
     def _send(self, proxy: Proxy, now: float, flush: bool) -> None:
-        sock = self.sock
-        assert sock is not None
+        if self.sock is None:
+            return
         for dst, pkt in proxy.packets(now, flush=flush):
-            d = self._dst.get(dst)
-            if d is None:
-                d = self._dst[dst] = socket.inet_ntoa(dst)
-            try:
-                sock.sendto(pkt, (d, 0))
-                self.stats["sent"] += 1
-            except OSError as exc:  # ENOBUFS and kin: the endpoint's timer resends it
-                self.stats["send_errors"] += 1
-                log.debug("raw send: %s", exc)
+            self._sendto(dst, pkt)
         if proxy.done:
             self._finish(proxy)
         else:

@@ -10,6 +10,10 @@ acknowledges, retransmits and flow-controls its own side, no packet is ever rewr
 Flow control crosses the proxy: a side's bytes are read only as fast as the other endpoint can
 queue them, so a slow server closes the client's window and the reverse.
 
+The client-facing endpoint can answer first: with ``defer_server`` the server-facing one is
+built by ``connect_server`` after the first segments to the client are out (what it would be
+sent is held meanwhile), which takes its set-up off the takeover's critical path.
+
 Ends of stream: a FIN from one peer becomes a FIN to the other once the bytes before it are
 relayed; a policy that closes finishes a side with a FIN. A reset from a peer (or an endpoint
 that gave up) finishes the other side with a FIN too: the node itself never sends a reset.
@@ -29,12 +33,19 @@ Addr = tuple[bytes, int]  # raw IPv4 address, port
 class Proxy:
     def __init__(self, client: Addr, server: Addr, to_client: Seed, to_server: Seed,
                  policy: Policy, now: float, *, config: Config | None = None,
-                 idle_timeout: float = 3600.0, fin_timeout: float = 60.0) -> None:
+                 idle_timeout: float = 3600.0, fin_timeout: float = 60.0,
+                 defer_server: bool = False) -> None:
         self.client = client
         self.server = server
         self.policy = policy
         self.a = Endpoint(to_client, now, config)  # faces the client, as the server
-        self.b = Endpoint(to_server, now, config)  # faces the server, as the client
+        self._b_seed = to_server
+        self._config = config
+        self._held = bytearray()  # for the server, until its endpoint exists
+        self._held_close = False
+        self.b: Endpoint = None  # type: ignore[assignment]  # faces the server, as the client
+        if not defer_server:
+            self.connect_server(now)
         self.idle_timeout = idle_timeout
         self.fin_timeout = fin_timeout
         self.last_activity = now
@@ -57,8 +68,22 @@ class Proxy:
         self._apply(self.policy.trigger(data))
         self._pump()
 
+    def connect_server(self, now: float) -> None:
+        """Build the server-facing endpoint (see ``defer_server``)."""
+        if self.b is not None:
+            return
+        self.b = Endpoint(self._b_seed, now, self._config)
+        if self._held:
+            self.b.write(bytes(self._held))
+            self._held.clear()
+        if self._held_close:
+            self.b.shutdown()
+        self._pump()
+
     def receive(self, from_client: bool, seg: Segment, now: float) -> None:
         self.last_activity = now
+        if self.b is None:
+            self.connect_server(now)
         (self.a if from_client else self.b).receive(seg, now)
         self._pump()
 
@@ -69,6 +94,8 @@ class Proxy:
             self.expired = True
             return []
         out = [(True, s) for s in self.a.poll(now, flush=flush)]
+        if self.b is None:
+            return out
         out += [(False, s) for s in self.b.poll(now, flush=flush)]
         if self.a.closed or self.b.closed:
             self._pump()  # a side that just closed (timer) finishes the other one
@@ -90,14 +117,14 @@ class Proxy:
         return out
 
     def deadline(self) -> float | None:
-        ds = [d for d in (self.a.deadline(), self.b.deadline()) if d is not None]
+        ds = [d for d in (self.a.deadline(), self.b and self.b.deadline()) if d is not None]
         ds.append(self.last_activity + (self.fin_timeout if self.a_shut and self.b_shut
                                         else self.idle_timeout))
         return min(ds)
 
     @property
     def done(self) -> bool:
-        return self.expired or (self.a.closed and self.b.closed)
+        return self.expired or (self.a.closed and self.b is not None and self.b.closed)
 
     @property
     def translation(self) -> tuple[int, int]:
@@ -118,7 +145,10 @@ class Proxy:
             self.stats["dropped_bytes"] += v.dropped
             self.stats["dropped_chunks"] += 1
         if v.forward and not self.b_shut:
-            self.b.write(v.forward)
+            if self.b is None:
+                self._held += v.forward
+            else:
+                self.b.write(v.forward)
             self.stats["c2s_bytes"] += len(v.forward)
         if v.reply and not self.a_shut:
             self.a.write(v.reply)
@@ -136,10 +166,15 @@ class Proxy:
     def _shut_b(self) -> None:
         if not self.b_shut:
             self.b_shut = True
-            self.b.shutdown()
+            if self.b is None:
+                self._held_close = True
+            else:
+                self.b.shutdown()
 
     def _pump(self) -> None:
         a, b = self.a, self.b
+        if b is None:
+            return  # connect_server pumps
         while a.readable():
             if self.b_shut:
                 self.stats["discarded_c2s"] += len(a.read())

@@ -20,7 +20,8 @@ node kept them; otherwise the endpoint starts with a hole it never invents bytes
 from __future__ import annotations
 
 from node.stack.conntrack import Flow, TcpHalf
-from node.takeover.tcp import Seed, seq_add, seq_diff, seq_lt
+from node.stack.packet import ACK
+from node.takeover.tcp import Seed, Segment, seq_add, seq_diff, seq_lt
 
 DEFAULT_MSS = 1460  # unknown MSS (flow picked up mid-stream): the Ethernet one
 TS_OPTION = 12  # NOP NOP TS: bytes of options on every segment with timestamps
@@ -128,3 +129,12 @@ def seeds(flow: Flow, trigger_seq: int, *, c2s: StreamTail | None = None,
         unacked=c2s.span(b_snd_una, b_snd_nxt) if c2s is not None else None,
         peer_fin=server_fin)
     return to_client, to_server
+
+
+def first_ack(to_client: Seed, seq: int, data: bytes, tsecr: int | None) -> Segment:
+    """The ACK of the trigger message, as the server would send it: at the server's next
+    sequence number, with its last window field and its timestamp clock (what the client-facing
+    endpoint's first segment would be; ``Endpoint.sent_ack`` tells it this went out)."""
+    ts = to_client.ts_val is not None
+    return Segment(to_client.snd_nxt, seq_add(seq, len(data)), ACK, to_client.rcv_raw, b"",
+                   to_client.ts_val if ts else None, (tsecr or 0) if ts else None)

@@ -130,11 +130,23 @@ class Config:
     ack_every: int = 2  # segments received before a pure ACK goes out without a flush
 
 
+DEFAULT_CONFIG = Config()
+
+
 class Endpoint:
     """One side of a connection, impersonated. See the module docstring."""
 
+    __slots__ = ("_ack_now", "_ack_pending", "_challenge_at", "_hole_end", "_ooo", "_ooo_bytes",
+                 "_persist_at", "_persist_backoff", "_rcv_raw", "_recover", "_rexmit", "_rto_at",
+                 "_rtt_seq", "_rtt_time", "_sbase", "_t_base", "_ts_base", "_tw_at",
+                 "_unacked_segs", "aborted", "config", "cwnd", "dupacks", "eof", "fin_queued",
+                 "fin_seq", "mss", "peer_fin_seq", "rcv_adv", "rcv_nxt", "rcv_shift", "rcv_wup",
+                 "rcvq", "reset", "retries", "rto", "rttvar", "sendq", "snd_max", "snd_nxt",
+                 "snd_shift", "snd_una", "snd_wl1", "snd_wl2", "snd_wnd", "srtt", "ssthresh",
+                 "state", "stats", "ts", "ts_recent")
+
     def __init__(self, seed: Seed, now: float, config: Config | None = None) -> None:
-        c = config or Config()
+        c = config or DEFAULT_CONFIG
         self.config = c
         self.state = State.ESTABLISHED
         self.mss = max(1, seed.mss)
@@ -246,6 +258,19 @@ class Endpoint:
                                              State.FIN_WAIT_2):
             return
         self.fin_queued = True
+
+    def sent_ack(self, seg: Segment) -> None:
+        """A pure ACK for this endpoint went out by another way (the takeover's immediate
+        acknowledgement of the trigger): account for it instead of sending it again."""
+        shift = self.rcv_shift or 0
+        edge = seq_add(seg.ack, seg.window << shift)
+        if seq_lt(self.rcv_adv, edge):
+            self.rcv_adv = edge
+        self.rcv_wup = seg.ack
+        if seg.ack == self.rcv_nxt:
+            self._ack_pending = self._ack_now = False
+            self._unacked_segs = 0
+        self.stats["segs_out"] += 1
 
     @property
     def closed(self) -> bool:

@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Takeover of a live TCP connection, side by side with its baselines (namespaces only).
+
+Topology: client -- router (the node) -- server, built fresh for each path. The node watches
+the service port on its takeover queue; a client message starting with ``EXPLOIT`` is the
+trigger. The same trigger is handled by:
+
+1. ``reset``: reset injection (RST to both sides);
+2. ``tcp_repair``: migration into the OS stack (two TCP_REPAIR + IP_TRANSPARENT sockets from
+   the observed state, a policy-routed redirect, a splice);
+3. ``takeover``: herdwall's user-level endpoints (scrub policy).
+
+Each path is timed the same way: from the trigger packet arriving on the router's
+client-facing interface to the first segment the new owner emits on that interface, both from
+one tcpdump capture's kernel timestamps (nanoseconds). The node runs in a process of its own. ``proxy_mbps`` is a bulk upload through a taken-over
+connection (``proxy_down_mbps`` the other way); ``forward_mbps`` the same transfer forwarded by
+the kernel with no node, for scale.
+
+Prints a table, then one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from node.takeover.capture import Tcpdump, trigger_times
+from node.takeover.harness import LineServer, recv_until, tcp_counters
+from node.takeover.topo import PathTopo
+
+PORT = 8080
+EXPLOIT = b"EXPLOIT " + b"A" * 200 + b"\n"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class NodeProcess:
+    """The node in a process of its own (``node.takeover.runner``): it shares no interpreter
+    lock with the clients, servers and capture of the benchmark."""
+
+    def __init__(self, netns: str, engine: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.takeover.runner", "--netns", netns, "--engine",
+             engine, "--port", str(PORT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, cwd=REPO)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"node runner failed: {line!r}")
+
+    def stop(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        out = self.proc.stdout.read().strip().splitlines()
+        self.proc.wait(10)
+        return json.loads(out[-1]) if out else {}
+
+
+def latency(name: str, n: int, warmup: int, tmp: Path) -> dict[str, Any]:
+    with PathTopo("bt") as t:
+        node = NodeProcess(t.router.name, name)
+        stats: dict[str, Any] = {}
+        srv = LineServer(t.server, t.server_addr, PORT)
+        dump = Tcpdump(t.router.name, t.client_if, PORT, tmp / f"{name}.pcap")
+        client = socket.inet_aton(t.client_addr)
+        before = (tcp_counters(t.client), tcp_counters(t.server))
+        ok = errors = 0
+        try:
+            for _ in range(warmup + n):
+                c = t.client.call(socket.create_connection, (t.server_addr, PORT), 5)
+                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
+                    c.sendall(b"GET /a benign-1\n")
+                    recv_until(c, b"ok 1\n")
+                    time.sleep(0.01)  # quiet: everything acknowledged
+                    c.sendall(EXPLOIT)
+                    time.sleep(0.02)
+                    if name != "reset":
+                        c.sendall(b"GET /b benign-2\n")
+                        got = recv_until(c, b"ok 2\n", 3)
+                        c.shutdown(socket.SHUT_WR)
+                        recv_until(c, b"\x00", 3)
+                        ok += got == b"ok 2\n"
+                    else:
+                        recv_until(c, b"\x00", 3)
+                except OSError:
+                    errors += 1
+                finally:
+                    c.close()
+            conns = srv.wait(warmup + n, 10)
+            clean = sum(bytes(x.received) == b"GET /a benign-1\nGET /b benign-2\n"
+                        for x in conns)
+            time.sleep(0.3)
+            after = (tcp_counters(t.client), tcp_counters(t.server))
+        finally:
+            packets = dump.close()
+            stats = node.stop()
+            srv.close()
+    pairs = trigger_times(packets, b"EXPLOIT", client)
+    times = stats.get("times", [])
+    us = [(out - inn) * 1e6 for inn, out in pairs][warmup:]
+    queue = [(tq - inn) * 1e6 for (inn, _), (tq, _, _) in zip(pairs, times, strict=False)]
+    work = [(t1 - t0) * 1e6 for _, t0, t1 in times]
+    retrans = [after[k].get("RetransSegs", 0) - before[k].get("RetransSegs", 0)
+               for k in (0, 1)]
+    rsts = after[0].get("EstabResets", 0) - before[0].get("EstabResets", 0)
+    return {
+        "n": len(us), "p50_us": statistics.median(us) if us else None,
+        "p90_us": sorted(us)[int(0.9 * (len(us) - 1))] if us else None,
+        "min_us": min(us) if us else None,
+        "queue_us": statistics.median(queue[warmup:]) if queue[warmup:] else None,
+        "engine_us": statistics.median(work[warmup:]) if work[warmup:] else None,
+        "server_clean": clean, "client_ok": ok, "client_errors": errors,
+        "client_resets": rsts, "retrans_client": retrans[0], "retrans_server": retrans[1],
+        "iterations": warmup + n, "engine": stats.get("engine", {}),
+    }
+
+
+class Blaster:
+    """A server that sends ``size`` bytes to whoever connects and sends a line."""
+
+    def __init__(self, ns: Any, addr: str, port: int, size: int) -> None:
+        self.ls = ns.call(socket.create_server, (addr, port))
+        self.size = size
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        c, _ = self.ls.accept()
+        with c:
+            recv_until(c, b"\n", 10)
+            c.sendall(bytes(range(256)) * (self.size // 256))
+        self.ls.close()
+
+
+def throughput(mode: str, size: int) -> dict[str, Any]:
+    """Bulk transfer through a taken-over connection (``mode`` up/down), or forwarded by the
+    kernel with no node (``forward``)."""
+    with PathTopo("bp") as t:
+        node = NodeProcess(t.router.name, "takeover") if mode != "forward" else None
+        stats: dict[str, Any] = {}
+        data = bytes(range(256)) * (size // 256)
+        before = (tcp_counters(t.client), tcp_counters(t.server))
+        try:
+            if mode == "down":
+                Blaster(t.server, t.server_addr, PORT, size)
+                c = t.client.call(socket.create_connection, (t.server_addr, PORT), 5)
+                c.sendall(EXPLOIT)  # the takeover, then the request the server answers
+                time.sleep(0.05)
+                c.sendall(b"GET /big\n")
+                t0 = time.perf_counter()
+                got = 0
+                c.settimeout(30)
+                while got < len(data):
+                    d = c.recv(1 << 20)
+                    if not d:
+                        break
+                    got += len(d)
+                el = time.perf_counter() - t0
+                c.close()
+                good = got == len(data)
+            else:
+                srv = LineServer(t.server, t.server_addr, PORT, sink=True)
+                c = t.client.call(socket.create_connection, (t.server_addr, PORT), 5)
+                if mode == "up":
+                    c.sendall(EXPLOIT)
+                    time.sleep(0.05)
+                t0 = time.perf_counter()
+                c.sendall(data)
+                c.shutdown(socket.SHUT_WR)
+                conn = srv.wait(1, 120)[0]
+                el = time.perf_counter() - t0
+                c.close()
+                good = bytes(conn.received) == data
+                srv.close()
+            time.sleep(0.2)
+            after = (tcp_counters(t.client), tcp_counters(t.server))
+        finally:
+            if node is not None:
+                stats = node.stop()
+    return {"mbps": len(data) * 8 / el / 1e6, "seconds": el, "intact": good,
+            "retrans_client": after[0]["RetransSegs"] - before[0]["RetransSegs"],
+            "retrans_server": after[1]["RetransSegs"] - before[1]["RetransSegs"],
+            "taken_over": stats.get("engine", {}).get("taken_over", 0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=40, help="timed takeovers per path")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--bulk-mb", type=int, default=20)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="hw-bench-takeover-") as tmp:
+        lat = {name: latency(name, args.n, args.warmup, Path(tmp))
+               for name in ("reset", "tcp_repair", "takeover")}
+    size = args.bulk_mb * 1_000_000
+    up = throughput("up", size)
+    down = throughput("down", size)
+    fwd = throughput("forward", size)
+
+    print(f"{'path':<12}{'p50 µs':>9}{'p90 µs':>9}{'min µs':>9}{'queue µs':>10}"
+          f"{'engine µs':>11}{'server ok':>11}{'client ok':>11}{'resets':>8}{'retx c/s':>10}")
+    for name, r in lat.items():
+        def f(x: float | None) -> str:
+            return "-" if x is None else f"{x:.0f}"
+
+        print(f"{name:<12}{f(r['p50_us']):>9}{f(r['p90_us']):>9}{f(r['min_us']):>9}"
+              f"{f(r['queue_us']):>10}{f(r['engine_us']):>11}"
+              f"{r['server_clean']:>6}/{r['iterations']:<4}{r['client_ok']:>6}/{r['iterations']:<4}"
+              f"{r['client_resets']:>8}{r['retrans_client']:>5}/{r['retrans_server']:<4}")
+    print("timed: trigger in on the router's client-facing interface -> first segment out to "
+          "the client (AF_PACKET timestamps); queue = trigger on the wire -> engine called; "
+          "engine = the engine's own work")
+    print(f"\nbulk {args.bulk_mb} MB   up (client->server) through takeover: "
+          f"{up['mbps']:.1f} Mbit/s intact={up['intact']} retx c/s "
+          f"{up['retrans_client']}/{up['retrans_server']}")
+    print(f"             down (server->client) through takeover: {down['mbps']:.1f} Mbit/s "
+          f"intact={down['intact']} retx c/s {down['retrans_client']}/{down['retrans_server']}")
+    print(f"             kernel forwarding, no node: {fwd['mbps']:.1f} Mbit/s")
+
+    t_us = lat["takeover"]["p50_us"]
+    r_us = lat["tcp_repair"]["p50_us"]
+    result = {
+        "takeover_us": round(t_us, 1) if t_us else None,
+        "tcp_repair_us": round(r_us, 1) if r_us else None,
+        "reset_us": round(lat["reset"]["p50_us"], 1) if lat["reset"]["p50_us"] else None,
+        "speedup": round(r_us / t_us, 2) if t_us and r_us else None,
+        "takeover_p90_us": round(lat["takeover"]["p90_us"], 1),
+        "tcp_repair_p90_us": round(lat["tcp_repair"]["p90_us"], 1),
+        "takeover_engine_us": round(lat["takeover"]["engine_us"] or 0, 1),
+        "tcp_repair_engine_us": round(lat["tcp_repair"]["engine_us"] or 0, 1),
+        "proxy_mbps": round(up["mbps"], 1),
+        "proxy_down_mbps": round(down["mbps"], 1),
+        "forward_mbps": round(fwd["mbps"], 1),
+        "takeover_server_clean": lat["takeover"]["server_clean"],
+        "tcp_repair_server_clean": lat["tcp_repair"]["server_clean"],
+        "iterations": args.n + args.warmup,
+        "takeover_client_resets": lat["takeover"]["client_resets"],
+        "reset_client_resets": lat["reset"]["client_resets"],
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
