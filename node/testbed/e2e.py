@@ -37,6 +37,7 @@ from typing import Any
 from node.testbed.daemons import Fleet, NodeProc
 from node.testbed.hosts import Chain
 from node.testbed.netns import Namespace
+from node.testbed.worm import Harness, HarnessThread, HostSpec
 from sca.alert import Message
 from sca.services import load_manifest, traffic
 
@@ -121,10 +122,19 @@ class ChainRun:
     fleet: Fleet | None = None
     sinks: Sinks | None = None
     notes: list[str] = field(default_factory=list)
+    services: bool = False  # the emulated resolver at vul (on its client-side address)
+    harness: HarnessThread | None = None
 
     def __enter__(self) -> ChainRun:
         try:
             self.chain = Chain(self.relays, tag="e2e")
+            if self.services:
+                vul, cli = self.chain["vul"], self.chain["cli"]
+                hosts = [HostSpec(vul.ns.name, vul.right or "", "vulnerable"),
+                         HostSpec(cli.ns.name, cli.left or "", "client")]
+                self.harness = HarnessThread(Harness(hosts, pool=[vul.right or ""],
+                                                     client_rate=0))
+                self.harness.start()
             specs = [replace(s, services=SERVICES) for s in self.chain.node_specs(self.settings)]
             self.fleet = Fleet(specs, root=self.root)
             self.fleet.start()
@@ -139,6 +149,8 @@ class ChainRun:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.harness is not None:
+            self.harness.stop()
         if self.sinks is not None:
             self.sinks.close()
         if self.fleet is not None:
@@ -242,6 +254,23 @@ class ChainRun:
         return Sample(service, aid, (spec["timestamp_s"] - t0) * 1e3,
                       (gen["timestamp_s"] - t0) * 1e3 if gen else None,
                       (detected["timestamp_s"] - t0) * 1e3, relays, via)
+
+    def ask_vul(self, data: bytes, timeout: float = 1.0) -> bytes | None:
+        """One datagram from the client to the vulnerable host's resolver; its reply, or None
+        (no reply: dropped by a filter, or a datagram the resolver does not answer)."""
+        assert self.chain is not None
+        cli, vul = self.chain["cli"], self.chain["vul"]
+
+        def go() -> bytes | None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(timeout)
+                s.sendto(data, (vul.right or "", 1434))
+                try:
+                    return s.recv(4096)
+                except TimeoutError:
+                    return None
+
+        return cli.ns.call(go)
 
     def clear_filters(self) -> None:
         """Remove every installed filter on every node (operator removal: remembered)."""
