@@ -354,7 +354,8 @@ def filter_list(as_json: bool, all_states: bool, config_path: Path | None,
                 state_dir: Path | None) -> None:
     rows, note = filter_rows(node_config(config_path, state_dir), all_states)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        # "id" as well: what this command printed before the store existed.
+        click.echo(json.dumps([{"id": r["filter_id"], **r} for r in rows], indent=2))
         return
     t = Table("filter", "kind", "service", "port", "state", "packets", "bytes", "alert",
               "since", title=f"{len(rows)} filter(s)", title_justify="left",

@@ -2,10 +2,11 @@
 
 Start order, and why:
 
-1. state directory (0700), node key (made on first run), store (refused clearly if corrupt);
-2. event log and bus, metrics if configured;
-3. protected service images (a bad manifest is a config error naming its entry);
-4. control socket (refused if another node answers on it), so status works from here on;
+1. state directory (0700), node key (made on first run), protected service images (a bad
+   manifest is a config error naming its entry);
+2. control socket (refused if another node answers on it, before anything is written), so
+   status works from here on;
+3. store (refused clearly if corrupt), event log and bus, metrics if configured;
 5. kernel: ``NftTable.ensure()`` (``node.kernel``: the table with the stack's chains) *before*
    the filters' chains, since it refuses a table made by someone else; then the filters are
    reconciled with the store (``FilterTable.sync``): a restart, also after kill -9, puts the
@@ -202,6 +203,10 @@ class Node:
             os.chmod(cfg.state_dir, 0o700)
         self.key, self.key_created = load_or_make_key(cfg.state_dir)
         self.images = load_images(cfg)
+        # The control socket first: a second node on the same state directory stops here,
+        # before it writes a line to the running node's event log or store.
+        self.control = ControlServer(cfg.socket_path, self.handle, self.bus)
+        await self.control.start()
         store = Store(cfg.store_path)
         self.db = StoreRunner(store)
         if cfg.events.log is not None:
@@ -212,8 +217,6 @@ class Node:
 
             self.metrics = Metrics(self.bus, lambda: self._gauges)
             self.metrics.serve(*cfg.metrics.listen)
-        self.control = ControlServer(cfg.socket_path, self.handle, self.bus)
-        await self.control.start()
         backend = self._backend()
         self.filters = FilterManager(backend, self.db, self.bus,
                                      expire_after_s=cfg.filters.expire_after_s)

@@ -399,7 +399,7 @@ class Pipeline:
             envelope.check()
         except SignatureError as e:
             return await self._bad_signature(aid, alert, envelope, peer, str(e), origin)
-        return await self._receive(aid, alert, envelope, peer, origin)
+        return await self._receive(aid, alert, envelope, peer, origin, data)
 
     async def _bad_signature(self, aid: str, alert: Alert, envelope: Envelope,
                              peer: str | None, error: str, origin: str) -> Decision:
@@ -415,13 +415,16 @@ class Pipeline:
         return Decision(aid, "refuted", False, "bad-signature")
 
     async def _receive(self, aid: str, alert: Alert, envelope: Envelope | None,
-                       peer: str | None, origin: str = "overlay") -> Decision:
+                       peer: str | None, origin: str = "overlay",
+                       envelope_bytes: bytes | None = None) -> Decision:
         alert_bytes = envelope.alert_bytes if envelope is not None else encode_alert(alert)
         known = await self._known(aid)
         env_fields: dict[str, Any] = {}
         if envelope is not None:
-            env_fields = {"envelope": envelope.encode(), "signer": envelope.node_id.hex(),
-                          "signed_at": envelope.signed_at_s}
+            # decode_envelope accepted only the canonical encoding: the bytes as received are
+            # the envelope's encoding, no need to make it again.
+            env_fields = {"envelope": envelope_bytes or envelope.encode(),
+                          "signer": envelope.node_id.hex(), "signed_at": envelope.signed_at_s}
         common = {"alert_id": aid, "service_id": alert.service_id.hex(),
                   "service": alert.service_name, "type": alert.type.value,
                   "alert": alert_bytes, "origin": origin, "from_peer": peer}

@@ -78,6 +78,11 @@ class FakeTable:
         return [Installed(i, 3, 300) for i in self.installed]
 
 
+@pytest.fixture
+def fake_table() -> FakeTable:
+    return FakeTable()
+
+
 @pytest.fixture(scope="module")
 def images() -> list[ServiceImage]:
     return [load_image(manifest_path(n)) for n in SERVICES]

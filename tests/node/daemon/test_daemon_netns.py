@@ -203,6 +203,16 @@ def test_hostile_control_input_never_crashes_the_daemon(netns: Any,
         assert reply == b"" or b'"ok":false' in reply, reply
     st = d.request("status")
     assert st["node"]["state"] == "running" and st["control"]["requests"] >= 5
+    # A second node on the same state directory is refused; the first one is unharmed.
+    from daemon_proc import HERDWALL
+
+    r = subprocess.run(["ip", "netns", "exec", netns.name, HERDWALL, "node", "run",
+                        "--config", str(d.config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "already running" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert d.request("ping") == "pong" and d.socket.exists()
+    log = (d.state / "events.jsonl").read_text()
+    assert "node.stopped" not in log and log.count("node.started") == 1
 
 
 def test_no_config_at_all(netns: Any, tmp_path: Path) -> None:
