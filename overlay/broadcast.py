@@ -22,10 +22,14 @@ carries a replica index ``r`` (0 or 1). The publisher hands every group to two c
 of rank ``r`` in that group. Ranks are the same at every forwarder: contacts sorted by XOR
 distance to a point chosen by the alert id (super-peers first), so the two copies of a subtree
 enter it at two different nodes, once each, and different alerts enter at different nodes.
-When a contact does not acknowledge within ``ack_timeout`` (or answers that it will not
+When a contact does not acknowledge in time (or answers that it will not
 forward), the next contact of that replica's ranks (``r + 2``, ``r + 4``, ...) takes its place,
-so the two copies' fallbacks stay apart too. A node forwards each (replica, range) once; a later
-announcement with a wider range makes it hand over only the groups it has not handed over yet.
+so the two copies' fallbacks stay apart too. "In time" adapts like TCP's retransmission
+timeout: the smoothed acknowledgement delay plus four times its deviation, between
+``ack_timeout`` and ``max_ack_timeout``, so a node whose peers are slow (or a test machine
+running a thousand nodes in one process) does not hand subtrees around for nothing. A node
+forwards each (replica, range) once; a later announcement with a wider range makes it hand
+over only the groups it has not handed over yet.
 
 Distribution follows Vigilante's rules. An announcement is the alert id in a small datagram; a
 node that has not seen the id fetches the body (the signed envelope) from the announcer over a
@@ -130,7 +134,8 @@ DEFAULT_FETCH_RATE = Rate(10.0, 20.0)
 @dataclass(frozen=True)
 class BroadcastConfig:
     replicas: int = 2
-    ack_timeout: float = 0.3
+    ack_timeout: float = 0.3  # the least time to wait for an acknowledgement
+    max_ack_timeout: float = 2.0
     max_tries_per_group: int = 8
     seen_ttl: float = 3600.0
     max_seen: int = 4096
@@ -192,7 +197,7 @@ class _Delegation:
         self.candidates = candidates
         self.next = 0
         self.tries = 0
-        self.outstanding: dict[Addr, tuple[int, Contact]] = {}
+        self.outstanding: dict[Addr, tuple[int, Contact, float]] = {}
         self.taken: set[Addr] = set()
 
 
@@ -256,6 +261,8 @@ class BroadcastCore:
         self._announce_buckets = KeyedBuckets(cfg.announce_rate, cfg.max_peers_tracked)
         self._fetch_buckets = KeyedBuckets(cfg.fetch_rate, cfg.max_peers_tracked)
         self._inflight: Counter[str] = Counter()  # fetches under way, per peer IP
+        self._srtt: float | None = None
+        self._rttvar = 0.0
         self._group_source: Sequence[Contact] | None = None
         self._groups: dict[int, list[Contact]] = {}
         self._strikes: OrderedDict[str, int] = OrderedDict()
@@ -359,7 +366,7 @@ class BroadcastCore:
             self.stats["fetch_malformed"] += 1
             self._fetch_buckets.charge(ip, now, self.cfg.malformed_cost)
             return None
-        self._taken(alert_id, (ip, port))
+        self._taken(alert_id, (ip, port), now)
         body = self._good.body(alert_id, now)
         self.stats["fetch_served" if body is not None else "fetch_not_here"] += 1
         return wire.encode_fetch_reply(body)
@@ -533,7 +540,7 @@ class BroadcastCore:
 
     def _on_ack(self, addr: Addr, ack: Ack, now: float) -> list[Action]:
         if ack.status is AckStatus.TAKEN:
-            self._taken(ack.alert_id, addr)
+            self._taken(ack.alert_id, addr, now)
             return []
         d = self._delegations.get(ack.alert_id, {}).get(addr)
         if d is None:
@@ -545,10 +552,29 @@ class BroadcastCore:
         self.stats["refused_delegation"] += 1
         return self._launch(d, now)
 
-    def _taken(self, alert_id: bytes, addr: Addr) -> None:
+    def _taken(self, alert_id: bytes, addr: Addr, now: float) -> None:
         d = self._delegations.get(alert_id, {}).get(addr)
-        if d is not None and d.outstanding.pop(addr, None) is not None:
+        if d is None:
+            return
+        entry = d.outstanding.pop(addr, None)
+        if entry is not None:
             d.taken.add(addr)
+            self._rtt_sample(now - entry[2])
+
+    def _rtt_sample(self, sample: float) -> None:
+        # RFC 6298's estimator (alpha 1/8, beta 1/4).
+        if self._srtt is None:
+            self._srtt, self._rttvar = sample, sample / 2
+        else:
+            self._rttvar += (abs(self._srtt - sample) - self._rttvar) / 4
+            self._srtt += (sample - self._srtt) / 8
+
+    def ack_wait(self) -> float:
+        """How long to wait for an acknowledgement now."""
+        cfg = self.cfg
+        if self._srtt is None:
+            return cfg.ack_timeout
+        return min(cfg.max_ack_timeout, max(cfg.ack_timeout, self._srtt + 4 * self._rttvar))
 
     def _ack_timeout(self, alert_id: bytes, addr: Addr, token: int, now: float
                      ) -> list[Action]:
@@ -614,9 +640,9 @@ class BroadcastCore:
             d.tries += 1
             self._seq += 1
             token = self._seq
-            d.outstanding[c.addr] = (token, c)
+            d.outstanding[c.addr] = (token, c, now)
             dels[c.addr] = d
-            self._timer(now + cfg.ack_timeout, "ack", (d.alert_id, c.addr, token))
+            self._timer(now + self.ack_wait(), "ack", (d.alert_id, c.addr, token))
             self.stats["tx_announce"] += 1
             return [Send(c.addr, wire.encode(Announce(d.alert_id, d.limit, d.hops, d.replica)))]
         self.stats["group_exhausted"] += 1

@@ -81,6 +81,7 @@ class DhtConfig:
     max_hellos_inflight: int = 256
     rcvbuf: int = 4 << 20
     refresh_s: float = 900.0
+    first_refresh_s: float = 60.0
     refresh_k: int = 4
     max_peers: int = 4096
     super_peer: bool = False
@@ -234,7 +235,11 @@ class VersionedRoutingTable(RoutingTable):
     version = 0
 
     def add_contact(self, node: Node) -> None:
-        self.version += 1
+        # Every answered RPC "adds" its sender again (moves it to the bucket's tail); only a
+        # new member or a new address is a change worth recomputing anything for.
+        old = self.buckets[self.get_bucket_for(node)].nodes.get(node.id)
+        if old is None or old.ip != node.ip or old.port != node.port:
+            self.version += 1
         super().add_contact(node)
 
     def remove_contact(self, node: Node) -> None:
@@ -717,10 +722,13 @@ class HardenedServer(Server):
         self.refresh_loop = self.spawn(self._refresh_forever())  # type: ignore[assignment]
 
     async def _refresh_forever(self) -> None:
-        period = self.config.refresh_s
+        # The first pass soon after joining: nodes that joined after us, and contacts lost to
+        # timeouts in the join rush, get into the table; then every ``refresh_s``.
+        period = self.config.first_refresh_s
         while True:
             await asyncio.sleep(period * self._rng.uniform(0.75, 1.25))
             await self.refresh_groups()
+            period = self.config.refresh_s
 
     async def refresh_groups(self, extra: int = 3) -> int:
         """Look up a random id in every prefix group down to ``extra`` past the deepest one

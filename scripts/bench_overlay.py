@@ -153,6 +153,20 @@ class Host:
         await asyncio.gather(*(one(n) for n in self.nodes if n.core is None))
         return time.perf_counter() - t0
 
+    async def settle(self) -> float:
+        """One prefix-group refresh pass on every node: what each node does by itself about a
+        minute after joining (``DhtConfig.first_refresh_s``), done here at once instead of
+        waiting for it."""
+        t0 = time.perf_counter()
+        sem = asyncio.Semaphore(self.concurrency)
+
+        async def one(node: Overlay) -> None:
+            async with sem:
+                await node.server.refresh_groups()
+
+        await asyncio.gather(*(one(n) for n in self.nodes))
+        return time.perf_counter() - t0
+
     def local(self, i: int) -> Overlay:
         return self.nodes[i - self.first]
 
@@ -184,7 +198,8 @@ class Host:
                              "drops": {key: v for key, v in stats.items()
                                        if "drop" in key or "refused" in key or "errors" in key},
                              "delivered": self.delivered[k]})
-        return {"nodes": per_node, "rss_kb": rss_kb(), "rss_before_kb": self.rss_before}
+        return {"nodes": per_node, "rss_kb": rss_kb(), "rss_before_kb": self.rss_before,
+                "cpu_s": time.process_time()}
 
     def flood_plan(self, idxs: Sequence[int]) -> list[dict[str, Any]]:
         plan = []
@@ -214,6 +229,9 @@ class LocalCluster:
     async def join(self) -> float:
         await self.host.start_seed()
         return await self.host.join()
+
+    async def settle(self) -> float:
+        return await self.host.settle()
 
     async def kill(self, idxs: Sequence[int]) -> None:
         await self.host.kill(idxs)
@@ -270,6 +288,11 @@ class ProcCluster:
         await self._ask(0, {"cmd": "seed"})
         t0 = time.perf_counter()
         await asyncio.gather(*(self._ask(k, {"cmd": "join"}) for k in range(procs)))
+        return time.perf_counter() - t0
+
+    async def settle(self) -> float:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(self._ask(k, {"cmd": "settle"}) for k in range(len(self.procs))))
         return time.perf_counter() - t0
 
     def _owner(self, i: int) -> int:
@@ -336,6 +359,8 @@ async def worker(args: argparse.Namespace) -> None:
             reply({"ok": True})
         elif cmd == "join":
             reply({"seconds": await host.join()})
+        elif cmd == "settle":
+            reply({"seconds": await host.settle()})
         elif cmd == "kill":
             await host.kill(msg["idx"])
             reply({"ok": True})
@@ -429,6 +454,7 @@ class Result:
     junk_sent: int = 0
     junk_per_s: float = 0.0
     drops: dict[str, int] = field(default_factory=dict)
+    cpu_ms_per_node: float = 0.0  # CPU of every node process, publish to last delivery
 
 
 def _flatten(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -457,7 +483,8 @@ async def scenario(cluster: LocalCluster | ProcCluster, name: str, envelope: byt
 
     from sca.envelope import decode_envelope
     aid = hashlib.sha256(decode_envelope(envelope).alert_bytes).hexdigest()
-    before = _flatten(await cluster.counts())
+    before_reports = await cluster.counts()
+    before = _flatten(before_reports)
     live = [n["i"] for n in before if not n["dead"]]
     publisher = rng.choice(live)
     start = _totals(before)
@@ -467,6 +494,8 @@ async def scenario(cluster: LocalCluster | ProcCluster, name: str, envelope: byt
         await asyncio.sleep(0.02)
         if await cluster.missing(aid, publisher) == 0:
             break
+    done = await cluster.counts()
+    cpu = sum(r["cpu_s"] for r in done) - sum(r["cpu_s"] for r in before_reports)
     await asyncio.sleep(1.0)
     last = _flatten(await cluster.counts())
     others = [n for n in last if not n["dead"] and n["i"] != publisher]
@@ -481,7 +510,7 @@ async def scenario(cluster: LocalCluster | ProcCluster, name: str, envelope: byt
     for n in last:
         drops.update(n["drops"])
     return Result(name, n_live, coverage, t100, sum(delta.values()) / n_live, breakdown,
-                  drops=dict(drops))
+                  drops=dict(drops), cpu_ms_per_node=1000 * cpu / n_live)
 
 
 async def run(cluster: LocalCluster | ProcCluster, label: str, envelopes: list[bytes],
@@ -489,12 +518,15 @@ async def run(cluster: LocalCluster | ProcCluster, label: str, envelopes: list[b
     rng = random.Random(seed)
     print(f"[{label}] {cluster.n} nodes: joining...", file=sys.stderr, flush=True)
     join_s = await cluster.join()
+    print(f"[{label}] joined in {join_s:.1f} s; one refresh pass...", file=sys.stderr,
+          flush=True)
+    settle_s = await cluster.settle()
     reports = await cluster.counts(contacts=True)
     nodes = _flatten(reports)
     contacts = [n["contacts"] for n in nodes]
     gc.collect()
     mem = sum(r["rss_kb"] - r["rss_before_kb"] for r in reports) / cluster.n
-    print(f"[{label}] joined in {join_s:.1f} s; contacts min {min(contacts)} "
+    print(f"[{label}] settled in {settle_s:.1f} s; contacts min {min(contacts)} "
           f"mean {sum(contacts) / len(contacts):.0f}", file=sys.stderr, flush=True)
     results = [await scenario(cluster, "dead0", envelopes[0], rng)]
     ids = list(range(cluster.n))
@@ -526,25 +558,27 @@ async def run(cluster: LocalCluster | ProcCluster, label: str, envelopes: list[b
     flood_result.junk_per_s = junk["sent"] / duration
     results.append(flood_result)
     await cluster.close()
-    return {"label": label, "nodes": cluster.n, "join_s": join_s, "mem_kb": mem,
+    return {"label": label, "nodes": cluster.n, "join_s": join_s, "settle_s": settle_s,
+            "mem_kb": mem,
             "contacts_mean": sum(contacts) / len(contacts), "contacts_min": min(contacts),
             "results": results}
 
 
 def table(runs: list[dict[str, Any]]) -> None:
     print(f"{'run':<10}{'scenario':<10}{'live':>6}{'coverage':>10}{'t100 s':>9}"
-          f"{'msgs/node':>11}  breakdown per node")
+          f"{'msgs/node':>11}{'cpu ms/node':>13}  breakdown per node")
     for r in runs:
         for res in r["results"]:
             t = f"{res.t100_s:.3f}" if res.t100_s is not None else "n/a"
             bd = " ".join(f"{k}={v}" for k, v in res.breakdown.items() if v)
             print(f"{r['label']:<10}{res.name:<10}{res.live:>6}{res.coverage:>10.4f}{t:>9}"
-                  f"{res.msgs_per_node:>11.2f}  {bd}")
+                  f"{res.msgs_per_node:>11.2f}{res.cpu_ms_per_node:>13.2f}  {bd}")
             if res.junk_sent:
                 dropped = {k: v for k, v in res.drops.items() if v}
                 print(f"{'':<20}junk sent {res.junk_sent} ({res.junk_per_s:.0f}/s); "
                       f"drops at nodes: {dropped}")
-        print(f"{r['label']:<10}join {r['join_s']:.1f} s for {r['nodes']} nodes; contacts "
+        print(f"{r['label']:<10}join {r['join_s']:.1f} s (+ refresh pass {r['settle_s']:.1f} s) "
+              f"for {r['nodes']} nodes; contacts "
               f"mean {r['contacts_mean']:.0f} min {r['contacts_min']}; memory "
               f"{r['mem_kb']:.0f} KB per node")
 
@@ -553,8 +587,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nodes", type=int, default=1000, help="nodes in the one-process run (0: skip)")
     p.add_argument("--procs", type=int, default=4, help="worker processes (0: skip that run)")
-    p.add_argument("--proc-nodes", type=int, default=50, help="nodes per worker process")
-    p.add_argument("--join-concurrency", type=int, default=32)
+    p.add_argument("--proc-nodes", type=int, default=250, help="nodes per worker process")
+    p.add_argument("--join-concurrency", type=int, default=16)
     p.add_argument("--seed", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
@@ -592,12 +626,14 @@ def main() -> int:
         by = {res.name: res for res in r["results"]}
         summary[f"{pre}nodes"] = r["nodes"]
         summary[f"{pre}bootstrap_s"] = round(r["join_s"], 2)
+        summary[f"{pre}refresh_pass_s"] = round(r["settle_s"], 2)
         summary[f"{pre}mem_per_node_kb"] = round(r["mem_kb"], 1)
         for name, res in by.items():
             summary[f"{pre}cov_{name}"] = round(res.coverage, 4)
             summary[f"{pre}t100_{name}_s"] = (None if res.t100_s is None
                                               else round(res.t100_s, 3))
             summary[f"{pre}msgs_per_node_{name}"] = round(res.msgs_per_node, 2)
+            summary[f"{pre}cpu_ms_per_node_{name}"] = round(res.cpu_ms_per_node, 2)
         summary[f"{pre}msgs_per_node"] = round(max(res.msgs_per_node
                                                    for res in by.values()
                                                    if res.name != "flood10"), 2)
