@@ -12,7 +12,9 @@ trigger. The same trigger is handled by:
 
 Each path is timed the same way: from the trigger packet arriving on the router's
 client-facing interface to the first segment the new owner emits on that interface, both from
-one tcpdump capture's kernel timestamps (nanoseconds). The node runs in a process of its own. ``proxy_mbps`` is a bulk upload through a taken-over
+one tcpdump capture's kernel timestamps (nanoseconds); the node runs in a process of its own.
+Two conditions: an idle node, and a node that a benign client of the same service keeps busy.
+``proxy_mbps`` is a bulk upload through a taken-over
 connection (``proxy_down_mbps`` the other way); ``forward_mbps`` the same transfer forwarded by
 the kernel with no node, for scale.
 
@@ -69,12 +71,50 @@ class NodeProcess:
         return json.loads(out[-1]) if out else {}
 
 
-def latency(name: str, n: int, warmup: int, tmp: Path) -> dict[str, Any]:
+class Background:
+    """A benign client of the same service, a line every ``1/rate`` s through the node's
+    watch queue: a node protecting a service in use is awake when the trigger comes."""
+
+    def __init__(self, ns: Any, addr: str, rate: float) -> None:
+        self.rate = rate
+        self.round_trips = 0
+        self._stop = threading.Event()
+        self.sock = ns.call(socket.create_connection, (addr, PORT), 5)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self.started = time.monotonic()
+        self._t.start()
+
+    def _run(self) -> None:
+        gap = 1.0 / self.rate
+        nxt = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                self.sock.sendall(b"background\n")
+                recv_until(self.sock, b"\n", 5)
+                self.round_trips += 1
+                nxt += gap
+                time.sleep(max(0.0, nxt - time.monotonic()))
+        except OSError:
+            pass
+
+    def stop(self) -> float:
+        """Round trips per second achieved."""
+        self._stop.set()
+        self._t.join(5)
+        self.sock.close()
+        return self.round_trips / max(time.monotonic() - self.started, 1e-9)
+
+
+def latency(name: str, n: int, warmup: int, tmp: Path, background: float = 0.0
+            ) -> dict[str, Any]:
     with PathTopo("bt") as t:
         node = NodeProcess(t.router.name, name)
         stats: dict[str, Any] = {}
         srv = LineServer(t.server, t.server_addr, PORT)
-        dump = Tcpdump(t.router.name, t.client_if, PORT, tmp / f"{name}.pcap")
+        bg = Background(t.client, t.server_addr, background) if background else None
+        bg_rate = 0.0
+        dump = Tcpdump(t.router.name, t.client_if, PORT, tmp / f"{name}-{background:g}.pcap")
         client = socket.inet_aton(t.client_addr)
         before = (tcp_counters(t.client), tcp_counters(t.server))
         ok = errors = 0
@@ -100,7 +140,10 @@ def latency(name: str, n: int, warmup: int, tmp: Path) -> dict[str, Any]:
                     errors += 1
                 finally:
                     c.close()
-            conns = srv.wait(warmup + n, 10)
+            if bg is not None:
+                bg_rate = bg.stop()
+            conns = [x for x in srv.wait(warmup + n + (bg is not None), 10)
+                     if not x.received.startswith(b"background")]
             clean = sum(bytes(x.received) == b"GET /a benign-1\nGET /b benign-2\n"
                         for x in conns)
             time.sleep(0.3)
@@ -126,6 +169,7 @@ def latency(name: str, n: int, warmup: int, tmp: Path) -> dict[str, Any]:
         "server_clean": clean, "client_ok": ok, "client_errors": errors,
         "client_resets": rsts, "retrans_client": retrans[0], "retrans_server": retrans[1],
         "iterations": warmup + n, "engine": stats.get("engine", {}),
+        "background_rps": bg_rate,
     }
 
 
@@ -196,61 +240,90 @@ def throughput(mode: str, size: int) -> dict[str, Any]:
             "taken_over": stats.get("engine", {}).get("taken_over", 0)}
 
 
+def _row(name: str, r: dict[str, Any]) -> str:
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0f}"
+
+    it = r["iterations"]
+    return (f"{name:<12}{f(r['p50_us']):>9}{f(r['p90_us']):>9}{f(r['min_us']):>9}"
+            f"{f(r['queue_us']):>10}{f(r['engine_us']):>11}"
+            f"{r['server_clean']:>7}/{it:<4}{r['client_ok']:>7}/{it:<4}"
+            f"{r['client_resets']:>8}{r['retrans_client']:>6}/{r['retrans_server']:<4}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-n", type=int, default=40, help="timed takeovers per path")
+    ap.add_argument("-n", type=int, default=40, help="timed takeovers per path and condition")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--bulk-mb", type=int, default=20)
+    ap.add_argument("--background", type=float, default=1000.0,
+                    help="round trips/s of a benign client in the loaded condition (0: skip)")
     args = ap.parse_args()
 
+    paths = ("reset", "tcp_repair", "takeover")
+    conditions = [0.0] + ([args.background] if args.background else [])
+    lat: dict[float, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="hw-bench-takeover-") as tmp:
-        lat = {name: latency(name, args.n, args.warmup, Path(tmp))
-               for name in ("reset", "tcp_repair", "takeover")}
+        for bg in conditions:
+            lat[bg] = {name: latency(name, args.n, args.warmup, Path(tmp), bg)
+                       for name in paths}
     size = args.bulk_mb * 1_000_000
     up = throughput("up", size)
     down = throughput("down", size)
     fwd = throughput("forward", size)
 
-    print(f"{'path':<12}{'p50 µs':>9}{'p90 µs':>9}{'min µs':>9}{'queue µs':>10}"
-          f"{'engine µs':>11}{'server ok':>11}{'client ok':>11}{'resets':>8}{'retx c/s':>10}")
-    for name, r in lat.items():
-        def f(x: float | None) -> str:
-            return "-" if x is None else f"{x:.0f}"
+    head = (f"{'path':<12}{'p50 µs':>9}{'p90 µs':>9}{'min µs':>9}{'queue µs':>10}"
+            f"{'engine µs':>11}{'server ok':>12}{'client ok':>12}{'resets':>8}{'retx c/s':>11}")
+    for bg in conditions:
+        rate = max(r["background_rps"] for r in lat[bg].values())
+        busy = f"loaded node (a benign client, {rate:.0f} round trips/s)"
+        print(f"\n{busy if bg else 'idle node'}")
+        print(head)
+        for name in paths:
+            print(_row(name, lat[bg][name]))
+    print("\ntimed from the trigger arriving on the router's client-facing interface to the first "
+          "segment out to the client\n(tcpdump kernel timestamps); queue = trigger on the wire -> "
+          "engine called (kernel, wake-up, watch stack);\nengine = the engine's whole work (the "
+          "first segment leaves during it). server ok: the server got exactly the benign bytes.")
+    print(f"\nbulk {args.bulk_mb} MB through a taken-over connection: up {up['mbps']:.1f} Mbit/s "
+          f"(intact={up['intact']}, retx c/s {up['retrans_client']}/{up['retrans_server']}), "
+          f"down {down['mbps']:.1f} Mbit/s (intact={down['intact']}, retx c/s "
+          f"{down['retrans_client']}/{down['retrans_server']});\nthe same upload forwarded by the "
+          f"kernel with no node: {fwd['mbps']:.1f} Mbit/s")
 
-        print(f"{name:<12}{f(r['p50_us']):>9}{f(r['p90_us']):>9}{f(r['min_us']):>9}"
-              f"{f(r['queue_us']):>10}{f(r['engine_us']):>11}"
-              f"{r['server_clean']:>6}/{r['iterations']:<4}{r['client_ok']:>6}/{r['iterations']:<4}"
-              f"{r['client_resets']:>8}{r['retrans_client']:>5}/{r['retrans_server']:<4}")
-    print("timed: trigger in on the router's client-facing interface -> first segment out to "
-          "the client (AF_PACKET timestamps); queue = trigger on the wire -> engine called; "
-          "engine = the engine's own work")
-    print(f"\nbulk {args.bulk_mb} MB   up (client->server) through takeover: "
-          f"{up['mbps']:.1f} Mbit/s intact={up['intact']} retx c/s "
-          f"{up['retrans_client']}/{up['retrans_server']}")
-    print(f"             down (server->client) through takeover: {down['mbps']:.1f} Mbit/s "
-          f"intact={down['intact']} retx c/s {down['retrans_client']}/{down['retrans_server']}")
-    print(f"             kernel forwarding, no node: {fwd['mbps']:.1f} Mbit/s")
+    def r1(x: float | None) -> float | None:
+        return None if x is None else round(x, 1)
 
-    t_us = lat["takeover"]["p50_us"]
-    r_us = lat["tcp_repair"]["p50_us"]
-    result = {
-        "takeover_us": round(t_us, 1) if t_us else None,
-        "tcp_repair_us": round(r_us, 1) if r_us else None,
-        "reset_us": round(lat["reset"]["p50_us"], 1) if lat["reset"]["p50_us"] else None,
-        "speedup": round(r_us / t_us, 2) if t_us and r_us else None,
-        "takeover_p90_us": round(lat["takeover"]["p90_us"], 1),
-        "tcp_repair_p90_us": round(lat["tcp_repair"]["p90_us"], 1),
-        "takeover_engine_us": round(lat["takeover"]["engine_us"] or 0, 1),
-        "tcp_repair_engine_us": round(lat["tcp_repair"]["engine_us"] or 0, 1),
-        "proxy_mbps": round(up["mbps"], 1),
-        "proxy_down_mbps": round(down["mbps"], 1),
-        "forward_mbps": round(fwd["mbps"], 1),
-        "takeover_server_clean": lat["takeover"]["server_clean"],
-        "tcp_repair_server_clean": lat["tcp_repair"]["server_clean"],
-        "iterations": args.n + args.warmup,
-        "takeover_client_resets": lat["takeover"]["client_resets"],
-        "reset_client_resets": lat["reset"]["client_resets"],
+    idle = lat[0.0]
+    result: dict[str, Any] = {
+        "takeover_us": r1(idle["takeover"]["p50_us"]),
+        "tcp_repair_us": r1(idle["tcp_repair"]["p50_us"]),
+        "reset_us": r1(idle["reset"]["p50_us"]),
     }
+    t_us, r_us = idle["takeover"]["p50_us"], idle["tcp_repair"]["p50_us"]
+    result["speedup"] = round(r_us / t_us, 2) if t_us and r_us else None
+    if args.background:
+        ld = lat[args.background]
+        lt, lr = ld["takeover"]["p50_us"], ld["tcp_repair"]["p50_us"]
+        result.update({
+            "takeover_loaded_us": r1(lt), "tcp_repair_loaded_us": r1(lr),
+            "reset_loaded_us": r1(ld["reset"]["p50_us"]),
+            "speedup_loaded": round(lr / lt, 2) if lt and lr else None,
+            "background_rps": round(max(r["background_rps"] for r in ld.values()), 1),
+        })
+    result.update({
+        "takeover_engine_us": r1(idle["takeover"]["engine_us"]),
+        "tcp_repair_engine_us": r1(idle["tcp_repair"]["engine_us"]),
+        "queue_us": r1(idle["takeover"]["queue_us"]),
+        "proxy_mbps": r1(up["mbps"]), "proxy_down_mbps": r1(down["mbps"]),
+        "forward_mbps": r1(fwd["mbps"]),
+        "takeover_server_clean": sum(lat[b]["takeover"]["server_clean"] for b in conditions),
+        "tcp_repair_server_clean": sum(lat[b]["tcp_repair"]["server_clean"]
+                                       for b in conditions),
+        "takeover_client_resets": sum(lat[b]["takeover"]["client_resets"] for b in conditions),
+        "reset_client_resets": sum(lat[b]["reset"]["client_resets"] for b in conditions),
+        "iterations": (args.n + args.warmup) * len(conditions),
+    })
     print(json.dumps(result))
 
 

@@ -48,7 +48,7 @@ from node.takeover.policy import Policy, Scrub
 from node.takeover.proxy import Proxy
 from node.takeover.seed import StreamTail, first_ack, seeds
 from node.takeover.tcp import Config, Segment, State, seq_add, seq_lt
-from node.takeover.wire import build
+from node.takeover.wire import ack_packet
 
 log = logging.getLogger(__name__)
 
@@ -329,12 +329,12 @@ class TakeoverEngine:
         """Take ``flow`` over at the client message ``data`` that starts at ``seq`` and came in
         the segment ``seg`` (its packet, if still held, is ``handle``: dropped here). The first
         segments go out before this returns; the flow's set elements follow on the loop."""
-        to_client, to_server = seeds(flow, seq, c2s=c2s, s2c=s2c)
         # Acknowledge the trigger at once, from the tracked state alone: every policy consumes
         # it, and the client's stack learns nothing unusual. Then the endpoints.
         (caddr, cport), (saddr, sport) = flow.orig, flow.resp
-        first = first_ack(to_client, seq, data, seg.tsval)
-        self._sendto(caddr, build(saddr, caddr, sport, cport, first))
+        first = first_ack(flow, seq, len(data), seg.tsval)
+        self._sendto(caddr, ack_packet(saddr, caddr, sport, cport, first))
+        to_client, to_server = seeds(flow, seq, c2s=c2s, s2c=s2c)
         proxy = Proxy(flow.orig, flow.resp, to_client, to_server, policy or Scrub(), now,
                       config=self.config, idle_timeout=self.idle_timeout, defer_server=True)
         proxy.start(Segment(seq, seg.ack, seg.flags & ~SYN, seg.window, data, seg.tsval,

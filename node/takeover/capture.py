@@ -96,18 +96,18 @@ def read_pcap(path: Path) -> list[Captured]:
 def trigger_times(packets: list[Captured], prefix: bytes, client: bytes
                   ) -> list[tuple[float, float]]:
     """For each packet from ``client`` whose payload starts with ``prefix`` (first copy only:
-    not a retransmission), the time it arrived and the time of the first packet towards
-    ``client`` after it."""
+    not a retransmission), the time it arrived and the time of the first packet of the same
+    connection towards ``client`` after it (other connections' packets do not count)."""
     out = []
     seen: set[tuple[int, int]] = set()
-    pending: float | None = None
+    pending: tuple[float, int] | None = None
     for p in packets:
         if p.src == client and p.payload.startswith(prefix):
             if (p.sport, p.seq) in seen:
                 continue
             seen.add((p.sport, p.seq))
-            pending = p.t
-        elif pending is not None and p.dst == client:
-            out.append((pending, p.t))
+            pending = (p.t, p.sport)
+        elif pending is not None and p.dst == client and p.dport == pending[1]:
+            out.append((pending[0], p.t))
             pending = None
     return out

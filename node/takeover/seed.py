@@ -131,10 +131,16 @@ def seeds(flow: Flow, trigger_seq: int, *, c2s: StreamTail | None = None,
     return to_client, to_server
 
 
-def first_ack(to_client: Seed, seq: int, data: bytes, tsecr: int | None) -> Segment:
-    """The ACK of the trigger message, as the server would send it: at the server's next
-    sequence number, with its last window field and its timestamp clock (what the client-facing
-    endpoint's first segment would be; ``Endpoint.sent_ack`` tells it this went out)."""
-    ts = to_client.ts_val is not None
-    return Segment(to_client.snd_nxt, seq_add(seq, len(data)), ACK, to_client.rcv_raw, b"",
-                   to_client.ts_val if ts else None, (tsecr or 0) if ts else None)
+def first_ack(flow: Flow, seq: int, n: int, tsecr: int | None) -> Segment:
+    """The ACK of the ``n``-byte trigger message at ``seq``, as the server would send it: at
+    the server's next sequence number (``seeds``' ``to_client.snd_nxt``), with its last window
+    field and its timestamp clock. Computed from the halves alone, before any seed, so it can go
+    out first; ``Endpoint.sent_ack`` then tells the client-facing endpoint."""
+    c, s = flow.halves
+    nxt = s.fin_seq if s.fin_seq is not None else (
+        s.next_seq if s.next_seq is not None else (c.ack or 0))
+    if s.fin_seq is None and c.ack is not None and seq_lt(nxt, c.ack):
+        nxt = c.ack
+    ts = c.ts_val is not None and s.ts_val is not None
+    return Segment(nxt, seq_add(seq, n), ACK, s.window, b"", s.ts_val if ts else None,
+                   (tsecr or 0) if ts else None)

@@ -90,3 +90,21 @@ def build(src: bytes, dst: bytes, sport: int, dport: int, seg: Segment, *, ident
     ip = bytearray(_IP.pack(0x45, 0, total, ident & 0xFFFF, 0x4000, ttl, 6, 0, src, dst))
     ip[10:12] = (~ones_sum(ip) & 0xFFFF).to_bytes(2, "big")
     return bytes(ip + tcp)
+
+
+_ACK_TS = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHBBBBII")
+
+
+def ack_packet(src: bytes, dst: bytes, sport: int, dport: int, seg: Segment) -> bytes:
+    """``build`` for a pure ACK with timestamps, in one ``struct`` call: the packet a takeover
+    sends first, where every microsecond counts (falls back to ``build`` otherwise)."""
+    if seg.payload or seg.tsval is None:
+        return build(src, dst, sport, dport, seg)
+    b = bytearray(_ACK_TS.pack(0x45, 0, 52, 0, 0x4000, 64, 6, 0, src, dst, sport, dport,
+                               seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF, 0x80, seg.flags,
+                               seg.window & 0xFFFF, 0, 0, 1, 1, 8, 10, seg.tsval & 0xFFFFFFFF,
+                               (seg.tsecr or 0) & 0xFFFFFFFF))
+    pseudo = (int.from_bytes(src, "big") + int.from_bytes(dst, "big") + 6 + 32) % 0xFFFF
+    b[36:38] = (~ones_sum(memoryview(b)[20:], pseudo) & 0xFFFF).to_bytes(2, "big")
+    b[10:12] = (~ones_sum(memoryview(b)[:20]) & 0xFFFF).to_bytes(2, "big")
+    return bytes(b)

@@ -367,3 +367,42 @@ def test_seeds_follow_the_observed_state() -> None:
     assert to_client.mss == to_server.mss == 1448
     e = Endpoint(to_client, 0.0)
     assert e.rcv_adv == s.right_edge
+
+
+def test_first_ack_matches_what_the_client_facing_endpoint_would_send() -> None:
+    from node.takeover.seed import first_ack
+    from node.takeover.wire import ack_packet
+
+    t = Setup()
+    t.talk(b"GET /a\n", b"ok 1\n")
+    flow = t.stack.find(C, CP, S, SP)
+    assert flow is not None
+    seq = flow.halves[0].next_seq
+    to_client, _ = seeds(flow, seq)
+    e = Endpoint(to_client, 0.0)
+    e.receive(Segment(seq, to_client.snd_nxt, ACK, 512, b"x" * 10, 600, 70_000), 0.0)
+    want = e.poll(0.0)[0]
+    got = first_ack(flow, seq, 10, 600)
+    assert (got.seq, got.ack, got.tsval, got.tsecr) == (want.seq, want.ack, want.tsval,
+                                                         want.tsecr)
+    assert ack_packet(S, C, SP, CP, got) == build(S, C, SP, CP, got)
+    e2 = Endpoint(to_client, 0.0)
+    e2.receive(Segment(seq, to_client.snd_nxt, ACK, 512, b"x" * 10, 600, 70_000), 0.0)
+    e2.sent_ack(got)
+    assert e2.poll(0.0) == []  # not sent twice
+
+
+def test_deferred_server_endpoint_holds_what_it_must_send() -> None:
+    t = Setup()
+    t.talk(b"GET /a\n", b"ok 1\n")
+    flow = t.stack.find(C, CP, S, SP)
+    assert flow is not None
+    seq = flow.halves[0].next_seq
+    a, b = seeds(flow, seq)
+    p = Proxy((C, CP), (S, SP), a, b, Close(), 1.0, defer_server=True)
+    p.start(Segment(seq, a.snd_nxt, ACK, 512, MALICIOUS, 600, 70_000), 1.0)
+    out = p.poll(1.0)
+    assert out and all(to_client for to_client, _ in out) and p.b is None
+    p.connect_server(1.0)
+    out = p.poll(1.0)
+    assert any(not to_client and s.flags & 1 for to_client, s in out)  # FIN to the server
