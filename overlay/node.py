@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import socket
@@ -114,8 +115,7 @@ class Overlay:
                  config: OverlayConfig | None = None) -> None:
         cfg = config or OverlayConfig()
         if super_peer and not cfg.dht.super_peer:
-            cfg = OverlayConfig(**{**cfg.__dict__,
-                                   "dht": DhtConfig(**{**cfg.dht.__dict__, "super_peer": True})})
+            cfg = dataclasses.replace(cfg, dht=dataclasses.replace(cfg.dht, super_peer=True))
         self.config = cfg
         self.key = key
         self.bind = parse_peer(bind) if not isinstance(bind, tuple) else bind

@@ -445,3 +445,25 @@ def test_anti_entropy_digest_exchange() -> None:
     other = b"\x09" * 32
     acts = core.on_datagram(("10.0.0.9", 1), wire.encode(IHave((other,), False)), 2.0)
     assert acts == [Fetch(("10.0.0.9", 1), other)]
+
+
+def test_ack_timeout_adapts_to_slow_peers() -> None:
+    contacts = [Contact(bytes([0x80 | i]) + b"\x00" * 19, (f"10.0.0.{i}", 9)) for i in range(6)]
+    cfg = BroadcastConfig(ack_timeout=0.3, max_ack_timeout=2.0)
+    core = BroadcastCore(b"\x00" * 20, lambda: contacts, cfg)
+    assert core.ack_wait() == 0.3
+    now = 0.0
+    for k in range(12):  # peers that take 0.8 s to acknowledge, alert after alert
+        aid, _ = core.publish(envelope(bytes([0x50 + k])), now, WALL + now)
+        sends = [a for a in core.on_verdict(aid, True, now) if isinstance(a, Send)]
+        now += 0.8
+        for s in sends:
+            core.on_datagram(s.addr, wire.encode(Ack(aid, AckStatus.TAKEN)), now)
+        core.tick(now)
+    assert 0.8 < core.ack_wait() <= 2.0
+    # A slow peer is no longer taken for a dead one: no timeouts after warming up.
+    timeouts = core.stats["ack_timeouts"]
+    aid, _ = core.publish(envelope(b"Z"), now, WALL + now)
+    core.on_verdict(aid, True, now)
+    assert not [a for a in core.tick(now + 0.7) if isinstance(a, Unresponsive)]
+    assert core.stats["ack_timeouts"] == timeouts
