@@ -26,6 +26,35 @@ alert pipeline. Everything that touches packets or peers is a **component**: an 
 ``node.host_cleared(host)`` coroutine: a flag was cleared (by the throttle itself)
 ==========================  =================================================================
 
+Settings for them are in ``node.config``: ``overlay`` (enabled, bind, bootstrap), ``kernel``
+(enabled, fail_open, queue_max_len), ``throttle`` (enabled, working_set_size, release_rate,
+threshold, allowlist, quarantine_infected), ``detector.enabled``, ``services``.
+
+The overlay, for instance, plugs in like this (``overlay.Overlay``'s API as it is)::
+
+    class OverlayComponent:
+        name = "overlay"
+
+        def __init__(self, node: Node) -> None:
+            c, p = node.config.overlay, node.pipeline
+            self.node = node
+            self.overlay = Overlay(node.key, bind=c.bind, bootstrap=c.bootstrap,
+                                   verify=p.overlay_verify, on_alert=p.overlay_on_alert,
+                                   state_dir=node.config.state_dir)
+
+        async def start(self) -> None:
+            await self.overlay.start()
+            self.node.set_broadcast(self.overlay.publish)  # our own detections go out here
+            self.node.set_peers(self.overlay.peers)         # overlay.Peer objects are fine
+
+        async def stop(self) -> None:
+            await self.overlay.stop()
+
+and the stack hands what a protected service receives to
+``node.pipeline.submit_messages(node.pipeline.service_for(proto, dport), messages,
+raw_packets)`` and checks ``node.filters.userspace.check(proto, dport, data)`` on the queue
+path; the throttle calls ``await node.host_flagged(host, detail)`` on a ``Flagged`` event.
+
 Components start in list order after the store, the control socket, the kernel table, the
 filters and the pools are up, and stop in reverse order before them. A component whose
 ``start()`` raises is reported (``component.error`` event, ``status``) and the node runs on
@@ -90,7 +119,7 @@ ComponentFactory = Callable[["Node"], Iterable[Component]]
 
 
 def build_components(node: Node) -> list[Component]:
-    """The components of a real node, in start order. Empty until the stack, throttle and
-    overlay are wired in (issue 7, second part): each becomes a ``Component`` built here from
-    ``node``'s config and hooks."""
-    return []
+    """The components of a real node, in start order (``node.components.build``)."""
+    from node.components import build
+
+    return build(node)

@@ -185,10 +185,12 @@ class Node:
         self.bus.emit("throttle.cleared", host=host)
 
     def peers(self) -> list[PeerInfo]:
+        """The live peers from ``set_peers``: ``PeerInfo``, (node id, host, port) tuples, or
+        ``overlay.Peer`` objects (``node_id`` bytes, ``addr`` (host, port))."""
         if self._peers_fn is None:
             return []
         try:
-            return [p if isinstance(p, PeerInfo) else PeerInfo(*p) for p in self._peers_fn()]
+            return [_peer_info(p) for p in self._peers_fn()]
         except Exception:
             return []
 
@@ -557,6 +559,16 @@ class Node:
     async def _cmd_reconcile(self, args: dict[str, Any]) -> dict[str, int]:
         assert self.filters is not None
         return await self.filters.reconcile()
+
+
+def _peer_info(p: Any) -> PeerInfo:
+    if isinstance(p, PeerInfo):
+        return p
+    if hasattr(p, "node_id") and hasattr(p, "addr"):
+        nid = p.node_id.hex() if isinstance(p.node_id, bytes) else str(p.node_id)
+        return PeerInfo(nid, str(p.addr[0]), int(p.addr[1]))
+    nid, host, port = p
+    return PeerInfo(nid.hex() if isinstance(nid, bytes) else str(nid), str(host), int(port))
 
 
 def _addr(a: tuple[str, int] | None) -> str | None:

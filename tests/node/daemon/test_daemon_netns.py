@@ -108,6 +108,10 @@ def test_detector_daemon_end_to_end(netns: Any, daemon_factory: Any, tmp_path: P
     r = d.cli("filter", "remove", "0123456789abcdef")
     assert r.returncode == 1 and b"no installed filter" in r.stderr
 
+    r = d.cli("node", "teardown")  # refused while the node runs
+    assert r.returncode == 1 and b"a node is running" in r.stderr
+    assert kernel_filters(d) == ids - {general}
+
     # SIGTERM: clean exit, filters stay in the kernel, socket gone.
     assert d.stop(signal.SIGTERM) == 0
     assert "stopped; filters left in place" in d.stdout()

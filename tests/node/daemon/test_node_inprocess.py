@@ -60,8 +60,10 @@ class FakeOverlay:
 
     async def start(self) -> None:
         self.node.set_broadcast(self.published.append)
+        from overlay.dht import Peer
+
         self.node.set_peers(lambda: [PeerInfo("ee" * 20, "10.77.0.3", 7400),
-                                     ("ff" * 20, "10.77.0.4", 7401)])
+                                     Peer(b"\xff" * 20, ("10.77.0.4", 7401), 0)])
 
     async def stop(self) -> None:
         pass
