@@ -27,6 +27,12 @@ class UserspaceFilters:
     def ports(self) -> set[tuple[str, int]]:
         return {k for k, v in self._by_port.items() if v}
 
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        """``(IP protocol number, port) in filters``: does that port have checks (asked per
+        queued packet, so no set is built)."""
+        proto, port = key
+        return bool(self._by_port.get(("tcp" if proto == 6 else "udp", port)))
+
     def check(self, proto: str, port: int, data: bytes) -> Filter | None:
         """The first filter that ``data`` (a datagram, or a stream so far) matches."""
         for f in self._by_port.get((proto, port), {}).values():

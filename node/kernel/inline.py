@@ -19,7 +19,7 @@ so the stack runs with ``verify_checksums=False`` unless told otherwise.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from node.kernel.marks import Q_STACK
 from node.kernel.nfqueue import Handle, QueueAdapter
@@ -28,6 +28,7 @@ from node.stack.stack import Stack
 
 OnEvents = Callable[[list[Event]], None]
 Gate = Callable[[bytes, list[Event]], bool]  # (packet, its events) -> True: drop it
+OnPacketEvents = Callable[[bytes, list[Event]], None]
 
 
 def dest_port(p: bytes) -> tuple[int, int] | None:
@@ -47,12 +48,15 @@ class StackQueue:
                  queue_num: int = Q_STACK, netns: str | None = None,
                  loop: asyncio.AbstractEventLoop | None = None, fail_open: bool = True,
                  max_len: int = 1024, gate: Gate | None = None,
-                 inline_ports: set[tuple[int, int]] | None = None) -> None:
+                 inline_ports: Container[tuple[int, int]] | None = None,
+                 on_packet_events: OnPacketEvents | None = None) -> None:
         """``inline_ports``: (IP protocol, destination port) pairs whose packets get their
-        verdict after the stack and the ``gate``; ``None`` means every packet (the stack's own
-        ``Drop`` advice then applies to all)."""
+        verdict after the stack and the ``gate`` (any container, asked per packet); ``None``
+        means every packet (the stack's own ``Drop`` advice then applies to all).
+        ``on_packet_events`` also gets the packet's bytes (the detector keeps them)."""
         self.stack = stack
         self.on_events = on_events
+        self.on_packet_events = on_packet_events
         self.gate = gate
         self.inline_ports = inline_ports
         self.dropped = 0
@@ -87,5 +91,8 @@ class StackQueue:
                 handle.drop()
             else:
                 handle.accept()
-        if events and self.on_events is not None:
-            self.on_events(events)
+        if events:
+            if self.on_events is not None:
+                self.on_events(events)
+            if self.on_packet_events is not None:
+                self.on_packet_events(payload, events)

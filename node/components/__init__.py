@@ -1,0 +1,29 @@
+"""The daemon's packet and peer components (see ``node.daemon.components``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from node.daemon.components import Component
+    from node.daemon.node import Node
+
+
+def build(node: Node) -> list[Component]:
+    """A real node's components in start order: the overlay first (alerts can arrive while the
+    kernel parts come up), then the throttle and the stack, each as the config enables it."""
+    out: list[Component] = []
+    cfg = node.config
+    if cfg.overlay.enabled:
+        from .overlay import OverlayComponent
+
+        out.append(OverlayComponent(node))
+    if cfg.kernel.enabled and cfg.throttle.enabled:
+        from .throttle import ThrottleComponent
+
+        out.append(ThrottleComponent(node))
+    if cfg.kernel.enabled and node.images:
+        from .stack import StackComponent
+
+        out.append(StackComponent(node))
+    return out

@@ -1,0 +1,43 @@
+"""The overlay as a daemon component: join through the configured bootstrap peers, verify
+received alerts through the node's pipeline (its sandbox pool), publish the node's own."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from node.daemon.components import PeerInfo
+from overlay.node import Overlay
+
+if TYPE_CHECKING:
+    from node.daemon.node import Node
+
+
+class OverlayComponent:
+    name = "overlay"
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.overlay: Overlay | None = None
+
+    async def start(self) -> None:
+        node, cfg = self.node, self.node.config.overlay
+        self.overlay = Overlay(node.key, cfg.bind, list(cfg.bootstrap),
+                               verify=node.pipeline.overlay_verify,
+                               on_alert=node.pipeline.overlay_on_alert,
+                               state_dir=node.config.state_dir)
+        await self.overlay.start()
+        node.set_broadcast(self.overlay.publish)
+        node.set_peers(self._peers)
+
+    async def stop(self) -> None:
+        self.node.set_broadcast(None)
+        if self.overlay is not None:
+            await self.overlay.stop()
+
+    def _peers(self) -> list[PeerInfo]:
+        if self.overlay is None:
+            return []
+        return [PeerInfo(p.node_id.hex(), p.addr[0], p.addr[1]) for p in self.overlay.peers()]
+
+    def status(self) -> dict[str, Any]:
+        return {"peers": len(self._peers())}
