@@ -358,6 +358,16 @@ class TakeoverEngine:
         return proxy
 
     def offer(self, payload: bytes, handle: Handle, now: float) -> bool:
+        """A queued packet: if it belongs to a taken-over flow, handle it and drop it in the
+        kernel (True); else leave it alone (False)."""
+        if self.consume(payload, now):
+            handle.drop()
+            return True
+        return False
+
+    def consume(self, payload: bytes, now: float) -> bool:
+        """``offer`` without the verdict, for a caller that drops the packet itself when this
+        returns True (``TakeoverGate`` on the stack's queue)."""
         if not self.proxies or len(payload) < 40:
             return False
         ihl = (payload[0] & 15) * 4
@@ -368,7 +378,6 @@ class TakeoverEngine:
         try:
             p = wire.parse(payload)
         except PacketError:
-            handle.drop()
             return True
         seg = p.seg
         from_client = key == self._keys[id(proxy)][0]
@@ -376,7 +385,6 @@ class TakeoverEngine:
                 State.TIME_WAIT, State.CLOSED):
             self._finish(proxy)  # a new connection on the same ports: not ours any more
             return False
-        handle.drop()
         if seg.flags & RST:
             self.stats["rst_in"] += 1
         proxy.receive(from_client, seg, now)
@@ -476,3 +484,58 @@ class TakeoverEngine:
 
     def owned(self) -> list[Proxy]:
         return list({id(p): p for p in self.proxies.values()}.values())
+
+
+# ---------------------------------------------------------------------- the daemon's path
+
+Flag = Callable[[Flow, MessageIn, bytes], Policy | None]  # (flow, message, stream) -> policy
+
+
+class TakeoverGate:
+    """A ``gate`` for ``node.kernel.inline.StackQueue``: the daemon's stack queue takes flows
+    over itself. For each packet (after the stack has seen it): a packet of a taken-over flow
+    is handled by the engine and dropped; a message that ``flag`` answers with a policy is the
+    trigger (its packet dropped, the flow taken over). The port must be one of the queue's
+    ``inline_ports``, or the packet would have its verdict before the gate runs. The engine adds
+    the flow to ``takeover_flows``, so its later packets reach the takeover queue instead (read
+    by a ``TakeoverQueue`` on the same engine)."""
+
+    def __init__(self, engine: TakeoverEngine, stack: Stack, flag: Flag) -> None:
+        self.engine = engine
+        self.stack = stack
+        self.flag = flag
+        self.streams: dict[int, bytes] = {}
+        self.stats: Counter[str] = Counter()
+
+    def __call__(self, packet: bytes, events: list[Any]) -> bool:
+        loop = self.engine._loop
+        now = loop.time() if loop is not None else 0.0
+        if self.engine.consume(packet, now):
+            return True
+        for e in events:
+            if type(e) is FlowClosed:
+                self.streams.pop(e.flow_id, None)
+            if type(e) is not MessageIn or e.message.connection is None:
+                continue
+            hdr = _header(packet)
+            fd = self.stack.tcp.table.get(hdr[0]) if hdr is not None else None
+            if fd is None or fd.dir != 0:
+                continue
+            flow = fd.flow
+            data = e.message.data
+            stream = (self.streams.get(flow.id, b"") + data)[-MAX_STREAM:]
+            self.streams[flow.id] = stream
+            policy = self.flag(flow, e, stream)
+            if policy is None:
+                continue
+            self.streams.pop(flow.id, None)
+            c = flow.halves[0]
+            seg = Segment(e.seq, c.ack or 0, ACK, c.window, data, c.ts_val, c.ts_ecr)
+            try:
+                self.engine.take_over(flow, e.seq, data, seg, now, policy=policy)
+                self.stats["taken_over"] += 1
+            except Exception:
+                self.stats["errors"] += 1
+                log.exception("takeover of flow %d failed", flow.id)
+            return True  # the trigger never reaches the server
+        return False

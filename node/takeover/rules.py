@@ -11,6 +11,7 @@ Marks and the queue (values under ``node.kernel.marks.MASK``; they belong in
 Chains (priorities as in ``node.kernel.nft``; lower runs first)::
 
     output -300 takeover_raw : mark TAKEOVER_OWN -> notrack, mark PASS
+    output -152 takeover_out: mark QUEUE_STACK, ct state untracked -> mark PASS (see below)
     input/forward/output -152 takeover_in/_fwd/_out -> jump takeover_mark
     takeover_mark: mark PASS or REPAIR_LOCAL -> return
                    ip saddr . tcp sport . ip daddr . tcp dport @takeover_flows -> QUEUE_TAKEOVER
@@ -28,7 +29,10 @@ Why this shape:
   prerouting would give PASS to the *peers'* packets too and let them bypass the takeover. At
   -300 (before conntrack) ``TAKEOVER_OWN`` becomes ``notrack`` plus ``PASS``: the base chains
   pass the packet and leave the flow's entry alone. A segment the node sends to a local server
-  loops back through ``lo`` with its mark and stays untracked.
+  loops back through ``lo`` with its mark and stays untracked. (The base output chain's PASS
+  rule reads the conntrack mark and so stops short on an untracked packet; the next rule then
+  marks a protected service's segments QUEUE_STACK, which ``takeover_out`` undoes for untracked
+  ones. The base rule should not depend on conntrack to accept PASS.)
 - Both directions of a taken-over flow are elements of one set (an atomic element add, done
   after the first segment is out: it is not on the takeover's critical path when the flow's
   packets come to the queue already, as they do for a ``takeover`` filter's port).
@@ -44,7 +48,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from node.kernel.marks import MASK, PASS
+from node.kernel.marks import MASK, PASS, QUEUE_STACK
 
 QUEUE_TAKEOVER = 0x00040000
 TAKEOVER_OWN = 0x00050000
@@ -90,6 +94,12 @@ def setup() -> list[str]:
         f"tcp dport @{FLOWS} {set_mark(QUEUE_TAKEOVER)} counter return",
         f"add rule {TABLE} {MARK_CHAIN} jump {WATCH_CHAIN}",
     ]
+    # The base output chain's PASS rule reads the conntrack mark, which an untracked packet
+    # lacks, so the rule stops there and the next one re-marks a protected service's segments
+    # QUEUE_STACK: give the node's own (untracked) segments their PASS back.
+    lines.append(f"add rule {TABLE} takeover_out meta mark & {MASK:#010x} == "
+                 f"{QUEUE_STACK:#010x} ct state untracked meta l4proto tcp {set_mark(PASS)} "
+                 "counter return")
     lines += [f"add rule {TABLE} {name} jump {MARK_CHAIN}" for name in hooks]
     return lines
 

@@ -299,3 +299,56 @@ def test_no_namespaces_left_behind() -> None:
 
     mine = [n for n in leftovers() if n.startswith(f"hw-{os.getpid()}-tk")]
     assert mine == []
+
+
+def test_daemon_path_stack_queue_gate_then_takeover_queue() -> None:
+    """How the daemon wires it: the stack's own queue (StackQueue) with a TakeoverGate flags
+    the flow and takes it over; the flow's later packets come to the takeover queue."""
+    from node.kernel.inline import StackQueue
+    from node.kernel.marks import Q_STACK, QUEUE_STACK
+    from node.kernel.nft import NftTable
+    from node.kernel.queue_rules import QueueRules
+    from node.stack import Stack, StackConfig
+    from node.takeover.adapter import TakeoverGate, TakeoverQueue
+    from node.takeover.harness import LoopThread
+
+    with HostTopo("tkd") as t:
+        ns = t.node.name
+        base = NftTable(ns)
+        base.ensure()
+        base.protect("tcp", PORT)
+        rules.NftText(ns).apply(rules.setup())
+        QueueRules(netns=ns, queues={QUEUE_STACK: Q_STACK,
+                                     rules.QUEUE_TAKEOVER: rules.Q_TAKEOVER}).install()
+        lt = LoopThread()
+        engine = TakeoverEngine(netns=ns, nft=rules.NftText(ns))
+        stack = Stack(StackConfig(protected_tcp={PORT}, verify_checksums=False))
+
+        def flag(flow: object, e: object, stream: bytes) -> Policy | None:
+            return Scrub() if b"EXPLOIT" in stream else None
+
+        gate = TakeoverGate(engine, stack, flag)  # type: ignore[arg-type]
+        sq = StackQueue(stack, netns=ns, loop=lt.loop, gate=gate, inline_ports=None)
+        tq = TakeoverQueue(engine, netns=ns, loop=lt.loop)
+        srv = LineServer(t.server, t.server_addr, PORT)
+        try:
+            lt.call(sq.start)
+            lt.call(tq.start)
+            c = _client(t)
+            c.sendall(BEFORE)
+            got = recv_until(c, b"ok 1\n")
+            c.sendall(EXPLOIT)
+            time.sleep(0.2)
+            c.sendall(AFTER)
+            got += recv_until(c, b"ok 2\n")
+            c.close()
+            conn = srv.wait(1, 10)[0]
+            owned = tq.stats["owned"]
+        finally:
+            lt.call(sq.close)
+            lt.call(tq.close)
+            lt.stop()
+            srv.close()
+    assert got == b"ok 1\nok 2\n" and bytes(conn.received) == BEFORE + AFTER
+    assert gate.stats["taken_over"] == 1
+    assert owned > 0  # after the flow's set elements, its packets come to the takeover queue
