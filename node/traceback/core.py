@@ -13,15 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from node.stack.packet import PacketError
 from node.traceback.bloom import DigestStore
 from node.traceback.config import EDGE, ROUTER, RouterConfig
-from node.traceback.digest import Digester, invariant_key
+from node.traceback.digest import Digester, key_of
 from node.traceback.marking import ID_MASK, MARKED, decide, set_ident
 from node.traceback.wire import Hit, WireError, make_answer, read_query
 from overlay.limits import KeyedBuckets, Rate
 from sca.keys import NodeKey
 
+_UNKNOWN_IN = (None, True)  # (upstream id, faces hosts) for an interface not in the config
+_UNKNOWN_OUT = (None, False)
 UNTRUSTED = "/u"  # table-name suffix (interface names cannot hold "/")
 MAX_WINDOW_S = 600.0  # one query looks at most this far
 NONCE_MEMORY = 4096
@@ -63,29 +64,30 @@ class RouterCore:
         when it goes on unchanged (also when it is not IPv4: never drop for our sake)."""
         st = self.stats
         st.forwarded += 1
-        if len(packet) < 20 or packet[0] >> 4 != 4:
+        n = len(packet)
+        if n < 20 or packet[0] >> 4 != 4:
             st.malformed += 1
             return None
-        try:
-            inv = invariant_key(packet)
-        except PacketError:
+        hl = (packet[0] & 15) * 4
+        total = (packet[2] << 8) | packet[3]
+        if hl < 20 or total < hl or total > n:
             st.malformed += 1
             return None
         # An interface missing from the config is treated like an edge link: untrusted, so the
         # packet is logged (in a table named after it) and the trail is kept.
-        upstream_id, _ = self._links.get(in_link, (None, True))
-        _, last_hop = self._links.get(out_link, (None, False))
+        upstream_id, _ = self._links.get(in_link, _UNKNOWN_IN)
+        _, last_hop = self._links.get(out_link, _UNKNOWN_OUT)
         ident = (packet[4] << 8) | packet[5]
         d = decide(frag_word=(packet[6] << 8) | packet[7], ident=ident,
                    my_id=self.config.router_id, upstream_id=upstream_id, last_hop=last_hop)
-        if d.log:
+        if d.log:  # the digest only when logging: half the packets skip it
             # A router link whose mark was not that neighbour's (it was down, bypassed under
             # load, or misconfigured): a table of its own, so the walk knows that neighbour
             # may have done nothing to the packet.
             untrusted = upstream_id is not None and d.ident is not None and not (
                 ident & MARKED and ident & ID_MASK == upstream_id)
             self.store.insert(in_link + UNTRUSTED if untrusted else in_link,
-                              self.digester.hashes(inv), now)
+                              self.digester.hashes(key_of(packet, hl, total)), now)
             st.logged += 1
         if d.ident is None:
             st.not_atomic += 1

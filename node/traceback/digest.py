@@ -52,11 +52,18 @@ def _header(buf: bytes | bytearray | memoryview) -> tuple[int, int, int]:
 
 def invariant_key(packet: bytes | bytearray | memoryview) -> bytes:
     """The 20-byte invariant key of an IPv4 packet (``PacketError`` if it is not one)."""
-    mv = memoryview(packet)
-    hl, total, vihl = _header(mv)
-    head = bytes(mv[hl:min(total, hl + PAYLOAD_BYTES)])
-    return (bytes((vihl, mv[9])) + bytes(mv[2:4]) + bytes(mv[12:20])
-            + head + b"\0" * (PAYLOAD_BYTES - len(head)))
+    data = bytes(packet)
+    hl, total, _ = _header(data)
+    return key_of(data, hl, total)
+
+
+def key_of(p: bytes, hl: int, total: int) -> bytes:
+    """``invariant_key`` for a packet whose lengths the caller has checked (the hot path:
+    slices of ``bytes``, one join)."""
+    head = p[hl:min(total, hl + PAYLOAD_BYTES)]
+    if len(head) < PAYLOAD_BYTES:
+        head += b"\0" * (PAYLOAD_BYTES - len(head))
+    return b"".join((p[0:1], p[9:10], p[2:4], p[12:20], head))
 
 
 def describe_key(inv: bytes) -> dict[str, object]:
