@@ -114,7 +114,8 @@ def seeds(flow: Flow, trigger_seq: int, *, c2s: StreamTail | None = None,
         snd_wnd=_scaled(c), snd_shift=c.shift, rcv_shift=s.shift, rcv_adv=s.right_edge,
         rcv_raw=s.window, mss=_mss(c.mss, ts),
         ts_val=s.ts_val if ts else None, ts_recent=c.ts_val if ts else None,
-        unacked=s2c.span(a_snd_una, a_snd_nxt) if s2c is not None else None)
+        unacked=s2c.span(a_snd_una, a_snd_nxt) if s2c is not None else None,
+        sack_ok=flow.sack_permitted)
 
     # Towards the server, as the client.
     b_snd_una = s.ack if s.ack is not None else trigger_seq
@@ -127,7 +128,7 @@ def seeds(flow: Flow, trigger_seq: int, *, c2s: StreamTail | None = None,
         rcv_raw=c.window, mss=_mss(s.mss, ts),
         ts_val=c.ts_val if ts else None, ts_recent=s.ts_val if ts else None,
         unacked=c2s.span(b_snd_una, b_snd_nxt) if c2s is not None else None,
-        peer_fin=server_fin)
+        peer_fin=server_fin, sack_ok=flow.sack_permitted)
     return to_client, to_server
 
 

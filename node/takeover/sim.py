@@ -83,14 +83,15 @@ class Wire:
 def pair(*, a_isn: int = 1000, b_isn: int = 9_000_000, shift: int | None = 7,
          window: int = 64 * 1024, mss: int = 1448, ts: bool = True,
          config: Config | None = None, now: float = 0.0,
-         b_config: Config | None = None) -> tuple[Endpoint, Endpoint]:
+         b_config: Config | None = None, sack: bool = True) -> tuple[Endpoint, Endpoint]:
     """Two endpoints seeded as the two sides of one established connection."""
     raw = window >> (shift or 0)
 
     def seed(mine: int, theirs: int, my_ts: int, their_ts: int) -> Seed:
         return Seed(snd_una=mine, snd_nxt=mine, rcv_nxt=theirs, snd_wnd=window,
                     snd_shift=shift, rcv_shift=shift, rcv_adv=theirs + window, rcv_raw=raw,
-                    mss=mss, ts_val=my_ts if ts else None, ts_recent=their_ts if ts else None)
+                    mss=mss, ts_val=my_ts if ts else None, ts_recent=their_ts if ts else None,
+                    sack_ok=sack)
 
     a = Endpoint(seed(a_isn, b_isn, 500, 70_000), now, config)
     b = Endpoint(seed(b_isn, a_isn, 70_000, 500), now, b_config or config)

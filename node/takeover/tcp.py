@@ -89,6 +89,7 @@ class Segment:
     payload: bytes = b""
     tsval: int | None = None
     tsecr: int | None = None
+    sack: tuple[tuple[int, int], ...] = ()  # SACK blocks (left, right)
 
     @property
     def seg_len(self) -> int:
@@ -112,6 +113,7 @@ class Seed:
     ts_recent: int | None  # the peer's last TSval
     unacked: bytes | None = None  # a copy of [snd_una, snd_nxt) (None or short: a hole)
     peer_fin: bool = False  # rcv_nxt already counts the peer's FIN
+    sack_ok: bool = False  # both SYNs carried SACK-permitted (RFC 2018)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +124,7 @@ class Config:
     rto_min: float = 0.2  # Linux's floor
     rto_max: float = 60.0
     max_retries: int = 12  # timeouts in a row before the endpoint gives up (goes quiet)
-    time_wait: float = 2.0
+    time_wait: float = 60.0  # Linux TCP_TIMEWAIT_LEN: a lost last ACK must still be re-sent
     init_cwnd: int = 10  # segments (RFC 6928)
     max_ooo: int = 512 * 1024  # out-of-order bytes held
     max_ooo_segments: int = 512
@@ -141,9 +143,9 @@ class Endpoint:
                  "_rtt_seq", "_rtt_time", "_sbase", "_t_base", "_ts_base", "_tw_at",
                  "_unacked_segs", "aborted", "config", "cwnd", "dupacks", "eof", "fin_queued",
                  "fin_seq", "mss", "peer_fin_seq", "rcv_adv", "rcv_nxt", "rcv_shift", "rcv_wup",
-                 "rcvq", "reset", "retries", "rto", "rttvar", "sendq", "snd_max", "snd_nxt",
-                 "snd_shift", "snd_una", "snd_wl1", "snd_wl2", "snd_wnd", "srtt", "ssthresh",
-                 "state", "stats", "ts", "ts_recent")
+                 "rcvq", "reset", "retries", "rto", "rttvar", "sack_ok", "sacked", "sendq",
+                 "snd_max", "snd_nxt", "snd_shift", "snd_una", "snd_wl1", "snd_wl2", "snd_wnd",
+                 "srtt", "ssthresh", "state", "stats", "ts", "ts_recent")
 
     def __init__(self, seed: Seed, now: float, config: Config | None = None) -> None:
         c = config or DEFAULT_CONFIG
@@ -168,6 +170,10 @@ class Endpoint:
         self.sendq = bytearray(gap - len(known)) + known
         self.fin_queued = False
         self.fin_seq: int | None = None
+        # SACK (RFC 2018): what the peer holds above snd_una, skipped when retransmitting; and
+        # the blocks we report for what we hold out of order
+        self.sack_ok = seed.sack_ok
+        self.sacked: list[tuple[int, int]] = []  # merged (start, end), ascending from snd_una
         # receive side
         self.rcv_nxt = seed.rcv_nxt & MASK
         self.rcv_shift = seed.rcv_shift
@@ -419,6 +425,8 @@ class Endpoint:
             if wnd:
                 self._persist_at = None
                 self._persist_backoff = 1
+        if seg.sack and self.sack_ok:
+            self._on_sack(seg.sack)
         acked = seq_diff(ack, self.snd_una)
         if acked > 0:
             self._ack_advance(ack, acked, now)
@@ -438,7 +446,29 @@ class Endpoint:
         self._maybe_persist(now)
         return True
 
+    def _on_sack(self, blocks: tuple[tuple[int, int], ...]) -> None:
+        una, top = self.snd_una, self.snd_max
+        ranges = list(self.sacked)
+        for left, right in blocks:
+            if seq_lt(left, una):
+                left = una
+            if not seq_lt(left, right) or seq_lt(top, right):
+                continue  # empty, below snd_una, or beyond what we sent: not believable
+            ranges.append((left, right))
+        ranges.sort(key=lambda r: seq_diff(r[0], una))
+        merged: list[tuple[int, int]] = []
+        for left, right in ranges:
+            if merged and not seq_lt(merged[-1][1], left):
+                if seq_lt(merged[-1][1], right):
+                    merged[-1] = (merged[-1][0], right)
+            else:
+                merged.append((left, right))
+        self.sacked = merged[:16]
+
     def _ack_advance(self, ack: int, acked: int, now: float) -> None:
+        if self.sacked:
+            self.sacked = [(ack if seq_lt(a, ack) else a, b) for a, b in self.sacked
+                           if seq_lt(ack, b)]
         data_acked = min(acked, len(self.sendq))
         if data_acked:
             del self.sendq[:data_acked]
@@ -606,9 +636,28 @@ class Endpoint:
         self.rcv_wup = self.rcv_nxt
         ts = self.ts
         seg = Segment(seq, self.rcv_nxt, flags, self._window_field(), payload,
-                      self._tsval(now) if ts else None, (self.ts_recent or 0) if ts else None)
+                      self._tsval(now) if ts else None, (self.ts_recent or 0) if ts else None,
+                      self._sack_blocks() if self._ooo and self.sack_ok else ())
         self.stats["segs_out"] += 1
         return seg
+
+    def _sack_blocks(self) -> tuple[tuple[int, int], ...]:
+        """What we hold out of order, merged; the block with the latest arrival first (RFC 2018
+        §4); three fit beside the timestamp option, four without it."""
+        spans = sorted(((s, seq_add(s, len(d))) for s, d in self._ooo),
+                       key=lambda r: seq_diff(r[0], self.rcv_nxt))
+        merged: list[list[int]] = []
+        for a, b in spans:
+            if merged and not seq_lt(merged[-1][1], a):
+                if seq_lt(merged[-1][1], b):
+                    merged[-1][1] = b
+            else:
+                merged.append([a, b])
+        last = self._ooo[-1][0]
+        first = next((m for m in merged if not seq_lt(last, m[0]) and seq_lt(last, m[1])),
+                     merged[0])
+        blocks = [first] + [m for m in merged if m is not first]
+        return tuple((a, b) for a, b in blocks[:3 if self.ts else 4])
 
     def _retransmit_one(self, now: float, out: list[Segment]) -> None:
         """Fast retransmit / partial ACK: the first unacknowledged segment, once."""
@@ -640,15 +689,25 @@ class Endpoint:
                 out.append(self._seg(self.snd_una, ACK, b"", now))
                 self._arm_rto(now)
                 return False
+            room = pending  # bytes this segment may carry (up to a SACKed block)
+            if self.sacked and seq_lt(self.snd_nxt, self.snd_max):
+                for a, b in self.sacked:  # the peer holds these already: go past them
+                    if not seq_lt(self.snd_nxt, a) and seq_lt(self.snd_nxt, b):
+                        self.snd_nxt = b
+                        self.stats["sack_skipped"] += 1
+                        return True
+                    if seq_lt(self.snd_nxt, a):
+                        room = min(room, seq_diff(a, self.snd_nxt))
+                        break
             if window_limit:
                 limit = min(self.snd_wnd, self.cwnd) - seq_diff(self.snd_nxt, self.snd_una)
                 if limit <= 0:
                     return False
-                n = min(self.mss, pending, limit)
-                if n < self.mss and n < pending and self.snd_max != self.snd_una:
+                n = min(self.mss, room, limit)
+                if n < self.mss and n < room and self.snd_max != self.snd_una:
                     return False  # silly window: wait for the ACK clock
             else:
-                n = min(self.mss, pending)
+                n = min(self.mss, room)
             off = seq_diff(self.snd_nxt, self._sbase)
             payload = bytes(self.sendq[off:off + n])
             flags = ACK

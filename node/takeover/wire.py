@@ -57,12 +57,15 @@ def parse(p: bytes | memoryview) -> Parsed:
     tsval = tsecr = None
     if doff == 32 and p[ihl + 20:ihl + 24] == _TS_FAST:
         tsval, tsecr = _II.unpack_from(p, ihl + 24)
-    elif doff > 20:
+    sack: tuple[tuple[int, int], ...] = ()
+    if doff > 20 and tsval is None:
         opts = parse_tcp_options(p[ihl + 20:ihl + doff])
         if opts.ts is not None:
             tsval, tsecr = opts.ts
+        sack = opts.sack
     payload = bytes(p[ihl + doff:total])
-    return Parsed(src, dst, sport, dport, Segment(seq, ack, flags, window, payload, tsval, tsecr))
+    return Parsed(src, dst, sport, dport,
+                  Segment(seq, ack, flags, window, payload, tsval, tsecr, sack))
 
 
 def build(src: bytes, dst: bytes, sport: int, dport: int, seg: Segment, *, ident: int = 0,
@@ -71,10 +74,13 @@ def build(src: bytes, dst: bytes, sport: int, dport: int, seg: Segment, *, ident
     payload = seg.payload
     if seg.tsval is not None:
         opts = _TS.pack(1, 1, 8, 10, seg.tsval & 0xFFFFFFFF, (seg.tsecr or 0) & 0xFFFFFFFF)
-        doff = 32
     else:
         opts = b""
-        doff = 20
+    if seg.sack:
+        blocks = seg.sack[:3 if opts else 4]
+        opts += struct.pack(f"!BBBB{2 * len(blocks)}I", 1, 1, 5, 2 + 8 * len(blocks),
+                            *(x & 0xFFFFFFFF for b in blocks for x in b))
+    doff = 20 + len(opts)
     tcp_len = doff + len(payload)
     total = 20 + tcp_len
     if total > 0xFFFF:

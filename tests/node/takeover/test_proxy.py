@@ -345,6 +345,10 @@ def test_wire_build_and_parse_round_trip_with_valid_checksums() -> None:
     assert tcp.seq == seg.seq and tcp.options.ts == (7, 8)
     p = parse(pkt)
     assert p.seg == seg and p.key == C + S + CP.to_bytes(2, "big") + SP.to_bytes(2, "big")
+    sacked = Segment(5, 6, ACK, 7, b"", 8, 9, ((100, 200), (300, 400), (500, 600)))
+    raw = build(C, S, CP, SP, sacked)
+    assert parse_tcp(parse_ip(raw, verify=True), verify=True).options.sack == sacked.sack
+    assert parse(raw).seg == sacked
     bare = build(C, S, CP, SP, Segment(1, 2, ACK, 3))
     assert parse_tcp(parse_ip(bare, verify=True), verify=True).header_len == 20
     for n in range(64):  # every checksum value shape, odd lengths included

@@ -194,7 +194,8 @@ def test_loss_on_both_sides_is_repaired_without_storms() -> None:
         finally:
             node.close()
             srv.close()
-    assert bytes(conn.received) == data and conn.eof
+    got = bytes(conn.received)
+    assert got == data and conn.eof
     sent = len(data) // 1448
     client_retx = delta(after[0], before[0], "RetransSegs")["RetransSegs"]
     node_retx = sum(p.a.stats["retransmits"] + p.b.stats["retransmits"] for p in proxies)
