@@ -142,7 +142,8 @@ def node_status(as_json: bool, config_path: Path | None, state_dir: Path | None)
             click.echo(json.dumps({"running": False, "socket": str(cfg.socket_path),
                                    "reason": str(e)}))
         else:
-            stdout_console().print(Text(f"herdwall node: not running ({e})"))
+            stdout_console().print(Text(f"herdwall node: not running (nothing answers on "
+                                        f"{cfg.socket_path})"))
         raise click.exceptions.Exit(NOT_RUNNING) from None
     if as_json:
         click.echo(json.dumps({"running": True, **s}, indent=2, default=str))
@@ -245,7 +246,10 @@ def peer_list(as_json: bool, config_path: Path | None, state_dir: Path | None) -
 def _throttle_state(cfg: Config) -> dict[str, Any]:
     st = _request(cfg, "throttle")
     if not st.get("wired"):
-        print_error("the throttle is not wired into this node yet")
+        print_error("the throttle is off in this node's config (throttle.enabled = false)"
+                    if not st.get("enabled") else
+                    "the throttle is not running in this node (not wired, or it failed to "
+                    "start: see herdwall node status)")
         raise click.exceptions.Exit(1)
     return dict(st)
 

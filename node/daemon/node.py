@@ -498,7 +498,10 @@ class Node:
         except ValueError:
             raise CommandError(f"host must be an IP address, got {host!r}") from None
         if self.throttle is None:
-            raise CommandError("the throttle is not wired into this node yet; nothing to clear")
+            raise CommandError("the throttle is off in this node's config; nothing to clear"
+                               if not self.config.throttle.enabled else
+                               "the throttle is not running in this node (not wired, or it "
+                               "failed to start); nothing to clear")
         try:
             r = self.throttle.clear(host)
             if asyncio.iscoroutine(r):

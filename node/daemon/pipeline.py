@@ -436,7 +436,10 @@ class Pipeline:
             self.bus.emit("alert.duplicate", alert_id=aid, state=state, from_peer=peer)
             return Decision(aid, "verified" if state == "forwarded" else state, False, reason,
                             duplicate=True)
-        out = await self._verify(alert_bytes, aid)
+        if alert.service_id in self.by_id:
+            out = await self._verify(alert_bytes, aid)
+        else:  # not a service of ours: no sandbox can tell, no need to ask the pool
+            out = VerifyOutcome(aid, False, "unknown-service", "not protected here", 0.0)
         if out.reason == "unknown-service":
             await self.db(self.db.store.record_alert, state="received", reason=out.reason,
                           **common, **env_fields)

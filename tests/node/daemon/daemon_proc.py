@@ -66,11 +66,11 @@ class Daemon:
 
     def start(self, timeout: float = 60) -> Daemon:
         self.runs += 1
-        out = open(self.tmp / f"out.{self.runs}", "wb")  # noqa: SIM115 (kept by the process)
-        err = open(self.tmp / f"err.{self.runs}", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([*self._prefix(), HERDWALL, "node", "run", "--config",
-                                      str(self.config)], stdout=out, stderr=err,
-                                     env=os.environ | self.env)
+        with open(self.tmp / f"out.{self.runs}", "wb") as out, \
+                open(self.tmp / f"err.{self.runs}", "wb") as err:  # the child keeps its copies
+            self.proc = subprocess.Popen([*self._prefix(), HERDWALL, "node", "run", "--config",
+                                          str(self.config)], stdout=out, stderr=err,
+                                         env=os.environ | self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -79,6 +79,11 @@ def server(tmp_path: Path) -> Iterator[Server]:
     s.stop()
 
 
+def ping(path: Path) -> Any:
+    with ControlClient(path) as c:
+        return c.request("ping")
+
+
 def raw(path: Path, data: bytes, read: bool = True) -> list[dict[str, Any]]:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(5)
@@ -132,7 +137,7 @@ def test_garbage_gets_an_error_not_a_crash(server: Server, line: bytes, message:
 def test_overlong_line_closes_the_connection(server: Server) -> None:
     replies = raw(server.path, b"{" + b" " * (70 * 1024) + b"}\n" + b'{"cmd": "ping"}\n')
     assert len(replies) == 1 and "longer than" in replies[0]["error"]
-    assert ControlClient(server.path).connect().request("ping") == "pong"
+    assert ping(server.path) == "pong"
 
 
 def test_too_many_errors_closes_the_connection(server: Server) -> None:
@@ -149,7 +154,7 @@ def test_binary_flood_and_abrupt_close(server: Server) -> None:
     deadline = time.monotonic() + 5
     while True:  # the server may not have seen all five go yet (client limit 4)
         try:
-            assert ControlClient(server.path).connect().request("ping") == "pong"
+            assert ping(server.path) == "pong"
             break
         except ControlError as e:
             assert "too many clients" in str(e)
@@ -161,8 +166,8 @@ def test_client_limit(server: Server) -> None:
     held = [ControlClient(server.path).connect() for _ in range(4)]
     for c in held:
         assert c.request("ping") == "pong"
-    extra = ControlClient(server.path).connect()
-    with pytest.raises((ControlError, NoNode), match=r"too many clients|closed"):
+    with ControlClient(server.path) as extra, \
+            pytest.raises((ControlError, NoNode), match=r"too many clients|closed"):
         extra.request("ping")
     for c in held:
         c.close()
@@ -184,7 +189,7 @@ def test_event_stream(server: Server) -> None:
         events = c.events(timeout=5)
         server.emit("x.y")
         assert next(events)["event_type"] == "x.y"
-    assert ControlClient(server.path).connect().request("ping") == "pong"
+    assert ping(server.path) == "pong"
 
 
 def test_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None:
@@ -194,12 +199,12 @@ def test_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None
     s.close()
     first = Server(path).start()
     try:
-        assert ControlClient(path).connect().request("ping") == "pong"
+        assert ping(path) == "pong"
         second = Server(path)
         with pytest.raises(AlreadyRunning, match="already running"):
             second.start()
         second.stop()
-        assert ControlClient(path).connect().request("ping") == "pong"
+        assert ping(path) == "pong"
     finally:
         first.stop()
     assert not path.exists()  # removed on stop

@@ -59,7 +59,8 @@ def ok(r: subprocess.CompletedProcess[bytes], code: int = 0) -> str:
 @pytest.mark.slow
 def test_detector_daemon_end_to_end(netns: Any, daemon_factory: Any, tmp_path: Path) -> None:
     d = daemon_factory(netns.name, {"services": {"manifests": [manifest("resolver")]},
-                                     "detector": {"enabled": True}})
+                                     "detector": {"enabled": True},
+                                     "throttle": {"enabled": False}})
     d.start()
     st = d.request("status")
     key_id = st["node"]["id"]
@@ -94,9 +95,9 @@ def test_detector_daemon_end_to_end(netns: Any, daemon_factory: Any, tmp_path: P
     assert all(i in table for i in ids)
     assert json.loads(ok(d.cli("peer", "list", "--json"))) == []
     r = d.cli("throttle", "status")
-    assert r.returncode == 1 and b"not wired" in r.stderr
+    assert r.returncode == 1 and b"throttle is off" in r.stderr
     r = d.cli("throttle", "clear", "10.77.0.9")
-    assert r.returncode == 1 and b"not wired" in r.stderr
+    assert r.returncode == 1 and b"throttle is off" in r.stderr
     status = json.loads(ok(d.cli("node", "status", "--json")))
     assert status["running"] and status["alerts"]["detected"] == 1
     ok(d.cli("node", "status"))

@@ -90,6 +90,7 @@ def free_port() -> int:
 def test_node_with_fake_components(tmp_path: Path, fake_table: Any) -> None:
     port = free_port()
     cfg = parse_config({
+        "kernel": {"enabled": False}, "overlay": {"enabled": False},
         "services": {"manifests": [str(manifest_path("resolver"))]},
         "detector": {"enabled": True},
         "throttle": {"quarantine_infected": True},
@@ -171,17 +172,22 @@ def test_node_with_fake_components(tmp_path: Path, fake_table: Any) -> None:
 
 
 def test_clear_without_a_throttle_is_a_clear_error(tmp_path: Path) -> None:
-    cfg = parse_config({}, base=tmp_path, state_dir=tmp_path / "st")
-    node = Node(cfg, filter_backend=None)
+    # In this process, so in the machine's own namespace: no kernel, no overlay, no real
+    # components at all.
+    cfg = parse_config({"kernel": {"enabled": False}, "overlay": {"enabled": False}},
+                       base=tmp_path, state_dir=tmp_path / "st")
+    node = Node(cfg, filter_backend=None, components=lambda _node: [])
+
+    def ask(cmd: str, **args: Any) -> Any:
+        with ControlClient(cfg.socket_path) as c:
+            return c.request(cmd, **args)
 
     async def main() -> None:
         await node.start()
         try:
-            with pytest.raises(ControlError, match="not wired into this node yet"):
-                await asyncio.to_thread(lambda: ControlClient(cfg.socket_path).connect()
-                                        .request("throttle.clear", host="10.77.0.1"))
-            st = await asyncio.to_thread(lambda: ControlClient(cfg.socket_path).connect()
-                                         .request("status"))
+            with pytest.raises(ControlError, match="throttle is not running in this node"):
+                await asyncio.to_thread(ask, "throttle.clear", host="10.77.0.1")
+            st = await asyncio.to_thread(ask, "status")
             assert st["throttle"]["wired"] is False and st["kernel"]["ok"] is False
         finally:
             await node.stop()
