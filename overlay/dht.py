@@ -55,6 +55,7 @@ from overlay.limits import KeyedBuckets, Rate
 from overlay.wire import RPC_REQUEST, RPC_RESPONSE
 from sca.keys import NODE_ID_LEN, NodeKey
 
+SO_MARK = getattr(socket, "SO_MARK", 36)
 log = logging.getLogger(__name__)
 
 Addr = tuple[str, int]
@@ -80,6 +81,7 @@ class DhtConfig:
     abuse_drops: int = 200  # datagrams over the rate before an address is reported for a ban
     max_hellos_inflight: int = 256
     rcvbuf: int = 4 << 20
+    socket_mark: int | None = None  # SO_MARK on the node's sockets (the host's firewall exempts it)
     refresh_s: float = 900.0
     first_refresh_s: float = 60.0
     refresh_k: int = 4
@@ -644,10 +646,19 @@ class HardenedProtocol(KademliaProtocol):
         return [n for bucket in self.router.buckets for n in bucket.nodes.values()]
 
 
-def _make_udp_socket(host: str, port: int, rcvbuf: int) -> tuple[socket.socket, int]:
+def set_mark(sock: socket.socket, mark: int | None) -> None:
+    """``SO_MARK`` (needs CAP_NET_ADMIN): a node's own traffic must not be queued or throttled
+    by its own firewall."""
+    if mark is not None:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+
+def _make_udp_socket(host: str, port: int, rcvbuf: int,
+                     mark: int | None = None) -> tuple[socket.socket, int]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        set_mark(sock, mark)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, rcvbuf)
         except (OSError, AttributeError):  # needs CAP_NET_ADMIN; fall back to the capped one
@@ -701,7 +712,8 @@ class HardenedServer(Server):
 
     async def listen(self, port: int, interface: str = "0.0.0.0") -> None:  # type: ignore[override]
         loop = asyncio.get_running_loop()
-        sock, self.rcvbuf_in_effect = _make_udp_socket(interface, port, self.config.rcvbuf)
+        sock, self.rcvbuf_in_effect = _make_udp_socket(interface, port, self.config.rcvbuf,
+                                                       self.config.socket_mark)
         self.sock = sock
         self.kernel_filter = kfilter.attach(sock, MAX_DATAGRAM)
         log.info("overlay %s: UDP %s:%d, receive buffer %d bytes in effect (asked %d), "

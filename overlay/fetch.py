@@ -26,6 +26,7 @@ import socket
 from collections.abc import Callable
 
 from overlay import wire
+from overlay.dht import set_mark
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,9 @@ class _Conn:
 
 class FetchServer:
     def __init__(self, admit: Callable[[str], bool], serve: Callable[[str, bytes], bytes | None],
-                 timeout: float = 2.0, backlog: int = 512, max_conns: int = 256) -> None:
+                 timeout: float = 2.0, backlog: int = 512, max_conns: int = 256,
+                 mark: int | None = None) -> None:
+        self.mark = mark
         self.admit = admit
         self.serve = serve
         self.timeout = timeout
@@ -118,6 +121,7 @@ class FetchServer:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                              socket.SOCK_STREAM)
         try:
+            set_mark(sock, self.mark)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             sock.listen(self.backlog)
@@ -233,7 +237,8 @@ class _Fetch:
 
 
 async def fetch(addr: Addr, alert_id: bytes, my_port: int, *, local_ip: str | None,
-                max_body: int, timeout: float = 2.0) -> tuple[bytes | None, bool]:
+                max_body: int, timeout: float = 2.0,
+                mark: int | None = None) -> tuple[bytes | None, bool]:
     """``(body, blame)``: the envelope bytes ``addr`` serves for ``alert_id``, or None for any
     failure, and whether the failure was the peer's doing (refused connection: nobody listens
     where it announced from; "not here"; a malformed reply) rather than the network's."""
@@ -243,6 +248,7 @@ async def fetch(addr: Addr, alert_id: bytes, my_port: int, *, local_ip: str | No
                          socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
+        set_mark(sock, mark)
         if local_ip:
             # Our own address, so the server sees the IP it knows us by (on a host with many
             # addresses, or on loopback, the kernel would otherwise pick another).

@@ -155,7 +155,8 @@ class Overlay:
         port = self.server.transport.get_extra_info("sockname")[1]
         self.address = (host, port)
         self.fetch_server = FetchServer(self._admit_fetch, self._serve_fetch,
-                                        timeout=self.config.fetch_timeout)
+                                        timeout=self.config.fetch_timeout,
+                                        mark=self.config.dht.socket_mark)
         await self.fetch_server.start(host, port)
         self._arm()
         if self.state_dir is not None:
@@ -359,7 +360,8 @@ class Overlay:
         assert self.address is not None
         local = self.address[0] if self.address[0] not in ("0.0.0.0", "::") else None
         body, blame = await fetch(addr, alert_id, self.address[1], local_ip=local,
-                                  max_body=MAX_ENVELOPE_BYTES, timeout=self.config.fetch_timeout)
+                                  max_body=MAX_ENVELOPE_BYTES, timeout=self.config.fetch_timeout,
+                                  mark=self.config.dht.socket_mark)
         if body is None:
             self.counters["fetch_failed"] += 1
         core, loop = self._ready()

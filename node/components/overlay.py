@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from node.daemon.components import PeerInfo
-from overlay.node import Overlay
+from node.kernel.marks import PASS
+from overlay.dht import DhtConfig
+from overlay.node import Overlay, OverlayConfig
 
 if TYPE_CHECKING:
     from node.daemon.node import Node
@@ -24,7 +26,9 @@ class OverlayComponent:
         self.overlay = Overlay(node.key, cfg.bind, list(cfg.bootstrap),
                                verify=node.pipeline.overlay_verify,
                                on_alert=node.pipeline.overlay_on_alert,
-                               state_dir=node.config.state_dir)
+                               state_dir=node.config.state_dir,
+                               # Its own sockets carry PASS: never queued or throttled here.
+                               config=OverlayConfig(dht=DhtConfig(socket_mark=PASS)))
         await self.overlay.start()
         node.set_broadcast(self.overlay.publish)
         node.set_peers(self._peers)
