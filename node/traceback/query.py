@@ -22,8 +22,9 @@ packet entered). What else is known about a router depends on how the walk got t
   after a logger. Follow its hits (if any), keep it tentatively, and ask its other neighbours
   as candidates (a hit here may be a false positive that hides the second case).
 
-Packets that were not atomic (fragments, no DF) are logged at every hop: then every router
-named by a logger is a ``candidate`` and the gateway asks no neighbours.
+Packets that were not atomic (fragments, no DF) are logged at every hop: then a router named
+by a logger (``named``) must have logged it too (else that hit was a false positive), and the
+gateway asks no neighbours.
 
 Every ingress logs (an arrival from hosts is untrusted), so every true path starts with a
 logged edge hit, unless a router on it did not answer (an *unresolved* end). At the end,
@@ -121,7 +122,8 @@ class AttackGraph:
 
 
 GATEWAY, MARKER, EITHER, CANDIDATE, MAYBE = "gateway", "marker", "either", "candidate", "maybe"
-_ON_PATH = (GATEWAY, MARKER, EITHER)  # known on the path before its answer is read
+NAMED = "named"  # not atomic: a logger named it, so it logged too (or that hit was false)
+_ON_PATH = (GATEWAY, MARKER, EITHER, NAMED)  # a silent one is an unresolved end
 
 
 @dataclass(frozen=True)
@@ -258,8 +260,8 @@ class PathWalk:
         if hits:
             self._add_hop(v, ref, True)
             self._follow(v, ref, ans, hits)
-        elif v.mode == CANDIDATE:
-            return  # did not log: not its upstream
+        elif v.mode in (CANDIDATE, NAMED):
+            return  # did not log: not its upstream (for NAMED: the logger's hit was false)
         else:
             self._add_hop(v, ref, False)
         probe = {GATEWAY: MAYBE if self.atomic else None, MARKER: CANDIDATE,
@@ -281,7 +283,7 @@ class PathWalk:
                     self._g.ingresses.append(ing)
                 continue
             # Not atomic: every hop logs these, so the upstream must have logged too.
-            mode = CANDIDATE if not self.atomic else EITHER if untrusted else MARKER
+            mode = NAMED if not self.atomic else EITHER if untrusted else MARKER
             # The upstream saw it before this router did, by at most ``skew`` (link latency
             # and clock offset): within the matching slices' span, moved that much earlier.
             self._visit(_Visit(lk.peer, ref.public_key, mode,

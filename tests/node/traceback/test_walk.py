@@ -131,6 +131,14 @@ def test_router_down_on_the_path_is_an_unresolved_end() -> None:
     assert g.hops[r3].logged is None and [u.router_id for u in g.unanswered] == [103]
 
 
+def test_router_down_on_a_non_atomic_path() -> None:
+    net = SimNet(CHAIN, {"atk": "r1", "vic": "r7"}, down=["r4"])
+    got = net.send(spoofed(net, "vic", df=False), "atk", "vic", now=5.0)
+    g = run_trace(net, got, "vic", 5.0)
+    assert not g.atomic and g.ingresses == []
+    assert names(net, g) == [["r4", "r5", "r6", "r7"]]
+
+
 def test_packet_outside_the_window_or_never_sent() -> None:
     net = SimNet(CHAIN, {"atk": "r1", "vic": "r7"})
     got = net.send(spoofed(net, "vic"), "atk", "vic", now=5.0)
