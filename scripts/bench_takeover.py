@@ -13,10 +13,13 @@ trigger. The same trigger is handled by:
 Each path is timed the same way: from the trigger packet arriving on the router's
 client-facing interface to the first segment the new owner emits on that interface, both from
 one tcpdump capture's kernel timestamps (nanoseconds); the node runs in a process of its own.
-Two conditions: an idle node, and a node that a benign client of the same service keeps busy.
-``proxy_mbps`` is a bulk upload through a taken-over
-connection (``proxy_down_mbps`` the other way); ``forward_mbps`` the same transfer forwarded by
-the kernel with no node, for scale.
+Two conditions: an idle node, and a node that a benign client of the same service keeps busy
+(an idle process first has to be woken, which costs both paths the same). ``proxy_mbps`` is a
+bulk upload through a taken-over connection (``proxy_down_mbps`` the other way);
+``forward_mbps`` the same transfer forwarded by the kernel with no node, for scale.
+
+The JSON's ``takeover_us``, ``tcp_repair_us`` and ``speedup`` are the idle node's; the
+``*_loaded_*`` fields the busy node's.
 
 Prints a table, then one JSON object on the last line.
 """
@@ -218,6 +221,7 @@ def throughput(mode: str, size: int) -> dict[str, Any]:
             else:
                 srv = LineServer(t.server, t.server_addr, PORT, sink=True)
                 c = t.client.call(socket.create_connection, (t.server_addr, PORT), 5)
+                c.settimeout(120)  # sendall's timeout bounds the whole transfer
                 if mode == "up":
                     c.sendall(EXPLOIT)
                     time.sleep(0.05)

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from node.takeover.adapter import TakeoverEngine
+from node.takeover.engine import TakeoverEngine
 from node.takeover.harness import Node, starts_with
 from node.takeover.repair import RepairEngine
 from node.takeover.reset import ResetEngine
@@ -56,11 +56,6 @@ def main() -> None:
         on_packet(payload, handle)
 
     node.queue.queue.on_packet = timed
-    import gc
-    import os
-    if os.environ.get("HW_NOGC"):
-        gc.freeze()
-        gc.disable()
     print("ready", flush=True)
     try:
         sys.stdin.read()

@@ -17,7 +17,7 @@ import pytest
 from filters.condition import Filter, Specific
 from filters.userspace import UserspaceFilters
 from node.takeover import rules
-from node.takeover.adapter import TakeoverEngine
+from node.takeover.engine import TakeoverEngine
 from node.takeover.harness import (
     LineServer,
     Node,
@@ -310,7 +310,8 @@ def test_daemon_path_stack_queue_gate_then_takeover_queue() -> None:
     from node.kernel.nft import NftTable
     from node.kernel.queue_rules import QueueRules
     from node.stack import Stack, StackConfig
-    from node.takeover.adapter import TakeoverGate, TakeoverQueue
+    from node.takeover.adapter import TakeoverQueue
+    from node.takeover.engine import TakeoverGate
     from node.takeover.harness import LoopThread
 
     with HostTopo("tkd") as t:
