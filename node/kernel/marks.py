@@ -11,6 +11,10 @@ categories, not flags: the last rule of ``inet herdwall`` that sets one wins.
 - ``QUEUE_STACK``: to NFQUEUE ``Q_STACK``, read by the user-level stack (traffic of protected
   services, both directions).
 - ``QUEUE_THROTTLE``: to NFQUEUE ``Q_THROTTLE``, read by the throttle (new outgoing flows).
+- ``QUEUE_TRACE``: to NFQUEUE ``Q_TRACE``, read by the traceback router role (forwarded
+  packets: digests logged, ids marked).
+- ``QUEUE_TAKEOVER``: to NFQUEUE ``Q_TAKEOVER``, read by the takeover (``node.takeover``);
+  ``TAKEOVER_OWN`` and ``REPAIR_LOCAL`` are its own sockets' and its baseline's marks.
 """
 
 from __future__ import annotations
@@ -19,9 +23,15 @@ MASK = 0x000F0000
 PASS = 0x00010000
 QUEUE_STACK = 0x00020000
 QUEUE_THROTTLE = 0x00030000
+QUEUE_TRACE = 0x00040000  # forwarded packets to the traceback router role
+QUEUE_TAKEOVER = 0x00050000  # packets of watched and taken-over flows
+TAKEOVER_OWN = 0x00060000  # SO_MARK of the takeover's own sockets (raw, repaired)
+REPAIR_LOCAL = 0x00070000  # the TCP_REPAIR baseline's redirect to a local socket
 
 Q_STACK = 0
 Q_THROTTLE = 1
+Q_TRACE = 2
+Q_TAKEOVER = 3
 
 # Mark value -> queue number: what node.kernel.queue_rules installs.
 QUEUES: dict[int, int] = {QUEUE_STACK: Q_STACK, QUEUE_THROTTLE: Q_THROTTLE}

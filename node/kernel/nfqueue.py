@@ -47,13 +47,16 @@ class Handle:
         self.indev: int = pkt.indev
         self.outdev: int = pkt.outdev
 
-    def accept(self, mark: int | None = None) -> bool:
+    def accept(self, mark: int | None = None, payload: bytes | None = None) -> bool:
         """Let the packet go on; with ``mark``, herdwall's mark bits become ``mark`` (the other
-        bits are kept)."""
+        bits are kept); with ``payload``, these bytes go on instead of the queued packet (a
+        router that marks packets rewrites their header)."""
         if self.done:
             return False
         if mark is not None:
             self._pkt.set_mark(with_mark(self.mark, mark))
+        if payload is not None:
+            self._pkt.set_payload(payload)
         return self._verdict(self._pkt.accept)
 
     def drop(self) -> bool:

@@ -1,12 +1,11 @@
 """Takeover in table ``inet herdwall``: which packets go to the takeover queue, and how the
 node's own segments get out untouched.
 
-Marks and the queue (values under ``node.kernel.marks.MASK``; they belong in
-``node.kernel.marks`` next to the others)::
+Marks and the queue (defined in ``node.kernel.marks`` with the others)::
 
-    QUEUE_TAKEOVER 0x40000 -> NFQUEUE Q_TAKEOVER (2): packets of watched and taken-over flows
-    TAKEOVER_OWN   0x50000 : SO_MARK of the node's takeover sockets (raw, repaired)
-    REPAIR_LOCAL   0x60000 : the TCP_REPAIR baseline's redirect (policy-routed to a local socket)
+    QUEUE_TAKEOVER -> NFQUEUE Q_TAKEOVER: packets of watched and taken-over flows
+    TAKEOVER_OWN : SO_MARK of the node's takeover sockets (raw, repaired)
+    REPAIR_LOCAL : the TCP_REPAIR baseline's redirect (policy-routed to a local socket)
 
 Chains (priorities as in ``node.kernel.nft``; lower runs first)::
 
@@ -48,12 +47,15 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from node.kernel.marks import MASK, PASS, QUEUE_STACK
-
-QUEUE_TAKEOVER = 0x00040000
-TAKEOVER_OWN = 0x00050000
-REPAIR_LOCAL = 0x00060000
-Q_TAKEOVER = 2
+from node.kernel.marks import (  # noqa: F401 - re-exported for the takeover modules
+    MASK,
+    PASS,
+    Q_TAKEOVER,
+    QUEUE_STACK,
+    QUEUE_TAKEOVER,
+    REPAIR_LOCAL,
+    TAKEOVER_OWN,
+)
 
 TABLE = "inet herdwall"
 FLOWS = "takeover_flows"

@@ -15,9 +15,6 @@ static iptables rule per queue):
   IPv4 and no herdwall mark yet -> mark ``QUEUE_TRACE``;
 - ``iptables -t mangle -A FORWARD -m mark --mark QUEUE_TRACE/MASK -j NFQUEUE --queue-num
   Q_TRACE --queue-bypass``: a stopped router forwards unlogged rather than blackholing.
-
-``QUEUE_TRACE`` and ``Q_TRACE`` belong in ``node.kernel.marks``; until they are there they are
-defined here, with values that do not collide with the ones already taken.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ import socket
 import time
 from typing import Any
 
-from node.kernel.marks import MASK
+from node.kernel.marks import MASK, Q_TRACE, QUEUE_TRACE
 from node.kernel.nfqueue import Handle, QueueAdapter
 from node.kernel.nft import FAMILY, TABLE, NftTable, mark_is, meta, set_mark
 from node.kernel.queue_rules import QueueRules
@@ -38,24 +35,8 @@ from node.traceback.transport import QueryServer
 
 log = logging.getLogger(__name__)
 
-QUEUE_TRACE = 0x00040000
-Q_TRACE = 2
 CHAIN = "traceback"
 CHAIN_PRIORITY = -159
-
-
-def accept_with(handle: Handle, payload: bytes | None) -> None:
-    """Accept, carrying ``payload`` instead of the queued packet when given.
-
-    ``Handle`` has no payload setter yet; netfilterqueue's ``Packet.set_payload`` is what the
-    verdict sends, so until ``Handle`` grows one this reaches the packet it wraps."""
-    if payload is not None:
-        setter = getattr(handle, "set_payload", None)
-        if setter is not None:
-            setter(payload)
-        else:
-            handle._pkt.set_payload(payload)
-    handle.accept()
 
 
 def interface_names(netns: str | None) -> dict[int, str]:
@@ -168,7 +149,7 @@ class RouterService:
         names = self._names
         in_link = names.get(handle.indev) or self._rename(handle.indev)
         out_link = names.get(handle.outdev) or self._rename(handle.outdev)
-        accept_with(handle, self.core.forward(payload, in_link, out_link, time.time()))
+        handle.accept(payload=self.core.forward(payload, in_link, out_link, time.time()))
 
     def _rename(self, index: int) -> str:
         # An interface that appeared after start: look the names up again once.
