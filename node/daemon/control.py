@@ -217,6 +217,7 @@ class ControlServer:
                     writer.write(_dumps({"event": rec}))
             await writer.drain()
             closed = asyncio.ensure_future(reader.read(1))  # EOF (or anything) ends it
+            get: asyncio.Future[Any] | None = None
             dropped = 0
             try:
                 while True:
@@ -224,7 +225,6 @@ class ControlServer:
                     done, _ = await asyncio.wait({get, closed},
                                                  return_when=asyncio.FIRST_COMPLETED)
                     if closed in done:
-                        get.cancel()
                         return
                     rec = get.result()
                     if stream.dropped != dropped:
@@ -234,7 +234,13 @@ class ControlServer:
                         writer.write(_dumps({"event": rec}))
                         await asyncio.wait_for(writer.drain(), 10)
             finally:
-                closed.cancel()
+                # Both helpers end with the stream (also when the server stops and cancels it),
+                # not later on a loop that may be closed by then.
+                pending = [t for t in (get, closed) if t is not None and not t.done()]
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    await asyncio.gather(*pending, return_exceptions=True)
         finally:
             stream.close()
 
