@@ -112,6 +112,7 @@ def counter(name: str) -> Json:
 ACCEPT: Json = {"accept": None}
 DROP: Json = {"drop": None}
 CT_INVALID: Json = {"match": {"op": "in", "left": ct("state"), "right": "invalid"}}
+CT_TRACKED: Json = {"match": {"op": "!=", "left": ct("state"), "right": "untracked"}}
 
 
 # --------------------------------------------------------------------------- the table
@@ -218,8 +219,12 @@ class NftTable:
             rule("input", [in_set(l4_port("dport"), STACK_PORTS), counter("stack_queued"),
                            set_mark(QUEUE_STACK)], "protected services: user-level stack"),
             rule("forward", [mark_is(PASS), counter("pass"), ACCEPT]),
-            rule("output", [mark_is(PASS), set_mark(PASS, "ct"), counter("pass"), ACCEPT],
-                 "the node's own sockets (SO_MARK) and their connections"),
+            # Two rules: setting the conntrack mark fails on untracked packets (the takeover's
+            # raw segments), which would end the rule before its accept.
+            rule("output", [mark_is(PASS), CT_TRACKED, set_mark(PASS, "ct")],
+                 "remember the node's own connections, for their replies"),
+            rule("output", [mark_is(PASS), counter("pass"), ACCEPT],
+                 "the node's own sockets (SO_MARK)"),
             rule("output", [in_set(l4_port("sport"), STACK_PORTS), counter("stack_queued"),
                             set_mark(QUEUE_STACK)], "replies of protected services"),
         ]
