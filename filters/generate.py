@@ -161,6 +161,12 @@ def _slot_offset(stream: _Stream, run: TaintRun, alert: Alert) -> int:
     return min(offs)
 
 
+def specific_filter(alert: Alert, image: ServiceImage) -> Filter:
+    """The specific filter alone (the exploit's bytes at the alert's offsets): no sandbox work,
+    so a node can install it at once and the general one when it is ready."""
+    return _specific(alert, image, _stream_of(alert))
+
+
 def _specific(alert: Alert, image: ServiceImage, stream: _Stream) -> Filter:
     offs = sorted(o for o in (stream.offset(r) for r in alert.refs()) if o is not None)
     lo, hi = offs[0], offs[-1]

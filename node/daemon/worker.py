@@ -121,11 +121,10 @@ def ping() -> int:
 def specific_filter(alert: Alert, image: ServiceImage) -> dict[str, Any]:
     """The specific filter (the exploit's bytes at the alert's offsets) without the oracle
     runs that the general one needs: cheap enough to install right after verification."""
-    # filters.generate computes the specific filter from these two helpers; reusing them keeps
-    # the filter id identical to what generate_filters gives for the same alert.
-    from filters.generate import _specific, _stream_of
+    # The same function generate_filters uses: the same filter id for the same alert.
+    from filters import generate
 
-    return _specific(alert, image, _stream_of(alert)).to_json()
+    return generate.specific_filter(alert, image).to_json()
 
 
 def detect(service: str, messages: tuple[Message, ...]) -> DetectOutcome:
