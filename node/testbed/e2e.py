@@ -53,6 +53,8 @@ class Sample:
     detect_ms: float | None = None  # exploit sent -> alert.detected at the detector
     relays_verified: int = 0  # relays whose node verified this alert before it reached vul
     via: str = ""  # the vulnerable node's peer that delivered it, if the event says
+    # When each node had it, ms after the exploit: detected at det, verified at the others.
+    arrivals: dict[str, float] = field(default_factory=dict)
 
 
 class Sinks:
@@ -115,6 +117,7 @@ class ChainRun:
     """The chain with its nodes up (a context manager: everything is removed on exit)."""
 
     relays: int = 3
+    routed: bool = False  # True: the relays forward IP and every node reaches every other
     join_s: float = 30.0
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     root: Path | None = None
@@ -127,7 +130,7 @@ class ChainRun:
 
     def __enter__(self) -> ChainRun:
         try:
-            self.chain = Chain(self.relays, tag="e2e")
+            self.chain = Chain(self.relays, routed=self.routed, tag="e2e")
             if self.services:
                 vul, cli = self.chain["vul"], self.chain["cli"]
                 hosts = [HostSpec(vul.ns.name, vul.right or "", "vulnerable"),
@@ -170,7 +173,8 @@ class ChainRun:
         return []
 
     def wait_overlay(self) -> None:
-        """Until every node has a peer (the line is connected end to end), or ``join_s``."""
+        """Until every node has its neighbours on the line as overlay peers (so the line is
+        connected end to end), or ``join_s``."""
         assert self.fleet is not None
         comps = self.components()
         if not any("overlay" in c for c in comps):
@@ -178,13 +182,20 @@ class ChainRun:
                               ": alerts cannot travel")
             return
         deadline = time.monotonic() + self.join_s
+        assert self.chain is not None
+        want = {self.node(h.name).spec.ns: set(self.chain.neighbours(h.name))
+                - {self.chain["atk"].right, self.chain["cli"].left}
+                for h in self.chain.hosts if h.name not in ("atk", "cli")}
         waiting = list(self.fleet)
         while waiting and time.monotonic() < deadline:
-            waiting = [n for n in waiting if not _peers(n)]
+            # Strict: the neighbours by the addresses on the shared links. Routed: a node may
+            # know a neighbour by its other address, so only the count is checked.
+            waiting = [n for n in waiting if not _joined(want[n.spec.ns], _peers(n),
+                                                         self.routed)]
             if waiting:
                 time.sleep(0.2)
         if waiting:
-            self.notes.append(f"{len(waiting)} node(s) without an overlay peer after "
+            self.notes.append(f"{len(waiting)} node(s) without their neighbours as peers after "
                               f"{self.join_s:.0f} s (components: "
                               f"{', '.join(self.components()) or 'none'})")
 
@@ -233,7 +244,7 @@ class ChainRun:
 
     def measure(self, service: str, rng: random.Random | None, *, general: bool = False,
                 inject: str = "wire", timeout: float = 10.0) -> Sample:
-        msgs = list(traffic(service).exploit(rng))
+        msgs = variant(service, rng) if rng is not None else list(traffic(service).exploit())
         t0 = (self.send if inject == "wire" else self.inject)(service, msgs)
         det, vul = self.node("det"), self.node("vul")
         detected = _wait_for(det, "alert.detected", t0, timeout, service=service)
@@ -243,17 +254,19 @@ class ChainRun:
         if general:
             gen = _wait_for(vul, "filter.installed", t0, timeout * 3, kind="general",
                             service=service)
-        relays = 0
-        for r in self.chain.relay_hosts if self.chain else []:
-            node = self.node(r.name)
-            if any(e.get("alert_id") == aid and e.get("event_type") in
-                   ("alert.verified", "alert.forwarded") for e in node.events()):
-                relays += 1
+        assert self.chain is not None
+        arrivals = {"det": (detected["timestamp_s"] - t0) * 1e3}
+        for h in [*self.chain.relay_hosts, self.chain["vul"]]:
+            rec = self.node(h.name).first("alert.verified", since=t0 - 0.001, alert_id=aid)
+            if rec is not None:
+                arrivals[h.name] = (rec["timestamp_s"] - t0) * 1e3
+        relays = sum(1 for r in self.chain.relay_hosts
+                     if r.name in arrivals and arrivals[r.name] <= arrivals.get("vul", 1e18))
         via = next((str(e.get("from_peer", "")) for e in vul.events()
                     if e.get("alert_id") == aid and e.get("from_peer")), "")
         return Sample(service, aid, (spec["timestamp_s"] - t0) * 1e3,
                       (gen["timestamp_s"] - t0) * 1e3 if gen else None,
-                      (detected["timestamp_s"] - t0) * 1e3, relays, via)
+                      arrivals["det"], relays, via, arrivals)
 
     def ask_vul(self, data: bytes, timeout: float = 1.0) -> bytes | None:
         """One datagram from the client to the vulnerable host's resolver; its reply, or None
@@ -280,6 +293,30 @@ class ChainRun:
                 ids = [f["filter_id"] for f in n.request("filters", timeout=5)]
                 if ids:
                     n.request("filter.remove", timeout=10, ids=ids)
+
+
+TARGET_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def variant(service: str, rng: random.Random) -> list[Message]:
+    """A random exploit variant whose hijack target differs too (random letters and digits,
+    which no parser stops at). The sample generators keep the target fixed and vary the
+    rest, but the specific filter is made from the target's bytes: every variant of theirs
+    has the same specific filter, and a sample's filter would already be in place for the
+    next one. Another target is another exploit, with a specific filter of its own."""
+    gen = traffic(service)
+    case = gen.exploit_case(rng)
+    verification = case.verification
+    refs = getattr(verification, "target", ())[:gen.TARGET_BYTES]
+    data = [bytearray(m.data) for m in case.messages]
+    for ref in refs:
+        data[ref.message][ref.offset] = rng.choice(TARGET_ALPHABET)
+    return [Message(bytes(d), m.connection) for d, m in zip(data, case.messages, strict=True)]
+
+
+def _joined(want: set[str | None], peers: list[Any], routed: bool) -> bool:
+    hosts = {str(p.get("host")) for p in peers}
+    return len(hosts) >= len(want) if routed else want <= hosts
 
 
 def _peers(n: NodeProc) -> list[Any]:
