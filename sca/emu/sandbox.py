@@ -63,6 +63,7 @@ BRK_GAP = 0x10_0000  # a guard gap after the image, so a heap overflow faults in
 # emu_start's stop address: a non-canonical one no jump can reach (0 would make a call to NULL
 # end the run quietly instead of faulting).
 NEVER = 0xDEAD_0000_0000_0000
+ARENA_QUIET = 256 * 1024
 _SYSCALL_ARGS = (
     UC_X86_REG_RAX, UC_X86_REG_RDI, UC_X86_REG_RSI, UC_X86_REG_RDX,
     UC_X86_REG_R10, UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_RIP,
@@ -148,13 +149,17 @@ class Sandbox:
             UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_WRITE_PROT,
             self._on_bad_access,
         )
-        # First writes to pages after a restore are slow in unicorn (a loop touching a 32 MiB
-        # heap page by page ran ~100 s on 5M instructions), and such a loop makes no syscall
-        # where the deadline is checked: check it on writes to the image's data and the arenas
-        # too (C filters the ranges, so stack writes cost nothing).
-        for lo, hi in [*self._writable, (self.layout.brk_base, self.layout.brk_limit),
+        # First writes to arena pages after a restore are slow in unicorn (a loop touching a
+        # 32 MiB heap page by page ran ~100 s on 5M instructions), and such a loop makes no
+        # syscall where the deadline is checked: check it on arena writes too (C filters the
+        # ranges, so other writes cost nothing). The image's own data, mapped as runs of pages,
+        # does not have the problem.
+        # Past the first ARENA_QUIET bytes only: a normal service's heap stays in them and pays
+        # no callback per write; a loop that touches the whole arena is caught.
+        for lo, hi in [(self.layout.brk_base, self.layout.brk_limit),
                        (self.layout.mmap_base, self.layout.mmap_limit)]:
-            self.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_arena_write, None, lo, hi - 1)
+            self.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_arena_write, None,
+                             min(lo + ARENA_QUIET, hi - 1), hi - 1)
         self._arena_writes = 0
         self._boot()
 
@@ -175,7 +180,6 @@ class Sandbox:
                 regions.append((p, p + PAGE, pages[p]))
         for lo, hi, perms in regions:
             uc.mem_map(lo, hi - lo, perms | UC_PROT_READ)
-        self._writable = [(lo, hi) for lo, hi, perms in regions if perms & UC_PROT_WRITE]
         for seg in self.exe.segments:
             uc.mem_write(seg.vaddr, seg.data)
         # Arenas: half the memory budget each for brk and mmap, mapped now (see module doc).
