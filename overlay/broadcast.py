@@ -141,9 +141,9 @@ class BroadcastConfig:
     max_seen: int = 4096
     max_refused: int = 4096
     max_body_bytes: int = 16 << 20
-    max_pending: int = 64
+    max_pending: int = 256
     max_announcers: int = 4
-    max_fetches_per_peer: int = 4
+    max_fetches_per_peer: int = 2
     announce_rate: Rate = DEFAULT_ANNOUNCE_RATE  # announcements + digests, per peer address
     fetch_rate: Rate = DEFAULT_FETCH_RATE  # fetch requests served, per peer address
     malformed_cost: float = 5.0  # tokens a malformed datagram costs its sender
@@ -336,8 +336,10 @@ class BroadcastCore:
         try:
             msg = wire.decode(data)
         except WireError:
+            # Honest nodes never send these: a strike, as for a lie.
             self.stats["drop_malformed"] += 1
             self._announce_buckets.charge(ip, now, self.cfg.malformed_cost)
+            self._strike(ip, now)
             return []
         if isinstance(msg, Announce):
             self.stats["rx_announce"] += 1

@@ -79,6 +79,7 @@ class DhtConfig:
     hello_rate: Rate = _DEFAULT_HELLO_RATE  # hellos this node starts, per target IP
     malformed_cost: float = 20.0
     abuse_drops: int = 200  # datagrams over the rate before an address is reported for a ban
+    malformed_to_ban: int = 10  # malformed datagrams before an address is reported for a ban
     max_hellos_inflight: int = 256
     rcvbuf: int = 4 << 20
     socket_mark: int | None = None  # SO_MARK on the node's sockets (the host's firewall exempts it)
@@ -273,6 +274,7 @@ class HardenedProtocol(KademliaProtocol):
         # Called with an address that keeps sending over its rate: the owner bans it.
         self.on_abuse: Callable[[str], None] | None = None
         self._over_rate: OrderedDict[str, int] = OrderedDict()
+        self._bad_frames: OrderedDict[str, int] = OrderedDict()
         self.peers = PeerBook(config.max_ids_per_ip, config.max_peers)
         self.misses: OrderedDict[bytes, int] = OrderedDict()
         self.nonces = hello_mod.NonceBook()
@@ -351,13 +353,25 @@ class HardenedProtocol(KademliaProtocol):
         kind = data[0] if n else -1
         if kind in (RPC_REQUEST, RPC_RESPONSE):
             if not self._rpc_datagram(kind, data, addr):
-                self.stats["drop_malformed"] += 1
-                self._dgram_buckets.charge(addr[0], now, self.config.malformed_cost)
+                self._malformed(addr[0], now)
         elif kind >= 0x10 and self.on_broadcast is not None:
             self.on_broadcast(data, addr)
         else:
-            self.stats["drop_malformed"] += 1
-            self._dgram_buckets.charge(addr[0], now, self.config.malformed_cost)
+            self._malformed(addr[0], now)
+
+    def _malformed(self, ip: str, now: float) -> None:
+        # Costly for the sender's bucket, and an honest node never sends one: a few of them
+        # and the address is reported for a ban (then the kernel drops what it sends).
+        self.stats["drop_malformed"] += 1
+        self._dgram_buckets.charge(ip, now, self.config.malformed_cost)
+        n = self._bad_frames.pop(ip, 0) + 1
+        if n >= self.config.malformed_to_ban and self.on_abuse is not None:
+            self.stats["abusers"] += 1
+            self.on_abuse(ip)
+            return
+        self._bad_frames[ip] = n
+        while len(self._bad_frames) > self.config.max_peers:
+            self._bad_frames.popitem(last=False)
 
     def _note_over_rate(self, ip: str) -> None:
         # No honest peer comes near the datagram rate; one that keeps exceeding it is flooding.

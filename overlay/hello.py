@@ -111,6 +111,9 @@ class NonceBook:
         self._issued: OrderedDict[bytes, float] = OrderedDict()
 
     def issue(self, now: float) -> bytes:
+        # Unanswered nonces expire oldest first (they were issued in time order).
+        while self._issued and next(iter(self._issued.values())) <= now:
+            self._issued.popitem(last=False)
         nonce = os.urandom(NONCE_LEN)
         self._issued[nonce] = now + self.ttl
         while len(self._issued) > self.max_entries:

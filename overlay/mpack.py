@@ -102,6 +102,8 @@ def _pack(obj: Any, out: list[bytes], depth: int) -> None:
             out.append(b"\xdb" + _U32.pack(n))
         out.append(data)
     elif type(obj) in (list, tuple):
+        if depth + 1 > MAX_DEPTH:  # the same limit the decoder applies
+            raise MpackError("too deep")
         n = len(obj)
         if n < 16:
             out.append(bytes((0x90 | n,)))

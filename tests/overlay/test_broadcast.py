@@ -373,11 +373,13 @@ def test_announcement_flood_is_rate_limited_before_parsing() -> None:
     # The burst, bounded by the pending limit too; the rest dropped before parsing.
     assert fetches <= min(cfg.announce_rate.burst, cfg.max_pending)
     assert core.stats["drop_rate"] >= 1000 - cfg.announce_rate.burst
-    # Junk costs more than a well-formed datagram.
+    assert core.stats["drop_rate"] >= 1000 - 20
+    # Junk costs more than a well-formed datagram, and three of them are a ban.
     other = ("10.0.0.98", 7)
     for _ in range(10):
         core.on_datagram(other, b"\x10\x01junk", 10.0)
-    assert core.stats["drop_malformed"] <= 10 and core.stats["drop_rate"] > 1000 - 20
+    assert core.stats["drop_malformed"] == cfg.strikes_to_ban
+    assert core.banned(other[0], 10.0) and core.stats["drop_banned"] == 10 - cfg.strikes_to_ban
 
 
 def test_hostile_datagrams_never_raise() -> None:
