@@ -42,9 +42,6 @@ idempotent (its hook chains are flushed and refilled in the same batch).
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import Iterator
 from typing import Any
 
 from node.kernel.marks import (  # noqa: F401 - re-exported for the takeover modules
@@ -56,6 +53,7 @@ from node.kernel.marks import (  # noqa: F401 - re-exported for the takeover mod
     REPAIR_LOCAL,
     TAKEOVER_OWN,
 )
+from node.kernel.nft import NftTable
 
 TABLE = "inet herdwall"
 FLOWS = "takeover_flows"
@@ -147,40 +145,18 @@ def compile_takeover(f: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 class NftText:
-    """libnftables with text batches, in a namespace or where the caller is."""
+    """The node's ``NftTable`` in text batches (the takeover's chains and sets), in a namespace
+    or where the caller is."""
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
-        with self._where():
-            import nftables
-
-            self._nft = nftables.Nftables()
-
-    @contextlib.contextmanager
-    def _where(self) -> Iterator[None]:
-        if self.netns is None:
-            yield
-            return
-        from node.testbed.netns import Namespace
-
-        with Namespace.attach(self.netns).enter():
-            yield
+        self.table = NftTable(netns)
 
     def apply(self, lines: list[str] | str) -> None:
-        text = lines if isinstance(lines, str) else "\n".join(lines) + "\n"
-        with self._where():
-            self._nft.set_json_output(False)
-            rc, _out, err = self._nft.cmd(text)
-        if rc != 0:
-            raise RuntimeError(f"nft: {(err or '').strip()}")
+        self.table.apply_text(lines if isinstance(lines, str) else "\n".join(lines) + "\n")
 
     def query(self, cmd: str) -> dict[str, Any]:
-        with self._where():
-            self._nft.set_json_output(True)
-            rc, out, err = self._nft.cmd(cmd)
-        if rc != 0:
-            raise RuntimeError(f"nft {cmd!r}: {(err or '').strip()}")
-        return json.loads(out) if out else {}
+        return self.table.query_text(cmd)
 
     def counters(self) -> dict[str, int]:
         """Packets counted by the takeover chains' rules, by ``chain:index``."""
