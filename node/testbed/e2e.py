@@ -125,6 +125,7 @@ class ChainRun:
     fleet: Fleet | None = None
     sinks: Sinks | None = None
     notes: list[str] = field(default_factory=list)
+    last_alert: tuple[str, float] | None = None  # (alert id, sent at) of the last sample
     services: bool = False  # the emulated resolver at vul (on its client-side address)
     harness: HarnessThread | None = None
 
@@ -173,8 +174,8 @@ class ChainRun:
         return []
 
     def wait_overlay(self) -> None:
-        """Until every node has its neighbours on the line as overlay peers (so the line is
-        connected end to end), or ``join_s``."""
+        """Until every node has its neighbours on the line as overlay peers (strict: the line
+        is connected end to end), or every other node (routed), or ``join_s``."""
         assert self.fleet is not None
         comps = self.components()
         if not any("overlay" in c for c in comps):
@@ -183,15 +184,16 @@ class ChainRun:
             return
         deadline = time.monotonic() + self.join_s
         assert self.chain is not None
+        binds = {n.spec.ns: n.spec.addr for n in self.fleet}
         want = {self.node(h.name).spec.ns: set(self.chain.neighbours(h.name))
                 - {self.chain["atk"].right, self.chain["cli"].left}
                 for h in self.chain.hosts if h.name not in ("atk", "cli")}
+        if self.routed:  # everyone reaches everyone, each by its one overlay address
+            want = {ns: {a for other, a in binds.items() if other != ns} for ns in binds}
         waiting = list(self.fleet)
         while waiting and time.monotonic() < deadline:
-            # Strict: the neighbours by the addresses on the shared links. Routed: a node may
-            # know a neighbour by its other address, so only the count is checked.
-            waiting = [n for n in waiting if not _joined(want[n.spec.ns], _peers(n),
-                                                         self.routed)]
+            waiting = [n for n in waiting
+                       if not want[n.spec.ns] <= {str(p.get("host")) for p in _peers(n)}]
             if waiting:
                 time.sleep(0.2)
         if waiting:
@@ -249,7 +251,11 @@ class ChainRun:
         det, vul = self.node("det"), self.node("vul")
         detected = _wait_for(det, "alert.detected", t0, timeout, service=service)
         aid = str(detected["alert_id"])
-        spec = _wait_for(vul, "filter.installed", t0, timeout, alert_id=aid, kind="specific")
+        try:
+            spec = _wait_for(vul, "filter.installed", t0, timeout, alert_id=aid,
+                             kind="specific")
+        finally:
+            self.last_alert = (aid, t0)
         gen = None
         if general:
             gen = _wait_for(vul, "filter.installed", t0, timeout * 3, kind="general",
@@ -267,6 +273,23 @@ class ChainRun:
         return Sample(service, aid, (spec["timestamp_s"] - t0) * 1e3,
                       (gen["timestamp_s"] - t0) * 1e3 if gen else None,
                       arrivals["det"], relays, via, arrivals)
+
+    def settle(self, alert_id: str, since: float, timeout: float = 30.0) -> None:
+        """Until every node that took ``alert_id`` has finished with it in its slow lane (the
+        general filter installed, skipped or failed): samples then start from idle nodes, not
+        behind the previous one's filter generation, which shares the detector's worker."""
+        assert self.fleet is not None
+        done = ("filter.skipped", "filter.error", "detector.error")
+        deadline = time.monotonic() + timeout
+        for n in self.fleet:
+            while time.monotonic() < deadline:
+                evs = [e for e in n.events() if e.get("timestamp_s", 0) >= since
+                       and e.get("alert_id") == alert_id]
+                if not evs or any(e.get("event_type") in done or (
+                        e.get("event_type") == "filter.installed"
+                        and e.get("kind") == "general") for e in evs):
+                    break
+                time.sleep(0.05)
 
     def ask_vul(self, data: bytes, timeout: float = 1.0) -> bytes | None:
         """One datagram from the client to the vulnerable host's resolver; its reply, or None
@@ -312,11 +335,6 @@ def variant(service: str, rng: random.Random) -> list[Message]:
     for ref in refs:
         data[ref.message][ref.offset] = rng.choice(TARGET_ALPHABET)
     return [Message(bytes(d), m.connection) for d, m in zip(data, case.messages, strict=True)]
-
-
-def _joined(want: set[str | None], peers: list[Any], routed: bool) -> bool:
-    hosts = {str(p.get("host")) for p in peers}
-    return len(hosts) >= len(want) if routed else want <= hosts
 
 
 def _peers(n: NodeProc) -> list[Any]:

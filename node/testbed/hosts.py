@@ -252,16 +252,23 @@ class Chain:
         return [h.ns.name for h in self.hosts]
 
     def node_specs(self, settings: Settings | None = None) -> list[NodeSpec]:
-        """Nodes on the detector, the relays and the vulnerable host; each binds its overlay
-        on all of its addresses and bootstraps through its neighbours on the line (it can
-        reach no one else). Relays protect the service too: they verify before forwarding."""
+        """Nodes on the detector, the relays and the vulnerable host, bootstrapping through
+        their neighbours on the line. Strict: each binds its overlay on all of its addresses
+        and names each neighbour by the address on their shared link (it can reach no one
+        else). Routed: each node has one overlay address, its left one, reachable from
+        everywhere, so every node is known by one address only. Relays protect the service
+        too: they verify before forwarding."""
+        nodes = [h for h in self.hosts if h.name not in ("atk", "cli")]
         out = []
-        for h in self.hosts:
-            if h.name in ("atk", "cli"):
-                continue
-            peers = [f"{a}:7400" for a in self.neighbours(h.name)
-                     if a not in (self["atk"].right, self["cli"].left)]
-            spec = NodeSpec(h.ns.name, "0.0.0.0", detector=h.name == "det", bootstrap=peers,
+        for i, h in enumerate(nodes):
+            if self.routed:
+                near = [n.left for n in (nodes[i - 1] if i else None,
+                                         nodes[i + 1] if i + 1 < len(nodes) else None) if n]
+            else:
+                near = [a for a in self.neighbours(h.name)
+                        if a not in (self["atk"].right, self["cli"].left)]
+            spec = NodeSpec(h.ns.name, (h.left or "") if self.routed else "0.0.0.0",
+                            detector=h.name == "det", bootstrap=[f"{a}:7400" for a in near],
                             settings=dict(settings or {}))
             out.append(spec)
         return out

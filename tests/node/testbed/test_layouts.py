@@ -87,6 +87,12 @@ def test_routed_chain_goes_detector_through_three_relays_to_the_vulnerable_host(
             assert fwd.strip() == "1"
         # The attacker reaches the vulnerable host only across det and the three relays.
         assert _probe(ch["atk"].ns, vul.ns, vul.left or "")[1] == 64 - 4
+        # Nodes: one overlay address each (the left one, routed to from everywhere), and the
+        # neighbours on the line as bootstrap peers.
+        specs = ch.node_specs()
+        assert [s.addr for s in specs] == [ch[n].left for n in ("det", "r1", "r2", "r3", "vul")]
+        assert specs[2].bootstrap == [f"{ch['r1'].left}:7400", f"{ch['r3'].left}:7400"]
+        assert _probe(vul.ns, det.ns, det.left or "")[1] == 64 - 3
         for h in ch.hosts:
             assert "default" not in h.ns.run(["ip", "route"]).stdout
 
