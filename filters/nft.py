@@ -36,6 +36,8 @@ class NftError(RuntimeError):
 
 
 Apply = Callable[[str], None]  # run one text batch atomically, raise NftError on failure
+# A filter -> (setup, rules) text statements that hand its TCP flows to the takeover.
+TakeoverCompiler = Callable[[Filter], tuple[Iterable[str], Iterable[str]]]
 Query = Callable[[str], dict[str, object]]  # run a list command, return its JSON output
 
 
@@ -67,9 +69,18 @@ def specific_set(f: Filter) -> tuple[str, int, int]:
 
 
 def compile_filter(f: Filter, *, queue_mark: int, mark_mask: int = 0xFFFFFFFF,
-                   tcp_action: str = "reject with tcp reset") -> Compiled:
+                   tcp_action: str = "reject with tcp reset",
+                   takeover: TakeoverCompiler | None = None) -> Compiled:
     """``queue_mark`` under ``mark_mask`` is what the stack's static NFQUEUE rule takes; a
-    packet that already carries a mark under the mask (the node's own, PASS) keeps it."""
+    packet that already carries a mark under the mask (the node's own, PASS) keeps it.
+    ``tcp_action="takeover"``: TCP filters hand their flows to the node's takeover, whose rules
+    ``takeover`` (``node.takeover.rules.compile_takeover``) makes; the condition is then checked
+    on the takeover's queue."""
+    if tcp_action == "takeover" and f.proto == "tcp":
+        if takeover is None:
+            raise ValueError("the takeover action needs the node's takeover rule compiler")
+        setup, rules = takeover(f)
+        return Compiled(f, tuple(setup), tuple(rules), userspace=True)
     c = f.condition
     if isinstance(c, Specific):
         name, off, length = specific_set(f)
@@ -146,11 +157,13 @@ class FilterTable:
     is the mark the stack's static NFQUEUE rule takes."""
 
     def __init__(self, apply: Apply, query: Query, *, queue_mark: int,
-                 mark_mask: int = 0xFFFFFFFF, tcp_action: str = "reject with tcp reset") -> None:
+                 mark_mask: int = 0xFFFFFFFF, tcp_action: str = "reject with tcp reset",
+                 takeover: TakeoverCompiler | None = None) -> None:
         self._apply = apply
         self._query = query
         self.queue_mark = queue_mark
         self.mark_mask = mark_mask
+        self.takeover = takeover
         self.tcp_action = tcp_action
 
     def _ruleset(self) -> list[dict[str, object]]:
@@ -180,11 +193,11 @@ class FilterTable:
         elements: dict[str, list[str]] = {}
         for f in install:
             c = compile_filter(f, queue_mark=self.queue_mark, mark_mask=self.mark_mask,
-                               tcp_action=self.tcp_action)
+                               tcp_action=self.tcp_action, takeover=self.takeover)
             if compiled is not None:
                 compiled.append(c)
             lines += [s for s in c.setup if s not in lines]
-            if isinstance(f.condition, Specific):
+            if isinstance(f.condition, Specific) and c.element is not None:
                 name, off, length = specific_set(f)
                 if name not in set_rules:
                     set_rules.add(name)
