@@ -6,11 +6,12 @@ vulnerable host, and the exploit then fails there while benign lookups still get
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
 from node.testbed import leftovers
-from node.testbed.e2e import ChainRun
+from node.testbed.e2e import ChainRun, variant
 from sca.services import traffic
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -29,15 +30,25 @@ def test_exploit_at_detector_filter_at_vulnerable_host_through_three_relays() ->
         assert run.harness is not None
         # Before: the vulnerable host answers lookups, and nothing protects it.
         assert (run.ask_vul(b"\x04ARCHIVE\x00") or b"").startswith(b"\x05")
-        sample = run.measure("resolver", random.Random(5), general=True, timeout=20)
-        assert sample.relays_verified == 3  # r1, r2 and r3 each verified it
-        assert sample.specific_ms > 0 and sample.general_ms is not None
-        # After: the canonical exploit and a fresh variant die at the filters; benign passes.
-        for exploit in (traffic("resolver").exploit()[0].data,
-                        traffic("resolver").exploit(random.Random(99))[-1].data):
-            assert run.ask_vul(exploit, timeout=0.5) is None
+        # The canonical exploit (Slammer's one datagram) at the detector. In the strict chain
+        # the relays beyond r1 may get the alert only from the overlay's anti-entropy
+        # (seconds), hence the generous timeout.
+        sample = run.measure("resolver", None, timeout=90)
+        assert sample.relays_verified == 3, sample.arrivals  # r1, r2, r3 verified it first
+        canonical = traffic("resolver").exploit()[0].data
+        assert run.ask_vul(canonical, timeout=0.5) is None  # dropped by the specific filter
         assert run.harness.infected() == []
         reply = run.ask_vul(b"\x04MSSQLSERVER\x00")
         assert reply is not None and b"InstanceName;MSSQLSERVER;" in reply
         assert (run.ask_vul(b"\x02") or b"").count(b"ServerName;") == 4
+        # The general filter follows (each node derives it itself): a fresh variant, another
+        # target and filler, dies there too.
+        general = run.node("vul").first("filter.installed", kind="general")
+        deadline = time.monotonic() + 60
+        while general is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            general = run.node("vul").first("filter.installed", kind="general")
+        assert general is not None
+        assert run.ask_vul(variant("resolver", random.Random(99))[-1].data, timeout=0.5) is None
+        assert run.harness.infected() == []
     assert names and not set(names) & set(leftovers())
