@@ -60,6 +60,10 @@ def up(name: str, layout: str, vulnerable: int, detectors: int, dark: bool, node
                        f"{len(rec.processes)} process(es); files in {rec.root}"))
     for h in rec.hosts:
         console.print(Text(f"  {h['role']:<10} {h['addr']:<24} ip netns exec {h['ns']} ..."))
+    nodes = [p for p in rec.processes if p.get("socket")]
+    if nodes:
+        console.print(Text(f"{len(nodes)} node(s); watch one with: herdwall monitor --socket "
+                           f"{nodes[0]['socket']}"))
     console.print(Text(f"remove it with: herdwall testbed down {rec.name}"))
 
 
