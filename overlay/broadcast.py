@@ -81,6 +81,10 @@ class Contact:
     node_id: bytes
     addr: Addr
     super_peer: bool = False
+    long_id: int = -1  # the id as an integer, if the caller has it already (-1: compute it)
+
+    def key(self) -> int:
+        return self.long_id if self.long_id >= 0 else int.from_bytes(self.node_id, "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -606,7 +610,7 @@ class BroadcastCore:
         actions: list[Action] = []
         for p in sorted(groups):
             ranked = sorted(groups[p], key=lambda c: (
-                not c.super_peer, int.from_bytes(c.node_id, "big") ^ target))
+                not c.super_peer, c.key() ^ target))
             # This copy's own ranks first, then the rest: a group smaller than the number of
             # copies still gets every copy (its members are the only way into it).
             mine = ranked[replica::r]
@@ -622,7 +626,7 @@ class BroadcastCore:
         if contacts is not self._group_source:
             groups: dict[int, list[Contact]] = {}
             for c in contacts:
-                p = prefix_len(self._long, int.from_bytes(c.node_id, "big"))
+                p = prefix_len(self._long, c.key())
                 if p < 160:
                     groups.setdefault(p, []).append(c)
             self._group_source, self._groups = contacts, groups

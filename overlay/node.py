@@ -299,7 +299,8 @@ class Overlay:
         out = []
         for n in protocol.contacts():
             known = protocol.peers.get(n.id)
-            out.append(Contact(n.id, (n.ip, n.port), bool(known and known.super_peer)))
+            out.append(Contact(n.id, (n.ip, n.port), bool(known and known.super_peer),
+                               n.long_id))
         self._contacts_cache = (version, out)
         return out
 
