@@ -4,7 +4,7 @@ This is a *harness*, not a worm. Nothing here is self-propagating code: the samp
 (``sca/services/resolver``, the Slammer-class SSRP responder on UDP 1434) only ever runs in
 herdwall's emulator, and infection is bookkeeping. For each host of a testbed the harness binds a
 real UDP socket inside the host's network namespace and feeds every datagram it receives to a
-flash clone of the service:
+flash clone of the service (``node.testbed.emulated``):
 
 - the service answers (a benign lookup): its real replies go back to the sender;
 - the run shows the service hijacked (the taint tracker's detection is the ground truth): the
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import ipaddress
 import json
 import os
@@ -52,21 +51,23 @@ import socket
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from node.testbed.emulated import EmulatedService, Verdict
 from node.testbed.netns import PREFIX, TESTBED_NET, Namespace
 
 SERVICE = "resolver"
 PORT = 1434
 DEFAULT_RATE = 20.0  # datagrams per second per infected host (Slammer did thousands)
 MAX_POOL = 1 << 16
-MAX_DATAGRAM = 65535
 ROLES = ("vulnerable", "sink", "seed", "client")
-VERDICT_CACHE = 4096
+
+
+__all__ = ["EmulatedService", "Harness", "HarnessError", "HarnessThread", "HostSpec",
+           "Reporter", "Verdict", "check_target", "expand_pool", "ns_socket"]
 
 
 class HarnessError(RuntimeError):
@@ -152,79 +153,6 @@ def ns_socket(ns_name: str, bind: tuple[str, int]) -> socket.socket:
         return s
 
     return Namespace.attach(ns_name).call(make)
-
-
-# --- the emulated service -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What one datagram did to the emulated service."""
-
-    replies: tuple[bytes, ...]
-    hijacked: bool
-    outcome: str  # the sandbox outcome of the plain run
-    detail: str = ""
-    ms: float = 0.0
-
-
-class EmulatedService:
-    """The sample service in flash clones, one datagram per fresh clone (the resolver keeps no
-    state between datagrams, so a clone per datagram is what the real service would see).
-
-    ``confirm="auto"``: a plain run first (about 0.3 ms); only a run that does not end waiting
-    for the next datagram (the service exited, crashed, ran out of budget) is replayed with
-    taint to tell a hijack from a crash. ``"always"``: every datagram is replayed with taint
-    (slower; the strictest ground truth). Verdicts of taint replays are cached by the
-    datagram's digest: the emulation is deterministic, and a worm sends one datagram over and
-    over."""
-
-    def __init__(self, service: str = SERVICE, confirm: str = "auto") -> None:
-        from sca.emu.sandbox import Budget, open_sandbox
-        from sca.services import manifest_path
-        from sca.taint.engine import TaintTracker
-
-        if confirm not in ("auto", "always"):
-            raise HarnessError("confirm is 'auto' or 'always'")
-        self.confirm = confirm
-        # Budgets far below the sandbox defaults: a datagram takes a few thousand instructions.
-        budget = Budget(instructions=2_000_000, wall_ms=500)
-        self.plain = open_sandbox(manifest_path(service), budget)
-        self.taint = TaintTracker(open_sandbox(manifest_path(service), budget))
-        self._cache: OrderedDict[bytes, tuple[bool, str]] = OrderedDict()
-        self.runs = 0
-        self.taint_runs = 0
-
-    def handle(self, datagram: bytes) -> Verdict:
-        from sca.alert import Message
-        from sca.emu.sandbox import Outcome
-
-        start = time.perf_counter()
-        msgs = [Message(datagram[:MAX_DATAGRAM])]
-        result = self.plain.run(msgs)
-        self.runs += 1
-        replies = tuple(data for _dest, data in result.sent)
-        if result.outcome == Outcome.BLOCKED and self.confirm == "auto":
-            return Verdict(replies, False, str(result.outcome),
-                           ms=(time.perf_counter() - start) * 1e3)
-        hijacked, detail = self._taint(datagram, msgs)
-        return Verdict(replies, hijacked, str(result.outcome), detail or result.fault,
-                       (time.perf_counter() - start) * 1e3)
-
-    def _taint(self, datagram: bytes, msgs: list[Any]) -> tuple[bool, str]:
-        key = hashlib.sha256(datagram).digest()
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        run = self.taint.run(msgs)
-        self.taint_runs += 1
-        det = run.detection
-        verdict = (det is not None, f"{det.detail} at {det.pc:#x}" if det else "")
-        self._cache[key] = verdict
-        if len(self._cache) > VERDICT_CACHE:
-            self._cache.popitem(last=False)
-        return verdict
 
 
 # --- reports --------------------------------------------------------------------------------
@@ -496,6 +424,8 @@ class Harness:
     def __post_init__(self) -> None:
         if not 0 < self.rate <= 10_000:
             raise HarnessError("rate: 0 < datagrams per second <= 10000")
+        if self.confirm not in ("auto", "always"):
+            raise HarnessError("confirm is 'auto' or 'always'")
         self.pool = expand_pool(self.pool)
         addrs = [h.addr for h in self.hosts]
         if len(set(addrs)) != len(addrs):
