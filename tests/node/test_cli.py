@@ -216,7 +216,8 @@ def test_debug_lets_the_traceback_through(files: dict[str, Path]) -> None:
 
 
 def test_demo_runs_every_step() -> None:
-    result = run("demo")
+    # The worm half needs a testbed (tests/node/testbed runs it); this is the walk-through.
+    result = run("demo", "--walkthrough")
     assert result.exit_code == 0, result.output
     assert "every step passed" in result.output
     assert "refused (invalid signature" in result.output
