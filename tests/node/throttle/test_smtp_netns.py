@@ -129,9 +129,11 @@ def test_new_recipients_are_delayed_and_delivered_later_in_order() -> None:
     _, receiver, events = run_mail(config, scenario)
 
     assert sent == [{}] * 8  # every recipient accepted at once: delayed, never refused
-    kinds = {(type(e).__name__, e.dst) for e in events if isinstance(e, Passed | Queued)}
-    # Recipients in the working set are never queued.
-    assert ("Queued", "r1@b.example") not in kinds and ("Queued", "r2@b.example") not in kinds
+    decisions = [(type(e).__name__, e.dst) for e in events if isinstance(e, Passed | Queued)]
+    # Recipients in the working set are never queued: the first three messages' (r2 in the last
+    # one may have left the set of two by then, depending on how fast the n's went out).
+    assert decisions[:4] == [("Passed", "r1@b.example"), ("Passed", "r2@b.example"),
+                             ("Passed", "r1@b.example"), ("Passed", "r2@b.example")]
     queued = [e.dst for e in events if isinstance(e, Queued)]
     released = [e.dst for e in events if isinstance(e, Released)]
     new_passed = [e.dst for e in events if isinstance(e, Passed) and e.reason is PassReason.NEW]
