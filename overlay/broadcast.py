@@ -667,8 +667,9 @@ class BroadcastCore:
                 self.stats["drop_rate"] += 1
                 break
             first = False
-            self.stats["ae_repairs"] += 1
-            actions += self._start_fetch(aid, addr, {}, wire.MAX_HOPS)
+            started = self._start_fetch(aid, addr, {}, wire.MAX_HOPS)
+            self.stats["ae_repairs"] += bool(started)
+            actions += started
         if msg.reply:
             lacking = AntiEntropy.lacking(msg.ids, self.recent(now))
             if lacking:

@@ -151,7 +151,7 @@ class Overlay:
         assert self.server.transport is not None and self.server.protocol is not None
         core = self.core
         self.server.protocol.banned = lambda ip: core.banned(ip, loop.time())
-        self.server.protocol.on_abuse = lambda ip: core.ban(ip, loop.time())
+        self.server.protocol.on_abuse = self._on_abuse
         port = self.server.transport.get_extra_info("sockname")[1]
         self.address = (host, port)
         self.fetch_server = FetchServer(self._admit_fetch, self._serve_fetch,
@@ -364,7 +364,7 @@ class Overlay:
                                   max_body=MAX_ENVELOPE_BYTES, timeout=self.config.fetch_timeout,
                                   mark=self.config.dht.socket_mark)
         if body is None:
-            self.counters["fetch_failed"] += 1
+            self.counters["fetch_failed_peer" if blame else "fetch_failed_net"] += 1
         core, loop = self._ready()
         self._run(core.on_fetched(alert_id, addr, body, loop.time(), time.time(), blame))
 
@@ -412,6 +412,13 @@ class Overlay:
             return
         if inspect.isawaitable(result):
             self._spawn(result)
+
+    def _on_abuse(self, ip: str) -> None:
+        """The DHT layer saw ``ip`` flood or send garbage: ban it, in the kernel too."""
+        if self.core is None or self._loop is None:
+            return
+        self.core.ban(ip, self._loop.time())
+        self._sync_bans()
 
     def _sync_bans(self) -> None:
         # Banned addresses go into the kernel's socket filter, so their floods stop costing

@@ -545,7 +545,7 @@ async def run(cluster: LocalCluster | ProcCluster, label: str, envelopes: list[b
     plan = await cluster.flood_plan(ids[tenth:2 * tenth])
     ready = f"/tmp/hw-bench-flood-{os.getpid()}-{label}"
     Path(ready).unlink(missing_ok=True)
-    duration = 12.0
+    duration = 22.0  # long enough for anti-entropy (every ~10 s) to repair what the flood cost
     flood_proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--flooder", ready, str(duration)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -288,6 +288,23 @@ def test_a_flood_of_announcements_is_rate_limited(prefix, verifier, run, trouble
                        + stats.get("bcast.drop_banned", 0)
                        + stats.get("bcast.drop_busy_peer", 0) + stats.get("dht.drop_rate", 0))
             assert dropped >= 950
+            # Garbage RPC frames: ten and the address is banned, in the kernel too (nothing
+            # more from it reaches the process).
+            sock = _udp((f"127.{prefix}.9.7", 9300))
+            for _ in range(12):
+                sock.sendto(b"\x00" + bytes(20) + b"\xc1", node.address)
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.1)
+            rx = node.stats()["dht.rx"]
+            dropped_before = node.stats().get("dht.drop_banned", 0)
+            for _ in range(100):
+                sock.sendto(b"\x00" + bytes(20) + b"\xc1", node.address)
+            await asyncio.sleep(0.2)
+            sock.close()
+            assert node.stats()["dht.abusers"] == 1
+            if node.server.kernel_filter:
+                assert node.stats()["dht.rx"] == rx
+                assert node.stats().get("dht.drop_banned", 0) - dropped_before <= 2
         finally:
             await hostile.stop()
             await node.stop()
