@@ -171,6 +171,7 @@ class _Pending:
     hops: int
     announcers: list[Addr]
     tried: set[Addr] = field(default_factory=set)
+    blamed: set[Addr] = field(default_factory=set)
     current: Addr | None = None
     verifying: bool = False
     local: bool = False
@@ -390,11 +391,13 @@ class BroadcastCore:
         if body is None:
             self.stats["fetch_failed"] += 1
             if blame:
+                p.blamed.add(addr)
                 self._strike(addr[0], now)
             return self._next_fetch(alert_id, p, now)
         checked = check_body(alert_id, body, wall, self.cfg)
         if checked.outcome is Outcome.FORGED:
             self.stats["forged"] += 1
+            p.blamed.add(addr)
             self._strike(addr[0], now)
             return self._next_fetch(alert_id, p, now)
         if checked.outcome is not None:
@@ -533,7 +536,12 @@ class BroadcastCore:
                 return self._fetch(addr, aid)
         del self._pending[aid]  # nobody could give it: a later announcement may
         self.stats["fetch_gave_up"] += 1
-        return []
+        if not p.roles:
+            return []  # a digest's id: nobody handed us a subtree for it
+        # Those told "taken" (and those whose fetch counted as that) must not count on us;
+        # announcers caught lying get nothing.
+        return [Send(a, wire.encode(Ack(aid, AckStatus.FAILED))) for a in p.announcers
+                if a not in p.blamed and not self.banned(a[0], now)]
 
     def _settle_bad(self, aid: bytes, p: _Pending, outcome: Outcome, now: float
                     ) -> list[Action]:
@@ -574,6 +582,12 @@ class BroadcastCore:
         else:
             self._rttvar += (abs(self._srtt - sample) - self._rttvar) / 4
             self._srtt += (sample - self._srtt) / 8
+
+    def rtt_sample(self, seconds: float) -> None:
+        """A round trip measured elsewhere (the DHT's RPCs): the adapter feeds these in so the
+        first broadcast already waits about as long as peers take to answer."""
+        if 0 <= seconds <= 60:
+            self._rtt_sample(seconds)
 
     def ack_wait(self) -> float:
         """How long to wait for an acknowledgement now."""

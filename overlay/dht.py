@@ -281,7 +281,9 @@ class HardenedProtocol(KademliaProtocol):
         self._dgram_buckets = KeyedBuckets(config.datagram_rate)
         self._hello_buckets = KeyedBuckets(config.hello_rate)
         self._hellos: dict[Addr, asyncio.Future[bytes | None]] = {}
-        self._expected: dict[bytes, Addr] = {}
+        self._expected: dict[bytes, tuple[Addr, float]] = {}
+        # Called with each RPC round trip (seconds): the broadcast core's timeout learns from it.
+        self.on_rtt: Callable[[float], None] | None = None
         self.stats: Counter[str] = Counter()
         self._handlers: dict[str, tuple[Callable[[list[Any]], tuple[Any, ...] | None],
                                         Callable[..., Any]]] = {
@@ -418,13 +420,15 @@ class HardenedProtocol(KademliaProtocol):
 
     def _response(self, msg_id: bytes, obj: object, addr: Addr) -> bool:
         expected = self._expected.get(msg_id)
-        if expected is None or expected != addr:
+        if expected is None or expected[0] != addr:
             self.stats["rx_unexpected_response"] += 1
             return True
         entry = self._outstanding.pop(msg_id, None)
         del self._expected[msg_id]
         if entry is None:
             return True
+        if self.on_rtt is not None:
+            self.on_rtt(time.monotonic() - expected[1])
         future, timeout = entry
         timeout.cancel()
         if not future.done():
@@ -441,7 +445,7 @@ class HardenedProtocol(KademliaProtocol):
             return future
         timeout = loop.call_later(self._wait_timeout, self._timeout, msg_id)
         self._outstanding[msg_id] = (future, timeout)
-        self._expected[msg_id] = addr
+        self._expected[msg_id] = (addr, time.monotonic())
         self.send_datagram(data, addr)
         return future
 

@@ -52,6 +52,7 @@ class AckStatus(IntEnum):
     TAKEN = 0  # received, fetching, verified or already had it: the subtree is in hand
     REFUTED = 1  # this id did not verify here: the sender should not count on me
     CANNOT_VERIFY = 2  # no image for the service here: I will not forward it (Vigilante)
+    FAILED = 3  # I said I had it in hand, but no announcer could give me the body
 
 
 ANNOUNCE_LEN = 37

@@ -469,3 +469,20 @@ def test_ack_timeout_adapts_to_slow_peers() -> None:
     core.on_verdict(aid, True, now)
     assert not [a for a in core.tick(now + 0.7) if isinstance(a, Unresponsive)]
     assert core.stats["ack_timeouts"] == timeouts
+
+
+def test_a_node_that_cannot_get_the_body_hands_the_subtree_back() -> None:
+    core = BroadcastCore(b"\x07" * 20, lambda: [], BroadcastConfig())
+    aid = b"\x33" * 32
+    p1, p2, liar = ("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)
+    assert core.on_datagram(p1, wire.encode(Announce(aid, 5)), 0.0) == [Fetch(p1, aid)]
+    acts = core.on_datagram(p2, wire.encode(Announce(aid, 5)), 0.0)
+    assert [wire.decode(a.data) for a in acts] == [Ack(aid, AckStatus.TAKEN)]
+    core.on_datagram(liar, wire.encode(Announce(aid, 5)), 0.0)
+    assert core.on_fetched(aid, p1, None, 0.1, WALL) == [Fetch(p2, aid)]  # a timeout
+    assert core.on_fetched(aid, p2, None, 0.2, WALL) == [Fetch(liar, aid)]
+    acts = core.on_fetched(aid, liar, None, 0.3, WALL, blame=True)  # refused: a liar
+    # Everyone who counted on us hears that we failed; the liar hears nothing.
+    assert sorted(a.addr for a in acts) == [p1, p2]
+    assert {wire.decode(a.data) for a in acts} == {Ack(aid, AckStatus.FAILED)}
+    assert core.status(aid, 0.3) is None  # not held against the id: it may come again
