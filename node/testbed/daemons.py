@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from node.testbed.netns import Namespace, NetnsError
+from node.testbed.runner import stop_process
 from sca.services import manifest_path
 
 OVERLAY_PORT = 7400
@@ -174,15 +175,9 @@ class NodeProc:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (the node leaves cleanly), then SIGKILL if it does not within ``timeout``."""
         p = self.proc
-        if p is not None and p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)  # its session: the node and its workers
-                p.wait(5)
+        if p is not None:
+            # SIGKILL to its session: the node and its workers.
+            stop_process(p, timeout, lambda: os.killpg(p.pid, signal.SIGKILL))
         if self._log is not None:
             self._log.close()
             self._log = None

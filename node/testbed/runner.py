@@ -13,11 +13,26 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from node.testbed.worm import DEFAULT_RATE, HostSpec
+
+
+def stop_process(p: subprocess.Popen[Any], timeout: float, kill: Callable[[], None]) -> None:
+    """SIGTERM (a node or harness leaves cleanly), then ``kill`` if it has not gone within
+    ``timeout``."""
+    if p.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            kill()
+        p.wait(5)
 
 
 class HarnessProc:
@@ -101,16 +116,8 @@ class HarnessProc:
             return None
 
     def stop(self, timeout: float = 10.0) -> None:
-        p = self.proc
-        if p is not None and p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    p.kill()
-                p.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, timeout, self.proc.kill)
         if self._err is not None:
             self._err.close()
             self._err = None
