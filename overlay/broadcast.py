@@ -145,7 +145,7 @@ class BroadcastConfig:
     max_seen: int = 4096
     max_refused: int = 4096
     max_body_bytes: int = 16 << 20
-    max_pending: int = 256
+    max_pending: int = 64
     max_announcers: int = 4
     max_fetches_per_peer: int = 2
     announce_rate: Rate = DEFAULT_ANNOUNCE_RATE  # announcements + digests, per peer address

@@ -140,6 +140,9 @@ class FetchServer:
             except _WOULD_BLOCK:
                 return
             except OSError:
+                # Out of file descriptors (or memory): the listening socket stays readable, so
+                # stop listening for a moment instead of spinning on it.
+                self._pause()
                 return
             conn.setblocking(False)
             try:
@@ -154,6 +157,16 @@ class FetchServer:
                 conn.close()
                 continue
             self.conns.add(_Conn(self, conn, peer[0]))
+
+    def _pause(self, seconds: float = 0.2) -> None:
+        if self.sock is None or self.loop is None:
+            return
+        self.loop.remove_reader(self.sock.fileno())
+
+        def resume() -> None:
+            if self.sock is not None and self.loop is not None:
+                self.loop.add_reader(self.sock.fileno(), self._accept)
+        self.loop.call_later(seconds, resume)
 
     async def close(self) -> None:
         if self.sock is not None and self.loop is not None:
@@ -244,8 +257,11 @@ async def fetch(addr: Addr, alert_id: bytes, my_port: int, *, local_ip: str | No
     where it announced from; "not here"; a malformed reply) rather than the network's."""
     loop = asyncio.get_running_loop()
     request = wire.encode_fetch_request(alert_id, my_port)
-    sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET,
-                         socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET,
+                             socket.SOCK_STREAM)
+    except OSError:  # out of file descriptors, say: a failed fetch, nobody's fault
+        return None, False
     sock.setblocking(False)
     try:
         set_mark(sock, mark)

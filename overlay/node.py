@@ -361,9 +361,20 @@ class Overlay:
     async def _fetch(self, addr: Addr, alert_id: bytes) -> None:
         assert self.address is not None
         local = self.address[0] if self.address[0] not in ("0.0.0.0", "::") else None
-        body, blame = await fetch(addr, alert_id, self.address[1], local_ip=local,
-                                  max_body=MAX_ENVELOPE_BYTES, timeout=self.config.fetch_timeout,
-                                  mark=self.config.dht.socket_mark)
+        body: bytes | None = None
+        blame = False
+        try:
+            body, blame = await fetch(addr, alert_id, self.address[1], local_ip=local,
+                                      max_body=MAX_ENVELOPE_BYTES,
+                                      timeout=self.config.fetch_timeout,
+                                      mark=self.config.dht.socket_mark)
+        except Exception:
+            # The core must hear about every fetch it asked for, or its bookkeeping (pending
+            # ids, fetches per peer) would leak; an error here is a failed fetch like any other.
+            self.counters["fetch_errors"] += 1
+            log.debug("fetch from %s failed", addr, exc_info=True)
+        if self._stopping:
+            return
         if body is None:
             self.counters["fetch_failed_peer" if blame else "fetch_failed_net"] += 1
         core, loop = self._ready()
