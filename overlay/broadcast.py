@@ -133,6 +133,7 @@ class Outcome(StrEnum):
 # Rates are frozen values, safe to share as defaults.
 DEFAULT_ANNOUNCE_RATE = Rate(10.0, 20.0)
 DEFAULT_FETCH_RATE = Rate(10.0, 20.0)
+DEFAULT_DIGEST_REPLY_RATE = Rate(0.2, 2.0)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class BroadcastConfig:
     max_fetches_per_peer: int = 2
     announce_rate: Rate = DEFAULT_ANNOUNCE_RATE  # announcements + digests, per peer address
     fetch_rate: Rate = DEFAULT_FETCH_RATE  # fetch requests served, per peer address
+    digest_reply_rate: Rate = DEFAULT_DIGEST_REPLY_RATE  # answers to digests, per peer
     malformed_cost: float = 5.0  # tokens a malformed datagram costs its sender
     strikes_to_ban: int = 3
     ban_s: float = 600.0
@@ -265,6 +267,7 @@ class BroadcastCore:
         self._seq = 0
         self._announce_buckets = KeyedBuckets(cfg.announce_rate, cfg.max_peers_tracked)
         self._fetch_buckets = KeyedBuckets(cfg.fetch_rate, cfg.max_peers_tracked)
+        self._reply_buckets = KeyedBuckets(cfg.digest_reply_rate, cfg.max_peers_tracked)
         self._inflight: Counter[str] = Counter()  # fetches under way, per peer IP
         self._srtt: float | None = None
         self._rttvar = 0.0
@@ -684,7 +687,9 @@ class BroadcastCore:
             started = self._start_fetch(aid, addr, {}, wire.MAX_HOPS)
             self.stats["ae_repairs"] += bool(started)
             actions += started
-        if msg.reply:
+        # At most one answer per peer per few seconds: an honest neighbour asks once an
+        # interval, and a flood of asking digests must not turn this node into an amplifier.
+        if msg.reply and self._reply_buckets.take(addr[0], now):
             lacking = AntiEntropy.lacking(msg.ids, self.recent(now))
             if lacking:
                 actions.append(Send(addr, wire.encode(IHave(lacking, False))))
