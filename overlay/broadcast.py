@@ -344,10 +344,12 @@ class BroadcastCore:
         try:
             msg = wire.decode(data)
         except WireError:
-            # Honest nodes never send these: a strike, as for a lie.
             self.stats["drop_malformed"] += 1
             self._announce_buckets.charge(ip, now, self.cfg.malformed_cost)
-            self._strike(ip, now)
+            # A version this node does not speak may be a newer honest node: just dropped.
+            # A bad datagram in our own version no honest node sends: a ban at once.
+            if len(data) >= 2 and data[1] == wire.VERSION:
+                self._strike(ip, now, self.cfg.strikes_to_ban)
             return []
         if isinstance(msg, Announce):
             self.stats["rx_announce"] += 1
@@ -382,10 +384,12 @@ class BroadcastCore:
         return wire.encode_fetch_reply(body)
 
     def on_fetched(self, alert_id: bytes, addr: Addr, body: bytes | None, now: float,
-                   wall: float, blame: bool = False) -> list[Action]:
-        """The result of a ``Fetch``: the body, or None if it failed. ``blame``: the failure
-        was the announcer's doing (nobody listening at the address it announced from, "not
-        here" for an id it announced, a malformed reply), not the network's (a timeout)."""
+                   wall: float, fault: int = wire.Fault.NONE) -> list[Action]:
+        """The result of a ``Fetch``: the body, or None if it failed, and whose fault that was
+        (``wire.Fault``). Nobody listening where the announcement came from is a ban at once
+        (spoofed or lying; an honest announcer that died since is no loss for ``ban_s``);
+        "not here" for an id it announced, or a malformed reply, is a strike; a timeout is
+        nobody's fault."""
         self._fetch_done(addr[0])
         p = self._pending.get(alert_id)
         if p is None or p.verifying or p.current != addr:
@@ -393,9 +397,10 @@ class BroadcastCore:
         p.tried.add(addr)
         if body is None:
             self.stats["fetch_failed"] += 1
-            if blame:
+            if fault:
                 p.blamed.add(addr)
-                self._strike(addr[0], now)
+                self._strike(addr[0], now, self.cfg.strikes_to_ban
+                             if fault == wire.Fault.REFUSED else 1)
             return self._next_fetch(alert_id, p, now)
         checked = check_body(alert_id, body, wall, self.cfg)
         if checked.outcome is Outcome.FORGED:
@@ -695,8 +700,8 @@ class BroadcastCore:
                 actions.append(Send(addr, wire.encode(IHave(lacking, False))))
         return actions
 
-    def _strike(self, ip: str, now: float) -> None:
-        n = self._strikes.pop(ip, 0) + 1
+    def _strike(self, ip: str, now: float, weight: int = 1) -> None:
+        n = self._strikes.pop(ip, 0) + weight
         self._strikes[ip] = n
         while len(self._strikes) > self.cfg.max_peers_tracked:
             self._strikes.popitem(last=False)

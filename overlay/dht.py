@@ -79,7 +79,7 @@ class DhtConfig:
     hello_rate: Rate = _DEFAULT_HELLO_RATE  # hellos this node starts, per target IP
     malformed_cost: float = 20.0
     abuse_drops: int = 200  # datagrams over the rate before an address is reported for a ban
-    malformed_to_ban: int = 10  # malformed datagrams before an address is reported for a ban
+    malformed_to_ban: int = 3  # malformed datagrams before an address is reported for a ban
     max_hellos_inflight: int = 256
     rcvbuf: int = 4 << 20
     socket_mark: int | None = None  # SO_MARK on the node's sockets (the host's firewall exempts it)

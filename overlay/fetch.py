@@ -13,7 +13,7 @@ peer over its fetch bucket costs one accept and a close. The request must arrive
 closed. The client reads a 5-byte head and at most ``max_body`` bytes, within ``timeout`` from
 connect to last byte, and gets None for anything else (refused, reset, slow, oversized,
 malformed): to the broadcast core a failed fetch is just a failed fetch, though it learns
-whether the peer was to blame.
+whether the peer was to blame (``wire.Fault``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from overlay import wire
 from overlay.dht import set_mark
+from overlay.wire import Fault
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class FetchServer:
 
 
 class _Fetch:
-    """One outgoing fetch as loop callbacks; resolves ``done`` with (body, blame)."""
+    """One outgoing fetch as loop callbacks; resolves ``done`` with (body, fault)."""
 
     __slots__ = ("buf", "done", "loop", "max_body", "need", "request", "sock", "timer")
 
@@ -191,20 +192,20 @@ class _Fetch:
         self.max_body = max_body
         self.buf = bytearray()
         self.need: int | None = None
-        self.done: asyncio.Future[tuple[bytes | None, bool]] = loop.create_future()
-        self.timer = loop.call_later(timeout, self.finish, None, False)
+        self.done: asyncio.Future[tuple[bytes | None, Fault]] = loop.create_future()
+        self.timer = loop.call_later(timeout, self.finish, None, Fault.NONE)
 
     def connected(self) -> None:
         self.loop.remove_writer(self.sock.fileno())
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             # Refused: nobody listens where the announcement came from.
-            self.finish(None, err == errno.ECONNREFUSED)
+            self.finish(None, Fault.REFUSED if err == errno.ECONNREFUSED else Fault.NONE)
             return
         try:
             self.sock.send(self.request)  # 38 bytes into an empty buffer: never partial
         except OSError:
-            self.finish(None, False)
+            self.finish(None, Fault.NONE)
             return
         self.loop.add_reader(self.sock.fileno(), self.readable)
 
@@ -214,10 +215,10 @@ class _Fetch:
         except _WOULD_BLOCK:
             return
         except OSError:
-            self.finish(None, False)
+            self.finish(None, Fault.NONE)
             return
         if not data:
-            self.finish(None, False)  # closed early: rate-limited or slow, not proven lying
+            self.finish(None, Fault.NONE)  # closed early: rate-limited or slow, not proven lying
             return
         self.buf += data
         try:
@@ -227,17 +228,17 @@ class _Fetch:
                 length = wire.decode_fetch_reply_head(bytes(self.buf[:wire.FETCH_REPLY_HEAD]),
                                                       self.max_body)
                 if length is None:
-                    self.finish(None, True)  # "not here", for an id it announced
+                    self.finish(None, Fault.LIED)  # "not here", for an id it announced
                     return
                 self.need = wire.FETCH_REPLY_HEAD + length
             if len(self.buf) > self.need:
-                self.finish(None, True)  # trailing bytes: not a reply we accept
+                self.finish(None, Fault.LIED)  # trailing bytes: not a reply we accept
             elif len(self.buf) == self.need:
-                self.finish(bytes(self.buf[wire.FETCH_REPLY_HEAD:]), False)
+                self.finish(bytes(self.buf[wire.FETCH_REPLY_HEAD:]), Fault.NONE)
         except wire.WireError:
-            self.finish(None, True)
+            self.finish(None, Fault.LIED)
 
-    def finish(self, body: bytes | None, blame: bool) -> None:
+    def finish(self, body: bytes | None, fault: Fault) -> None:
         self.timer.cancel()
         with contextlib.suppress(Exception):
             fd = self.sock.fileno()
@@ -246,22 +247,23 @@ class _Fetch:
                 self.loop.remove_writer(fd)
         self.sock.close()
         if not self.done.done():
-            self.done.set_result((body, blame))
+            self.done.set_result((body, fault))
 
 
 async def fetch(addr: Addr, alert_id: bytes, my_port: int, *, local_ip: str | None,
                 max_body: int, timeout: float = 2.0,
-                mark: int | None = None) -> tuple[bytes | None, bool]:
-    """``(body, blame)``: the envelope bytes ``addr`` serves for ``alert_id``, or None for any
-    failure, and whether the failure was the peer's doing (refused connection: nobody listens
-    where it announced from; "not here"; a malformed reply) rather than the network's."""
+                mark: int | None = None) -> tuple[bytes | None, Fault]:
+    """``(body, fault)``: the envelope bytes ``addr`` serves for ``alert_id``, or None for any
+    failure, and whether the failure was the peer's doing (``Fault.REFUSED``: nobody listens
+    where it announced from; ``Fault.LIED``: "not here", a malformed reply) rather than the
+    network's (``Fault.NONE``)."""
     loop = asyncio.get_running_loop()
     request = wire.encode_fetch_request(alert_id, my_port)
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET,
                              socket.SOCK_STREAM)
     except OSError:  # out of file descriptors, say: a failed fetch, nobody's fault
-        return None, False
+        return None, Fault.NONE
     sock.setblocking(False)
     try:
         set_mark(sock, mark)
@@ -272,14 +274,14 @@ async def fetch(addr: Addr, alert_id: bytes, my_port: int, *, local_ip: str | No
         err = sock.connect_ex(addr)
     except OSError as exc:
         sock.close()
-        return None, exc.errno == errno.ECONNREFUSED
+        return None, Fault.REFUSED if exc.errno == errno.ECONNREFUSED else Fault.NONE
     if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
         sock.close()
-        return None, err == errno.ECONNREFUSED
+        return None, Fault.REFUSED if err == errno.ECONNREFUSED else Fault.NONE
     job = _Fetch(loop, sock, request, max_body, timeout)
     loop.add_writer(sock.fileno(), job.connected)
     try:
         return await job.done
     finally:
         if not job.done.done():  # cancelled
-            job.finish(None, False)
+            job.finish(None, Fault.NONE)

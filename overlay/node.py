@@ -52,6 +52,7 @@ from overlay.broadcast import (
 )
 from overlay.dht import Addr, DhtConfig, HardenedServer, Peer
 from overlay.fetch import FetchServer, fetch
+from overlay.wire import Fault
 from sca.alert import Alert
 from sca.envelope import MAX_ENVELOPE_BYTES, Envelope
 from sca.keys import NodeKey
@@ -362,9 +363,9 @@ class Overlay:
         assert self.address is not None
         local = self.address[0] if self.address[0] not in ("0.0.0.0", "::") else None
         body: bytes | None = None
-        blame = False
+        fault = Fault.NONE
         try:
-            body, blame = await fetch(addr, alert_id, self.address[1], local_ip=local,
+            body, fault = await fetch(addr, alert_id, self.address[1], local_ip=local,
                                       max_body=MAX_ENVELOPE_BYTES,
                                       timeout=self.config.fetch_timeout,
                                       mark=self.config.dht.socket_mark)
@@ -376,9 +377,9 @@ class Overlay:
         if self._stopping:
             return
         if body is None:
-            self.counters["fetch_failed_peer" if blame else "fetch_failed_net"] += 1
+            self.counters["fetch_failed_peer" if fault else "fetch_failed_net"] += 1
         core, loop = self._ready()
-        self._run(core.on_fetched(alert_id, addr, body, loop.time(), time.time(), blame))
+        self._run(core.on_fetched(alert_id, addr, body, loop.time(), time.time(), fault))
 
     async def _judge(self, alert: Alert) -> bool | None:
         try:

@@ -73,6 +73,14 @@ _IHAVE = struct.Struct(">BBBB")
 _FETCH_REPLY = struct.Struct(">BI")
 
 
+class Fault(IntEnum):
+    """Why a fetch failed, as far as the announcer is concerned."""
+
+    NONE = 0  # the network's doing, or ours (timeout, reset, out of descriptors)
+    LIED = 1  # "not here" for an id it announced, or a malformed reply
+    REFUSED = 2  # nobody listens where the announcement came from
+
+
 class WireError(ValueError):
     """A datagram or stream message that is not valid."""
 
