@@ -295,6 +295,31 @@ class HardenedProtocol(KademliaProtocol):
         self._flags = hello_mod.FLAG_SUPER_PEER if config.super_peer else 0
         self._error_logged = 0.0
 
+    def serve(self, name: str, check: Callable[[list[Any]], tuple[Any, ...] | None],
+              handler: Callable[..., Any]) -> None:
+        """Serve one more RPC, ``handler(sender, *checked_args)``, to authenticated peers only.
+
+        ``check`` turns the raw argument list into the handler's arguments or None (malformed:
+        a strike like any bad frame). A request from an address whose signed hello has not
+        checked out gets no answer; a hello is started so that the asker's retry is served.
+        """
+        if name in self._handlers:
+            raise ValueError(f"RPC {name!r} is already served")
+
+        def gated(sender: Addr, *args: Any) -> Any:
+            if self.peers.by_addr(sender) is None:
+                self.stats["rx_rpc_unauthenticated"] += 1
+                self.start_hello(sender)
+                return _NO_REPLY
+            return handler(sender, *args)
+
+        self._handlers[name] = (check, gated)
+
+    def call(self, name: str, addr: Addr, *args: Any) -> asyncio.Future[tuple[bool, Any]]:
+        """Call an RPC another node serves; resolves to ``(ok, reply)``, ``(False, None)`` on
+        timeout. The reply is only known to come from ``addr``: check it like any input."""
+        return self._call(name, addr, *args)
+
     def __getattr__(self, name: str) -> Any:
         # rpcudp turns every unknown attribute into a remote call; here a typo is an error and
         # only the RPCs defined below can ever be sent.

@@ -270,6 +270,31 @@ class Overlay:
             out.append(Peer(n.id, (n.ip, n.port), known.flags if known else 0))
         return out
 
+    def serve_rpc(self, name: str, check: Callable[[list[Any]], tuple[Any, ...] | None],
+                  handler: Callable[..., Any]) -> None:
+        """Serve an extra RPC on the overlay's port to authenticated peers (see
+        ``HardenedProtocol.serve``); call after ``start()``."""
+        protocol = self.server.protocol
+        if protocol is None:
+            raise RuntimeError("start() the overlay first")
+        protocol.serve(name, check, handler)
+
+    async def call_rpc(self, addr: tuple[str, int], name: str, *args: Any,
+                       attempts: int = 2) -> Any | None:
+        """Ask the node at ``addr`` an extra RPC; its reply, or None when none came in time.
+
+        It answers only peers whose hello has checked out; one that does not know this node yet
+        authenticates it on the first request, so the second attempt is answered.
+        """
+        protocol = self.server.protocol
+        if protocol is None:
+            raise RuntimeError("start() the overlay first")
+        for _ in range(attempts):
+            ok, reply = await protocol.call(name, addr, *args)
+            if ok:
+                return reply
+        return None
+
     def status(self, alert_id: bytes) -> str | None:
         core, loop = self._ready()
         s = core.status(alert_id, loop.time())

@@ -520,6 +520,54 @@ def test_store_and_pickle_state_are_disabled(prefix, verifier, run) -> None:
     run(main())
 
 
+def test_extra_rpcs_answer_authenticated_peers_only(prefix, verifier, run, trouble) -> None:
+    """An RPC served by another part of the node (traceback's query) answers peers whose hello
+    checked out, rejects malformed arguments, and says nothing to an unknown address."""
+    def check(args: list[Any]) -> tuple[Any, ...] | None:
+        return (args[0],) if len(args) == 1 and type(args[0]) is bytes else None
+
+    async def main() -> None:
+        net = Net(prefix, 3, verifier)
+        await net.start()
+        asked: list[tuple[str, int]] = []
+
+        def echo(sender: tuple[str, int], blob: bytes) -> bytes:
+            asked.append(sender)
+            return blob[::-1]
+        try:
+            net.nodes[0].serve_rpc("echo", check, echo)
+            with pytest.raises(ValueError):
+                net.nodes[0].serve_rpc("echo", check, echo)
+            assert await net.nodes[1].call_rpc(addr(prefix, 0), "echo", b"abc") == b"cba"
+            assert asked == [addr(prefix, 1)]
+            # a stranger speaking raw UDP gets no answer (it never said hello)
+            loop = asyncio.get_running_loop()
+            got: list[bytes] = []
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Collect(got), local_addr=addr(prefix, 40))
+            transport.sendto(b"\x00" + bytes(20) + mpack.packb(["echo", [b"abc"]]),
+                             addr(prefix, 0))
+            await asyncio.sleep(0.3)
+            transport.close()
+            assert not [g for g in got if g[:1] == b"\x01" and b"cba" in g]
+            assert asked == [addr(prefix, 1)]
+            assert net.nodes[0].stats()["dht.rx_rpc_unauthenticated"] >= 1
+            # a malformed argument list is not served either
+            assert await net.nodes[1].call_rpc(addr(prefix, 0), "echo", 5, attempts=1) is None
+        finally:
+            await net.stop()
+    run(main())
+    assert trouble.errors() == []
+
+
+class _Collect(asyncio.DatagramProtocol):
+    def __init__(self, got: list[bytes]) -> None:
+        self.got = got
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.got.append(data)
+
+
 def test_neighbour_cache_lets_a_restarted_node_rejoin(prefix, verifier, run, tmp_path) -> None:
     async def main() -> None:
         net = Net(prefix, 6, verifier)
