@@ -41,7 +41,7 @@ manifests = []
 [detector]
 # Replay what arrives for the protected services with taint tracking (a designated detector).
 enabled = false
-workers = 1            # sandbox processes for taint replay and filter generation
+workers = 1            # sandbox processes for taint replay (the detection lane)
 queue_size = 256       # submissions waiting for a worker; past this, random sampling
 job_timeout_s = 10.0   # a replay that takes longer is abandoned (the sandbox has budgets too)
 
@@ -51,6 +51,7 @@ workers = 1            # sandbox processes for verifying received alerts (the fa
 [filters]
 general = true         # also derive the general (vulnerability) filter, not only the specific
 expire_after_s = 0     # 0: filters stay until an operator removes them
+workers = 1            # sandbox processes deriving general filters, at low CPU priority
 
 [overlay]
 enabled = true
@@ -79,6 +80,8 @@ listen = ""            # "127.0.0.1:9477" serves Prometheus metrics there; empty
 [events]
 log = ""               # JSON lines, one per event; default <state_dir>/events.jsonl; "off": none
 keep = 10000           # events kept in the store (older ones are pruned)
+log_max_bytes = 10000000  # the log is rotated past this size (events.jsonl.1, .2, ...); 0: never
+log_backups = 5        # rotated logs kept
 """
 
 
@@ -108,6 +111,7 @@ class VerifierConfig:
 class FiltersConfig:
     general: bool = True
     expire_after_s: float = 0.0
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,8 @@ class MetricsConfig:
 class EventsConfig:
     log: Path | None = None  # None: no event log file
     keep: int = 10000
+    log_max_bytes: int = 10_000_000
+    log_backups: int = 5
 
 
 @dataclass(frozen=True)
@@ -329,7 +335,8 @@ _SCHEMA: dict[str, dict[str, Checker]] = {
     "detector": {"enabled": _bool, "workers": _int(1, 64), "queue_size": _int(1, 100_000),
                  "job_timeout_s": _number(0, 3600, lo_open=True)},
     "verifier": {"workers": _int(1, 64)},
-    "filters": {"general": _bool, "expire_after_s": _number(0, 10 * 365 * 86400)},
+    "filters": {"general": _bool, "expire_after_s": _number(0, 10 * 365 * 86400),
+                "workers": _int(1, 64)},
     "overlay": {"enabled": _bool, "bind": _addr(allow_zero_port=True),
                 "bootstrap": _list(_addr(), 256)},
     "kernel": {"enabled": _bool, "fail_open": _bool, "queue_max_len": _int(1, 1 << 20)},
@@ -338,7 +345,8 @@ _SCHEMA: dict[str, dict[str, Checker]] = {
                  "allowlist": _list(_cidr, 4096), "quarantine_infected": _bool},
     "control": {"socket": _path()},
     "metrics": {"listen": _addr(empty_ok=True)},
-    "events": {"log": _path(off=True), "keep": _int(0, 10_000_000)},
+    "events": {"log": _path(off=True), "keep": _int(0, 10_000_000),
+               "log_max_bytes": _int(0, 1 << 40), "log_backups": _int(0, 1000)},
 }
 _SECTIONS: dict[str, type] = {
     "services": ServicesConfig, "detector": DetectorConfig, "verifier": VerifierConfig,
