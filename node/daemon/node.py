@@ -224,7 +224,8 @@ class Node:
                                      expire_after_s=cfg.filters.expire_after_s)
         await self.filters.reconcile()
         self.pools = Pools(cfg.services.manifests, fast_workers=cfg.verifier.workers,
-                           slow_workers=cfg.detector.workers, detectors=cfg.detector.enabled,
+                           detect_workers=cfg.detector.workers,
+                           filter_workers=cfg.filters.workers, detectors=cfg.detector.enabled,
                            factory=self._executor_factory)
         await self.pools.warm()
         self.pipeline = Pipeline(

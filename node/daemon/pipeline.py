@@ -4,10 +4,10 @@ Detection (a detector node)::
 
     submit_messages(service, messages, raw_packets)        # from the stack, on the loop
       -> Sampler (bounded, fair, sampled under load)       # node.daemon.sampler
-      -> slow lane: worker.detect (taint, generate, verify locally, specific filter)
+      -> detect lane: worker.detect (taint, generate, verify locally, specific filter)
       -> sign with the node key -> store (verified, with the raw packets)
       -> install the specific filter -> broadcast(envelope) -> store (forwarded)
-      -> slow lane: worker.filters (general filter) -> install
+      -> filters lane (low CPU priority): worker.filters (general filter) -> install
 
 Receiving (every node)::
 
@@ -162,8 +162,8 @@ class Pipeline:
     async def idle(self, timeout: float = 30.0) -> None:
         """Wait until the queue is empty and no job or background task runs (tests, tools)."""
         deadline = time.monotonic() + timeout
-        while (len(self.sampler) or self._active or self.pools.slow.busy
-               or self.pools.fast.busy or self._tasks or self._inflight):
+        while (len(self.sampler) or self._active or self.pools.busy or self._tasks
+               or self._inflight):
             if time.monotonic() > deadline:
                 raise TimeoutError("pipeline still busy")
             await asyncio.sleep(0.01)
@@ -241,8 +241,11 @@ class Pipeline:
                 self._active -= 1
 
     async def detect_job(self, job: Job) -> DetectOutcome | None:
+        lane = self.pools.detect
+        if lane is None:
+            raise RuntimeError("detection needs a pool with a detect lane")
         try:
-            out: DetectOutcome = await self.pools.slow.run(
+            out: DetectOutcome = await lane.run(
                 worker.detect, job.service, job.messages, timeout=self.job_timeout_s)
         except JobFailed as e:
             self.dstats.errors += 1
@@ -315,7 +318,7 @@ class Pipeline:
 
     async def _general(self, aid: str, alert_bytes: bytes) -> None:
         try:
-            out = await self.pools.slow.run(worker.filters, alert_bytes,
+            out = await self.pools.filters.run(worker.filters, alert_bytes,
                                             timeout=max(60.0, self.job_timeout_s))
         except JobFailed as e:
             self.bus.emit("filter.error", action="generate", alert_id=aid, error=str(e))
@@ -512,7 +515,7 @@ class Pipeline:
                 "errors": d.errors, "last_ms": round(d.last_ms, 3),
                 "avg_ms": round(d.total_ms / d.analysed, 3) if d.analysed else 0.0,
                 "last_service": d.last_service, "last_at": d.last_at,
-                "busy": self.pools.slow.busy,
+                "busy": self.pools.detect.busy if self.pools.detect else 0,
             },
             "verifier": {
                 "runs": v.runs, "verified": v.verified, "refuted": v.refuted,

@@ -1,9 +1,12 @@
-"""The sandbox process pools: a fast lane and a slow lane.
+"""The sandbox process pools, one lane per kind of work so that none waits behind another.
 
 - ``fast``: verification of received alerts (about a millisecond each) and their specific
-  filters. Kept apart so an alert relayed through this node never waits behind a taint replay.
-- ``slow``: taint replays of submitted traffic (detector nodes) and general-filter generation
-  (tens to hundreds of sandbox replays per alert).
+  filters: an alert relayed through this node never waits behind a taint replay.
+- ``detect`` (detector nodes only): taint replays of submitted traffic, and on a detection the
+  alert's generation and its specific filter: the path to the first alert.
+- ``filters``: general-filter generation (tens to hundreds of sandbox replays per alert). Its
+  workers run at a lower CPU priority (nice 10), so on a busy host the kernel gives the CPU to
+  detection and verification first; a general filter is a refinement and can wait.
 
 Workers come from a ``forkserver`` that has imported ``node.daemon.worker`` once: forking the
 daemon itself would copy its threads' locks (store, nft, metrics) mid-use. Each worker boots
@@ -29,20 +32,22 @@ from . import worker
 
 T = TypeVar("T")
 
-ExecutorFactory = Callable[[str, int, list[str], bool], concurrent.futures.Executor]
+ExecutorFactory = Callable[[str, int, list[str], bool, int], concurrent.futures.Executor]
+
+FILTERS_NICE = 10  # general-filter workers yield the CPU to detection and verification
 
 
 class JobFailed(RuntimeError):
     """A pool job did not finish: its worker died or it ran past its timeout."""
 
 
-def process_executor(lane: str, workers: int, manifests: list[str],
-                     detectors: bool) -> concurrent.futures.Executor:
+def process_executor(lane: str, workers: int, manifests: list[str], detectors: bool,
+                     nice: int) -> concurrent.futures.Executor:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["node.daemon.worker"])
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=worker.init,
-        initargs=(manifests, detectors))
+        initargs=(manifests, detectors, nice))
 
 
 def _kill(executor: concurrent.futures.Executor) -> None:
@@ -57,10 +62,10 @@ def _kill(executor: concurrent.futures.Executor) -> None:
 
 class Lane:
     def __init__(self, name: str, workers: int, manifests: list[str], detectors: bool,
-                 factory: ExecutorFactory) -> None:
+                 factory: ExecutorFactory, nice: int = 0) -> None:
         self.name = name
         self.workers = workers
-        self._args = (name, workers, manifests, detectors)
+        self._args = (name, workers, manifests, detectors, nice)
         self._factory = factory
         self.executor = factory(*self._args)
         self.busy = 0
@@ -112,18 +117,26 @@ class Lane:
 
 class Pools:
     def __init__(self, manifests: Sequence[Path | str], *, fast_workers: int = 1,
-                 slow_workers: int = 1, detectors: bool = False,
+                 detect_workers: int = 1, filter_workers: int = 1, detectors: bool = False,
                  factory: ExecutorFactory = process_executor) -> None:
         paths = [str(m) for m in manifests]
         self.fast = Lane("fast", fast_workers, paths, False, factory)
-        self.slow = Lane("slow", slow_workers, paths, detectors, factory)
+        self.detect = Lane("detect", detect_workers, paths, True, factory) if detectors else None
+        self.filters = Lane("filters", filter_workers, paths, False, factory, nice=FILTERS_NICE)
+
+    def lanes(self) -> list[Lane]:
+        return [lane for lane in (self.fast, self.detect, self.filters) if lane is not None]
+
+    @property
+    def busy(self) -> int:
+        return sum(lane.busy for lane in self.lanes())
 
     async def warm(self) -> None:
-        await asyncio.gather(self.fast.warm(), self.slow.warm())
+        await asyncio.gather(*(lane.warm() for lane in self.lanes()))
 
     def status(self) -> dict[str, Any]:
-        return {"fast": self.fast.status(), "slow": self.slow.status()}
+        return {lane.name: lane.status() for lane in self.lanes()}
 
     def close(self) -> None:
-        self.fast.close()
-        self.slow.close()
+        for lane in self.lanes():
+            lane.close()

@@ -91,10 +91,12 @@ class _State:
 _state: _State | None = None
 
 
-def init(manifests: list[str], detectors: bool) -> None:
-    """Pool initializer: load the images, boot the verifier's clones (and the detectors' in
-    the detection pool)."""
+def init(manifests: list[str], detectors: bool, nice: int = 0) -> None:
+    """Pool initializer: lower the process's CPU priority by ``nice``, load the images, boot
+    the verifier's clones (and the detectors' in the detection pool)."""
     global _state
+    if nice:
+        os.nice(nice)
     _state = _State(manifests)
     for img in _state.images.values():
         try:

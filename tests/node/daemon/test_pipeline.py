@@ -210,7 +210,7 @@ def test_unknown_service_cannot_be_verified(parts_factory: Any, envelopes: dict)
 
     parts = parts_factory()
     env, _ = envelopes["resolver"]
-    only_mgmtd = Pools([manifest_path("mgmtd")], fast_workers=1, slow_workers=1)
+    only_mgmtd = Pools([manifest_path("mgmtd")], fast_workers=1)
     try:
         async def main() -> Any:
             await only_mgmtd.warm()
@@ -301,5 +301,31 @@ def test_a_dead_worker_restarts_its_lane(pools: Pools) -> None:
             await pools.fast.run(os._exit, 3)
         assert pools.fast.restarts >= 1
         assert isinstance(await pools.fast.run(os.getpid, timeout=30), int)
+
+    run(main())
+
+
+def test_detection_does_not_wait_behind_general_filters(
+        pools: Pools, envelopes: dict, rng: random.Random) -> None:
+    """General filters are derived in a lane of their own, at a lower CPU priority: an exploit
+    caught while two general filters are being derived is found before they are done."""
+    from node.daemon import worker
+
+    async def main() -> None:
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        for pid in await pools.filters.warm():
+            assert os.getpriority(os.PRIO_PROCESS, pid) >= base + 10
+        for pid in await pools.detect.warm():
+            assert os.getpriority(os.PRIO_PROCESS, pid) == base
+        alert_bytes = encode_alert(envelopes["mgmtd"][1])
+        general = [asyncio.ensure_future(pools.filters.run(worker.filters, alert_bytes,
+                                                           timeout=120)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        messages = tuple(traffic("resolver").exploit(rng))
+        out = await pools.detect.run(worker.detect, "resolver", messages, timeout=60)
+        assert out.detected and out.alert is not None
+        assert not all(g.done() for g in general)  # still deriving when the alert was ready
+        done = await asyncio.gather(*general)
+        assert all(o.error is None and o.filters for o in done)
 
     run(main())
