@@ -52,6 +52,15 @@ workers = 1            # sandbox processes for verifying received alerts (the fa
 general = true         # also derive the general (vulnerability) filter, not only the specific
 expire_after_s = 0     # 0: filters stay until an operator removes them
 workers = 1            # sandbox processes deriving general filters, at low CPU priority
+tcp_action = "reject"  # what a TCP filter does to a flow it matches: "drop", "reject" (TCP
+                       # reset) or "takeover" (the node takes the flow over, see [takeover])
+
+[takeover]
+# With [filters] tcp_action = "takeover": what a taken-over connection does.
+policy = "scrub"       # "scrub": drop the malicious message, pass the benign bytes around it;
+                       # "close": FIN to the client, the server sees an ordinary end of stream;
+                       # "respond": send the client `reply`, then close
+reply = ""             # the client's reply under "respond" (sent as UTF-8)
 
 [overlay]
 enabled = true
@@ -112,6 +121,13 @@ class FiltersConfig:
     general: bool = True
     expire_after_s: float = 0.0
     workers: int = 1
+    tcp_action: str = "reject"
+
+
+@dataclass(frozen=True)
+class TakeoverConfig:
+    policy: str = "scrub"
+    reply: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,6 +179,7 @@ class Config:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
+    takeover: TakeoverConfig = field(default_factory=TakeoverConfig)
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
@@ -323,6 +340,24 @@ def _cidr(v: Any, _: Path) -> str:
         raise _Bad(f"{v!r} is not an address or network") from None
 
 
+def _choice(*values: str) -> Checker:
+    def check(v: Any, _: Path) -> str:
+        if not isinstance(v, str) or v not in values:
+            raise _Bad(f"must be one of {', '.join(map(repr, values))}, got {v!r}")
+        return v
+    return check
+
+
+def _text(max_bytes: int) -> Checker:
+    def check(v: Any, _: Path) -> str:
+        if not isinstance(v, str):
+            raise _Bad(f"must be a string, got {_kind(v)}")
+        if len(v.encode("utf-8", "surrogatepass")) > max_bytes:
+            raise _Bad(f"at most {max_bytes} bytes")
+        return v
+    return check
+
+
 def _manifest(v: Any, base: Path) -> Path:
     p = _path()(v, base)
     if p is None:
@@ -336,7 +371,9 @@ _SCHEMA: dict[str, dict[str, Checker]] = {
                  "job_timeout_s": _number(0, 3600, lo_open=True)},
     "verifier": {"workers": _int(1, 64)},
     "filters": {"general": _bool, "expire_after_s": _number(0, 10 * 365 * 86400),
-                "workers": _int(1, 64)},
+                "workers": _int(1, 64), "tcp_action": _choice("drop", "reject", "takeover")},
+    # A reply goes out in one segment before the FIN: it stays well under any MSS.
+    "takeover": {"policy": _choice("scrub", "close", "respond"), "reply": _text(1024)},
     "overlay": {"enabled": _bool, "bind": _addr(allow_zero_port=True),
                 "bootstrap": _list(_addr(), 256)},
     "kernel": {"enabled": _bool, "fail_open": _bool, "queue_max_len": _int(1, 1 << 20)},
@@ -350,7 +387,8 @@ _SCHEMA: dict[str, dict[str, Checker]] = {
 }
 _SECTIONS: dict[str, type] = {
     "services": ServicesConfig, "detector": DetectorConfig, "verifier": VerifierConfig,
-    "filters": FiltersConfig, "overlay": OverlayConfig, "kernel": KernelConfig,
+    "filters": FiltersConfig, "takeover": TakeoverConfig, "overlay": OverlayConfig,
+    "kernel": KernelConfig,
     "throttle": ThrottleConfig, "control": ControlConfig, "metrics": MetricsConfig,
     "events": EventsConfig,
 }
