@@ -69,10 +69,22 @@ def filter_from_json(d: dict[str, Any]) -> Filter:
     return f
 
 
-def needs_userspace(f: Filter, queue_mark: int, mark_mask: int = 0xFFFFFFFF) -> bool:
+def needs_userspace(f: Filter, queue_mark: int, mark_mask: int = 0xFFFFFFFF,
+                    tcp_action: str = "reject with tcp reset", takeover: Any = None) -> bool:
     from filters.nft import compile_filter
 
-    return compile_filter(f, queue_mark=queue_mark, mark_mask=mark_mask).userspace
+    return compile_filter(f, queue_mark=queue_mark, mark_mask=mark_mask,
+                          tcp_action=tcp_action, takeover=takeover).userspace
+
+
+def table_action(tcp_action: str) -> dict[str, Any]:
+    """``filters.nft.FilterTable``'s keyword arguments for the config's ``filters.tcp_action``
+    ("drop", "reject" or "takeover")."""
+    if tcp_action == "takeover":
+        from node.takeover.rules import compile_takeover
+
+        return {"tcp_action": "takeover", "takeover": compile_takeover}
+    return {"tcp_action": {"drop": "drop", "reject": "reject with tcp reset"}[tcp_action]}
 
 
 class FilterManager:
@@ -108,7 +120,10 @@ class FilterManager:
 
     def _track_userspace(self, f: Filter) -> None:
         try:
-            if needs_userspace(f, self.queue_mark, self.mark_mask):
+            # Under the takeover action every TCP filter is checked on the takeover's queue.
+            if needs_userspace(f, self.queue_mark, self.mark_mask,
+                               getattr(self.backend, "tcp_action", "reject with tcp reset"),
+                               getattr(self.backend, "takeover", None)):
                 self.userspace.add(f)
                 self._userspace_ids.add(f.filter_id)
         except Exception:

@@ -45,7 +45,7 @@ from .components import (
 from .config import Config, ConfigError
 from .control import CommandError, ControlServer
 from .events import EventBus, EventLog, Record
-from .filters import FilterBackend, FilterManager
+from .filters import FilterBackend, FilterManager, table_action
 from .pipeline import Broadcast, Pipeline
 from .pools import ExecutorFactory, Pools, process_executor
 from .store import Store, StoreRunner
@@ -94,7 +94,8 @@ def load_images(config: Config) -> list[ServiceImage]:
     return images
 
 
-def kernel_filter_backend() -> FilterBackend:
+def kernel_filter_backend(tcp_action: str = "reject") -> FilterBackend:
+    """``tcp_action``: the config's ``filters.tcp_action`` (listing and removing need none)."""
     from filters.nft import FilterTable
     from node.kernel.marks import MASK, QUEUE_STACK
     from node.kernel.nft import NftTable
@@ -103,7 +104,8 @@ def kernel_filter_backend() -> FilterBackend:
     # a context must not be shared between threads.
     nft = NftTable()
     # User-space filters mark their port's packets for the stack's queue.
-    return FilterTable(nft.apply_text, nft.query_text, queue_mark=QUEUE_STACK, mark_mask=MASK)
+    return FilterTable(nft.apply_text, nft.query_text, queue_mark=QUEUE_STACK, mark_mask=MASK,
+                       **table_action(tcp_action))
 
 
 class Node:
@@ -212,7 +214,8 @@ class Node:
         store = Store(cfg.store_path)
         self.db = StoreRunner(store)
         if cfg.events.log is not None:
-            self.bus.log = EventLog(cfg.events.log)
+            self.bus.log = EventLog(cfg.events.log, cfg.events.log_max_bytes,
+                                    cfg.events.log_backups)
         self.bus.subscribe(self._persist)
         if cfg.metrics.listen is not None:
             from .metrics import Metrics
@@ -259,7 +262,7 @@ class Node:
 
             self.nft = NftTable()
             self.nft.ensure()
-            backend = kernel_filter_backend()
+            backend = kernel_filter_backend(self.config.filters.tcp_action)
             self.kernel["ok"] = True
             return backend
         except Exception as e:
