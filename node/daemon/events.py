@@ -98,22 +98,55 @@ class Rates:
 
 
 class EventLog:
-    """Appends records as JSON lines to ``path`` (mode 0600). A write error (disk full,
-    file removed by hand) is reported once on stderr and the log stops: the node goes on."""
+    """Appends records as JSON lines to ``path`` (mode 0600), rotated like a syslog file.
 
-    def __init__(self, path: Path) -> None:
+    Past ``max_bytes`` (0: never) the file becomes ``path.1``, the older ones shift up to
+    ``path.<backups>`` and the oldest is deleted, so a node that runs for months keeps a bounded
+    log and every line stays whole in exactly one file. A write error (disk full, file removed
+    by hand) is reported once on stderr and the log stops: the node goes on.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = 0, backups: int = 5) -> None:
         self.path = path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        self._f: TextIO | None = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+        self.max_bytes = max_bytes
+        self.backups = backups
         self.written = 0
+        self.rotations = 0
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._f: TextIO | None = None
+        self._size = 0
+        self._open()
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        self._size = os.fstat(fd).st_size
+        self._f = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+
+    def _rotate(self) -> None:
+        self.close()
+        name = str(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{name}.{self.backups}" if self.backups else name)
+        for i in range(self.backups - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{name}.{i}", f"{name}.{i + 1}")
+        if self.backups:
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(name, f"{name}.1")
+        self.rotations += 1
+        self._open()
 
     def write(self, record: Record) -> None:
         if self._f is None:
             return
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=True, default=str) + "\n"
         try:
-            self._f.write(json.dumps(record, separators=(",", ":"), ensure_ascii=True,
-                                     default=str) + "\n")
+            if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
+                self._rotate()
+                if self._f is None:
+                    return
+            self._f.write(line)
+            self._size += len(line)  # ASCII only: characters are bytes
             self.written += 1
         except (OSError, ValueError) as e:
             print(f"herdwall: event log {self.path} disabled: {e}", file=sys.stderr)

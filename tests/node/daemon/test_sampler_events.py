@@ -8,6 +8,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from node.daemon.events import EVENT_BURST, EventBus, EventLog, Rates
 from node.daemon.sampler import DUPLICATE, QUEUED, REPLACED, SAMPLED_OUT, Job, Sampler
 from sca.alert import Message
@@ -91,6 +93,30 @@ def test_event_log_lines_are_eve_like(tmp_path: Path) -> None:
     assert rec["data"] == "01" and rec["weird"] == {"1": [2]}
     assert got == [rec]
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("backups", [3, 0])
+def test_event_log_rotates_keeping_whole_lines(tmp_path: Path, backups: int) -> None:
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path, max_bytes=2000, backups=backups)
+    for i in range(200):
+        log.write({"event_type": "flow.delayed", "seq": i, "pad": "x" * 40})
+    log.close()
+    # A restarted node goes on from the size already on disk.
+    log = EventLog(path, max_bytes=2000, backups=backups)
+    for i in range(200, 230):
+        log.write({"event_type": "flow.delayed", "seq": i, "pad": "x" * 40})
+    log.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["events.jsonl", *[f"events.jsonl.{i}" for i in range(1, backups + 1)]]
+    seqs: list[int] = []
+    for name in [f"events.jsonl.{i}" for i in range(backups, 0, -1)] + ["events.jsonl"]:
+        f = tmp_path / name
+        assert f.stat().st_size <= 2000
+        seqs += [json.loads(line)["seq"] for line in f.read_text().splitlines()]
+    # oldest first across the files, nothing repeated, the newest kept, the oldest dropped
+    assert seqs == list(range(seqs[0], 230)) and seqs[0] > 0
+    assert log.rotations >= 1
 
 
 def test_a_flood_of_one_type_is_summarised() -> None:
