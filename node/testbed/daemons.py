@@ -61,6 +61,15 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"no TOML for {type(v).__name__}")
 
 
+def config_text(state_dir: Path, sections: dict[str, dict[str, Any]]) -> str:
+    """A node config file: ``state_dir`` and the sections given (section -> key -> value)."""
+    lines = [f"state_dir = {_toml_value(state_dir)}"]
+    for name, keys in sections.items():
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
 def config_toml(spec: NodeSpec, state_dir: Path) -> str:
     """The node's config file (see ``herdwall node config --defaults`` for every key)."""
     sections: dict[str, dict[str, Any]] = {
@@ -70,11 +79,7 @@ def config_toml(spec: NodeSpec, state_dir: Path) -> str:
     }
     for name, keys in spec.settings.items():
         sections.setdefault(name, {}).update(keys)
-    lines = [f"state_dir = {_toml_value(state_dir)}"]
-    for name, keys in sections.items():
-        lines.append(f"\n[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
-    return "\n".join(lines) + "\n"
+    return config_text(state_dir, sections)
 
 
 class NodeProc:

@@ -15,34 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from node.daemon.control import ControlClient, ControlError, NoNode
+from node.testbed.daemons import config_text
+from sca.services import manifest_path
 
 HERDWALL = str(Path(sys.executable).parent / "herdwall")
-REPO = Path(__file__).resolve().parents[3]
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str | Path):
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise TypeError(type(v))
 
 
 def write_config(path: Path, state_dir: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = [f"state_dir = {toml_value(state_dir)}"]
-    for name, body in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in body.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(config_text(state_dir, sections))
     return path
 
 
 def manifest(name: str) -> str:
-    return str(REPO / "sca" / "services" / name / "service.toml")
+    return str(manifest_path(name))
 
 
 class Daemon:
