@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
 def build(node: Node) -> list[Component]:
     """A real node's components in start order: the overlay first (alerts can arrive while the
-    kernel parts come up), then the throttle and the stack, each as the config enables it."""
+    kernel parts come up), then the throttle, the stack and the takeover, each as the config
+    enables it."""
     out: list[Component] = []
     cfg = node.config
     if cfg.overlay.enabled:
@@ -26,4 +27,8 @@ def build(node: Node) -> list[Component]:
         from .stack import StackComponent
 
         out.append(StackComponent(node))
+    if cfg.kernel.enabled and cfg.filters.tcp_action == "takeover":
+        from .takeover import TakeoverComponent
+
+        out.append(TakeoverComponent(node))
     return out

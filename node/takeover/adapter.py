@@ -41,7 +41,7 @@ from node.kernel.nfqueue import Handle, QueueAdapter
 from node.kernel.sockets import mark_socket
 from node.stack.conntrack import Flow
 from node.stack.events import Drop, FlowClosed, MessageIn
-from node.stack.packet import ACK, FIN
+from node.stack.packet import ACK, FIN, SYN
 from node.stack.stack import Stack, StackConfig
 from node.takeover import rules
 from node.takeover.seed import StreamTail
@@ -107,10 +107,14 @@ class TakeoverQueue:
                  filters: Any = None, ports: set[int] | None = None,
                  queue_num: int = rules.Q_TAKEOVER, netns: str | None = None,
                  loop: asyncio.AbstractEventLoop | None = None, fail_open: bool = True,
-                 max_len: int = 4096, tail_limit: int = 256 * 1024) -> None:
-        """``filters``: a ``filters.userspace.UserspaceFilters`` (its TCP filters trigger);
-        ``detect``: any other trigger; ``ports``: the TCP ports watched (the filters' too)."""
+                 max_len: int = 4096, tail_limit: int = 256 * 1024,
+                 on_trigger: Callable[[Trigger], None] | None = None) -> None:
+        """``filters``: a ``filters.userspace.UserspaceFilters`` (its TCP filters trigger; a
+        filter added later is watched from its port's next SYN); ``detect``: any other trigger;
+        ``ports``: the TCP ports watched (the filters' too); ``on_trigger``: told of each flow
+        taken over, after the engine has its first segments out."""
         self.engine = engine
+        self.on_trigger = on_trigger
         self.filters = filters
         self.detect = detect
         ports = set(ports or ())
@@ -160,6 +164,8 @@ class TakeoverQueue:
             handle.accept()
             return
         key, ihl, seq, ack, flags, plen = hdr
+        if flags & SYN and self.filters is not None:
+            self._watch_new(key)
         events = self.stack.handle(payload, now)
         fd = self.stack.tcp.table.get(key)
         drop = False
@@ -179,6 +185,13 @@ class TakeoverQueue:
             handle.drop()
         else:
             handle.accept()
+
+    def _watch_new(self, key: bytes) -> None:
+        """A filter installed since the queue started: its port's flows are tracked from their
+        handshake on (a flow must be seen from its SYN to be taken over)."""
+        for port in (int.from_bytes(key[8:10], "big"), int.from_bytes(key[10:12], "big")):
+            if port not in self.stack.protected_tcp and (6, port) in self.filters:
+                self.stack.protected_tcp.add(port)
 
     def _tails(self, flow: Flow) -> tuple[StreamTail, StreamTail]:
         tails = self.tails.get(flow.id)
@@ -234,6 +247,9 @@ class TakeoverQueue:
             self.stats["trigger_errors"] += 1
             log.exception("takeover of flow %d failed", flow.id)
             handle.drop()
+            return True
+        if self.on_trigger is not None:
+            self.on_trigger(t)
         return True
 
     def _check(self, flow: Flow, data: bytes, stream: bytes) -> Any:
