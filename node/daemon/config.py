@@ -80,6 +80,25 @@ threshold = 100        # queued attempts past which a host is flagged infected
 allowlist = []         # destinations never delayed, as CIDRs
 quarantine_infected = false   # block all outgoing traffic of a flagged host but the node's own
 
+[traceback]
+# Router role, only inside a testbed router namespace (hw-*): log and mark the packets this
+# host forwards (NFQUEUE) and answer traceback queries from overlay peers. Needs the overlay
+# and the kernel parts.
+router = false
+router_id = 0          # the 14-bit id (0 to 16383) this router marks into packets
+links = []             # each interface it forwards on: a neighbour router, as
+                       #   {name = "to-r2", kind = "router", router_id = 102,
+                       #    addr = "10.77.100.2:7400", key = "<its node key, hex>"}
+                       # (its overlay address), or hosts: {name = "h-lan", kind = "edge",
+                       #   prefix = "10.77.1.0/24"}
+fp_rate = 0.01         # Bloom-filter false-positive rate per digest-table lookup
+slice_s = 2.0          # digest tables are cut into slices of at most this many seconds
+max_bytes = 67108864   # memory for all digest tables together
+queriers = []          # node keys (hex) that may ask; empty: any overlay peer
+# Victim side (herdwall alert trace): this host's last-hop traceback router.
+gateway = ""           # its overlay address, "a.b.c.d:port"
+gateway_key = ""       # its node key (hex)
+
 [control]
 socket = ""            # default: <state_dir>/control.sock (mode 0600)
 
@@ -155,6 +174,19 @@ class ThrottleConfig:
 
 
 @dataclass(frozen=True)
+class TracebackConfig:
+    router: bool = False
+    router_id: int = 0
+    links: tuple[dict[str, Any], ...] = ()  # checked by node.traceback.config.Link.from_dict
+    fp_rate: float = 0.01
+    slice_s: float = 2.0
+    max_bytes: int = 64 << 20
+    queriers: tuple[str, ...] = ()  # hex
+    gateway: tuple[str, int] | None = None
+    gateway_key: str = ""
+
+
+@dataclass(frozen=True)
 class ControlConfig:
     socket: Path | None = None
 
@@ -183,6 +215,7 @@ class Config:
     overlay: OverlayConfig = field(default_factory=OverlayConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    traceback: TracebackConfig = field(default_factory=TracebackConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
@@ -358,6 +391,27 @@ def _text(max_bytes: int) -> Checker:
     return check
 
 
+def _tb_link(v: Any, _: Path) -> dict[str, Any]:
+    from node.traceback.config import ConfigError as LinkError
+    from node.traceback.config import Link
+
+    try:
+        return Link.from_dict(v).to_dict()
+    except LinkError as e:
+        raise _Bad(str(e)) from None
+
+
+def _node_key(*, empty_ok: bool = False) -> Checker:
+    def check(v: Any, _: Path) -> str:
+        if empty_ok and v == "":
+            return ""
+        if not isinstance(v, str) or len(v) != 64 or any(
+                c not in "0123456789abcdef" for c in v.lower()):
+            raise _Bad("must be a node key: 64 hex digits")
+        return v.lower()
+    return check
+
+
 def _manifest(v: Any, base: Path) -> Path:
     p = _path()(v, base)
     if p is None:
@@ -380,6 +434,11 @@ _SCHEMA: dict[str, dict[str, Checker]] = {
     "throttle": {"enabled": _bool, "working_set_size": _int(1, 1024),
                  "release_rate": _number(0, 1e6, lo_open=True), "threshold": _int(1, 1 << 20),
                  "allowlist": _list(_cidr, 4096), "quarantine_infected": _bool},
+    "traceback": {"router": _bool, "router_id": _int(0, (1 << 14) - 1),
+                  "links": _list(_tb_link, 8), "fp_rate": _number(0, 0.2, lo_open=True),
+                  "slice_s": _number(0, 3600, lo_open=True), "max_bytes": _int(1 << 20, 1 << 36),
+                  "queriers": _list(_node_key(), 1024), "gateway": _addr(empty_ok=True),
+                  "gateway_key": _node_key(empty_ok=True)},
     "control": {"socket": _path()},
     "metrics": {"listen": _addr(empty_ok=True)},
     "events": {"log": _path(off=True), "keep": _int(0, 10_000_000),
@@ -389,7 +448,8 @@ _SECTIONS: dict[str, type] = {
     "services": ServicesConfig, "detector": DetectorConfig, "verifier": VerifierConfig,
     "filters": FiltersConfig, "takeover": TakeoverConfig, "overlay": OverlayConfig,
     "kernel": KernelConfig,
-    "throttle": ThrottleConfig, "control": ControlConfig, "metrics": MetricsConfig,
+    "throttle": ThrottleConfig, "traceback": TracebackConfig, "control": ControlConfig,
+    "metrics": MetricsConfig,
     "events": EventsConfig,
 }
 
