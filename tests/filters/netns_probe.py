@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import socket
 import sys
-import threading
 import time
 
 from filters.condition import Filter
 from filters.nft import FilterTable, NftError
 from node.kernel.marks import MASK, QUEUE_STACK
 from node.kernel.nft import NftTable
+from node.testbed.sink import collect_streams
 
 
 def _driver() -> tuple[object, object]:
@@ -52,24 +52,7 @@ def tcp(filters: list[Filter], payloads: list[bytes], port: int) -> dict[str, ob
     srv.bind(("127.0.0.1", port))
     srv.listen(16)
     received: list[bytes] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                c, _ = srv.accept()
-            except OSError:
-                return
-            c.settimeout(1.0)
-            data = b""
-            try:
-                while chunk := c.recv(65536):
-                    data += chunk
-            except OSError:
-                pass
-            received.append(data)
-            c.close()
-
-    threading.Thread(target=serve, daemon=True).start()
+    collect_streams(srv, received, read_timeout=1.0)
     outcome = []
     for p in payloads:
         c = socket.create_connection(("127.0.0.1", port), timeout=2)

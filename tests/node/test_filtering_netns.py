@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-import threading
 import time
 
 import pytest
@@ -21,6 +20,7 @@ from node.kernel.nft import NftTable
 from node.kernel.queue_rules import QueueRules
 from node.stack import Stack, StackConfig
 from node.testbed import Testbed
+from node.testbed.sink import collect_streams
 from sca.emu.image import load_image
 from sca.generate import Detector
 from sca.services import manifest_path, traffic
@@ -53,24 +53,7 @@ def httpd_filter():  # type: ignore[no-untyped-def]
 def _server(bed: Testbed, received: list[bytes]) -> socket.socket:
     ls = bed[0].ns.call(socket.create_server, (SERVER, PORT))
     ls.settimeout(10)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = ls.accept()
-            except OSError:
-                return
-            conn.settimeout(2)
-            data = b""
-            try:
-                while d := conn.recv(65536):
-                    data += d
-            except OSError:
-                pass
-            received.append(data)
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
+    collect_streams(ls, received)
     return ls
 
 
