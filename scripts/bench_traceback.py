@@ -10,7 +10,9 @@ attacker host behind c1 and behind every side router, bystander hosts, the victi
   failure) running the router role on NFQUEUE; a child process sends background UDP between
   random host pairs (DF set, as Linux sends it) for a warm-up and throughout; then ``--trials``
   times an attacker sends a spoofed-source packet (random source, random attacker), the victim
-  captures it and traces it over UDP queries. Measured: ``bytes_per_packet`` (all routers'
+  captures it and traces it, asking the routers over the overlay: every router and the
+  victim run a real ``Overlay`` (joined into one overlay), the query is the authenticated
+  traceback RPC. Measured: ``bytes_per_packet`` (all routers'
   digest storage, every slice at its final size and open ones at full size, over all packets
   they forwarded), ``traceback_s`` (median over trials from the 6-hop positions c1 and s2),
   ``path_found``, ``false_branches``.
@@ -50,7 +52,6 @@ from node.traceback.digest import invariant_key
 from node.traceback.netbed import RouterNet, wait_for
 from node.traceback.query import AttackGraph, trace
 from node.traceback.sim import SimNet
-from node.traceback.transport import UdpAsker
 from sca.keys import NodeKey
 
 LINKS = [(f"c{i}", f"c{i + 1}") for i in range(1, 6)] + [(f"s{i}", f"c{i}") for i in range(2, 6)]
@@ -112,7 +113,8 @@ def queue_drops(ns) -> int:  # type: ignore[no-untyped-def]
 def run_testbed(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     bloom = BloomConfig(fp_rate=args.fp, slice_s=args.slice)
-    with RouterNet(LINKS, HOSTS, tag="bt") as net, net.run_routers(bloom=bloom) as rr:
+    with (RouterNet(LINKS, HOSTS, tag="bt") as net, net.run_routers(bloom=bloom) as rr,
+          net.querier("vic", KEY) as victim):
         # Sinks: background traffic lands on a bound socket (no ICMP errors back).
         sinks = [net.hosts[h].ns.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
                  for h in net.hosts]
@@ -141,8 +143,7 @@ def run_testbed(args: argparse.Namespace) -> dict:
                 with net.capture("vic") as cap:
                     net.send_raw(atk, pkt)
                     got, at = wait_for(cap, token)
-                g = asyncio.run(trace(got, at=at, key=KEY, gateway=net.gateway_of("vic"),
-                                      ask=UdpAsker(netns=net.hosts["vic"].ns.name)))
+                g = victim.trace(got, at=at)
                 path = net.path(atk, "vic")
                 r = score(g, net.by_key, path, (HOSTS[atk], f"h-{atk}"))
                 r["hops"] = len(path)

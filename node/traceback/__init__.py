@@ -15,22 +15,20 @@ Modules, sans-I/O first:
 - ``query``: ``PathWalk`` (the reconstruction) and ``trace()`` (drives it over a transport);
 - ``sim``: a network of cores without a kernel (tests, benchmark);
 
-and the thin adapters: ``router`` (NFQUEUE on a router, ``RouterService``), ``transport``
-(the query over UDP: ``QueryServer``, ``UdpAsker``), ``netbed`` (router namespaces for tests,
-the benchmark and demos).
+and the thin adapters: ``router`` (NFQUEUE on a router, ``RouterService``), ``rpc`` (the query
+as an authenticated overlay RPC: ``QueryService`` on a router, ``OverlayAsker`` for the
+victim), ``netbed`` (router namespaces with an overlay node and the router role in each, for
+tests, the benchmark and demos).
 
-For the daemon:
+For the daemon (``node.components.traceback``, ``[traceback]`` in the node config):
 
-- Router role: ``config = RouterConfig.from_dict(cfg["traceback"])`` (see ``config`` for the
-  keys), then ``RouterService(RouterCore(config, node_key), netns=None)``; ``await start()``
-  on the daemon's loop installs the ``traceback`` chain in ``inet herdwall`` and one iptables
-  FORWARD queue rule, binds NFQUEUE ``Q_TRACE`` and the query server; ``await stop()`` removes
-  them. ``core.stats`` and ``core.store.stats`` are the numbers for a monitor.
+- Router role: ``RouterService(RouterCore(config, node_key), netns=None)``; ``await
+  start()`` on the daemon's loop installs the ``traceback`` chain in ``inet herdwall`` and
+  one iptables FORWARD queue rule and binds NFQUEUE ``Q_TRACE``; ``await stop()`` removes
+  them. ``QueryService(overlay, core)`` answers queries on the node's overlay.
+  ``core.stats`` and ``core.store.stats`` are the numbers for a monitor.
 - Victim side: ``graph = await trace(packet, at=captured_at, key=node_key,
-  gateway=RouterRef(addr, key), ask=UdpAsker())``; ``graph.ingresses`` and ``graph.paths()``.
-- Over the overlay: ``ask`` is any ``async (RouterRef, query_bytes) -> answer_bytes | None``
-  and a router serves with ``core.answer(query_bytes, source_ip, now) -> bytes | None``. The
-  messages are signed end to end with the node keys, so the overlay only has to carry opaque
-  bytes to a peer and back: one request/response RPC (``rpc_traceback(sender, data)``)
-  registered on the hardened protocol, plus a way to reach a router by its public key.
+  gateway=RouterRef(overlay_addr, key), ask=OverlayAsker(overlay))``; ``graph.ingresses``
+  and ``graph.paths()``. Routers are named by their overlay address and node key; each
+  answer is signed by the key its downstream neighbour vouched for.
 """

@@ -1,16 +1,17 @@
 """Router-role configuration: who this router is and what is on the other end of each link.
 
 A router knows its own 14-bit id and, for every interface it forwards on, either the
-traceback router on the other end (its id, where it answers queries, its public key) or that
+traceback router on the other end (its id, its overlay address, where it answers queries, and
+its public key, the overlay node key) or that
 the link faces hosts (an *edge* link, with the prefix behind it for reports). That is all the
 map a traceback needs: a query's answer carries the answering router's links, so the victim
 learns the topology hop by hop, each hop vouched for by the key of the one before.
 
 As a dict (JSON or TOML, hostile input: checked here)::
 
-    {"router_id": 102, "listen": "10.77.101.2:7450",
+    {"router_id": 102,
      "links": [{"name": "to-r1", "kind": "router", "router_id": 101,
-                "addr": "10.77.101.1:7450", "key": "<64 hex>"},
+                "addr": "10.77.101.1:7400", "key": "<64 hex>"},
                {"name": "eth1", "kind": "edge", "prefix": "10.77.11.0/24"}],
      "bloom": {"fp_rate": 0.01, "slice_s": 1.0, "max_bytes": 67108864},
      "queriers": ["<64 hex>", ...]}            # optional: only these keys may ask
@@ -27,9 +28,8 @@ from node.traceback.marking import ID_MASK
 
 ROUTER: Literal["router"] = "router"
 EDGE: Literal["edge"] = "edge"
-MAX_LINKS = 32
+MAX_LINKS = 8  # an answer names them all in one overlay datagram (wire.MAX_ANSWER_BYTES)
 PUBLIC_KEY_LEN = 32
-DEFAULT_PORT = 7450
 
 
 class ConfigError(ValueError):
@@ -137,9 +137,6 @@ class Link:
 class RouterConfig:
     router_id: int
     links: tuple[Link, ...]
-    # Listen on the address neighbours advertise for us: a UDP answer leaves from the address
-    # it was sent to only if the socket is bound to it, and askers only read that address.
-    listen: tuple[str, int] = ("0.0.0.0", DEFAULT_PORT)
     bloom: BloomConfig = field(default_factory=BloomConfig)
     queriers: frozenset[bytes] | None = None  # None: any node that signs its query
     max_skew_s: float = 30.0  # a query's timestamp may be this far from our clock
@@ -162,6 +159,9 @@ class RouterConfig:
     def from_dict(cls, d: object) -> RouterConfig:
         if not isinstance(d, dict):
             raise ConfigError("router config must be a table")
+        unknown = set(d) - {"router_id", "links", "bloom", "queriers", "max_skew_s"}
+        if unknown:
+            raise ConfigError(f"unknown keys {sorted(map(str, unknown))}")
         links = d.get("links", [])
         if not isinstance(links, list):
             raise ConfigError("links must be a list")
@@ -184,12 +184,11 @@ class RouterConfig:
         if not isinstance(skew, int | float) or not 0 < skew <= 3600:
             raise ConfigError("max_skew_s must be in (0, 3600]")
         return cls(check_id(d.get("router_id")), tuple(Link.from_dict(x) for x in links),
-                   parse_addr(d.get("listen", f"0.0.0.0:{DEFAULT_PORT}")), bloom, queriers,
-                   float(skew))
+                   bloom, queriers, float(skew))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "router_id": self.router_id, "listen": format_addr(self.listen),
+            "router_id": self.router_id,
             "links": [lk.to_dict() for lk in self.links],
             "bloom": {f.name: getattr(self.bloom, f.name) for f in fields(BloomConfig)},
             "max_skew_s": self.max_skew_s}

@@ -1,6 +1,6 @@
 """The router role, sans-I/O: what happens to each forwarded packet, and how a query is
-answered. The NFQUEUE and UDP adapters (``node.traceback.router``,
-``node.traceback.transport``) only move bytes and read the clock.
+answered. The NFQUEUE and overlay adapters (``node.traceback.router``,
+``node.traceback.rpc``) only move bytes and read the clock.
 
     core = RouterCore(config, node_key)
     new = core.forward(packet, in_link="to-r1", out_link="to-r3", now=time.time())

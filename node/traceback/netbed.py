@@ -3,8 +3,15 @@ the traceback router role running in each router (for tests, the benchmark and d
 
     net = RouterNet([("r1", "r2"), ("r2", "r3")], hosts={"atk": "r1", "vic": "r3"})
     with net:                              # namespaces made; deleted on exit, also on failure
-        with net.run_routers() as routers: # RouterService in every router, one loop thread
-            ...
+        with net.run_routers() as routers: # overlay + router role in every router
+            with net.querier("vic", key) as q:  # the victim's overlay node
+                graph = q.trace(packet, at=when)
+
+Each router runs what a daemon with ``[traceback] router = true`` runs: an ``Overlay`` bound
+to its address (``OVERLAY_PORT``), the router role on NFQUEUE (``RouterService``) and the
+query served on the overlay (``QueryService``), on a loop thread of its own that lives inside
+the router's namespace (so every socket it makes is there). The overlays join through the
+victim side's gateway, as overlay peers do; the querier joins too.
 
 Addresses follow the testbed rules (``node.testbed.netns``): all in 10.77.0.0/16; link i is
 10.77.(100+i).0/24 (.1 on the first router named, .2 on the second), host j sits on
@@ -36,11 +43,14 @@ from node.testbed.netns import TESTBED_NET, Namespace, NetnsError, _ip
 from node.traceback.bloom import BloomConfig
 from node.traceback.config import EDGE, ROUTER, Link, RouterConfig, RouterRef
 from node.traceback.core import RouterCore
+from node.traceback.query import AttackGraph, trace
 from node.traceback.router import RouterService
+from node.traceback.rpc import OverlayAsker, QueryService, query_overlay
+from overlay.node import Overlay
 from sca.keys import NodeKey
 
 T = TypeVar("T")
-QUERY_PORT = 7450
+OVERLAY_PORT = 7400
 FIRST_ID = 101
 
 
@@ -55,7 +65,7 @@ class RouterNode:
 
     @property
     def ref(self) -> RouterRef:
-        return RouterRef((self.addr, QUERY_PORT), self.key.public_bytes, self.router_id)
+        return RouterRef((self.addr, OVERLAY_PORT), self.key.public_bytes, self.router_id)
 
 
 @dataclass
@@ -70,17 +80,24 @@ class HostNode:
 
 
 class LoopThread:
-    """An asyncio loop in a daemon thread; ``run(coro)`` waits for a coroutine's result."""
+    """An asyncio loop in a daemon thread that lives inside network namespace ``netns``
+    (every socket made on the loop is there); ``run(coro)`` waits for a coroutine's result."""
 
-    def __init__(self) -> None:
+    def __init__(self, netns: str) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="traceback-loop",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._body, args=(netns,), daemon=True,
+                                        name=f"loop-{netns}")
         self._thread.start()
 
+    def _body(self, netns: str) -> None:
+        with Namespace.attach(netns).enter():
+            self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return fut.result(timeout)
+        return self.submit(coro).result(timeout)
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -102,6 +119,7 @@ class RouterNet:
         self.hosts: dict[str, HostNode] = {}
         self._router_names = names
         self._made: list[Namespace] = []
+        self.bootstrap: tuple[str, int] | None = None  # while routers run: whom to join
 
     # -- building
 
@@ -201,10 +219,8 @@ class RouterNet:
     def _links(self) -> None:
         for a, b in self.link_pairs:
             ra, rb = self.routers[a], self.routers[b]
-            ra.links.append(Link(f"to-{b}", ROUTER, peer=RouterRef(
-                (rb.addr, QUERY_PORT), rb.key.public_bytes, rb.router_id)))
-            rb.links.append(Link(f"to-{a}", ROUTER, peer=RouterRef(
-                (ra.addr, QUERY_PORT), ra.key.public_bytes, ra.router_id)))
+            ra.links.append(Link(f"to-{b}", ROUTER, peer=rb.ref))
+            rb.links.append(Link(f"to-{a}", ROUTER, peer=ra.ref))
         for h in self.hosts.values():
             self.routers[h.router].links.append(Link(h.link, EDGE, prefix=h.prefix))
 
@@ -212,30 +228,56 @@ class RouterNet:
 
     def config(self, name: str, bloom: BloomConfig | None = None) -> RouterConfig:
         r = self.routers[name]
-        # Listening on the advertised address, not 0.0.0.0: answers then leave from the address
-        # that was asked, whichever interface routes them (the asker's socket is connected).
-        return RouterConfig(r.router_id, tuple(r.links), (r.addr, QUERY_PORT),
-                            bloom or BloomConfig())
+        return RouterConfig(r.router_id, tuple(r.links), bloom or BloomConfig())
 
     @contextlib.contextmanager
     def run_routers(self, bloom: BloomConfig | None = None,
                     only: Sequence[str] | None = None) -> Iterator[RunningRouters]:
-        """Start the router role (NFQUEUE + query server) in the routers (all, or ``only``),
-        on one loop thread; stop them all on exit."""
-        lt = LoopThread()
-        services: dict[str, RouterService] = {}
+        """Start an overlay node and the router role in the routers (all, or ``only``), each
+        on a loop thread in its namespace, and join them into one overlay; stop them all on
+        exit."""
+        running = RunningRouters(self, {})
         try:
             for name in only if only is not None else self.routers:
                 r = self.routers[name]
-                svc = RouterService(RouterCore(self.config(name, bloom), r.key),
-                                    netns=r.ns.name)
-                lt.run(svc.start())
-                services[name] = svc
-            yield RunningRouters(self, lt, services)
+                rr = RunningRouter(LoopThread(r.ns.name))
+                running.routers[name] = rr
+                rr.overlay = query_overlay(r.key, (r.addr, OVERLAY_PORT))
+                rr.loop.run(rr.overlay.start(join=False))
+                rr.service = RouterService(RouterCore(self.config(name, bloom), r.key),
+                                           netns=r.ns.name)
+                rr.loop.run(rr.service.start())
+                rr.queries = QueryService(rr.overlay, rr.service.core)
+            if running.routers:
+                self.bootstrap = self.routers[next(iter(running.routers))].ref.addr
+                self._join([(rr.loop, rr.overlay) for rr in running.routers.values()
+                            if rr.overlay is not None])
+            yield running
         finally:
-            for svc in services.values():
-                with contextlib.suppress(Exception):
-                    lt.run(svc.stop())
+            self.bootstrap = None
+            running.stop()
+
+    def _join(self, nodes: Sequence[tuple[LoopThread, Overlay]]) -> None:
+        """Join all at once through the first running router, as overlay peers would."""
+        assert self.bootstrap is not None
+        futures = [lt.submit(ov.join([self.bootstrap])) for lt, ov in nodes]
+        for f in futures:
+            f.result(60)
+
+    @contextlib.contextmanager
+    def querier(self, host: str, key: NodeKey, *, join: bool = True) -> Iterator[Querier]:
+        """The victim's overlay node in ``host``'s namespace, to trace from."""
+        h = self.hosts[host]
+        lt = LoopThread(h.ns.name)
+        overlay = query_overlay(key, (h.addr, OVERLAY_PORT))
+        try:
+            lt.run(overlay.start(join=False))
+            if join and self.bootstrap is not None:
+                self._join([(lt, overlay)])
+            yield Querier(lt, overlay, key, self.gateway_of(host))
+        finally:
+            with contextlib.suppress(Exception):
+                lt.run(overlay.stop())
             lt.close()
 
     def gateway_of(self, host: str) -> RouterRef:
@@ -307,13 +349,48 @@ class RouterNet:
 
 
 @dataclass
+class RunningRouter:
+    loop: LoopThread
+    overlay: Overlay | None = None
+    service: RouterService | None = None
+    queries: QueryService | None = None
+
+    def stop(self) -> None:
+        if self.queries is not None:
+            self.queries.close()
+        for part in (self.service, self.overlay):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    self.loop.run(part.stop())
+        self.loop.close()
+
+
+@dataclass
 class RunningRouters:
     net: RouterNet
-    loop: LoopThread
-    services: dict[str, RouterService]
+    routers: dict[str, RunningRouter]
 
     def core(self, name: str) -> RouterCore:
-        return self.services[name].core
+        svc = self.routers[name].service
+        assert svc is not None
+        return svc.core
+
+    def stop(self) -> None:
+        for rr in self.routers.values():
+            rr.stop()
+
+
+@dataclass
+class Querier:
+    loop: LoopThread
+    overlay: Overlay
+    key: NodeKey
+    gateway: RouterRef
+
+    def trace(self, packet: bytes, *, at: float, **kwargs: Any) -> AttackGraph:
+        """``query.trace`` from this node, asking over its overlay."""
+        return self.loop.run(trace(packet, at=at, key=self.key, gateway=self.gateway,
+                                   ask=OverlayAsker(self.overlay), **kwargs))
 
 
 def wait_for(sock: socket.socket, needle: bytes, timeout: float = 5.0) -> tuple[bytes, float]:

@@ -1,6 +1,7 @@
 """The router role on the kernel path: forwarded IPv4 packets through NFQUEUE into
-``RouterCore`` (log, mark, clear), the verdict carrying the rewritten packet; plus the UDP
-query server and the periodic tick, all on one asyncio loop.
+``RouterCore`` (log, mark, clear), the verdict carrying the rewritten packet, and the
+periodic tick, on one asyncio loop. Queries reach the same core over the overlay
+(``node.traceback.rpc.QueryService``).
 
     service = RouterService(RouterCore(config, key), netns="hw-...")   # netns=None: here
     await service.start()
@@ -31,7 +32,6 @@ from node.kernel.nfqueue import Handle, QueueAdapter
 from node.kernel.nft import FAMILY, TABLE, NftTable, mark_is, meta, set_mark
 from node.kernel.queue_rules import QueueRules
 from node.traceback.core import RouterCore
-from node.traceback.transport import QueryServer
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ def interface_names(netns: str | None) -> dict[int, str]:
 
 class RouterService:
     def __init__(self, core: RouterCore, *, netns: str | None, queue_num: int = Q_TRACE,
-                 mark: int = QUEUE_TRACE, tick_s: float | None = None,
-                 listen: tuple[str, int] | None = None) -> None:
+                 mark: int = QUEUE_TRACE, tick_s: float | None = None) -> None:
         if mark & ~MASK or not mark:
             raise ValueError("the queue mark must lie within herdwall's mark bits")
         self.core = core
@@ -61,10 +60,8 @@ class RouterService:
         self.queue_num = queue_num
         self.mark = mark
         self.tick_s = tick_s if tick_s is not None else min(core.config.bloom.slice_s, 1.0)
-        self.listen = listen
         self._names: dict[int, str] = {}
         self._queue: QueueAdapter | None = None
-        self._server: QueryServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._nft: NftTable | None = None
         self._made_table = False
@@ -78,7 +75,6 @@ class RouterService:
             self._install()
             self._queue = QueueAdapter(self.queue_num, self._on_packet, netns=self.netns)
             self._queue.start()
-            self._server = await QueryServer.start(self.core, self.listen, netns=self.netns)
             self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
         except BaseException:
             await self.stop()
@@ -91,9 +87,6 @@ class RouterService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
-        if self._server is not None:
-            self._server.close()
-            self._server = None
         if self._queue is not None:
             self._queue.close()
             self._queue = None

@@ -21,7 +21,7 @@ from node.traceback.core import RouterCore
 from overlay.limits import Rate
 from sca.keys import NodeKey
 
-PORT = 7450
+PORT = 7400  # overlay port
 FIRST_ID = 101
 
 
@@ -47,7 +47,7 @@ class SimNet:
             lks = [Link(f"to-{p}", ROUTER, peer=self.ref(p)) for p in self.nb[n]]
             lks += [Link(f"h-{h}", EDGE, prefix=f"10.77.{1 + j}.0/24")
                     for j, (h, r) in enumerate(hosts.items()) if r == n]
-            cfg = RouterConfig(self.ids[n], tuple(lks), (self.addrs[n], PORT),
+            cfg = RouterConfig(self.ids[n], tuple(lks),
                                bloom or BloomConfig())
             # Fixed digest keys: a run is reproducible (real routers draw theirs at random).
             dkey = hashlib.sha256(f"{seed}/{n}".encode()).digest()[:16]

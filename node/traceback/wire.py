@@ -46,9 +46,13 @@ VERSION = 1
 NONCE_LEN = 16
 SIGNATURE_LEN = 64
 MAX_QUERY_BYTES = 512
-MAX_ANSWER_BYTES = 8192  # 32 links with keys fit; over ~1,400 B the datagram fragments
+# One overlay datagram (overlay.dht.MAX_DATAGRAM, 1,400 B) holds the reply: 21 B of RPC
+# header and 3 of msgpack framing around the answer. A router's answer with MAX_LINKS router
+# links and two hits per link (merged per table when the slices would not fit) is 1,373 B at
+# most (tests/node/traceback/test_wire.py).
+MAX_ANSWER_BYTES = 1376
 MAX_HITS = 64
-MAX_LINKS = 32
+MAX_LINKS = 8
 QUERY_TAG = "hwtq"
 ANSWER_TAG = "hwta"
 _Q_DOMAIN = b"herdwall traceback query v1\0"
@@ -189,14 +193,30 @@ def _link_of(row: object) -> Link:
     raise WireError("link row")
 
 
+def merge_hits(hits: list[Hit] | tuple[Hit, ...]) -> list[Hit]:
+    """One hit per table: the span from its first matching slice to its last."""
+    spans: dict[tuple[str, bool], tuple[float, float]] = {}
+    for h in hits:
+        lo, hi = spans.get((h.link, h.untrusted), (h.first, h.last))
+        spans[(h.link, h.untrusted)] = (min(lo, h.first), max(hi, h.last))
+    return [Hit(link, lo, hi, u) for (link, u), (lo, hi) in spans.items()]
+
+
 def make_answer(key: NodeKey, router_id: int, nonce: bytes, now: float, *, status: str = "ok",
                 hits: list[Hit] | tuple[Hit, ...] = (),
                 links: tuple[Link, ...] = ()) -> bytes:
-    body = {"v": VERSION, "n": nonce, "ts": _ms(now), "pk": key.public_bytes, "rid": router_id,
-            "st": status,
-            "hits": [[h.link, _ms(h.first), _ms(h.last), h.untrusted] for h in hits[:MAX_HITS]],
-            "links": [_link_row(lk) for lk in links[:MAX_LINKS]]}
-    return _sign(ANSWER_TAG, _A_DOMAIN, body, key)
+    def signed(hits: list[Hit] | tuple[Hit, ...]) -> bytes:
+        body = {"v": VERSION, "n": nonce, "ts": _ms(now), "pk": key.public_bytes,
+                "rid": router_id, "st": status,
+                "hits": [[h.link, _ms(h.first), _ms(h.last), h.untrusted]
+                         for h in hits[:MAX_HITS]],
+                "links": [_link_row(lk) for lk in links[:MAX_LINKS]]}
+        return _sign(ANSWER_TAG, _A_DOMAIN, body, key)
+
+    out = signed(hits)
+    # Too many slices matched to list them one by one in a datagram: one span per table (the
+    # walk prunes by time a little less sharply, but misses nothing).
+    return out if len(out) <= MAX_ANSWER_BYTES else signed(merge_hits(hits))
 
 
 def read_answer(data: bytes) -> TracebackAnswer:

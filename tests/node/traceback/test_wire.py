@@ -11,10 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from node.stack.packet import ip_bytes, udp_packet
-from node.traceback.config import ConfigError, RouterConfig
+from node.traceback.config import MAX_LINKS, ROUTER, ConfigError, Link, RouterConfig, RouterRef
 from node.traceback.digest import invariant_key
 from node.traceback.sim import SimNet
 from node.traceback.wire import (
+    MAX_ANSWER_BYTES,
     Hit,
     WireError,
     make_answer,
@@ -46,6 +47,26 @@ def test_answer_round_trip_with_links() -> None:
     assert ans.hits == (Hit("h-atk", 4.0, 4.5),)
     assert ans.links == cfg.links
     assert len(data) < 500
+
+
+def test_the_largest_answer_fits_one_overlay_datagram() -> None:
+    """A router with the most links, longest names and addresses, and a match in every slice
+    of a ten-minute window in every table: the answer merges the slices per table and still
+    fits; fewer hits go slice by slice."""
+    links = tuple(Link(f"to-router-{i:05d}", ROUTER,
+                       peer=RouterRef(("255.255.255.255", 65535), bytes(32), 16383))
+                  for i in range(MAX_LINKS))
+    hits = [Hit(lk.name, 1.7e9 + t, 1.7e9 + t + 2, u) for lk in links for u in (False, True)
+            for t in range(0, 600, 2)]
+    data = make_answer(KEY, 16383, bytes(16), 1.7e9, hits=hits, links=links)
+    assert len(data) <= MAX_ANSWER_BYTES
+    ans = read_answer(data)
+    assert len(ans.links) == MAX_LINKS and len(ans.hits) == 2 * MAX_LINKS
+    assert {(h.first, h.last) for h in ans.hits} == {(1.7e9, 1.7e9 + 600)}
+    few = make_answer(KEY, 1, bytes(16), 1.7e9, hits=hits[:3], links=links[:2])
+    assert len(read_answer(few).hits) == 3
+    with pytest.raises(ConfigError):
+        RouterConfig(1, links + links[:1])
 
 
 def test_forgeries_are_refused() -> None:
