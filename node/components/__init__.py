@@ -11,14 +11,16 @@ if TYPE_CHECKING:
 
 def build(node: Node) -> list[Component]:
     """A real node's components in start order: the overlay first (alerts can arrive while the
-    kernel parts come up), then the throttle, the stack and the takeover, each as the config
-    enables it."""
+    kernel parts come up), then the throttle, the stack, the takeover and the traceback router
+    role, each as the config enables it."""
     out: list[Component] = []
     cfg = node.config
+    overlay = None
     if cfg.overlay.enabled:
         from .overlay import OverlayComponent
 
-        out.append(OverlayComponent(node))
+        overlay = OverlayComponent(node)
+        out.append(overlay)
     if cfg.kernel.enabled and cfg.throttle.enabled:
         from .throttle import ThrottleComponent
 
@@ -31,4 +33,9 @@ def build(node: Node) -> list[Component]:
         from .takeover import TakeoverComponent
 
         out.append(TakeoverComponent(node))
+    if cfg.traceback.router:
+        from .traceback import TracebackComponent
+
+        # Without the overlay or the kernel parts it refuses to start (reported, not fatal).
+        out.append(TracebackComponent(node, overlay))
     return out
