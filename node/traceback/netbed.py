@@ -29,17 +29,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
+import os
 import random
+import signal
 import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
+from node.stack.checksum import checksum
+from node.stack.packet import SYN, ip_bytes, tcp_packet, udp_packet
 from node.testbed.netns import TESTBED_NET, Namespace, NetnsError, _ip
+from node.testbed.runner import stop_process
 from node.traceback.bloom import BloomConfig
 from node.traceback.config import EDGE, ROUTER, Link, RouterConfig, RouterRef
 from node.traceback.core import RouterCore
@@ -280,6 +290,75 @@ class RouterNet:
                 lt.run(overlay.stop())
             lt.close()
 
+    # -- real daemons
+
+    def daemon_config(self, name: str, state_dir: Path, bloom: BloomConfig | None = None
+                      ) -> str:
+        """``herdwall node run``'s config for router ``name``: the overlay on the router's
+        address, joined through the first router; the kernel parts on (the router role reads
+        NFQUEUE); no throttle, no services; the router role with its links."""
+        r = self.routers[name]
+        b = bloom or BloomConfig()
+        first = next(iter(self.routers.values())).ref.addr
+        links = ", ".join("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in
+                                          lk.to_dict().items()) + "}" for lk in r.links)
+        return "\n".join([
+            f"state_dir = {json.dumps(str(state_dir))}",
+            "[overlay]", f'bind = "{r.addr}:{OVERLAY_PORT}"',
+            f'bootstrap = ["{first[0]}:{first[1]}"]' if first != r.ref.addr else "",
+            "[kernel]", "enabled = true", "[throttle]", "enabled = false",
+            "[traceback]", "router = true", f"router_id = {r.router_id}",
+            f"links = [{links}]", f"fp_rate = {b.fp_rate!r}", f"slice_s = {b.slice_s!r}",
+            f"max_bytes = {b.max_bytes}", ""])
+
+    @contextlib.contextmanager
+    def run_daemons(self, root: Path, bloom: BloomConfig | None = None
+                    ) -> Iterator[dict[str, Path]]:
+        """A real node (``herdwall node run``) in every router, with the router's key and
+        ``daemon_config``; yields each one's state directory (control socket, events) once
+        all are running; stops them all on exit (SIGTERM, then SIGKILL to the session)."""
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        states: dict[str, Path] = {}
+        try:
+            for name, r in self.routers.items():
+                d = root / name
+                states[name] = d / "state"
+                r.key.save(states[name])
+                (d / "node.toml").write_text(self.daemon_config(name, states[name], bloom))
+                with open(d / "node.out", "wb") as out:  # the child keeps its own copy
+                    procs[name] = r.ns.popen(
+                        [sys.executable, "-m", "node", "node", "run", "--config",
+                         str(d / "node.toml")], stdout=out, stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL, start_new_session=True)
+            for name, p in procs.items():
+                _wait_running(p, states[name], root / name / "node.out")
+            yield states
+        finally:
+            for p in procs.values():
+                stop_process(p, 10, lambda p=p: os.killpg(p.pid, signal.SIGKILL))
+
+    def victim_node(self, host: str, directory: Path, key: NodeKey, alert_id: str,
+                    packets: Sequence[bytes], recorded: float) -> list[str]:
+        """What the victim's node in ``host`` has after detecting an alert: its key, a store
+        holding the alert with the raw ``packets`` that carried it (recorded at ``recorded``),
+        a config naming its last-hop router. Returns the ``herdwall alert trace`` command
+        line for that alert, to run in ``host``'s namespace."""
+        from node.daemon.store import Store
+
+        state = directory / "state"
+        key.save(state)
+        with Store(state / "herdwall.db") as store:
+            store.record_alert(alert_id=alert_id, service_id="00" * 32, service="web",
+                               type="exploit", alert=b"-", origin="detected",
+                               state="verified", packets=packets, now=recorded)
+        gw = self.gateway_of(host)
+        conf = directory / "node.toml"
+        conf.write_text(f'[traceback]\ngateway = "{gw.addr[0]}:{gw.addr[1]}"\n'
+                        f'gateway_key = "{gw.public_key.hex()}"\n')
+        herdwall = str(Path(sys.executable).with_name("herdwall"))
+        return ["ip", "netns", "exec", self.hosts[host].ns.name, herdwall, "alert", "trace",
+                alert_id[:12], "--config", str(conf), "--state-dir", str(state)]
+
     def gateway_of(self, host: str) -> RouterRef:
         h = self.hosts[host]
         r = self.routers[h.router]
@@ -341,6 +420,27 @@ class RouterNet:
             for s in socks.values():
                 s.close()
 
+    def attack(self, src_host: str, dst_host: str, spoof: str, *, df: bool = True,
+               proto: str = "udp") -> tuple[bytes, float]:
+        """Send one packet from ``src_host`` with the source address ``spoof`` (UDP, or a
+        TCP SYN; DF set or not); return it as ``dst_host`` received it, and when."""
+        token = os.urandom(12)
+        dst = ip_bytes(self.hosts[dst_host].addr)
+        if proto == "udp":
+            pkt = udp_packet(ip_bytes(spoof), dst, 31337, 80, b"EXPLOIT" + token, ident=0x7777)
+        else:
+            pkt = tcp_packet(ip_bytes(spoof), dst, 31337, 80, flags=SYN, seq=1234,
+                             payload=token, ident=0x7777)
+        if not df:
+            b = bytearray(pkt)
+            b[6:8] = b[10:12] = b"\0\0"  # no DF; the checksum over again
+            struct.pack_into("!H", b, 10, checksum(b[:20]))
+            pkt = bytes(b)
+        with self.capture(dst_host, socket.IPPROTO_UDP if proto == "udp"
+                          else socket.IPPROTO_TCP) as cap:
+            self.send_raw(src_host, pkt)
+            return wait_for(cap, token)
+
     def by_key(self, pub: bytes) -> str:
         for r in self.routers.values():
             if r.key.public_bytes == pub:
@@ -391,6 +491,24 @@ class Querier:
         """``query.trace`` from this node, asking over its overlay."""
         return self.loop.run(trace(packet, at=at, key=self.key, gateway=self.gateway,
                                    ask=OverlayAsker(self.overlay), **kwargs))
+
+
+def _wait_running(p: subprocess.Popen[bytes], state: Path, out: Path,
+                  timeout: float = 60) -> None:
+    from node.daemon.control import ControlClient, ControlError, NoNode
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if p.poll() is not None or time.monotonic() > deadline:
+            tail = out.read_text(errors="replace")[-600:]
+            raise NetnsError(f"node did not come up ({p.returncode}): {tail}")
+        try:
+            with ControlClient(state / "control.sock", timeout=2) as c:
+                if c.request("status")["node"]["state"] == "running":
+                    return
+        except (NoNode, ControlError, OSError):
+            pass
+        time.sleep(0.1)
 
 
 def wait_for(sock: socket.socket, needle: bytes, timeout: float = 5.0) -> tuple[bytes, float]:

@@ -10,19 +10,12 @@ import json
 import os
 import random
 import re
-import socket
-import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from node.daemon.store import Store
-from node.stack.checksum import checksum
-from node.stack.packet import SYN as TCP_SYN
-from node.stack.packet import ip_bytes, tcp_packet, udp_packet
-from node.traceback.netbed import RouterNet, wait_for
+from node.traceback.netbed import RouterNet
 from node.traceback.query import AttackGraph
 from node.traceback.router import CHAIN
 from sca.keys import NodeKey
@@ -30,33 +23,7 @@ from sca.keys import NodeKey
 pytestmark = pytest.mark.netns
 
 VICTIM_KEY = NodeKey.from_private_bytes(b"\x55" * 32)
-HERDWALL = str(Path(sys.executable).with_name("herdwall"))
 ALERT = "ab" * 32
-
-
-def no_df(pkt: bytes) -> bytes:
-    b = bytearray(pkt)
-    struct.pack_into("!H", b, 6, 0)
-    b[10:12] = b"\0\0"
-    struct.pack_into("!H", b, 10, checksum(b[:20]))
-    return bytes(b)
-
-
-def attack(net: RouterNet, src_host: str, dst_host: str, spoof: str, *, df: bool = True,
-           proto: str = "udp") -> tuple[bytes, float]:
-    """Send one spoofed packet from ``src_host``; return it as the victim received it."""
-    token = os.urandom(12)
-    dst = ip_bytes(net.hosts[dst_host].addr)
-    if proto == "udp":
-        pkt = udp_packet(ip_bytes(spoof), dst, 31337, 80, b"EXPLOIT" + token, ident=0x7777)
-        cap = net.capture(dst_host, socket.IPPROTO_UDP)
-    else:
-        pkt = tcp_packet(ip_bytes(spoof), dst, 31337, 80, flags=TCP_SYN, seq=1234,
-                         payload=token, ident=0x7777)
-        cap = net.capture(dst_host, socket.IPPROTO_TCP)
-    with cap:
-        net.send_raw(src_host, pkt if df else no_df(pkt))
-        return wait_for(cap, token)
 
 
 def path_names(net: RouterNet, g: AttackGraph) -> list[list[str]]:
@@ -86,7 +53,7 @@ def test_chain_of_six_spoofed_sources(tmp_path: Path) -> None:
           net.querier("vic", VICTIM_KEY) as q):
         net.noise(300, random.Random(1))
         # Spoofed as a bystander in the middle of the chain, DF set (marked on the way).
-        got, at = attack(net, "atk", "vic", spoof=net.hosts["by"].addr)
+        got, at = net.attack("atk", "vic", spoof=net.hosts["by"].addr)
         assert got[4:6] == b"\0\0"  # the last hop cleared the mark
         g = q.trace(got, at=at)
         chain = ["r1", "r2", "r3", "r4", "r5", "r6"]
@@ -94,13 +61,13 @@ def test_chain_of_six_spoofed_sources(tmp_path: Path) -> None:
         keys = [net.routers[r].key.public_bytes for r in chain]
         assert [g.hops[p].logged for p in keys] == [True, False] * 3
         # Spoofed from outside any subnet, no DF: logged at every hop, identification kept.
-        got, at = attack(net, "atk", "vic", spoof="10.77.250.9", df=False)
+        got, at = net.attack("atk", "vic", spoof="10.77.250.9", df=False)
         assert got[4:6] == b"\x77\x77"
         g = q.trace(got, at=at)
         assert_traced(net, g, chain, ("r1", "h-atk"))
         assert all(g.hops[p].logged for p in keys) and not g.atomic
         # A spoofed TCP SYN from a host in the middle.
-        got, at = attack(net, "b2", "vic", spoof=net.hosts["atk"].addr, proto="tcp")
+        got, at = net.attack("b2", "vic", spoof=net.hosts["atk"].addr, proto="tcp")
         g = q.trace(got, at=at)
         assert_traced(net, g, chain[1:], ("r2", "h-b2"))
         # The routers logged about half of what they forwarded (marking took the rest).
@@ -111,19 +78,8 @@ def test_chain_of_six_spoofed_sources(tmp_path: Path) -> None:
         # The CLI, run in the victim's namespace, traces the packet the node's store kept
         # with the alert (recorded a moment after it arrived, as detection takes a while),
         # asking the routers over the overlay with a client of its own.
-        got, at = attack(net, "atk", "vic", spoof=net.hosts["b5"].addr)
-        state = tmp_path / "state"
-        VICTIM_KEY.save(state)
-        with Store(state / "herdwall.db") as store:
-            store.record_alert(alert_id=ALERT, service_id="00" * 32, service="web", type="t",
-                               alert=b"x", origin="detected", state="verified", packets=[got],
-                               now=at + 0.4)
-        gw = net.gateway_of("vic")
-        conf = tmp_path / "node.toml"
-        conf.write_text(f'[traceback]\ngateway = "{gw.addr[0]}:{gw.addr[1]}"\n'
-                        f'gateway_key = "{gw.public_key.hex()}"\n')
-        argv = ["ip", "netns", "exec", net.hosts["vic"].ns.name, HERDWALL, "alert", "trace",
-                ALERT[:12], "--config", str(conf), "--state-dir", str(state)]
+        got, at = net.attack("atk", "vic", spoof=net.hosts["b5"].addr)
+        argv = net.victim_node("vic", tmp_path, VICTIM_KEY, ALERT, [got], at + 0.4)
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "ingress: router 101 via h-atk (10.77.1.0/24)" in out.stdout
@@ -162,7 +118,7 @@ def test_tree_attackers_at_every_leaf() -> None:
           net.querier("vic", VICTIM_KEY) as q):
         net.noise(300, random.Random(2))
         for i, leaf in enumerate(leaves):
-            got, at = attack(net, f"a{i}", "vic", spoof="10.77.99.99")
+            got, at = net.attack(f"a{i}", "vic", spoof="10.77.99.99")
             g = q.trace(got, at=at)
             assert_traced(net, g, net.path(f"a{i}", "vic"), (leaf, f"h-a{i}"))
 
