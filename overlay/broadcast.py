@@ -31,6 +31,13 @@ running a thousand nodes in one process) does not hand subtrees around for nothi
 forwards each (replica, range) once; a later announcement with a wider range makes it hand
 over only the groups it has not handed over yet.
 
+Sparse tables. A node hands over only its own groups, so where the sender knew nobody in a
+group (a chain of nodes that each know only their neighbours) that part of the id space would
+wait for anti-entropy. Every announcement therefore carries a mask of the sender's groups that
+nobody covers as far as it knows, and the receiver hands each of them that its own contacts
+reach to one of those; what it cannot reach either travels on (``_forward``). In a full table
+those groups are truly empty: no contact is known in them and no message is added.
+
 Distribution follows Vigilante's rules. An announcement is the alert id in a small datagram; a
 node that has not seen the id fetches the body (the signed envelope) from the announcer over a
 stream, and that fetch is its acknowledgement. Then, in this order: the body must parse and hash
@@ -177,6 +184,7 @@ class _Pending:
     current: Addr | None = None
     verifying: bool = False
     local: bool = False
+    masked: list[tuple[Addr, Announce]] = field(default_factory=list)  # with uncovered groups
     body: bytes | None = None
     envelope: Envelope | None = None
     alert: Alert | None = None
@@ -186,18 +194,48 @@ class _Pending:
 class _Held:
     forwarded: list[int]  # per replica index: groups >= this have been handed over
     hops: int
+    regions: set[tuple[int, int, int]] = field(default_factory=set)  # (replica, *region)
+
+
+# A region of the id space: every id that starts with the ``length`` bits of ``value``. Group
+# ``g`` of node ``x`` is the region ``(g + 1, (x >> (159 - g)) ^ 1)``.
+Region = tuple[int, int]
+# A mask of some node's uncovered groups: (its id, its id as an integer, the mask).
+Uncovered = tuple[bytes, int, int]
+MAX_MASKED = 8  # announcements with masks kept per pending alert
+_ALL = (1 << wire.MASK_BITS) - 1
+
+
+def region(x: int, g: int) -> Region:
+    return g + 1, (x >> (159 - g)) ^ 1
+
+
+def _inside(inner: Region, outer: Region) -> bool:
+    return inner[0] >= outer[0] and inner[1] >> (inner[0] - outer[0]) == outer[1]
+
+
+def _bits(mask: int) -> list[int]:
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
 
 
 class _Delegation:
     """One copy of one group (subtree) handed over for one alert: its candidates in rank
     order, who is being asked, who has taken it."""
 
-    __slots__ = ("alert_id", "candidates", "hops", "limit", "next", "outstanding", "replica",
-                 "taken", "tries")
+    __slots__ = ("alert_id", "candidates", "hops", "limit", "next", "outstanding", "refs",
+                 "replica", "taken", "tries", "uncovered")
 
     def __init__(self, alert_id: bytes, limit: int, hops: int, replica: int,
-                 candidates: list[Contact]) -> None:
+                 candidates: list[Contact], uncovered: int = 0,
+                 refs: tuple[tuple[bytes, int], ...] = ()) -> None:
         self.alert_id = alert_id
+        self.uncovered = uncovered
+        self.refs = refs
         self.limit = limit
         self.hops = hops
         self.replica = replica
@@ -273,6 +311,8 @@ class BroadcastCore:
         self._rttvar = 0.0
         self._group_source: Sequence[Contact] | None = None
         self._groups: dict[int, list[Contact]] = {}
+        self._group_bits = 0  # bit p set: some contact in group p
+        self._by_addr: dict[Addr, Contact] = {}
         self._strikes: OrderedDict[str, int] = OrderedDict()
         self._banned: OrderedDict[str, float] = OrderedDict()
         self.ae = AntiEntropy(cfg.ae_interval, cfg.ae_window, self.rng, now)
@@ -437,7 +477,9 @@ class BroadcastCore:
         if not p.local:
             actions.append(Deliver(alert_id, p.envelope, p.alert, p.hops))
         for replica, limit in sorted(p.roles.items()):
-            actions += self._forward(alert_id, held, replica, limit, now)
+            masks = [m for addr, ann in p.masked if ann.replica % self.cfg.replicas == replica
+                     for m in self._masks(addr, ann)]
+            actions += self._forward(alert_id, held, replica, limit, now, masks)
         return actions
 
     def publish(self, envelope_bytes: bytes, now: float, wall: float
@@ -495,8 +537,9 @@ class BroadcastCore:
         held = self._good.get(aid, now)
         if held is not None:
             actions: list[Action] = [Send(addr, wire.encode(Ack(aid, AckStatus.TAKEN)))]
-            if ann.limit < held.forwarded[replica]:
-                actions += self._forward(aid, held, replica, ann.limit, now)
+            if ann.limit < held.forwarded[replica] or ann.uncovered or ann.refs:
+                actions += self._forward(aid, held, replica, ann.limit, now,
+                                         self._masks(addr, ann))
             return actions
         bad = self._bad.get(aid, now)
         if bad is not None:
@@ -508,8 +551,13 @@ class BroadcastCore:
             p.hops = min(p.hops, ann.hops)
             if addr not in p.announcers and len(p.announcers) < self.cfg.max_announcers:
                 p.announcers.append(addr)
+            if (ann.uncovered or ann.refs) and len(p.masked) < MAX_MASKED:
+                p.masked.append((addr, ann))
             return [Send(addr, wire.encode(Ack(aid, AckStatus.TAKEN)))]
-        return self._start_fetch(aid, addr, {replica: ann.limit}, ann.hops)
+        actions = self._start_fetch(aid, addr, {replica: ann.limit}, ann.hops)
+        if actions and (ann.uncovered or ann.refs):
+            self._pending[aid].masked.append((addr, ann))
+        return actions
 
     def _start_fetch(self, aid: bytes, addr: Addr, roles: dict[int, int], hops: int
                      ) -> list[Action]:
@@ -616,30 +664,94 @@ class BroadcastCore:
         self.stats["ack_timeouts"] += 1
         return [Unresponsive(entry[1]), *self._launch(d, now)]
 
-    def _forward(self, aid: bytes, held: _Held, replica: int, limit: int, now: float
-                 ) -> list[Action]:
-        """Hand copy ``replica`` of the groups ``limit <= p < held.forwarded[replica]`` over."""
+    def _forward(self, aid: bytes, held: _Held, replica: int, limit: int, now: float,
+                 masks: Sequence[Uncovered] = ()) -> list[Action]:
+        """Hand copy ``replica`` of the groups ``limit <= p < held.forwarded[replica]`` over,
+        and of whatever parts of the ``masks`` (groups nobody covers, as far as the nodes
+        before us knew) our contacts reach.
+
+        Why the masks: a node hands over only its own groups, so in a sparse table (a chain
+        of nodes that know only their neighbours) a part of the id space the sender knew
+        nobody in would be lost, although a node further on may know someone there. So every
+        announcement says which of the sender's groups nobody covers, and the receiver hands
+        each such region to a contact of its own inside it (limit ``g + 1`` relative to that
+        contact is exactly the sender's group ``g``). What it cannot reach either travels on:
+        as its own groups where the region is one, else as the older node's mask (at most
+        ``wire.MAX_REFS`` of them). In a full table those groups are truly empty, nobody knows
+        a contact in them, and no message is added; they cost bytes, not datagrams.
+        """
         upper = held.forwarded[replica]
-        if limit >= upper:
+        groups = self._grouped()
+        chosen: dict[Region, list[Contact]] = {}
+        if limit < upper:
+            held.forwarded[replica] = limit
+            for p in sorted(groups):
+                if limit <= p < upper:
+                    chosen[region(self._long, p)] = groups[p]
+        lim = held.forwarded[replica]
+        # Our own groups in range that we know nobody in.
+        uncovered = _ALL >> lim << lim & ~self._group_bits
+        left: list[tuple[bytes, int]] = []
+        for node_id, x, mask in masks:
+            j = prefix_len(self._long, x)
+            if j >= 160:
+                continue
+            # Its groups below ``j`` are ours too; ours from ``lim`` on are in hand already.
+            for g in _bits(mask & ((1 << min(j, lim)) - 1)):
+                if g in groups:
+                    chosen.setdefault(region(self._long, g), groups[g])
+                else:
+                    uncovered |= 1 << g
+            # Its groups above ``j`` lie inside our group ``j`` (it is on that side of us).
+            high = mask >> (j + 1) << (j + 1) if j < lim else 0
+            if high:
+                inside: dict[int, list[Contact]] = {}
+                for c in groups.get(j, ()):
+                    g = prefix_len(x, c.key())
+                    if high >> g & 1:
+                        inside.setdefault(g, []).append(c)
+                for g, cs in inside.items():
+                    chosen.setdefault(region(x, g), cs)
+                    high &= ~(1 << g)
+                if high:
+                    left.append((node_id, high))
+        if not chosen:
             return []
-        held.forwarded[replica] = limit
-        groups = {p: cs for p, cs in self._grouped().items() if limit <= p < upper}
+        refs = tuple(left[:wire.MAX_REFS])
         if aid not in self._delegations:
             self._delegations[aid] = {}
             self._timer(now + self.cfg.linger_s, "purge", aid)
         target = int.from_bytes(aid[:20], "big")
         r = self.cfg.replicas
         actions: list[Action] = []
-        for p in sorted(groups):
-            ranked = sorted(groups[p], key=lambda c: (
-                not c.super_peer, c.key() ^ target))
+        done = [(n, v) for rep, n, v in held.regions if rep == replica]
+        # Widest regions first, so a region inside one already handed over is skipped.
+        for reg in sorted(chosen):
+            if any(_inside(reg, outer) for outer in done):
+                continue
+            done.append(reg)
+            held.regions.add((replica, *reg))
+            ranked = sorted(chosen[reg], key=lambda c: (not c.super_peer, c.key() ^ target))
             # This copy's own ranks first, then the rest: a group smaller than the number of
             # copies still gets every copy (its members are the only way into it).
             mine = ranked[replica::r]
             rest = [c for i, c in enumerate(ranked) if i % r != replica]
-            d = _Delegation(aid, p + 1, held.hops + 1, replica, mine + rest)
+            d = _Delegation(aid, reg[0], held.hops + 1, replica, mine + rest, uncovered, refs)
             actions += self._launch(d, now)
         return actions
+
+    def _masks(self, addr: Addr, ann: Announce) -> list[Uncovered]:
+        """An announcement's masks of uncovered groups with the ids they are relative to. The
+        sender's own id comes from our authenticated contacts, never from the datagram; the
+        older ids do come from it, which gives a liar nothing it could not get by setting
+        every bit of its own mask: each contact is asked at most once per alert."""
+        out: list[Uncovered] = []
+        self._grouped()  # the address index follows the table
+        sender = self._by_addr.get(addr) if ann.uncovered else None
+        if sender is not None:
+            out.append((sender.node_id, sender.key(), ann.uncovered))
+        out += [(node_id, int.from_bytes(node_id, "big"), m) for node_id, m in ann.refs if m]
+        return out
 
     def _grouped(self) -> dict[int, list[Contact]]:
         """Contacts by prefix group, recomputed only when the adapter hands over a new list
@@ -652,6 +764,8 @@ class BroadcastCore:
                 if p < 160:
                     groups.setdefault(p, []).append(c)
             self._group_source, self._groups = contacts, groups
+            self._group_bits = sum(1 << p for p in groups)
+            self._by_addr = {c.addr: c for c in contacts}
         return self._groups
 
     def _launch(self, d: _Delegation, now: float) -> list[Action]:
@@ -672,7 +786,8 @@ class BroadcastCore:
             dels[c.addr] = d
             self._timer(now + self.ack_wait(), "ack", (d.alert_id, c.addr, token))
             self.stats["tx_announce"] += 1
-            return [Send(c.addr, wire.encode(Announce(d.alert_id, d.limit, d.hops, d.replica)))]
+            return [Send(c.addr, wire.encode(Announce(d.alert_id, d.limit, d.hops, d.replica,
+                                                      d.uncovered, d.refs)))]
         self.stats["group_exhausted"] += 1
         return []
 

@@ -6,16 +6,21 @@ below, told apart by the first byte. Broadcast datagrams carry no msgpack: every
 fixed place and size, so a decoder checks the length first and cannot be made to do more work
 than reading a few bytes. All integers are big-endian.
 
-Datagrams (version byte 1)::
+Datagrams (version byte 2)::
 
-    ANNOUNCE  0x10 | ver | alert id (32) | limit (1) | hops (1) | replica  37 bytes
+    ANNOUNCE  0x10 | ver | alert id (32) | limit (1) | hops (1) | replica (1)
+              | uncovered (20) | n (1) | n x (node id (20) | uncovered (20))   58 + 40n, n <= 4
     ACK       0x11 | ver | alert id (32) | status (1)                       35 bytes
     IHAVE     0x12 | ver | flags (1) | n (1) | n alert ids (32 each)       4 + 32n, n <= 16
 
 ``limit`` is the announcement's range: the receiver is responsible for the nodes that share at
 least ``limit`` leading id bits with it (0: everyone). ``replica`` says which of the sender's
 copies of that subtree this is (0 or 1 with two replicas; see ``overlay.broadcast``). ``hops``
-is informational (tree depth).
+is informational (tree depth). ``uncovered`` is a 160-bit mask (big-endian; bit ``g``,
+counted from the least significant, stands for group ``g``) of the sender's prefix groups that
+nobody covers as far as it knows; the ``n`` entries are older such masks, each relative to the
+node id it carries, whose groups neither the sender nor anyone before it could reach (see
+``overlay.broadcast``: this is how an alert crosses a sparse routing table).
 
 Fetch, over a TCP connection to the announcer's address and port (the UDP port number)::
 
@@ -32,7 +37,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-VERSION = 1
+VERSION = 2
 ID_LEN = 32
 MAX_IHAVE_IDS = 16
 MAX_LIMIT = 160  # a 160-bit id space: limit 160 means "nobody below me"
@@ -55,7 +60,10 @@ class AckStatus(IntEnum):
     FAILED = 3  # I said I had it in hand, but no announcer could give me the body
 
 
-ANNOUNCE_LEN = 37
+ANNOUNCE_LEN = 58  # with no older masks
+REF_LEN = 40
+MAX_REFS = 4
+MASK_BITS = 160
 MAX_REPLICA = 7
 ACK_LEN = 35
 IHAVE_HEAD = 4
@@ -67,7 +75,8 @@ FETCH_REPLY_HEAD = 5
 FETCH_FOUND = 0
 FETCH_NOT_HERE = 1
 
-_ANNOUNCE = struct.Struct(">BB32sBBB")
+_ANNOUNCE = struct.Struct(">BB32sBBB20sB")
+_REF = struct.Struct(">20s20s")
 _ACK = struct.Struct(">BB32sB")
 _IHAVE = struct.Struct(">BBBB")
 _FETCH_REPLY = struct.Struct(">BI")
@@ -91,6 +100,8 @@ class Announce:
     limit: int
     hops: int = 0
     replica: int = 0
+    uncovered: int = 0  # the sender's groups nobody covers, as a 160-bit mask
+    refs: tuple[tuple[bytes, int], ...] = ()  # (node id, its uncovered mask), oldest last
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +124,12 @@ def _check_id(alert_id: bytes) -> None:
         raise WireError(f"an alert id is {ID_LEN} bytes")
 
 
+def _mask(bits: int) -> bytes:
+    if not 0 <= bits < 1 << MASK_BITS:
+        raise WireError("a group mask is 160 bits")
+    return bits.to_bytes(MASK_BITS // 8, "big")
+
+
 def encode(msg: Datagram) -> bytes:
     if isinstance(msg, Announce):
         _check_id(msg.alert_id)
@@ -120,8 +137,15 @@ def encode(msg: Datagram) -> bytes:
             raise WireError(f"limit {msg.limit} outside 0..{MAX_LIMIT}")
         if not 0 <= msg.replica <= MAX_REPLICA:
             raise WireError(f"replica {msg.replica} outside 0..{MAX_REPLICA}")
+        if len(msg.refs) > MAX_REFS:
+            raise WireError(f"at most {MAX_REFS} older masks")
+        for node_id, _ in msg.refs:
+            if type(node_id) is not bytes or len(node_id) != 20:
+                raise WireError("a node id is 20 bytes")
         return _ANNOUNCE.pack(Kind.ANNOUNCE, VERSION, msg.alert_id, msg.limit,
-                              min(msg.hops, MAX_HOPS), msg.replica)
+                              min(msg.hops, MAX_HOPS), msg.replica, _mask(msg.uncovered),
+                              len(msg.refs)) + b"".join(
+            _REF.pack(node_id, _mask(m)) for node_id, m in msg.refs)
     if isinstance(msg, Ack):
         _check_id(msg.alert_id)
         return _ACK.pack(Kind.ACK, VERSION, msg.alert_id, AckStatus(msg.status))
@@ -144,14 +168,18 @@ def decode(data: bytes) -> Datagram:
     if version != VERSION:
         raise WireError(f"unsupported version {version}")
     if kind == Kind.ANNOUNCE:
-        if n != ANNOUNCE_LEN:
-            raise WireError(f"announce of {n} bytes, expected {ANNOUNCE_LEN}")
-        _, _, alert_id, limit, hops, replica = _ANNOUNCE.unpack(data)
+        if n < ANNOUNCE_LEN:
+            raise WireError(f"announce of {n} bytes, at least {ANNOUNCE_LEN}")
+        _, _, alert_id, limit, hops, replica, mask, count = _ANNOUNCE.unpack_from(data)
+        if count > MAX_REFS or n != ANNOUNCE_LEN + count * REF_LEN:
+            raise WireError(f"announce of {n} bytes does not hold {count} older masks")
         if limit > MAX_LIMIT:
             raise WireError(f"limit {limit} outside 0..{MAX_LIMIT}")
         if replica > MAX_REPLICA:
             raise WireError(f"replica {replica} outside 0..{MAX_REPLICA}")
-        return Announce(alert_id, limit, hops, replica)
+        refs = tuple((node_id, int.from_bytes(m, "big")) for node_id, m in
+                     (_REF.unpack_from(data, ANNOUNCE_LEN + i * REF_LEN) for i in range(count)))
+        return Announce(alert_id, limit, hops, replica, int.from_bytes(mask, "big"), refs)
     if kind == Kind.ACK:
         if n != ACK_LEN:
             raise WireError(f"ack of {n} bytes, expected {ACK_LEN}")

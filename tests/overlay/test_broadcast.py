@@ -377,13 +377,13 @@ def test_announcement_flood_is_rate_limited_before_parsing() -> None:
     # Junk costs more than a well-formed datagram, and three of them are a ban.
     other = ("10.0.0.98", 7)
     for _ in range(10):
-        core.on_datagram(other, b"\x10\x01junk", 10.0)
+        core.on_datagram(other, b"\x10" + bytes((wire.VERSION,)) + b"junk", 10.0)
     assert core.stats["drop_malformed"] == 1  # one is enough: an honest node never sends it
     assert core.banned(other[0], 10.0) and core.stats["drop_banned"] == 9
     # A version this node does not speak is dropped without a strike (a newer honest node).
     newer = ("10.0.0.97", 7)
     for _ in range(10):
-        core.on_datagram(newer, b"\x10\x02" + bytes(35), 20.0)
+        core.on_datagram(newer, bytes((0x10, wire.VERSION + 1)) + bytes(56), 20.0)
     assert not core.banned(newer[0], 20.0)
 
 
@@ -392,8 +392,9 @@ def test_hostile_datagrams_never_raise() -> None:
         announce_rate=BroadcastConfig().announce_rate.__class__(1e9, 1e9)))
     rng = random.Random(1)
     for i in range(5000):
-        n = rng.choice([0, 1, 2, 3, 34, 35, 36, 37, 4 + 32 * 3, 600])
-        data = bytes([rng.choice([0x10, 0x11, 0x12, rng.randrange(256)]), 1]) + rng.randbytes(n)
+        n = rng.choice([0, 1, 2, 3, 33, 34, 35, 56, 57, 96, 97, 4 + 32 * 3, 600])
+        data = bytes([rng.choice([0x10, 0x11, 0x12, rng.randrange(256)]), wire.VERSION]
+                     ) + rng.randbytes(n)
         core.on_datagram((f"10.1.{i % 200}.1", 1), data[: n + 2], float(i))
     assert core.stats["drop_malformed"] > 0
 
@@ -491,3 +492,50 @@ def test_a_node_that_cannot_get_the_body_hands_the_subtree_back() -> None:
     assert sorted(a.addr for a in acts) == [p1, p2]
     assert {wire.decode(a.data) for a in acts} == {Ack(aid, AckStatus.FAILED)}
     assert core.status(aid, 0.3) is None  # not held against the id: it may come again
+
+
+def strict_chain(n: int, seed: int) -> tuple[Net, list[SimNode]]:
+    """``n`` cores in a line, each knowing only its neighbours; no anti-entropy in reach."""
+    net = Net(n, seed=seed, config=BroadcastConfig(ae_interval=1000.0))
+    nodes = list(net.nodes.values())
+    for i, node in enumerate(nodes):
+        node.contacts = [Contact(o.core.node_id, o.addr) for o in nodes[max(i - 1, 0):i + 2]
+                         if o is not node]
+    return net, nodes
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_strict_chain_gets_the_alert_to_its_end(seed: int) -> None:
+    """Detector, three relays, vulnerable host, each knowing only its neighbours: a relay's
+    own groups need not hold the next one, and the masks of groups nobody covers take the
+    alert on anyway, with one announcement and one fetch per hop (40 id layouts)."""
+    net, nodes = strict_chain(5, seed)
+    aid = net.publish(nodes[0], envelope())
+    net.settle(2.0)
+    assert all(aid in n.delivered for n in nodes[1:])
+    assert sum(n.sent for n in nodes) == 2 * (len(nodes) - 1)
+    assert not any(n.core.stats["ae_rounds"] for n in nodes)
+
+
+def test_uncovered_groups_are_read_relative_to_the_authenticated_sender() -> None:
+    """The mask is read against the sender's id from our own contacts: an address we have no
+    contact for gets no extra regions handed out for its mask."""
+    me = b"\x00" * 20
+    far = [Contact(bytes([0x80 | i]) + bytes(19), (f"10.0.1.{i}", 1)) for i in range(4)]
+    sender = Contact(b"\x01" + bytes(19), ("10.0.0.1", 1))  # our group 7
+    env = envelope(b"M")
+    aid = aid_of(env)
+
+    def sends_after(addr: tuple[str, int]) -> list[Send]:
+        core = BroadcastCore(me, lambda: [sender, *far], BroadcastConfig())
+        # Limit 160: nothing of ours in range; the mask says the sender's group 0 (our
+        # group 0 too) has nobody in it as far as the sender knows.
+        ann = Announce(aid, 160, 1, 0, uncovered=1)
+        assert isinstance(core.on_datagram(addr, wire.encode(ann), 0.0)[0], Fetch)
+        assert isinstance(core.on_fetched(aid, addr, env, 0.0, WALL)[0], Verify)
+        return [a for a in core.on_verdict(aid, True, 0.0) if isinstance(a, Send)]
+
+    assert sends_after(("10.0.0.99", 1)) == []
+    handed = sends_after(sender.addr)
+    assert len(handed) == 1 and handed[0].addr in {c.addr for c in far}
+    assert wire.decode(handed[0].data).limit == 1  # exactly that group, seen from inside it

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from overlay import mpack, wire
-from overlay.dht import MAX_DATAGRAM
+from overlay.broadcast import BroadcastConfig
+from overlay.dht import MAX_DATAGRAM, DhtConfig
 from overlay.hello import make_hello
-from overlay.node import Overlay, PublishError
+from overlay.node import Overlay, OverlayConfig, PublishError
 from sca.alert import Alert, ByteRef, ExecutionControl, Message
 from sca.codec import decode_alert, encode_alert
 from sca.envelope import seal
@@ -556,6 +557,46 @@ def test_extra_rpcs_answer_authenticated_peers_only(prefix, verifier, run, troub
             assert await net.nodes[1].call_rpc(addr(prefix, 0), "echo", 5, attempts=1) is None
         finally:
             await net.stop()
+    run(main())
+    assert trouble.errors() == []
+
+
+def test_a_strict_chain_carries_the_alert_to_its_end(prefix, alerts, verifier, run,
+                                                    trouble) -> None:
+    """Five nodes in a line, each hearing only its neighbours (everyone else's datagrams are
+    dropped on receipt, as if unroutable) and joined through its predecessor: the alert
+    reaches the end through three verifying relays, with anti-entropy out of reach."""
+    cfg = OverlayConfig(dht=DhtConfig(rpc_timeout=0.5),
+                        broadcast=BroadcastConfig(ae_interval=1000.0))
+
+    async def main() -> None:
+        n = 5
+        got: list[set[bytes]] = [set() for _ in range(n)]
+        nodes = [Overlay(NodeKey.generate(), bind=addr(prefix, i), verify=verifier.verify,
+                         on_alert=lambda e, a, i=i: got[i].add(aid_of(e.alert_bytes)),
+                         config=cfg) for i in range(n)]
+        try:
+            loop = asyncio.get_running_loop()
+            for i, node in enumerate(nodes):
+                await node.start(join=False)
+                assert node.server.protocol is not None and node.core is not None
+                near = {addr(prefix, j)[0] for j in (i - 1, i + 1) if 0 <= j < n}
+                node.server.protocol.banned = (
+                    lambda ip, near=near, core=node.core:
+                    ip not in near or core.banned(ip, loop.time()))
+            await asyncio.gather(*(nodes[i].join([f"{addr(prefix, i - 1)[0]}:{PORT}"])
+                                   for i in range(1, n)))
+            for i, node in enumerate(nodes):
+                assert sorted(p.addr[0] for p in node.peers()) == sorted(
+                    addr(prefix, j)[0] for j in (i - 1, i + 1) if 0 <= j < n)
+            aid = await nodes[0].publish(seal(alerts[2], nodes[0].key, time.time()).encode())
+            end = time.monotonic() + 5
+            while time.monotonic() < end and aid not in got[-1]:
+                await asyncio.sleep(0.02)
+            assert all(aid in got[i] for i in range(1, n))
+            assert sum(x.stats().get("bcast.ae_rounds", 0) for x in nodes) == 0
+        finally:
+            await asyncio.gather(*(x.stop() for x in nodes))
     run(main())
     assert trouble.errors() == []
 

@@ -23,19 +23,32 @@ from sca.keys import NodeKey
 
 def test_wire_roundtrip() -> None:
     aid = bytes(range(32))
+    masks = ((bytes(range(20)), 1 << 159 | 5), (b"\xff" * 20, 0))
     for msg in (wire.Announce(aid, 0), wire.Announce(aid, 160, 255, 1),
+                wire.Announce(aid, 7, 3, 1, (1 << 160) - 1, masks),
                 wire.Ack(aid, wire.AckStatus.CANNOT_VERIFY), wire.IHave(()),
                 wire.IHave((aid,) * 16, True)):
         assert wire.decode(wire.encode(msg)) == msg
     assert len(wire.encode(wire.Announce(aid, 3))) == wire.ANNOUNCE_LEN
+    assert len(wire.encode(wire.Announce(aid, 3, refs=masks))) == wire.ANNOUNCE_LEN + 80
+    for bad in (wire.Announce(aid, 3, uncovered=1 << 160), wire.Announce(aid, 3, refs=(
+            (bytes(19), 1),)), wire.Announce(aid, 3, refs=masks * 3)):
+        with pytest.raises(wire.WireError):
+            wire.encode(bad)
     assert wire.decode_fetch_request(wire.encode_fetch_request(aid, 7400)) == (aid, 7400)
 
 
+V = bytes((wire.VERSION,))
+
+
 @pytest.mark.parametrize("data", [
-    b"", b"\x10", b"\x10\x02" + bytes(35), b"\x10\x01" + bytes(34), b"\x10\x01" + bytes(36),
-    b"\x10\x01" + bytes(32) + b"\xa1\x00\x00", b"\x10\x01" + bytes(32) + b"\x00\x00\x09",
-    b"\x11\x01" + bytes(32) + b"\x09", b"\x12\x01\x00\x11" + bytes(32 * 17),
-    b"\x12\x01\x00\x02" + bytes(32), b"\x12\x01\x80\x00", b"\x13\x01",
+    b"", b"\x10", b"\x10\x09" + bytes(56), b"\x10" + V + bytes(55), b"\x10" + V + bytes(57),
+    b"\x10" + V + bytes(32) + b"\xa1\x00\x00" + bytes(21),
+    b"\x10" + V + bytes(32) + b"\x00\x00\x09" + bytes(21),
+    b"\x10" + V + bytes(55) + b"\x01",  # one older mask announced, none there
+    b"\x10" + V + bytes(55) + b"\x05" + bytes(200),  # more older masks than allowed
+    b"\x11" + V + bytes(32) + b"\x09", b"\x12" + V + b"\x00\x11" + bytes(32 * 17),
+    b"\x12" + V + b"\x00\x02" + bytes(32), b"\x12" + V + b"\x80\x00", b"\x13" + V,
 ])
 def test_wire_refuses(data: bytes) -> None:
     with pytest.raises(wire.WireError):
