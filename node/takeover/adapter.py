@@ -29,6 +29,7 @@ drops) and consumes the flow's packets that still come that way; the engine adds
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import socket
 import struct
@@ -41,7 +42,7 @@ from node.kernel.nfqueue import Handle, QueueAdapter
 from node.kernel.sockets import mark_socket
 from node.stack.conntrack import Flow
 from node.stack.events import Drop, FlowClosed, MessageIn
-from node.stack.packet import ACK, FIN, SYN
+from node.stack.packet import ACK, FIN, RST, SYN
 from node.stack.stack import Stack, StackConfig
 from node.takeover import rules
 from node.takeover.seed import StreamTail
@@ -73,6 +74,10 @@ class Engine(Protocol):
     def close(self) -> None: ...
     def offer(self, payload: bytes, handle: Handle, now: float) -> bool: ...
     def trigger(self, t: Trigger, handle: Handle, now: float) -> None: ...
+    # Told of a trigger before the stack takes its packet (``trigger`` follows right after):
+    # an engine that can answer the client from the tracked state alone does so here.
+    def answer(self, flow: Flow, seq: int, n: int, ack: int, tsval: int | None,
+               link: Link | None, now: float) -> None: ...
 
 
 Detect = Callable[[Flow, bytes, bytes], Any]  # (flow, new chunk, stream so far) -> hit or None
@@ -100,6 +105,29 @@ def tcp_header(p: bytes) -> tuple[bytes, int, int, int, int, int] | None:
     if plen < 0:
         return None
     return bytes(p[12:20]) + bytes(p[ihl:ihl + 4]), ihl, seq, ack, flags, plen
+
+
+def tcp_tsval(p: bytes, ihl: int) -> int | None:
+    """The TSval of a TCP packet's timestamp option, or None (``tcp_header`` checked the
+    fixed header; the options may still be cut short)."""
+    end = min(ihl + (p[ihl + 12] >> 4) * 4, len(p))
+    i = ihl + 20
+    if end - i >= 12 and p[i] == 1 and p[i + 1] == 1 and p[i + 2] == 8:  # Linux's NOP NOP TS
+        return int.from_bytes(p[i + 4:i + 8], "big")
+    while i + 1 < end:
+        kind = p[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        size = p[i + 1]
+        if size < 2:
+            break
+        if kind == 8 and size == 10 and i + 10 <= end:
+            return int.from_bytes(p[i + 2:i + 6], "big")
+        i += size
+    return None
 
 
 class TakeoverQueue:
@@ -166,12 +194,31 @@ class TakeoverQueue:
         key, ihl, seq, ack, flags, plen = hdr
         if flags & SYN and self.filters is not None:
             self._watch_new(key)
-        events = self.stack.handle(payload, now)
         fd = self.stack.tcp.table.get(key)
+        # The next in-order chunk of a client's stream is checked before the stack takes the
+        # packet: it is exactly what the stack would deliver, and on a match the engine can
+        # answer the client from the tracked state at once (the stack's bookkeeping follows).
+        early: Any = None
+        checked = False
+        if plen and fd is not None and fd.dir == 0 and not flags & (SYN | RST):
+            stream = fd.flow.stream
+            if stream is not None and not stream.held and stream.next_seq == seq:
+                checked = True
+                data = payload[len(payload) - plen:]
+                early = self._check_chunk(fd.flow, data)
+                if early is not None:
+                    self.engine.answer(fd.flow, seq, plen, ack, tcp_tsval(payload, ihl),
+                                       link_of(handle), now)
+        events = self.stack.handle(payload, now)
+        if fd is None:
+            fd = self.stack.tcp.table.get(key)
+        elif early is not None:
+            self._take(fd.flow, seq, data, early, payload, handle, now)
+            return
         drop = False
         for e in events:
             if type(e) is MessageIn and fd is not None:
-                if self._message(e, fd.flow, payload, handle, now):
+                if self._message(e, fd.flow, payload, handle, now, checked):
                     return  # taken over: the engine gave the verdict
             elif type(e) is Drop:
                 drop = True
@@ -220,20 +267,30 @@ class TakeoverQueue:
         return False
 
     def _message(self, e: MessageIn, flow: Flow, payload: bytes, handle: Handle,
-                 now: float) -> bool:
+                 now: float, checked: bool) -> bool:
+        """A chunk the stack delivered; ``checked``: the early check passed it already."""
         data = e.message.data
-        tails = self._tails(flow)
+        hit = None if checked else self._check_chunk(flow, data)
+        if hit is None:
+            self._tails(flow)[0].add(e.seq, data)
+            return False
+        self._take(flow, e.seq, data, hit, payload, handle, now)
+        return True
+
+    def _check_chunk(self, flow: Flow, data: bytes) -> Any:
         stream = (self.streams.get(flow.id, b"") + data)[-MAX_STREAM:]
         self.streams[flow.id] = stream
-        hit = self._check(flow, data, stream)
-        if hit is None:
-            tails[0].add(e.seq, data)
-            return False
+        return self._check(flow, data, stream)
+
+    def _take(self, flow: Flow, seq: int, data: bytes, hit: Any, payload: bytes,
+              handle: Handle, now: float) -> None:
+        """The trigger: the stack has taken its packet, so the client half's fields are its."""
         self.stats["triggers"] += 1
-        c = flow.halves[0]  # the stack has just taken the trigger: its fields are this packet's
-        fin = FIN if c.fin_seq is not None and c.fin_seq == seq_add(e.seq, len(data)) else 0
-        seg = Segment(e.seq, c.ack or 0, ACK | fin, c.window, data, c.ts_val, c.ts_ecr)
-        t = Trigger(flow, e.seq, data, seg, payload, addr_text(*flow.orig), addr_text(*flow.resp),
+        tails = self._tails(flow)
+        c = flow.halves[0]
+        fin = FIN if c.fin_seq is not None and c.fin_seq == seq_add(seq, len(data)) else 0
+        seg = Segment(seq, c.ack or 0, ACK | fin, c.window, data, c.ts_val, c.ts_ecr)
+        t = Trigger(flow, seq, data, seg, payload, addr_text(*flow.orig), addr_text(*flow.resp),
                     tails[0], tails[1], hit)
         self.triggers.append(t)
         del self.triggers[:-64]
@@ -247,10 +304,9 @@ class TakeoverQueue:
             self.stats["trigger_errors"] += 1
             log.exception("takeover of flow %d failed", flow.id)
             handle.drop()
-            return True
+            return
         if self.on_trigger is not None:
             self.on_trigger(t)
-        return True
 
     def _check(self, flow: Flow, data: bytes, stream: bytes) -> Any:
         if self.detect is not None:
@@ -264,6 +320,15 @@ class TakeoverQueue:
         return None
 
 
+def _in_netns(netns: str | None, make: Callable[[], socket.socket]) -> socket.socket:
+    if netns is None:
+        return make()
+    from node.testbed.netns import Namespace
+
+    with Namespace.attach(netns).enter():
+        return make()
+
+
 def open_raw_socket(netns: str | None) -> socket.socket:
     """An IPv4 raw socket (``IPPROTO_RAW``: we write the IP header) marked ``TAKEOVER_OWN``,
     non-blocking, opened in ``netns``."""
@@ -275,9 +340,53 @@ def open_raw_socket(netns: str | None) -> socket.socket:
         s.setblocking(False)
         return s
 
-    if netns is None:
-        return make()
-    from node.testbed.netns import Namespace
+    return _in_netns(netns, make)
 
-    with Namespace.attach(netns).enter():
-        return make()
+
+SIOCGIFNAME = 0x8910
+ETH_P_IP = 0x0800
+
+Link = tuple[int, bytes]  # (interface index, next hop's MAC address)
+
+
+def link_of(handle: Handle) -> Link | None:
+    """Where a queued packet came from: its input interface and the MAC address it came from
+    (the binding's source hardware address), or None (sent by this host, or no MAC header).
+    The binding's packet is reached through the handle: ``Handle`` does not expose it."""
+    pkt = getattr(handle, "_pkt", None)
+    hw = pkt.get_hw() if pkt is not None and handle.indev else None
+    return (handle.indev, bytes(hw[:6])) if hw else None
+
+
+class LinkSocket:
+    """An ``AF_PACKET`` datagram socket in ``netns``: an IPv4 packet straight onto an interface,
+    to a MAC address, past the node's routing and netfilter hooks (which would only pass it:
+    the node's own segments are untracked and never queued). The first segment of a takeover
+    goes back the way the trigger came, to the hop it came from; a send-only socket (protocol 0
+    receives nothing)."""
+
+    def __init__(self, netns: str | None) -> None:
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+            s.setblocking(False)
+            return s
+
+        self.sock = _in_netns(netns, make)
+        self._names: dict[int, str] = {}
+
+    def _name(self, ifindex: int) -> str:
+        """The interface's name in the socket's namespace (``if_indextoname`` would ask the
+        calling thread's)."""
+        name = self._names.get(ifindex)
+        if name is None:
+            out = fcntl.ioctl(self.sock.fileno(), SIOCGIFNAME,
+                              struct.pack("16si", b"", ifindex).ljust(40, b"\0"))
+            name = self._names[ifindex] = out[:16].split(b"\0", 1)[0].decode()
+        return name
+
+    def send(self, packet: bytes, link: Link) -> None:
+        """Raises OSError (the caller falls back to the raw socket)."""
+        self.sock.sendto(packet, (self._name(link[0]), ETH_P_IP, 0, 0, link[1]))
+
+    def close(self) -> None:
+        self.sock.close()

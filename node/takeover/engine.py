@@ -27,11 +27,19 @@ from node.stack.events import FlowClosed, MessageIn
 from node.stack.packet import ACK, RST, SYN, PacketError
 from node.stack.stack import Stack
 from node.takeover import rules, wire
-from node.takeover.adapter import MAX_STREAM, Trigger, addr_text, open_raw_socket, tcp_header
+from node.takeover.adapter import (
+    MAX_STREAM,
+    Link,
+    LinkSocket,
+    Trigger,
+    addr_text,
+    open_raw_socket,
+    tcp_header,
+)
 from node.takeover.policy import Policy, Scrub
 from node.takeover.proxy import Proxy
 from node.takeover.seed import StreamTail, first_ack, seeds
-from node.takeover.tcp import Config, Segment, State
+from node.takeover.tcp import Config, Segment, State, seq_add
 from node.takeover.wire import ack_packet
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,7 @@ class TakeoverEngine:
         self.finished: list[Proxy] = []
         self.stats: Counter[str] = Counter()
         self.sock: socket.socket | None = None
+        self.link: LinkSocket | None = None  # the first segment's way out
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: dict[int, tuple[float, asyncio.TimerHandle]] = {}
         self._dirty: set[Proxy] = set()
@@ -64,11 +73,14 @@ class TakeoverEngine:
         self._dst: dict[bytes, str] = {}
         self._keys: dict[int, tuple[bytes, bytes]] = {}
         self._addrs: dict[int, tuple[tuple[str, int], tuple[str, int]]] = {}
+        self._answered: dict[int, Segment] = {}  # flow id -> the trigger's ACK, sent early
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         if self.sock is None:
             self.sock = open_raw_socket(self.netns)
+        if self.link is None:
+            self.link = LinkSocket(self.netns)
 
     def close(self) -> None:
         for _, h in self._timers.values():
@@ -80,6 +92,9 @@ class TakeoverEngine:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
 
     # ------------------------------------------------------------------ taking over
 
@@ -95,9 +110,9 @@ class TakeoverEngine:
         segments go out before this returns; the flow's set elements follow on the loop."""
         # Acknowledge the trigger at once, from the tracked state alone: every policy consumes
         # it, and the client's stack learns nothing unusual. Then the endpoints.
-        (caddr, cport), (saddr, sport) = flow.orig, flow.resp
-        first = first_ack(flow, seq, len(data), seg.tsval)
-        self._sendto(caddr, ack_packet(saddr, caddr, sport, cport, first))
+        first = self._answered.pop(flow.id, None)
+        if first is None or first.ack != seq_add(seq, len(data)):
+            first = self._ack(flow, seq, len(data), None, seg.tsval)  # the stack's halves
         to_client, to_server = seeds(flow, seq, c2s=c2s, s2c=s2c)
         proxy = Proxy(flow.orig, flow.resp, to_client, to_server, policy or Scrub(), now,
                       config=self.config, idle_timeout=self.idle_timeout, defer_server=True)
@@ -120,6 +135,32 @@ class TakeoverEngine:
         if self.mark_flows and self._loop is not None:
             self._loop.call_soon(self._mark, proxy)
         return proxy
+
+    def answer(self, flow: Flow, seq: int, n: int, ack: int, tsval: int | None,
+               link: Link | None, now: float) -> None:
+        """The trigger's ACK before the stack has even taken its packet (``take_over`` follows
+        and uses it): what the client waits for leaves first, with ``link`` (where the trigger
+        came from) straight back onto that interface."""
+        self._answered[flow.id] = self._ack(flow, seq, n, ack, tsval, link)
+        if len(self._answered) > 64:  # a trigger whose take_over failed leaves one behind
+            self._answered.pop(next(iter(self._answered)))
+
+    def _ack(self, flow: Flow, seq: int, n: int, ack: int | None, tsval: int | None,
+             link: Link | None = None) -> Segment:
+        (caddr, cport), (saddr, sport) = flow.orig, flow.resp
+        first = first_ack(flow, seq, n, tsval, ack)
+        pkt = ack_packet(saddr, caddr, sport, cport, first)
+        if link is not None and self.link is not None:
+            try:
+                self.link.send(pkt, link)
+                self.stats["sent"] += 1
+                self.stats["sent_link"] += 1
+                return first
+            except OSError as exc:
+                self.stats["link_errors"] += 1
+                log.debug("link send: %s", exc)
+        self._sendto(caddr, pkt)
+        return first
 
     def offer(self, payload: bytes, handle: Handle, now: float) -> bool:
         """A queued packet: if it belongs to a taken-over flow, handle it and drop it in the

@@ -38,7 +38,7 @@ from node.kernel.nfqueue import Handle
 from node.kernel.sockets import mark_socket
 from node.stack.conntrack import Flow
 from node.takeover import rules
-from node.takeover.adapter import Trigger
+from node.takeover.adapter import Link, Trigger
 from node.takeover.policy import Policy, Scrub
 from node.takeover.seed import StreamTail, seeds
 from node.takeover.tcp import seq_add, seq_diff
@@ -232,6 +232,10 @@ class RepairEngine:
 
     def offer(self, payload: bytes, handle: Handle, now: float) -> bool:
         return False  # after migration the flow's packets go to the kernel's sockets
+
+    def answer(self, flow: Flow, seq: int, n: int, ack: int, tsval: int | None,
+               link: Link | None, now: float) -> None:
+        """Nothing to send yet: the kernel's socket needs the state with the trigger in it."""
 
     def trigger(self, t: Trigger, handle: Handle, now: float) -> None:
         from node.testbed.netns import Namespace

@@ -14,8 +14,9 @@ import socket
 from collections import Counter
 
 from node.kernel.nfqueue import Handle
+from node.stack.conntrack import Flow
 from node.stack.packet import ACK, RST
-from node.takeover.adapter import Trigger, open_raw_socket
+from node.takeover.adapter import Link, Trigger, open_raw_socket
 from node.takeover.tcp import Segment
 from node.takeover.wire import build
 
@@ -27,6 +28,7 @@ class ResetEngine:
         self.netns = netns
         self.sock: socket.socket | None = None
         self.stats: Counter[str] = Counter()
+        self._answered: int | None = None  # the flow whose resets ``answer`` sent
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.sock is None:
@@ -40,18 +42,30 @@ class ResetEngine:
     def offer(self, payload: bytes, handle: Handle, now: float) -> bool:
         return False
 
+    def answer(self, flow: Flow, seq: int, n: int, ack: int, tsval: int | None,
+               link: Link | None, now: float) -> None:
+        """The resets go out before the stack takes the trigger, as the takeover's ACK does."""
+        self._reset(flow, seq, ack)
+        self._answered = flow.id
+
     def trigger(self, t: Trigger, handle: Handle, now: float) -> None:
         handle.drop()
-        c, s = t.flow.halves
-        (caddr, cport), (saddr, sport) = t.flow.orig, t.flow.resp
+        if self._answered != t.flow.id:
+            self._reset(t.flow, t.seq, t.flow.halves[0].ack)
+        self._answered = None
+        self.stats["reset"] += 1
+
+    def _reset(self, flow: Flow, seq: int, client_ack: int | None) -> None:
+        s = flow.halves[1]
+        (caddr, cport), (saddr, sport) = flow.orig, flow.resp
         assert self.sock is not None
         # To the client first (it is the side that matters for the timing comparison): at what
         # the server sent, and at the client's last ACK if that lags (a delayed ACK).
-        seqs = [x for x in dict.fromkeys((s.next_seq, c.ack)) if x is not None]
-        pkts = [(caddr, build(saddr, caddr, sport, cport, Segment(q, t.seq, RST | ACK, 0)))
+        seqs = [x for x in dict.fromkeys((s.next_seq, client_ack)) if x is not None]
+        pkts = [(caddr, build(saddr, caddr, sport, cport, Segment(q, seq, RST | ACK, 0)))
                 for q in seqs]
         pkts.append((saddr, build(caddr, saddr, cport, sport,
-                                  Segment(t.seq, s.next_seq or 0, RST | ACK, 0))))
+                                  Segment(seq, s.next_seq or 0, RST | ACK, 0))))
         for dst, pkt in pkts:
             try:
                 self.sock.sendto(pkt, (socket.inet_ntoa(dst), 0))
@@ -59,4 +73,3 @@ class ResetEngine:
             except OSError as exc:
                 self.stats["send_errors"] += 1
                 log.debug("reset send: %s", exc)
-        self.stats["reset"] += 1

@@ -40,13 +40,22 @@ def main() -> None:
         engine = ResetEngine(netns=ns.name)
     times: list[tuple[float, float, float]] = []
     last_in = [0.0]
-    inner = engine.trigger
+    answered = [0.0]
+    inner, inner_answer = engine.trigger, engine.answer
+
+    # The engine's work starts where it is first told of the trigger (``answer``, before the
+    # stack takes the packet) and ends when ``trigger`` returns.
+    def answer(*a: Any) -> None:
+        answered[0] = time.time()
+        inner_answer(*a)
 
     def trigger(*a: Any) -> None:
-        t0 = time.time()
+        t0 = answered[0] or time.time()
+        answered[0] = 0.0
         inner(*a)
         times.append((last_in[0], t0, time.time()))
 
+    engine.answer = answer
     engine.trigger = trigger
     node = Node(ns, engine, args.port, detect=starts_with(args.prefix.encode()))
     on_packet = node.queue.queue.on_packet

@@ -132,16 +132,20 @@ def seeds(flow: Flow, trigger_seq: int, *, c2s: StreamTail | None = None,
     return to_client, to_server
 
 
-def first_ack(flow: Flow, seq: int, n: int, tsecr: int | None) -> Segment:
+def first_ack(flow: Flow, seq: int, n: int, tsecr: int | None,
+              client_ack: int | None = None) -> Segment:
     """The ACK of the ``n``-byte trigger message at ``seq``, as the server would send it: at
     the server's next sequence number (``seeds``' ``to_client.snd_nxt``), with its last window
     field and its timestamp clock. Computed from the halves alone, before any seed, so it can go
-    out first; ``Endpoint.sent_ack`` then tells the client-facing endpoint."""
+    out first; ``Endpoint.sent_ack`` then tells the client-facing endpoint. ``client_ack``: the
+    trigger's acknowledgement number when the stack has not taken the trigger yet (else the
+    client half's)."""
     c, s = flow.halves
+    cack = c.ack if client_ack is None else client_ack
     nxt = s.fin_seq if s.fin_seq is not None else (
-        s.next_seq if s.next_seq is not None else (c.ack or 0))
-    if s.fin_seq is None and c.ack is not None and seq_lt(nxt, c.ack):
-        nxt = c.ack
+        s.next_seq if s.next_seq is not None else (cack or 0))
+    if s.fin_seq is None and cack is not None and seq_lt(nxt, cack):
+        nxt = cack
     ts = c.ts_val is not None and s.ts_val is not None
     return Segment(nxt, seq_add(seq, n), ACK, s.window, b"", s.ts_val if ts else None,
                    (tsecr or 0) if ts else None)

@@ -115,6 +115,10 @@ def test_takeover_policies(topo: PathTopo | HostTopo, policy: str) -> None:
         assert counters["EstabResets"] == 0 and counters["OutRsts"] == 0, (side, counters)
         assert counters["RetransSegs"] <= 1, (side, counters)  # no storms (none expected)
     assert engine.stats["send_errors"] == 0
+    # The trigger's ACK went straight back onto the interface the trigger came in on (and the
+    # client took it: it did not resend the exploit).
+    assert engine.stats["sent_link"] == 1 and engine.stats["link_errors"] == 0
+    assert r["client"]["RetransSegs"] == 0, r["client"]
 
 
 def test_bulk_both_ways_through_a_taken_over_connection() -> None:

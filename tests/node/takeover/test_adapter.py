@@ -1,0 +1,47 @@
+"""The takeover queue's header reads on the critical path: the TSval of any option layout,
+and nothing raised by a packet whose options are cut short or malformed."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from node.stack.packet import ACK
+from node.takeover.adapter import tcp_tsval
+from node.takeover.tcp import Segment
+from node.takeover.wire import build
+
+SRC, DST = bytes([10, 77, 1, 2]), bytes([10, 77, 2, 2])
+
+
+def _with_options(options: bytes, payload: bytes = b"x") -> bytes:
+    """An IPv4 TCP packet with these option bytes (padded to a multiple of 4)."""
+    options += b"\0" * (-len(options) % 4)
+    doff = (20 + len(options)) // 4
+    tcp = struct.pack("!HHIIBBHHH", 40000, 8080, 1, 2, doff << 4, ACK, 500, 0, 0) + options
+    total = 20 + len(tcp) + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, 6, 0, SRC, DST)
+    return ip + tcp + payload
+
+
+def test_tsval_of_the_usual_and_other_layouts() -> None:
+    p = build(SRC, DST, 40000, 8080, Segment(1, 2, ACK, 500, b"data", 123456, 7))
+    assert tcp_tsval(p, 20) == 123456
+    ts = struct.pack("!BBII", 8, 10, 0xDEADBEEF, 5)
+    # MSS first, the timestamp option unaligned, then a SACK-permitted option.
+    assert tcp_tsval(_with_options(struct.pack("!BBH", 2, 4, 1460) + ts + b"\x04\x02"),
+                     20) == 0xDEADBEEF
+    assert tcp_tsval(_with_options(b"\x01" + ts), 20) == 0xDEADBEEF
+    assert tcp_tsval(_with_options(b""), 20) is None
+    assert tcp_tsval(_with_options(b"\x00" + ts), 20) is None  # after end-of-options
+
+
+@given(st.binary(max_size=40), st.integers(0, 15), st.integers(0, 44))
+def test_malformed_options_never_raise(options: bytes, doff: int, cut: int) -> None:
+    p = bytearray(_with_options(options, b""))
+    p[32] = doff << 4  # whatever the header claims
+    p = p[:max(40, len(p) - cut)]
+    v = tcp_tsval(bytes(p), 20)
+    assert v is None or 0 <= v < 1 << 32
