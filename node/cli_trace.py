@@ -135,9 +135,10 @@ def _render(console: Any, alert_id: str, n: int, total: int, g: AttackGraph) -> 
               help="Seconds after --at to ask about (clock skew).")
 @click.option("--bind", default="0.0.0.0:0", show_default=True, metavar="HOST:PORT",
               help="Where this command's overlay client listens.")
-@click.option("--timeout", type=click.FloatRange(0.01, 10), default=0.25, show_default=True,
-              help="Seconds to wait for an answer the first time (doubling on each retry).")
-@click.option("--tries", type=click.IntRange(1, 8), default=4, show_default=True)
+@click.option("--timeout", type=click.FloatRange(0.01, 10), default=0.05, show_default=True,
+              help="Seconds to wait for an answer the first time (doubling on each retry; a "
+                   "router that has not met this client answers the first retry).")
+@click.option("--tries", type=click.IntRange(1, 10), default=6, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @CONFIG_OPTION
 @STATE_OPTION

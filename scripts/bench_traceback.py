@@ -143,10 +143,12 @@ def run_testbed(args: argparse.Namespace) -> dict:
                 with net.capture("vic") as cap:
                     net.send_raw(atk, pkt)
                     got, at = wait_for(cap, token)
+                sent = victim.asker.sent
                 g = victim.trace(got, at=at)
                 path = net.path(atk, "vic")
                 r = score(g, net.by_key, path, (HOSTS[atk], f"h-{atk}"))
                 r["hops"] = len(path)
+                r["sent"] = victim.asker.sent - sent
                 if not r["found"]:
                     print(f"not found: {atk} path {path}: got "
                           f"{[[net.by_key(p) for p in pp] for pp in g.paths()]}, ingresses "
@@ -155,6 +157,17 @@ def run_testbed(args: argparse.Namespace) -> dict:
                           f"{g.queries} queries in {g.elapsed_s:.3f} s", file=sys.stderr)
                 results.append(r)
                 time.sleep(rng.uniform(0, 0.05))
+            # Cold: as herdwall alert trace asks, from an overlay client no router has met
+            # (each router answers the retry, after saying hello to it), 6-hop paths.
+            cold = []
+            for i in range(args.cold):
+                with net.querier("vic", KEY, client=True) as client:
+                    atk = SIX_HOP[i % 2]
+                    got, at = net.attack(atk, "vic", spoof="10.77.250.2")
+                    g = client.trace(got, at=at)
+                    r = score(g, net.by_key, net.path(atk, "vic"), (HOSTS[atk], f"h-{atk}"))
+                    r["sent"] = client.asker.sent
+                    cold.append(r)
         finally:
             child.send_signal(signal.SIGTERM)
             child.wait(10)
@@ -186,6 +199,13 @@ def run_testbed(args: argparse.Namespace) -> dict:
         "false_branches": statistics.mean(r["false"] for r in results),
         "extra_edges": statistics.mean(r["extra_edges"] for r in results),
         "queries": statistics.mean(r["queries"] for r in results),
+        # RPCs sent per trace: queries plus retries (a router that had not met the victim's
+        # node yet answers the retry, after its hello), and the first trace's time (cold).
+        "rpcs_sent": statistics.mean(r["sent"] for r in results),
+        "first_trace_s": results[0]["elapsed"] if results else None,
+        "cold_s": statistics.median(r["elapsed"] for r in cold) if cold else None,
+        "cold_found": sum(r["found"] for r in cold) / len(cold) if cold else None,
+        "cold_rpcs_sent": statistics.mean(r["sent"] for r in cold) if cold else None,
         "queue_drops": drops,
     }
 
@@ -290,6 +310,8 @@ def main() -> int:
                     help="slice length, seconds")
     ap.add_argument("--sim-packets", type=int, default=200_000)
     ap.add_argument("--sim-rate", type=float, default=10_000.0)
+    ap.add_argument("--cold", type=int, default=10,
+                    help="traces from a fresh overlay client, as the CLI makes them")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-testbed", action="store_true", help="the sim part only")
     ap.add_argument("--verbose", action="store_true", help="per-router statistics on stderr")
@@ -309,6 +331,11 @@ def main() -> int:
         ("testbed: traceback 6 hops, median s", tb.get("traceback_s")),
         ("testbed: traceback 6 hops, max s", tb.get("traceback_max_s")),
         ("testbed: queries per trace", tb.get("queries")),
+        ("testbed: overlay RPCs sent per trace", tb.get("rpcs_sent")),
+        ("testbed: first trace, s", tb.get("first_trace_s")),
+        ("testbed: cold client (as the CLI), median s", tb.get("cold_s")),
+        ("testbed: cold client, RPCs sent per trace", tb.get("cold_rpcs_sent")),
+        ("testbed: cold client, path found", tb.get("cold_found")),
         ("testbed: path found", tb.get("path_found")),
         ("testbed: false branches per trial", tb.get("false_branches")),
         ("testbed: extra edges per trial", tb.get("extra_edges")),
@@ -339,6 +366,11 @@ def main() -> int:
         "logged_share": round(tb["logged_share"], 4) if tb else None,
         "traceback_max_s": round(tb["traceback_max_s"], 4) if tb.get("traceback_max_s") else None,
         "extra_edges": round(tb["extra_edges"], 3) if tb else None,
+        "rpcs_sent": round(tb["rpcs_sent"], 2) if tb else None,
+        "first_trace_s": round(tb["first_trace_s"], 4) if tb.get("first_trace_s") else None,
+        "cold_s": round(tb["cold_s"], 4) if tb.get("cold_s") else None,
+        "cold_rpcs_sent": round(tb["cold_rpcs_sent"], 2) if tb.get("cold_rpcs_sent") else None,
+        "cold_found": tb.get("cold_found"),
         "trials": tb.get("trials"),
         "queue_drops": tb.get("queue_drops"),
         "bytes_per_packet_sim": round(sim["bytes_per_packet_sim"], 4),

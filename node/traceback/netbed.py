@@ -55,7 +55,7 @@ from node.traceback.config import EDGE, ROUTER, Link, RouterConfig, RouterRef
 from node.traceback.core import RouterCore
 from node.traceback.query import AttackGraph, trace
 from node.traceback.router import RouterService
-from node.traceback.rpc import OverlayAsker, QueryService, query_overlay
+from node.traceback.rpc import OverlayAsker, QueryService, client_key, query_overlay
 from overlay.node import Overlay
 from sca.keys import NodeKey
 
@@ -275,16 +275,19 @@ class RouterNet:
             f.result(60)
 
     @contextlib.contextmanager
-    def querier(self, host: str, key: NodeKey, *, join: bool = True) -> Iterator[Querier]:
-        """The victim's overlay node in ``host``'s namespace, to trace from."""
+    def querier(self, host: str, key: NodeKey, *, client: bool = False) -> Iterator[Querier]:
+        """The victim's overlay node in ``host``'s namespace, joined to the routers' overlay,
+        to trace from; or with ``client``, what ``herdwall alert trace`` runs: an overlay
+        client (identity ``client_key(key)``, a fresh port) that no router has met yet."""
         h = self.hosts[host]
         lt = LoopThread(h.ns.name)
-        overlay = query_overlay(key, (h.addr, OVERLAY_PORT))
+        overlay = query_overlay(client_key(key), (h.addr, 0)) if client else \
+            query_overlay(key, (h.addr, OVERLAY_PORT))
         try:
             lt.run(overlay.start(join=False))
-            if join and self.bootstrap is not None:
+            if not client and self.bootstrap is not None:
                 self._join([(lt, overlay)])
-            yield Querier(lt, overlay, key, self.gateway_of(host))
+            yield Querier(lt, overlay, key, self.gateway_of(host), OverlayAsker(overlay))
         finally:
             with contextlib.suppress(Exception):
                 lt.run(overlay.stop())
@@ -486,11 +489,12 @@ class Querier:
     overlay: Overlay
     key: NodeKey
     gateway: RouterRef
+    asker: OverlayAsker  # ``asker.sent``: RPCs sent so far, retries included
 
     def trace(self, packet: bytes, *, at: float, **kwargs: Any) -> AttackGraph:
         """``query.trace`` from this node, asking over its overlay."""
         return self.loop.run(trace(packet, at=at, key=self.key, gateway=self.gateway,
-                                   ask=OverlayAsker(self.overlay), **kwargs))
+                                   ask=self.asker, **kwargs))
 
 
 def _wait_running(p: subprocess.Popen[bytes], state: Path, out: Path,
