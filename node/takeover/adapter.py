@@ -104,7 +104,7 @@ def tcp_header(p: bytes) -> tuple[bytes, int, int, int, int, int] | None:
     plen = total - ihl - (off >> 4) * 4
     if plen < 0:
         return None
-    return bytes(p[12:20]) + bytes(p[ihl:ihl + 4]), ihl, seq, ack, flags, plen
+    return p[12:20] + p[ihl:ihl + 4], ihl, seq, ack, flags, plen
 
 
 def tcp_tsval(p: bytes, ihl: int) -> int | None:
