@@ -215,11 +215,12 @@ class FilterTable:
     def install(self, filters: Iterable[Filter]) -> list[Compiled]:
         """Install what is not installed yet; returns what was compiled and added."""
         fs = list(filters)
-        current = {i.filter_id for i in self.list()}
+        items = self._ruleset()  # one listing serves both (a listing costs as much as a batch)
+        current = {key for kind, key, _, _ in _entries(items) if kind in ("rule", "elem")}
         new = [f for f in fs if f.filter_id not in current]
         compiled: list[Compiled] = []
         if new:
-            self._apply(self._batch(new, (), self._ruleset(), compiled))
+            self._apply(self._batch(new, (), items, compiled))
         return compiled
 
     def remove(self, filter_ids: Iterable[str]) -> None:

@@ -6,7 +6,7 @@ Detection (a detector node)::
       -> Sampler (bounded, fair, sampled under load)       # node.daemon.sampler
       -> detect lane: worker.detect (taint, generate, verify locally, specific filter)
       -> sign with the node key -> store (verified, with the raw packets)
-      -> install the specific filter -> broadcast(envelope) -> store (forwarded)
+      -> together: install the specific filter | broadcast(envelope) -> store (forwarded)
       -> filters lane (low CPU priority): worker.filters (general filter) -> install
 
 Receiving (every node)::
@@ -296,9 +296,12 @@ class Pipeline:
                       type=alert.type.value, detail=out.detail, detect_ms=round(out.elapsed_ms, 3),
                       candidates=out.tried, packets=len(packets),
                       messages=len(alert.messages))
+        # Together: the alert leaves while this host's own filter goes in (a kernel batch takes
+        # milliseconds that every other host would otherwise wait for too).
+        work = [self._broadcast(aid, envelope)]
         if out.specific is not None:
-            await self.filters.install([out.specific], alert_id=aid)
-        await self._broadcast(aid, envelope)
+            work.append(self.filters.install([out.specific], alert_id=aid))
+        await asyncio.gather(*work)
         if self.general_filters:
             self._spawn(self._general(aid, out.alert), f"filters-{aid[:8]}")
 

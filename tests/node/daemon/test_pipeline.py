@@ -74,9 +74,11 @@ def test_detector_node_alerts_signs_stores_installs_broadcasts(
     assert "specific" in kinds and "general" in kinds
     assert {r.filter_id for r in parts.store.filters(state="installed")} == \
         set(parts.table.installed)
-    # The specific filter went in before the broadcast: the detector protects itself first.
+    # The specific filter went in, and the alert went out, both before the general filter.
     types = parts.types()
-    assert types.index("filter.installed") < types.index("alert.forwarded")
+    general = next(i for i, e in enumerate(parts.events)
+                   if e["event_type"] == "filter.installed" and e.get("kind") == "general")
+    assert types.index("filter.installed") < general and types.index("alert.forwarded") < general
     assert p.dstats.analysed == 2 and p.dstats.detections == 1
 
 
