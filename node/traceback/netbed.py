@@ -62,6 +62,12 @@ from sca.keys import NodeKey
 T = TypeVar("T")
 OVERLAY_PORT = 7400
 FIRST_ID = 101
+# Topologies the tests use: six routers in a row, and nine in a tree below t0 (leaves t4, t5,
+# t7 and t8, up to four hops below it).
+CHAIN6 = [(f"r{i}", f"r{i + 1}") for i in range(1, 6)]
+TREE9 = [("t1", "t0"), ("t2", "t0"), ("t3", "t1"), ("t4", "t1"), ("t5", "t2"), ("t6", "t2"),
+         ("t7", "t3"), ("t8", "t6")]
+TREE9_LEAVES = ["t4", "t5", "t7", "t8"]
 
 
 @dataclass

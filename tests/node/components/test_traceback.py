@@ -1,11 +1,13 @@
-"""The traceback router role in real daemons: six router namespaces in a chain, each running
-``herdwall node run`` with ``[traceback] router = true`` (overlay, NFQUEUE, the component);
-an attacker spoofs its source; the victim's ``herdwall alert trace`` reads the packet its
-store kept with the alert, asks the daemons over the overlay and prints the true path."""
+"""The traceback router role in real daemons: router namespaces in a chain and in a tree, each
+running ``herdwall node run`` with ``[traceback] router = true`` (overlay, NFQUEUE, the
+component); attackers spoof their source; the victim's ``herdwall alert trace`` reads the
+packets its store kept with the alert, asks the daemons over the overlay and prints the true
+ingress and path."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -18,12 +20,11 @@ from node.components.traceback import TracebackComponent, router_config, testbed
 from node.daemon.config import ConfigError, parse_config
 from node.daemon.control import ControlClient
 from node.testbed.netns import Namespace
-from node.traceback.netbed import RouterNet
+from node.traceback.netbed import CHAIN6, TREE9, TREE9_LEAVES, RouterNet
 from sca.keys import NodeKey
 
 VICTIM_KEY = NodeKey.from_private_bytes(b"\x66" * 32)
 ALERT = "5a" * 32
-CHAIN6 = [(f"r{i}", f"r{i + 1}") for i in range(1, 6)]
 
 
 def test_config_section_is_checked(tmp_path: Path) -> None:
@@ -105,3 +106,26 @@ def _trace_through_daemons(net: RouterNet, states: dict[str, Path], tmp_path: Pa
         assert comps["traceback"]["state"] == "running" and st["running"]
         assert st["router_id"] == net.routers[name].router_id
         assert st["forwarded"] > 0 and st["queries"] >= 1
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_daemons_in_a_tree_every_leaf_traced(tmp_path: Path) -> None:
+    """Nine router daemons in a tree; an attacker behind every leaf sends one packet, all
+    spoofing the same source; the victim's alert holds the four packets, and one ``herdwall
+    alert trace --json`` names each packet's own leaf, link and path."""
+    hosts = {f"a{i}": leaf for i, leaf in enumerate(TREE9_LEAVES)} | {"vic": "t0"}
+    with RouterNet(TREE9, hosts, tag="tbe") as net, net.run_daemons(tmp_path / "nodes"):
+        got = [net.attack(f"a{i}", "vic", spoof="10.77.99.99") for i in range(4)]
+        argv = net.victim_node("vic", tmp_path / "vic", VICTIM_KEY, ALERT, [g for g, _ in got],
+                               got[-1][1] + 0.3)
+        out = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        doc = json.loads(out.stdout)
+        assert len(doc["packets"]) == 4
+        ids = {n: r.router_id for n, r in net.routers.items()}
+        for i, (leaf, traced) in enumerate(zip(TREE9_LEAVES, doc["packets"], strict=True)):
+            assert (ids[leaf], f"h-a{i}") in [(x["router_id"], x["link"])
+                                              for x in traced["ingresses"]]
+            assert [ids[r] for r in net.path(f"a{i}", "vic")] in [
+                [h["router_id"] for h in p] for p in traced["paths"]]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from node.traceback.netbed import RouterNet
+from node.traceback.netbed import CHAIN6, TREE9, TREE9_LEAVES, RouterNet
 from node.traceback.query import AttackGraph
 from node.traceback.router import CHAIN
 from sca.keys import NodeKey
@@ -42,9 +42,6 @@ def assert_traced(net: RouterNet, g: AttackGraph, path: list[str], ingress: tupl
     assert path in path_names(net, g)
     assert ingress in ingress_names(net, g)
     assert len(g.ingresses) <= 2
-
-
-CHAIN6 = [(f"r{i}", f"r{i + 1}") for i in range(1, 6)]  # r1 .. r6
 
 
 def test_chain_of_six_spoofed_sources(tmp_path: Path) -> None:
@@ -103,18 +100,14 @@ def test_chain_of_six_spoofed_sources(tmp_path: Path) -> None:
     # put anywhere else (the routers only ever ran inside their namespaces).
 
 
-TREE = [("t1", "t0"), ("t2", "t0"), ("t3", "t1"), ("t4", "t1"), ("t5", "t2"), ("t6", "t2"),
-        ("t7", "t3"), ("t8", "t6")]
-
-
 @pytest.mark.slow
 def test_tree_attackers_at_every_leaf() -> None:
     """Nine routers in a tree, depth up to 4 below the victim's gateway; an attacker behind
     every leaf spoofs the same source (so the source says nothing); each trace names its own
     leaf, link and path."""
-    leaves = ["t4", "t5", "t7", "t8"]
+    leaves = TREE9_LEAVES
     hosts = {f"a{i}": leaf for i, leaf in enumerate(leaves)} | {"vic": "t0", "x": "t3"}
-    with (RouterNet(TREE, hosts, tag="tbt") as net, net.run_routers(),
+    with (RouterNet(TREE9, hosts, tag="tbt") as net, net.run_routers(),
           net.querier("vic", VICTIM_KEY) as q):
         net.noise(300, random.Random(2))
         for i, leaf in enumerate(leaves):
