@@ -275,9 +275,9 @@ class ChainRun:
                       arrivals["det"], relays, via, arrivals)
 
     def settle(self, alert_id: str, since: float, timeout: float = 30.0) -> None:
-        """Until every node that took ``alert_id`` has finished with it in its slow lane (the
-        general filter installed, skipped or failed): samples then start from idle nodes, not
-        behind the previous one's filter generation, which shares the detector's worker."""
+        """Until every node that took ``alert_id`` has finished deriving its general filter
+        (installed, skipped or failed): samples then start from idle nodes, not while the
+        previous one's filter generation takes the CPU."""
         assert self.fleet is not None
         done = ("filter.skipped", "filter.error", "detector.error")
         deadline = time.monotonic() + timeout
