@@ -11,7 +11,10 @@ Each router runs what a daemon with ``[traceback] router = true`` runs: an ``Ove
 to its address (``OVERLAY_PORT``), the router role on NFQUEUE (``RouterService``) and the
 query served on the overlay (``QueryService``), on a loop thread of its own that lives inside
 the router's namespace (so every socket it makes is there). The overlays join through the
-victim side's gateway, as overlay peers do; the querier joins too.
+first router, as overlay peers do; the querier joins too (``client=True``: a fresh client as
+``herdwall alert trace`` runs, which no router has met). ``run_daemons`` runs real
+``herdwall node run`` processes in the routers instead, and ``victim_node`` sets up what the
+victim's node has after a detection (key, store with the alert's packets, config).
 
 Addresses follow the testbed rules (``node.testbed.netns``): all in 10.77.0.0/16; link i is
 10.77.(100+i).0/24 (.1 on the first router named, .2 on the second), host j sits on
@@ -77,7 +80,7 @@ class RouterNode:
     ns: Namespace
     key: NodeKey
     links: list[Link] = field(default_factory=list)
-    addr: str = ""  # where it answers queries (its first link's address)
+    addr: str = ""  # its overlay address (its first link's), where it answers queries
 
     @property
     def ref(self) -> RouterRef:
