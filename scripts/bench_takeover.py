@@ -19,7 +19,8 @@ bulk upload through a taken-over connection (``proxy_down_mbps`` the other way);
 ``forward_mbps`` the same transfer forwarded by the kernel with no node, for scale.
 
 The JSON's ``takeover_us``, ``tcp_repair_us`` and ``speedup`` are the idle node's; the
-``*_loaded_*`` fields the busy node's.
+``*_loaded_*`` fields the busy node's; ``stages_us`` splits both paths' p50s into stages (see the
+table's notes).
 
 Prints a table, then one JSON object on the last line.
 """
@@ -157,18 +158,27 @@ def latency(name: str, n: int, warmup: int, tmp: Path, background: float = 0.0
             srv.close()
     pairs = trigger_times(packets, b"EXPLOIT", client)
     times = stats.get("times", [])
-    us = [(out - inn) * 1e6 for inn, out in pairs][warmup:]
-    queue = [(tq - inn) * 1e6 for (inn, _), (tq, _, _) in zip(pairs, times, strict=False)]
-    work = [(t1 - t0) * 1e6 for _, t0, t1 in times]
+    us = [(o - inn) * 1e6 for inn, o in pairs][warmup:]
+    # Stages: the trigger on the wire -> the queue's callback (kernel, wake-up, binding) ->
+    # the engine first told (header reads, the check) -> the first segment on the wire.
+    staged = list(zip(pairs, times, strict=False))[warmup:]
+    queue = [(tq - inn) * 1e6 for (inn, _), (tq, _, _) in staged]
+    detect = [(t0 - tq) * 1e6 for _, (tq, t0, _) in staged]
+    out = [(o - t0) * 1e6 for (_, o), (_, t0, _) in staged]
+    work = [(t1 - t0) * 1e6 for _, (_, t0, t1) in staged]
+
+    def p50(xs: list[float]) -> float | None:
+        return statistics.median(xs) if xs else None
+
     retrans = [after[k].get("RetransSegs", 0) - before[k].get("RetransSegs", 0)
                for k in (0, 1)]
     rsts = after[0].get("EstabResets", 0) - before[0].get("EstabResets", 0)
     return {
-        "n": len(us), "p50_us": statistics.median(us) if us else None,
+        "n": len(us), "p50_us": p50(us),
         "p90_us": sorted(us)[int(0.9 * (len(us) - 1))] if us else None,
         "min_us": min(us) if us else None,
-        "queue_us": statistics.median(queue[warmup:]) if queue[warmup:] else None,
-        "engine_us": statistics.median(work[warmup:]) if work[warmup:] else None,
+        "queue_us": p50(queue), "detect_us": p50(detect), "out_us": p50(out),
+        "engine_us": p50(work),
         "server_clean": clean, "client_ok": ok, "client_errors": errors,
         "client_resets": rsts, "retrans_client": retrans[0], "retrans_server": retrans[1],
         "iterations": warmup + n, "engine": stats.get("engine", {}),
@@ -250,7 +260,8 @@ def _row(name: str, r: dict[str, Any]) -> str:
 
     it = r["iterations"]
     return (f"{name:<12}{f(r['p50_us']):>9}{f(r['p90_us']):>9}{f(r['min_us']):>9}"
-            f"{f(r['queue_us']):>10}{f(r['engine_us']):>11}"
+            f"{f(r['queue_us']):>8}{f(r['detect_us']):>8}{f(r['out_us']):>8}"
+            f"{f(r['engine_us']):>9}"
             f"{r['server_clean']:>7}/{it:<4}{r['client_ok']:>7}/{it:<4}"
             f"{r['client_resets']:>8}{r['retrans_client']:>6}/{r['retrans_server']:<4}")
 
@@ -276,8 +287,9 @@ def main() -> None:
     down = throughput("down", size)
     fwd = throughput("forward", size)
 
-    head = (f"{'path':<12}{'p50 µs':>9}{'p90 µs':>9}{'min µs':>9}{'queue µs':>10}"
-            f"{'engine µs':>11}{'server ok':>12}{'client ok':>12}{'resets':>8}{'retx c/s':>11}")
+    head = (f"{'path':<12}{'p50 µs':>9}{'p90 µs':>9}{'min µs':>9}{'queue':>8}{'detect':>8}"
+            f"{'out':>8}{'engine':>9}{'server ok':>12}{'client ok':>12}{'resets':>8}"
+            f"{'retx c/s':>11}")
     for bg in conditions:
         rate = max(r["background_rps"] for r in lat[bg].values())
         busy = f"loaded node (a benign client, {rate:.0f} round trips/s)"
@@ -286,9 +298,12 @@ def main() -> None:
         for name in paths:
             print(_row(name, lat[bg][name]))
     print("\ntimed from the trigger arriving on the router's client-facing interface to the first "
-          "segment out to the client\n(tcpdump kernel timestamps); queue = trigger on the wire -> "
-          "engine called (kernel, wake-up, watch stack);\nengine = the engine's whole work (the "
-          "first segment leaves during it). server ok: the server got exactly the benign bytes.")
+          "segment out to the client\n(tcpdump kernel timestamps); stage p50s in µs: queue = "
+          "trigger on the wire -> the queue's callback\n(kernel, wake-up, binding); detect = "
+          "callback -> the engine first told (header reads, the check; the TCP_REPAIR engine\n"
+          "after the stack's bookkeeping, its sockets need the trigger in the state); out = "
+          "engine first told -> first segment\non the wire; engine = the engine's whole work. "
+          "server ok: the server got exactly the benign bytes.")
     print(f"\nbulk {args.bulk_mb} MB through a taken-over connection: up {up['mbps']:.1f} Mbit/s "
           f"(intact={up['intact']}, retx c/s {up['retrans_client']}/{up['retrans_server']}), "
           f"down {down['mbps']:.1f} Mbit/s (intact={down['intact']}, retx c/s "
@@ -319,6 +334,9 @@ def main() -> None:
         "takeover_engine_us": r1(idle["takeover"]["engine_us"]),
         "tcp_repair_engine_us": r1(idle["tcp_repair"]["engine_us"]),
         "queue_us": r1(idle["takeover"]["queue_us"]),
+        "stages_us": {f"{name}{'_loaded' if bg else ''}": {
+            k: r1(lat[bg][name][f"{k}_us"]) for k in ("queue", "detect", "out", "engine")}
+            for bg in conditions for name in ("tcp_repair", "takeover")},
         "proxy_mbps": r1(up["mbps"]), "proxy_down_mbps": r1(down["mbps"]),
         "forward_mbps": r1(fwd["mbps"]),
         "takeover_server_clean": sum(lat[b]["takeover"]["server_clean"] for b in conditions),
