@@ -51,6 +51,7 @@ from node.takeover.tcp import Segment, seq_add, seq_lt
 log = logging.getLogger(__name__)
 
 MAX_STREAM = 64 * 1024  # a filter's condition lies within an alert's 64 KiB
+MAX_BLOCKED = 4096
 
 
 @dataclass(slots=True)
@@ -138,7 +139,8 @@ class TakeoverQueue:
                  max_len: int = 4096, tail_limit: int = 256 * 1024,
                  on_trigger: Callable[[Trigger], None] | None = None) -> None:
         """``filters``: a ``filters.userspace.UserspaceFilters`` (its TCP filters trigger; a
-        filter added later is watched from its port's next SYN); ``detect``: any other trigger;
+        filter added later is watched from its port's next packet on, a connection already open
+        picked up mid-stream); ``detect``: any other trigger;
         ``ports``: the TCP ports watched (the filters' too); ``on_trigger``: told of each flow
         taken over, after the engine has its first segments out."""
         self.engine = engine
@@ -152,6 +154,7 @@ class TakeoverQueue:
         self.tail_limit = tail_limit
         self.tails: dict[int, tuple[StreamTail, StreamTail]] = {}
         self.streams: dict[int, bytes] = {}
+        self.blocked: dict[int, None] = {}  # flows whose trigger was dropped, not taken over
         self.stats: Counter[str] = Counter()
         self.triggers: list[Trigger] = []
         self.netns = netns
@@ -192,9 +195,13 @@ class TakeoverQueue:
             handle.accept()
             return
         key, ihl, seq, ack, flags, plen = hdr
-        if flags & SYN and self.filters is not None:
+        if self.filters is not None:
             self._watch_new(key)
         fd = self.stack.tcp.table.get(key)
+        if plen and fd is not None and fd.dir == 0 and fd.flow.id in self.blocked:
+            self.stats["blocked"] += 1  # its message was dropped: nothing more to the server
+            handle.drop()
+            return
         # The next in-order chunk of a client's stream is checked before the stack takes the
         # packet: it is exactly what the stack would deliver, and on a match the engine can
         # answer the client from the tracked state at once (the stack's bookkeeping follows).
@@ -206,7 +213,7 @@ class TakeoverQueue:
                 checked = True
                 data = payload[len(payload) - plen:]
                 early = self._check_chunk(fd.flow, data)
-                if early is not None:
+                if early is not None and fd.flow.halves[1].next_seq is not None:
                     self.engine.answer(fd.flow, seq, plen, ack, tcp_tsval(payload, ihl),
                                        link_of(handle), now)
         events = self.stack.handle(payload, now)
@@ -225,6 +232,7 @@ class TakeoverQueue:
             elif type(e) is FlowClosed:
                 self.tails.pop(e.flow_id, None)
                 self.streams.pop(e.flow_id, None)
+                self.blocked.pop(e.flow_id, None)
         if fd is not None:
             drop |= self._track(fd.dir, fd.flow, payload, ihl, seq, ack, flags, plen, events)
         if drop:
@@ -234,11 +242,12 @@ class TakeoverQueue:
             handle.accept()
 
     def _watch_new(self, key: bytes) -> None:
-        """A filter installed since the queue started: its port's flows are tracked from their
-        handshake on (a flow must be seen from its SYN to be taken over)."""
+        """A filter installed since the queue started: its port's flows are tracked from now on
+        (from the handshake, or picked up mid-stream by the stack)."""
+        protected = self.stack.protected_tcp
         for port in (int.from_bytes(key[8:10], "big"), int.from_bytes(key[10:12], "big")):
-            if port not in self.stack.protected_tcp and (6, port) in self.filters:
-                self.stack.protected_tcp.add(port)
+            if port not in protected and (6, port) in self.filters:
+                protected.add(port)
 
     def _tails(self, flow: Flow) -> tuple[StreamTail, StreamTail]:
         tails = self.tails.get(flow.id)
@@ -286,6 +295,13 @@ class TakeoverQueue:
               handle: Handle, now: float) -> None:
         """The trigger: the stack has taken its packet, so the client half's fields are its."""
         self.stats["triggers"] += 1
+        if flow.halves[1].next_seq is None:
+            # Picked up at the trigger itself: nothing seen of the server, nothing to speak for
+            # it with. The message is dropped all the same; the client resends it, and by then
+            # the server may have shown its state (a flow of a filter installed mid-connection).
+            self.stats["unseeded_drops"] += 1
+            self._block(flow, handle)
+            return
         tails = self._tails(flow)
         c = flow.halves[0]
         fin = FIN if c.fin_seq is not None and c.fin_seq == seq_add(seq, len(data)) else 0
@@ -299,14 +315,23 @@ class TakeoverQueue:
             self.engine.trigger(t, handle, now)
         except Exception:
             # The message is known bad: whatever failed, it must not reach the server (the
-            # queue's fail-open default would forward it). The client will resend it, and it
-            # triggers again.
+            # queue's fail-open default would forward it).
             self.stats["trigger_errors"] += 1
             log.exception("takeover of flow %d failed", flow.id)
-            handle.drop()
+            self._block(flow, handle)
             return
         if self.on_trigger is not None:
             self.on_trigger(t)
+
+    def _block(self, flow: Flow, handle: Handle) -> None:
+        """Drop the trigger and every later client segment with data: the stack has counted
+        the message as delivered, so the client's resend of it would pass unchecked. The
+        connection stalls (the server never acknowledges it) instead of carrying it."""
+        handle.drop()
+        self.streams.pop(flow.id, None)
+        self.blocked[flow.id] = None
+        if len(self.blocked) > MAX_BLOCKED:  # flows that vanished without a close event
+            self.blocked.pop(next(iter(self.blocked)))
 
     def _check(self, flow: Flow, data: bytes, stream: bytes) -> Any:
         if self.detect is not None:

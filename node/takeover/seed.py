@@ -91,6 +91,15 @@ def _scaled(h: TcpHalf) -> int:
     return h.window << (h.shift or 0)
 
 
+def _edge(h: TcpHalf) -> int | None:
+    """The right edge ``h`` last advertised; for a flow picked up mid-stream (shift unknown)
+    its lower bound, the raw window from its last ACK (the real one is that times 2**shift):
+    data past it is cut and resent rather than taken beyond what we know was offered."""
+    if h.right_edge is not None or h.ack is None:
+        return h.right_edge
+    return seq_add(h.ack, h.window)
+
+
 def seeds(flow: Flow, trigger_seq: int, *, c2s: StreamTail | None = None,
           s2c: StreamTail | None = None) -> tuple[Seed, Seed]:
     """``(to_client, to_server)`` for ``flow`` taken over at ``trigger_seq``: the sequence
@@ -111,7 +120,7 @@ def seeds(flow: Flow, trigger_seq: int, *, c2s: StreamTail | None = None,
             a_snd_nxt = a_snd_una
     to_client = Seed(
         snd_una=a_snd_una, snd_nxt=a_snd_nxt, rcv_nxt=trigger_seq,
-        snd_wnd=_scaled(c), snd_shift=c.shift, rcv_shift=s.shift, rcv_adv=s.right_edge,
+        snd_wnd=_scaled(c), snd_shift=c.shift, rcv_shift=s.shift, rcv_adv=_edge(s),
         rcv_raw=s.window, mss=_mss(c.mss, ts),
         ts_val=s.ts_val if ts else None, ts_recent=c.ts_val if ts else None,
         unacked=s2c.span(a_snd_una, a_snd_nxt) if s2c is not None else None,
@@ -124,7 +133,7 @@ def seeds(flow: Flow, trigger_seq: int, *, c2s: StreamTail | None = None,
         b_snd_nxt = b_snd_una
     to_server = Seed(
         snd_una=b_snd_una, snd_nxt=b_snd_nxt, rcv_nxt=s_next,
-        snd_wnd=_scaled(s), snd_shift=s.shift, rcv_shift=c.shift, rcv_adv=c.right_edge,
+        snd_wnd=_scaled(s), snd_shift=s.shift, rcv_shift=c.shift, rcv_adv=_edge(c),
         rcv_raw=c.window, mss=_mss(s.mss, ts),
         ts_val=c.ts_val if ts else None, ts_recent=s.ts_val if ts else None,
         unacked=c2s.span(b_snd_una, b_snd_nxt) if c2s is not None else None,

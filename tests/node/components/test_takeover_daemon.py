@@ -142,3 +142,32 @@ def test_daemon_respond_policy_replies_and_closes(topo: PathTopo, tmp_path: Path
     # The server saw the benign line and an ordinary end of stream.
     assert bytes(conn.received) == BEFORE and conn.eof and conn.error is None
     assert delta(after, before, "EstabResets")["EstabResets"] == 0
+
+
+def test_a_connection_open_before_the_filters_is_taken_over_mid_stream(
+        topo: PathTopo, tmp_path: Path, exploit: bytes) -> None:
+    """The filters come while a connection is open: the takeover queue picks it up mid-stream
+    (no handshake seen, window scale unknown) and still takes it over at the exploit."""
+    node = _node(topo, tmp_path, "scrub")
+    srv = LineServer(topo.server, topo.server_addr, PORT)
+    try:
+        node.start()
+        node.wait_ready()
+        c = _connect(topo)
+        c.sendall(BEFORE)
+        got = recv_until(c, b"ok 1\n")
+        _filters_from_detection(node, exploit)
+        c.sendall(BEFORE)  # now through the takeover queue, which picks the flow up
+        got += recv_until(c, b"ok 2\n")
+        c.sendall(exploit)
+        time.sleep(0.3)
+        c.sendall(AFTER)
+        got += recv_until(c, b"ok 3\n")
+        c.close()
+        conn = srv.wait(1, 10)[0]
+        _event(node, "takeover.started")
+    finally:
+        node.stop()
+        srv.close()
+    assert got == b"ok 1\nok 2\nok 3\n"
+    assert bytes(conn.received) == BEFORE + BEFORE + AFTER and conn.error is None

@@ -299,6 +299,42 @@ def test_reset_baseline_kills_the_connection() -> None:
     assert r["client"]["EstabResets"] == 1  # type: ignore[index]
 
 
+class _FailingEngine(TakeoverEngine):
+    """A takeover that fails at the trigger (whatever the cause)."""
+
+    def answer(self, *a: object) -> None:
+        pass
+
+    def trigger(self, *a: object) -> None:
+        raise RuntimeError("no takeover this time")
+
+
+def test_a_failed_takeover_still_keeps_the_message_and_its_resends_from_the_server() -> None:
+    """The stack counts the trigger as delivered, so the client's resend of it must not pass
+    unchecked: the flow's later client data is dropped (the connection stalls, no reset)."""
+    with PathTopo("tkf") as t:
+        engine = _FailingEngine(netns=t.node.name)
+        node = Node(t.node, engine, PORT, detect=starts_with(b"EXPLOIT"))
+        srv = LineServer(t.server, t.server_addr, PORT)
+        try:
+            c = _client(t)
+            c.sendall(BEFORE)
+            got = recv_until(c, b"ok 1\n")
+            c.sendall(EXPLOIT)
+            time.sleep(1.5)  # several retransmissions of the exploit
+            c.sendall(AFTER)
+            time.sleep(0.5)
+            c.close()
+            stats = node.queue.stats
+        finally:
+            node.close()
+            srv.close()
+        conn = srv.conns[0]
+    assert got == b"ok 1\n"
+    assert bytes(conn.received) == BEFORE  # neither the exploit, nor its resends, nor after
+    assert stats["trigger_errors"] == 1 and stats["blocked"] >= 2
+
+
 def test_no_namespaces_left_behind() -> None:
     import os
 
