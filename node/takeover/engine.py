@@ -28,6 +28,7 @@ from node.stack.packet import ACK, RST, SYN, PacketError
 from node.stack.stack import Stack
 from node.takeover import rules, wire
 from node.takeover.adapter import (
+    MAX_BLOCKED,
     MAX_STREAM,
     Link,
     LinkSocket,
@@ -310,6 +311,7 @@ class TakeoverGate:
         self.stack = stack
         self.flag = flag
         self.streams: dict[int, bytes] = {}
+        self.blocked: dict[int, None] = {}  # flows whose takeover failed at the trigger
         self.stats: Counter[str] = Counter()
 
     def __call__(self, packet: bytes, events: list[Any]) -> bool:
@@ -317,9 +319,16 @@ class TakeoverGate:
         now = loop.time() if loop is not None else 0.0
         if self.engine.consume(packet, now):
             return True
+        if self.blocked:
+            hdr = tcp_header(packet)
+            fd = self.stack.tcp.table.get(hdr[0]) if hdr is not None and hdr[5] else None
+            if fd is not None and fd.dir == 0 and fd.flow.id in self.blocked:
+                self.stats["blocked"] += 1
+                return True
         for e in events:
             if type(e) is FlowClosed:
                 self.streams.pop(e.flow_id, None)
+                self.blocked.pop(e.flow_id, None)
             if type(e) is not MessageIn or e.message.connection is None:
                 continue
             hdr = tcp_header(packet)
@@ -340,7 +349,12 @@ class TakeoverGate:
                 self.engine.take_over(flow, e.seq, data, seg, now, policy=policy)
                 self.stats["taken_over"] += 1
             except Exception:
+                # As on the takeover queue: the stack counted the message as delivered, so
+                # the flow's later client data is dropped (its resend would pass unchecked).
                 self.stats["errors"] += 1
                 log.exception("takeover of flow %d failed", flow.id)
+                self.blocked[flow.id] = None
+                if len(self.blocked) > MAX_BLOCKED:
+                    self.blocked.pop(next(iter(self.blocked)))
             return True  # the trigger never reaches the server
         return False
