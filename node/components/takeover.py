@@ -6,7 +6,9 @@ packets to the takeover queue, where a ``TakeoverQueue`` tracks every flow from 
 checks each new in-order chunk of a client's stream against the node's user-space filters (all
 TCP filters are, under this action), and at the first match hands the flow to the
 ``TakeoverEngine``: the trigger packet never reaches the server, the connection goes on through
-a user-level endpoint pair with the configured policy (``[takeover] policy``).
+a user-level endpoint pair with the configured policy (``[takeover] policy``). IPv6 flows are
+checked the same way but not taken over: a match is dropped and the flow's later client data
+with it.
 
 Each takeover is a ``takeover.started`` event (flow, filter, policy) and each finished one a
 ``takeover.finished`` (bytes removed, inserted, how it ended); ``status()`` counts them for

@@ -14,6 +14,11 @@
    (the client resends it; with SACK that costs one round trip);
 4. everything else is accepted at once.
 
+A trigger that cannot be taken over (the engine failed; a flow picked up at the trigger with
+nothing seen of the server; IPv6, which the engines do not speak) is dropped and its flow
+*blocked*: its later client data is dropped too, since the stack counted the message as
+delivered and would let a resend of it through unchecked.
+
 ``engine.TakeoverEngine`` is herdwall's takeover (``proxy.Proxy`` per flow, segments out through
 a raw socket marked ``TAKEOVER_OWN``, timers on the loop); ``repair.RepairEngine`` and
 ``reset.ResetEngine`` are the baselines, driven by the same queue and trigger.
@@ -40,9 +45,9 @@ from typing import Any, Protocol
 
 from node.kernel.nfqueue import Handle, QueueAdapter
 from node.kernel.sockets import mark_socket
-from node.stack.conntrack import Flow
+from node.stack.conntrack import Flow, flow_key
 from node.stack.events import Drop, FlowClosed, MessageIn
-from node.stack.packet import ACK, FIN, RST, SYN
+from node.stack.packet import ACK, FIN, RST, SYN, PacketError, parse_ipv6
 from node.stack.stack import Stack, StackConfig
 from node.takeover import rules
 from node.takeover.seed import StreamTail
@@ -191,12 +196,15 @@ class TakeoverQueue:
             return
         hdr = tcp_header(payload)
         if hdr is None:
+            if payload[:1] and payload[0] >> 4 == 6:
+                self._ipv6(payload, handle, now)
+                return
             self.stats["not_tcp"] += 1
             handle.accept()
             return
         key, ihl, seq, ack, flags, plen = hdr
         if self.filters is not None:
-            self._watch_new(key)
+            self._watch_new(key[8:10], key[10:12])
         fd = self.stack.tcp.table.get(key)
         if plen and fd is not None and fd.dir == 0 and fd.flow.id in self.blocked:
             self.stats["blocked"] += 1  # its message was dropped: nothing more to the server
@@ -241,13 +249,55 @@ class TakeoverQueue:
         else:
             handle.accept()
 
-    def _watch_new(self, key: bytes) -> None:
+    def _watch_new(self, *ports: bytes) -> None:
         """A filter installed since the queue started: its port's flows are tracked from now on
         (from the handshake, or picked up mid-stream by the stack)."""
         protected = self.stack.protected_tcp
-        for port in (int.from_bytes(key[8:10], "big"), int.from_bytes(key[10:12], "big")):
+        for raw in ports:
+            port = int.from_bytes(raw, "big")
             if port not in protected and (6, port) in self.filters:
                 protected.add(port)
+
+    def _ipv6(self, payload: bytes, handle: Handle, now: float) -> None:
+        """The engines speak IPv4 only: an IPv6 flow is tracked and checked like any other,
+        but a match is dropped and the flow blocked instead of taken over (the message never
+        reaches the server; the connection stalls)."""
+        try:
+            ip = parse_ipv6(payload)
+        except PacketError:
+            ip = None
+        if ip is None or ip.proto != 6 or len(ip.payload) < 20:
+            self.stats["not_tcp"] += 1
+            handle.accept()
+            return
+        tcp = ip.payload
+        if self.filters is not None:
+            self._watch_new(tcp[0:2], tcp[2:4])
+        key = flow_key(ip.src, ip.dst, (tcp[0] << 8) | tcp[1], (tcp[2] << 8) | tcp[3])
+        data_len = len(tcp) - (tcp[12] >> 4) * 4
+        fd = self.stack.tcp.table.get(key)
+        if data_len > 0 and fd is not None and fd.dir == 0 and fd.flow.id in self.blocked:
+            self.stats["blocked"] += 1
+            handle.drop()
+            return
+        events = self.stack.handle(payload, now)
+        fd = fd or self.stack.tcp.table.get(key)
+        drop = False
+        for e in events:
+            if type(e) is MessageIn and fd is not None and fd.dir == 0:
+                if self._check_chunk(fd.flow, e.message.data) is not None:
+                    self.stats["ipv6_blocked"] += 1
+                    self._block(fd.flow, handle)
+                    return
+            elif type(e) is Drop:
+                drop = True
+            elif type(e) is FlowClosed:
+                self.streams.pop(e.flow_id, None)
+                self.blocked.pop(e.flow_id, None)
+        if drop:
+            handle.drop()
+        else:
+            handle.accept()
 
     def _tails(self, flow: Flow) -> tuple[StreamTail, StreamTail]:
         tails = self.tails.get(flow.id)
