@@ -118,3 +118,29 @@ def test_ipv6_flows_are_checked_and_a_match_blocked_not_taken_over() -> None:
         assert q.stats["ipv6_blocked"] == 1 and q.stats["blocked"] == 2
     finally:
         loop.close()
+
+
+@given(st.lists(st.one_of(
+    st.binary(max_size=120),
+    st.builds(lambda b, d: _v6(C6, S6, 40000, 8080, 1, 2, b[0] if b else 0x10, d),
+              st.binary(max_size=1), st.binary(max_size=40)),
+    st.builds(lambda f, d: build(SRC, DST, 40000, 8080, Segment(1, 2, f, 500, d, 1, 2)),
+              st.sampled_from([0x02, 0x10, 0x11, 0x18, 0x04]), st.binary(max_size=40))),
+    max_size=20))
+def test_any_packet_gets_a_verdict_and_nothing_raises(packets: list[bytes]) -> None:
+    import asyncio
+
+    from node.takeover.adapter import TakeoverQueue
+    from node.takeover.engine import TakeoverEngine
+    from node.takeover.harness import starts_with
+
+    loop = asyncio.new_event_loop()
+    try:
+        q = TakeoverQueue(TakeoverEngine(), detect=starts_with(b"EXPLOIT"), ports={8080},
+                          loop=loop)
+        for p in packets:
+            h = _Verdicts()
+            q._on_packet(p, h)  # type: ignore[arg-type]
+            assert h.verdict in ("accept", "drop")
+    finally:
+        loop.close()
