@@ -64,6 +64,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
+from bisect import bisect_left
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -313,6 +314,7 @@ class BroadcastCore:
         self._groups: dict[int, list[Contact]] = {}
         self._group_bits = 0  # bit p set: some contact in group p
         self._by_addr: dict[Addr, Contact] = {}
+        self._sorted: dict[int, tuple[list[int], list[Contact]]] = {}
         self._strikes: OrderedDict[str, int] = OrderedDict()
         self._banned: OrderedDict[str, float] = OrderedDict()
         self.ae = AntiEntropy(cfg.ae_interval, cfg.ae_window, self.rng, now)
@@ -609,6 +611,14 @@ class BroadcastCore:
         return [Send(a, wire.encode(Ack(aid, status))) for a in p.announcers]
 
     def _on_ack(self, addr: Addr, ack: Ack, now: float) -> list[Action]:
+        aid = ack.alert_id
+        if (aid not in self._delegations and aid not in self._pending
+                and self._good.get(aid, now) is None and self._bad.get(aid, now) is None):
+            # Nodes acknowledge only what we announced, and we hold what we announce for
+            # ``seen_ttl``: an acknowledgement of an id we never heard of is made up.
+            self.stats["ack_unknown"] += 1
+            self._strike(addr[0], now)
+            return []
         if ack.status is AckStatus.TAKEN:
             self._taken(ack.alert_id, addr, now)
             return []
@@ -704,17 +714,23 @@ class BroadcastCore:
                     uncovered |= 1 << g
             # Its groups above ``j`` lie inside our group ``j`` (it is on that side of us).
             high = mask >> (j + 1) << (j + 1) if j < lim else 0
+            if high and j in groups:
+                keys, members = self._sorted_group(j)
+                # A group deeper than the most bits any of our contacts shares with it holds
+                # none of them; the others are id ranges, looked up by bisection.
+                i = bisect_left(keys, x)
+                k = i + 1 if i < len(keys) and keys[i] == x else i  # not the node itself
+                deepest = max(prefix_len(x, keys[i - 1]) if i else 0,
+                              prefix_len(x, keys[k]) if k < len(keys) else 0)
+                for g in _bits(high & ((2 << deepest) - 1)):
+                    shift = 159 - g
+                    lo = ((x >> shift) ^ 1) << shift
+                    a, b = bisect_left(keys, lo), bisect_left(keys, lo + (1 << shift))
+                    if a < b:
+                        chosen.setdefault((g + 1, lo >> shift), members[a:b])
+                        high &= ~(1 << g)
             if high:
-                inside: dict[int, list[Contact]] = {}
-                for c in groups.get(j, ()):
-                    g = prefix_len(x, c.key())
-                    if high >> g & 1:
-                        inside.setdefault(g, []).append(c)
-                for g, cs in inside.items():
-                    chosen.setdefault(region(x, g), cs)
-                    high &= ~(1 << g)
-                if high:
-                    left.append((node_id, high))
+                left.append((node_id, high))
         if not chosen:
             return []
         refs = tuple(left[:wire.MAX_REFS])
@@ -753,6 +769,15 @@ class BroadcastCore:
         out += [(node_id, int.from_bytes(node_id, "big"), m) for node_id, m in ann.refs if m]
         return out
 
+    def _sorted_group(self, p: int) -> tuple[list[int], list[Contact]]:
+        """Group ``p``'s ids in order, with its contacts in the same order (kept with the
+        grouping, made when first asked for)."""
+        found = self._sorted.get(p)
+        if found is None:
+            members = sorted(self._groups[p], key=Contact.key)
+            found = self._sorted[p] = ([c.key() for c in members], members)
+        return found
+
     def _grouped(self) -> dict[int, list[Contact]]:
         """Contacts by prefix group, recomputed only when the adapter hands over a new list
         (it hands over the same list object while its routing table is unchanged)."""
@@ -766,6 +791,7 @@ class BroadcastCore:
             self._group_source, self._groups = contacts, groups
             self._group_bits = sum(1 << p for p in groups)
             self._by_addr = {c.addr: c for c in contacts}
+            self._sorted = {}
         return self._groups
 
     def _launch(self, d: _Delegation, now: float) -> list[Action]:

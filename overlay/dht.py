@@ -282,6 +282,7 @@ class HardenedProtocol(KademliaProtocol):
         self._hello_buckets = KeyedBuckets(config.hello_rate)
         self._hellos: dict[Addr, asyncio.Future[bytes | None]] = {}
         self._expected: dict[bytes, tuple[Addr, float]] = {}
+        self._expired: OrderedDict[bytes, None] = OrderedDict()  # requests that timed out
         # Called with each RPC round trip (seconds): the broadcast core's timeout learns from it.
         self.on_rtt: Callable[[float], None] | None = None
         self.stats: Counter[str] = Counter()
@@ -415,6 +416,15 @@ class HardenedProtocol(KademliaProtocol):
         if len(data) <= _HEAD:
             return False
         msg_id = data[1:_HEAD]
+        if kind == RPC_RESPONSE:
+            # Checked before parsing, so a reply to nothing we asked costs no unpacking. A late
+            # reply to a request that timed out is an honest node's; one to an id this node
+            # never sent (20 random bytes nobody can guess) is junk, and counts toward a ban.
+            expected = self._expected.get(msg_id)
+            if expected is None or expected[0] != addr:
+                late = msg_id in self._expired
+                self.stats["rx_late_response" if late else "rx_unexpected_response"] += 1
+                return late or expected is not None
         try:
             obj = mpack.unpackb(data[_HEAD:])
         except mpack.MpackError:
@@ -444,10 +454,7 @@ class HardenedProtocol(KademliaProtocol):
         return True
 
     def _response(self, msg_id: bytes, obj: object, addr: Addr) -> bool:
-        expected = self._expected.get(msg_id)
-        if expected is None or expected[0] != addr:
-            self.stats["rx_unexpected_response"] += 1
-            return True
+        expected = self._expected[msg_id]  # checked in _rpc_datagram
         entry = self._outstanding.pop(msg_id, None)
         del self._expected[msg_id]
         if entry is None:
@@ -475,7 +482,10 @@ class HardenedProtocol(KademliaProtocol):
         return future
 
     def _timeout(self, msg_id: bytes) -> None:
-        self._expected.pop(msg_id, None)
+        if self._expected.pop(msg_id, None) is not None:
+            self._expired[msg_id] = None
+            while len(self._expired) > self.config.max_peers:
+                self._expired.popitem(last=False)
         entry = self._outstanding.pop(msg_id, None)
         if entry is not None and not entry[0].done():
             entry[0].set_result((False, None))

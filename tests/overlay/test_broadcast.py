@@ -387,6 +387,17 @@ def test_announcement_flood_is_rate_limited_before_parsing() -> None:
     assert not core.banned(newer[0], 20.0)
 
 
+def test_acknowledging_made_up_ids_is_a_strike() -> None:
+    """Nodes acknowledge only what was announced to them; acknowledgements of ids this node
+    never heard of are made up: three and the sender is banned."""
+    core = BroadcastCore(b"\x05" * 20, lambda: [], BroadcastConfig())
+    liar = ("10.0.0.77", 1)
+    for i in range(3):
+        core.on_datagram(liar, wire.encode(Ack(bytes([i]) * 32, AckStatus.TAKEN)), 1.0)
+    assert core.stats["ack_unknown"] == 3
+    assert core.banned(liar[0], 1.0)
+
+
 def test_hostile_datagrams_never_raise() -> None:
     core = BroadcastCore(b"\x04" * 20, lambda: [], BroadcastConfig(
         announce_rate=BroadcastConfig().announce_rate.__class__(1e9, 1e9)))

@@ -701,3 +701,38 @@ def test_many_processes(alerts, prefix) -> None:
         finally:
             await cluster.close()
     asyncio.run(main())
+
+
+def test_replies_to_requests_never_made_count_toward_a_ban(prefix, verifier, run) -> None:
+    """A reply to a request id this node never sent is junk (three and the address is banned)
+    and costs no parsing; a late reply to a request of ours that timed out is not."""
+    cfg = OverlayConfig(dht=DhtConfig(rpc_timeout=0.2))
+
+    async def main() -> None:
+        node = Overlay(NodeKey.generate(), bind=addr(prefix, 0), verify=verifier.verify,
+                       config=cfg)
+        await node.start(join=False)
+        slow, junk = _udp((f"127.{prefix}.9.1", PORT)), _udp((f"127.{prefix}.9.2", PORT))
+        slow.settimeout(2.0)
+        try:
+            assert node.server.protocol is not None
+            asked = node.server.protocol.ping(slow.getsockname(), node.node_id)
+            request, _ = await asyncio.to_thread(slow.recvfrom, 2000)
+            assert (await asked) == (False, None)  # timed out
+            slow.sendto(b"\x01" + request[1:21] + mpack.packb(b"\x07" * 20), node.address)
+            for _ in range(3):
+                junk.sendto(b"\x01" + random.randbytes(20) + mpack.packb(b"\x07" * 20),
+                            node.address)
+            await asyncio.sleep(0.3)
+            stats = node.stats()
+            assert stats.get("dht.rx_late_response") == 1
+            assert stats.get("dht.rx_unexpected_response") == 3
+            assert node.core is not None
+            now = asyncio.get_running_loop().time()
+            assert node.core.banned(junk.getsockname()[0], now)
+            assert not node.core.banned(slow.getsockname()[0], now)
+        finally:
+            slow.close()
+            junk.close()
+            await node.stop()
+    run(main())
