@@ -8,7 +8,16 @@ loop, the flows' elements in ``takeover_flows``. It is driven by a ``adapter.Tak
 
 On a trigger the client's ACK goes out first, straight from the tracked state (``seed.first_ack``
 in one ``struct`` call), then the client-facing endpoint, then the server-facing one: the
-server-facing set-up and the flow's set elements are off the critical path.
+server-facing set-up and the flow's set elements are off the critical path. The takeover queue
+calls ``answer`` before its stack has even taken the trigger packet, and that ACK goes back
+onto the interface the trigger came in on, to the MAC address it came from
+(``adapter.LinkSocket``: no routing, no netfilter hooks on the way out); the raw socket is the
+fallback (a trigger sent by this host, or a link send that fails).
+
+Where the time goes (``scripts/bench_takeover.py``'s stages, p50s on a shared 2-core VM): from
+the trigger on the wire to the queue's Python callback 60-90 µs on a busy node, 150-185 µs on
+an idle one (the kernel's queue path plus waking a sleeping process, shared with every engine);
+header reads and the check 25-60 µs; the engine to the ACK on the wire 35-45 µs.
 """
 
 from __future__ import annotations
