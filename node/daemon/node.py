@@ -26,6 +26,7 @@ import contextlib
 import ipaddress
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,11 +48,12 @@ from .control import CommandError, ControlServer
 from .events import EventBus, EventLog, Record
 from .filters import FilterBackend, FilterManager, table_action
 from .pipeline import Broadcast, Pipeline
-from .pools import ExecutorFactory, Pools, process_executor
+from .pools import Pools
 from .store import Store, StoreRunner
 
 TICK_S = 0.5
 MAX_IDS = 10_000
+GIL_SWITCH_S = 0.0005
 
 
 def version() -> str:
@@ -114,12 +116,10 @@ class Node:
     ``build_components``)."""
 
     def __init__(self, config: Config, *, filter_backend: Any = "auto",
-                 components: ComponentFactory | None = None,
-                 executor_factory: ExecutorFactory = process_executor) -> None:
+                 components: ComponentFactory | None = None) -> None:
         self.config = config
         self._backend_choice = filter_backend
         self._factory = components or build_components
-        self._executor_factory = executor_factory
         self.state = "new"
         self.started_at = 0.0
         self.key: NodeKey | None = None
@@ -228,8 +228,7 @@ class Node:
         await self.filters.reconcile()
         self.pools = Pools(cfg.services.manifests, fast_workers=cfg.verifier.workers,
                            detect_workers=cfg.detector.workers,
-                           filter_workers=cfg.filters.workers, detectors=cfg.detector.enabled,
-                           factory=self._executor_factory)
+                           filter_workers=cfg.filters.workers, detectors=cfg.detector.enabled)
         await self.pools.warm()
         self.pipeline = Pipeline(
             key=self.key, images=self.images, pools=self.pools, db=self.db, bus=self.bus,
@@ -307,6 +306,10 @@ class Node:
 
     async def run(self) -> None:
         """Start, run until SIGTERM/SIGINT (or ``request_stop``), stop."""
+        # The loop shares the GIL with the store's, the kernel's and the pools' threads; at the
+        # default 5 ms switch interval every hand-over to the loop (a verdict back from the
+        # pool, a committed write) could wait that long, on every hop of an alert.
+        sys.setswitchinterval(GIL_SWITCH_S)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)

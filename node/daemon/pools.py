@@ -8,31 +8,34 @@
   workers run at a lower CPU priority (nice 10), so on a busy host the kernel gives the CPU to
   detection and verification first; a general filter is a refinement and can wait.
 
-Workers come from a ``forkserver`` that has imported ``node.daemon.worker`` once: forking the
-daemon itself would copy its threads' locks (store, nft, metrics) mid-use. Each worker boots
-its sandboxes in the initializer (``worker.init``) and keeps them.
+Each worker is a process of its own from a ``forkserver`` that has imported
+``node.daemon.worker`` once (forking the daemon itself would copy its threads' locks: store, nft,
+metrics, mid-use), joined to the daemon by a pipe that the event loop watches: a job is one
+pickled message out and one back, about 0.1 ms, where ``concurrent.futures``' process pool takes
+0.5-1 ms through its feeder and manager threads, on every hop of every alert. Each worker boots
+its sandboxes once in ``worker.init`` and keeps them.
 
-A worker that dies (a crash in the emulator on hostile input) breaks its pool; the lane is
-rebuilt and the job reported as failed. A job past its timeout is abandoned and its lane
-rebuilt, killing the stuck process: the sandbox has its own budgets, so this is the last line.
+A worker that dies (a crash in the emulator on hostile input) is replaced and its job reported
+as failed. A job past its timeout is abandoned and its worker killed and replaced: the sandbox
+has its own budgets, so this is the last line. A job whose caller gave up (cancelled) runs to
+its end; its worker takes the next job once the stale answer is read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import multiprocessing
+import multiprocessing.connection
+import pickle
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, TypeVar
 
 from . import worker
 
 T = TypeVar("T")
-
-ExecutorFactory = Callable[[str, int, list[str], bool, int], concurrent.futures.Executor]
 
 FILTERS_NICE = 10  # general-filter workers yield the CPU to detection and verification
 
@@ -41,68 +44,156 @@ class JobFailed(RuntimeError):
     """A pool job did not finish: its worker died or it ran past its timeout."""
 
 
-def process_executor(lane: str, workers: int, manifests: list[str], detectors: bool,
-                     nice: int) -> concurrent.futures.Executor:
+class _Died(Exception):
+    pass
+
+
+def _context() -> Any:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["node.daemon.worker"])
-    return concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=worker.init,
-        initargs=(manifests, detectors, nice))
+    return ctx
 
 
-def _kill(executor: concurrent.futures.Executor) -> None:
-    # ProcessPoolExecutor cannot cancel a running job; its processes are killed instead.
-    procs = getattr(executor, "_processes", None) or {}
-    for p in list(procs.values()):
+class _Worker:
+    """One sandbox process and the parent's end of its pipe."""
+
+    def __init__(self, lane: str, args: tuple[Any, ...]) -> None:
+        ctx = _context()
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker.serve, args=(child, *args), daemon=True,
+                                name=f"herdwall-{lane}")
+        self.proc.start()
+        child.close()
+        self.answer: asyncio.Future[Any] | None = None
+        self.stale = False  # its caller gave up: the next answer is thrown away
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self, lane: Lane) -> None:
+        """Have the running loop read the answer (registered per job: a pool outlives loops
+        in tools and tests)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.conn.fileno(), self.readable, lane)
+
+    def unwatch(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self.conn.fileno())
+            self._loop = None
+
+    def readable(self, lane: Lane) -> None:
+        self.unwatch()
+        try:
+            kind, value = self.conn.recv()
+        except (EOFError, OSError, pickle.UnpicklingError) as e:
+            lane.detach(self)
+            if self.answer is not None and not self.answer.done():
+                self.answer.set_exception(_Died(repr(e)))
+            return
+        if self.stale:
+            self.stale = False
+            lane.release(self)
+            return
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_result((kind, value))
+
+    def kill(self) -> None:
         with contextlib.suppress(Exception):
-            p.kill()
-    with contextlib.suppress(Exception):
-        executor.shutdown(wait=False, cancel_futures=True)
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        with contextlib.suppress(Exception):
+            self.proc.join(1)
 
 
 class Lane:
     def __init__(self, name: str, workers: int, manifests: list[str], detectors: bool,
-                 factory: ExecutorFactory, nice: int = 0) -> None:
+                 nice: int = 0) -> None:
         self.name = name
         self.workers = workers
-        self._args = (name, workers, manifests, detectors, nice)
-        self._factory = factory
-        self.executor = factory(*self._args)
+        self._args = (manifests, detectors, nice)
+        self._idle: list[_Worker] = []
+        self._all: set[_Worker] = set()
+        self._waiting: deque[asyncio.Future[_Worker]] = deque()
         self.busy = 0
         self.done = 0
         self.failures = 0
         self.restarts = 0
+        for _ in range(workers):
+            self._spawn()
 
-    def _rebuild(self, broken: concurrent.futures.Executor) -> None:
-        if broken is self.executor:
-            _kill(broken)
-            self.executor = self._factory(*self._args)
-            self.restarts += 1
+    def _spawn(self) -> None:
+        w = _Worker(self.name, self._args)
+        self._all.add(w)
+        self.release(w)
+
+    def release(self, w: _Worker) -> None:
+        """``w`` is free: hand it to the longest waiting job, else keep it idle."""
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_result(w)
+                return
+        self._idle.append(w)
+
+    def detach(self, w: _Worker) -> None:
+        """``w`` is gone (died or killed): stop watching it and start another in its place."""
+        if w not in self._all:
+            return
+        self._all.discard(w)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(w)
+        w.unwatch()
+        w.kill()
+        self.restarts += 1
+        self._spawn()
+
+    async def _acquire(self) -> _Worker:
+        if self._idle:
+            return self._idle.pop()
+        fut: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
+        self._waiting.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(fut.result())  # handed over just as we gave up: pass it on
+            raise
 
     async def run(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
-        executor = self.executor
+        w = await self._acquire()
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        w.answer = answer
         self.busy += 1
         try:
-            fut = asyncio.wrap_future(executor.submit(fn, *args))
             try:
-                result = await asyncio.wait_for(fut, timeout)
+                w.watch(self)
+                w.conn.send((fn, args))
+                kind, value = await asyncio.wait_for(answer, timeout)
             except TimeoutError:
                 self.failures += 1
-                self._rebuild(executor)
+                self.detach(w)
                 raise JobFailed(f"{self.name} lane: job ran past {timeout} s; "
                                 "its worker was stopped") from None
-            except BrokenProcessPool:
+            except (_Died, OSError, ValueError):
                 self.failures += 1
-                self._rebuild(executor)
-                raise JobFailed(f"{self.name} lane: a sandbox worker died; lane restarted"
-                                ) from None
+                self.detach(w)
+                raise JobFailed(f"{self.name} lane: a sandbox worker died; "
+                                "it was replaced") from None
+            except asyncio.CancelledError:
+                if w in self._all:
+                    w.stale = True  # it is still working: its answer frees it
+                raise
             self.done += 1
-            return result
+            self.release(w)
+            if kind != "ok":
+                raise value  # what the job itself raised, in the worker
+            return value  # type: ignore[no-any-return]
         finally:
             self.busy -= 1
+            w.answer = None
 
     async def warm(self) -> list[int]:
-        """Start every worker (the initializer boots its sandboxes); their pids."""
+        """Wait until every worker is up (the initializer boots its sandboxes); their pids."""
         return list(await asyncio.gather(*(self.run(worker.ping, timeout=120)
                                            for _ in range(self.workers))))
 
@@ -111,18 +202,28 @@ class Lane:
                 "failures": self.failures, "restarts": self.restarts}
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.executor.shutdown(wait=True, cancel_futures=True)
+        for w in list(self._all):
+            w.unwatch()
+            with contextlib.suppress(Exception):
+                w.conn.send(None)  # asks it to exit
+            with contextlib.suppress(Exception):
+                w.conn.close()
+        for w in list(self._all):
+            w.proc.join(5)
+            if w.proc.is_alive():
+                w.kill()
+        self._all.clear()
+        self._idle.clear()
 
 
 class Pools:
     def __init__(self, manifests: Sequence[Path | str], *, fast_workers: int = 1,
-                 detect_workers: int = 1, filter_workers: int = 1, detectors: bool = False,
-                 factory: ExecutorFactory = process_executor) -> None:
+                 detect_workers: int = 1, filter_workers: int = 1,
+                 detectors: bool = False) -> None:
         paths = [str(m) for m in manifests]
-        self.fast = Lane("fast", fast_workers, paths, False, factory)
-        self.detect = Lane("detect", detect_workers, paths, True, factory) if detectors else None
-        self.filters = Lane("filters", filter_workers, paths, False, factory, nice=FILTERS_NICE)
+        self.fast = Lane("fast", fast_workers, paths, False)
+        self.detect = Lane("detect", detect_workers, paths, True) if detectors else None
+        self.filters = Lane("filters", filter_workers, paths, False, nice=FILTERS_NICE)
 
     def lanes(self) -> list[Lane]:
         return [lane for lane in (self.fast, self.detect, self.filters) if lane is not None]

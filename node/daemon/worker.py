@@ -14,6 +14,8 @@ CPU part of the pipeline.
 from __future__ import annotations
 
 import os
+import pickle
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -105,6 +107,29 @@ def init(manifests: list[str], detectors: bool, nice: int = 0) -> None:
                 _state.detector(img.name)
         except Exception:
             pass  # the job that needs it reports the error
+
+
+def serve(conn: Any, manifests: list[str], detectors: bool, nice: int) -> None:
+    """A pool worker's life (``node.daemon.pools``): boot, then answer jobs from the pipe,
+    ``(fn, args)`` -> ``("ok", result)`` or ``("err", exception)``, until it closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the daemon: it stops us
+    init(manifests, detectors, nice)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        fn, args = job
+        try:
+            answer: tuple[str, Any] = ("ok", fn(*args))
+        except Exception as e:
+            answer = ("err", e)
+        try:
+            conn.send(answer)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            conn.send(("err", RuntimeError(f"{fn!r}: its answer cannot be sent back: {e!r}")))
 
 
 def _st() -> _State:

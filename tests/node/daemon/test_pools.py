@@ -1,0 +1,95 @@
+"""The sandbox lanes' process handling with real worker processes (no services loaded: the jobs
+here are plain functions): queueing past the worker count, a dead worker, a job past its timeout,
+a caller that gives up, and what a job raises."""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import os
+import time
+
+import pytest
+
+from node.daemon.pools import JobFailed, Lane
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def lane():  # type: ignore[no-untyped-def]
+    lane = Lane("test", 2, [], False)
+    yield lane
+    lane.close()
+
+
+def test_jobs_past_the_worker_count_wait_their_turn(lane: Lane) -> None:
+    async def main() -> list[int]:
+        pids = await lane.warm()
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        results = await asyncio.gather(*(lane.run(pow, 2, i, timeout=30) for i in range(20)))
+        assert results == [2 ** i for i in range(20)]
+        return pids
+
+    run(main())
+    assert lane.done >= 22 and lane.busy == 0 and lane.failures == 0
+
+
+def test_a_dead_worker_is_replaced_and_its_job_fails(lane: Lane) -> None:
+    async def main() -> None:
+        with pytest.raises(JobFailed, match="died"):
+            await lane.run(os._exit, 3, timeout=30)
+        # both workers still answer, the new one included
+        pids = await asyncio.gather(*(lane.run(os.getpid, timeout=60) for _ in range(2)))
+        assert len(set(pids)) == 2
+
+    run(main())
+    assert lane.restarts == 1 and lane.failures == 1
+
+
+def test_a_job_past_its_timeout_is_stopped(lane: Lane) -> None:
+    async def main() -> None:
+        before = set(await lane.warm())
+        with pytest.raises(JobFailed, match="ran past"):
+            await lane.run(time.sleep, 30, timeout=0.3)
+        after = set(await asyncio.gather(*(lane.run(os.getpid, timeout=60) for _ in range(2))))
+        assert len(after - before) == 1  # the stuck worker was replaced
+
+    run(main())
+    assert lane.restarts == 1
+
+
+def test_a_caller_that_gives_up_leaves_the_worker_usable() -> None:
+    lane = Lane("test", 1, [], False)
+    try:
+        async def main() -> None:
+            pid = (await lane.warm())[0]
+            slow = asyncio.ensure_future(lane.run(time.sleep, 0.3, timeout=30))
+            await asyncio.sleep(0.05)
+            slow.cancel()
+            # the next job waits for the stale answer, then gets the same worker
+            assert await lane.run(os.getpid, timeout=30) == pid
+
+        run(main())
+        assert lane.restarts == 0
+    finally:
+        lane.close()
+
+
+def test_what_a_job_raises_comes_back(lane: Lane) -> None:
+    async def main() -> None:
+        with pytest.raises(ZeroDivisionError):
+            await lane.run(divmod, 1, 0, timeout=30)
+        with pytest.raises(RuntimeError, match="cannot be sent back"):
+            await lane.run(_thread.allocate_lock, timeout=30)  # a lock does not pickle
+        assert await lane.run(abs, -4, timeout=30) == 4
+
+    run(main())
+    assert lane.restarts == 0
+
+
+def test_a_pool_serves_one_event_loop_after_another(lane: Lane) -> None:
+    for i in range(3):
+        assert run(lane.run(abs, -i, timeout=30)) == i
