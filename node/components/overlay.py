@@ -44,4 +44,7 @@ class OverlayComponent:
         return [PeerInfo(p.node_id.hex(), p.addr[0], p.addr[1]) for p in self.overlay.peers()]
 
     def status(self) -> dict[str, Any]:
-        return {"peers": len(self._peers())}
+        # The overlay's counters (datagrams, fetches, acknowledgement timeouts, drops, bans):
+        # what an operator looks at when alerts arrive late or not at all.
+        stats = self.overlay.stats() if self.overlay is not None else {}
+        return {"peers": len(self._peers()), "stats": stats}
