@@ -281,7 +281,8 @@ class TakeoverQueue:
             handle.drop()
             return
         events = self.stack.handle(payload, now)
-        fd = fd or self.stack.tcp.table.get(key)
+        if fd is None:
+            fd = self.stack.tcp.table.get(key)
         drop = False
         for e in events:
             if type(e) is MessageIn and fd is not None and fd.dir == 0:
@@ -346,9 +347,9 @@ class TakeoverQueue:
         """The trigger: the stack has taken its packet, so the client half's fields are its."""
         self.stats["triggers"] += 1
         if flow.halves[1].next_seq is None:
-            # Picked up at the trigger itself: nothing seen of the server, nothing to speak for
-            # it with. The message is dropped all the same; the client resends it, and by then
-            # the server may have shown its state (a flow of a filter installed mid-connection).
+            # Picked up at the trigger itself (a filter installed mid-connection, the server
+            # silent since): nothing seen of the server to speak for it with. The message is
+            # dropped all the same and the flow blocked.
             self.stats["unseeded_drops"] += 1
             self._block(flow, handle)
             return
