@@ -660,7 +660,12 @@ class BroadcastCore:
         cfg = self.cfg
         if self._srtt is None:
             return cfg.ack_timeout
-        return min(cfg.max_ack_timeout, max(cfg.ack_timeout, self._srtt + 4 * self._rttvar))
+        # TCP's RTO, but never past twice the smoothed delay: there a spurious timeout costs a
+        # congestion collapse, here one more announcement, while waiting too long on a dead
+        # contact holds up its whole subtree (a noisy history, such as the RPCs of a crowded
+        # join, would otherwise keep the deviation term high long after).
+        wait = min(self._srtt + 4 * self._rttvar, 2 * self._srtt)
+        return min(cfg.max_ack_timeout, max(cfg.ack_timeout, wait))
 
     def _ack_timeout(self, alert_id: bytes, addr: Addr, token: int, now: float
                      ) -> list[Action]:
