@@ -25,11 +25,11 @@ enter it at two different nodes, once each, and different alerts enter at differ
 When a contact does not acknowledge in time (or answers that it will not
 forward), the next contact of that replica's ranks (``r + 2``, ``r + 4``, ...) takes its place,
 so the two copies' fallbacks stay apart too. "In time" adapts like TCP's retransmission
-timeout: the smoothed acknowledgement delay plus four times its deviation, between
-``ack_timeout`` and ``max_ack_timeout``, so a node whose peers are slow (or a test machine
-running a thousand nodes in one process) does not hand subtrees around for nothing. A node
-forwards each (replica, range) once; a later announcement with a wider range makes it hand
-over only the groups it has not handed over yet.
+timeout: the smoothed acknowledgement delay plus four times its deviation (but at most twice
+the delay), between ``ack_timeout`` and ``max_ack_timeout``, so a node whose peers are slow
+(or a test machine running a thousand nodes in one process) does not hand subtrees around for
+nothing. A node forwards each (replica, range) once; a later announcement with a wider range
+makes it hand over only the groups it has not handed over yet.
 
 Sparse tables. A node hands over only its own groups, so where the sender knew nobody in a
 group (a chain of nodes that each know only their neighbours) that part of the id space would
