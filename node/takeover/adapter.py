@@ -41,7 +41,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from node.kernel.nfqueue import Handle, QueueAdapter
 from node.kernel.sockets import mark_socket
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 MAX_STREAM = 64 * 1024  # a filter's condition lies within an alert's 64 KiB
 MAX_BLOCKED = 4096
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -396,7 +397,7 @@ class TakeoverQueue:
         return None
 
 
-def _in_netns(netns: str | None, make: Callable[[], socket.socket]) -> socket.socket:
+def _in_netns(netns: str | None, make: Callable[[], T]) -> T:
     if netns is None:
         return make()
     from node.testbed.netns import Namespace
@@ -420,6 +421,8 @@ def open_raw_socket(netns: str | None) -> socket.socket:
 
 
 SIOCGIFNAME = 0x8910
+SIOCGIFHWADDR = 0x8927
+ARPHRD_ETHER = 1
 ETH_P_IP = 0x0800
 
 Link = tuple[int, bytes]  # (interface index, next hop's MAC address)
@@ -435,19 +438,31 @@ def link_of(handle: Handle) -> Link | None:
 
 
 class LinkSocket:
-    """An ``AF_PACKET`` datagram socket in ``netns``: an IPv4 packet straight onto an interface,
-    to a MAC address, past the node's routing and netfilter hooks (which would only pass it:
-    the node's own segments are untracked and never queued). The first segment of a takeover
-    goes back the way the trigger came, to the hop it came from; a send-only socket (protocol 0
-    receives nothing)."""
+    """``AF_PACKET`` sockets in ``netns``: an IPv4 packet straight onto an interface, to a MAC
+    address, past the node's routing and netfilter hooks (which would only pass it: the node's
+    own segments are untracked and never queued). The first segment of a takeover goes back the
+    way the trigger came, to the hop it came from. Each Ethernet interface there at the start
+    gets a raw socket bound to it, with our MAC in a ready link header (one ``send``); another
+    goes through a datagram socket that names it (the kernel resolves the name and builds the
+    header on every send). Send-only sockets (protocol 0 receives nothing)."""
 
     def __init__(self, netns: str | None) -> None:
-        def make() -> socket.socket:
+        def make() -> tuple[socket.socket, dict[int, tuple[socket.socket, bytes]]]:
             s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
             s.setblocking(False)
-            return s
+            bound: dict[int, tuple[socket.socket, bytes]] = {}
+            for ifindex, name in socket.if_nameindex():
+                hw = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR,
+                                 struct.pack("16s", name.encode()).ljust(40, b"\0"))
+                if struct.unpack_from("=H", hw, 16)[0] != ARPHRD_ETHER:  # sa_family
+                    continue
+                b = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+                b.setblocking(False)
+                b.bind((name, 0))
+                bound[ifindex] = (b, bytes(hw[18:24]) + ETH_P_IP.to_bytes(2, "big"))
+            return s, bound
 
-        self.sock = _in_netns(netns, make)
+        self.sock, self._bound = _in_netns(netns, make)
         self._names: dict[int, str] = {}
 
     def _name(self, ifindex: int) -> str:
@@ -462,7 +477,14 @@ class LinkSocket:
 
     def send(self, packet: bytes, link: Link) -> None:
         """Raises OSError (the caller falls back to the raw socket)."""
-        self.sock.sendto(packet, (self._name(link[0]), ETH_P_IP, 0, 0, link[1]))
+        bound = self._bound.get(link[0])
+        if bound is not None:
+            bound[0].send(link[1] + bound[1] + packet)
+        else:
+            self.sock.sendto(packet, (self._name(link[0]), ETH_P_IP, 0, 0, link[1]))
 
     def close(self) -> None:
         self.sock.close()
+        for b, _ in self._bound.values():
+            b.close()
+        self._bound.clear()
