@@ -15,9 +15,9 @@ onto the interface the trigger came in on, to the MAC address it came from
 fallback (a trigger sent by this host, or a link send that fails).
 
 Where the time goes (``scripts/bench_takeover.py``'s stages, p50s on a shared 2-core VM): from
-the trigger on the wire to the queue's Python callback 60-90 µs on a busy node, 150-185 µs on
+the trigger on the wire to the queue's Python callback 55-75 µs on a busy node, 95-195 µs on
 an idle one (the kernel's queue path plus waking a sleeping process, shared with every engine);
-header reads and the check 25-60 µs; the engine to the ACK on the wire 35-45 µs.
+header reads and the check 25-70 µs; the engine to the ACK on the wire 25-35 µs.
 """
 
 from __future__ import annotations
