@@ -642,11 +642,12 @@ _COMMANDS = {
 def teardown(*, netns: str | None = None) -> dict[str, Any]:
     """Remove everything herdwall put in the kernel: table ``inet herdwall`` (filters, the
     stack's and the throttle's chains and sets) and the static NFQUEUE rules."""
+    from node.kernel.marks import ALL_QUEUES
     from node.kernel.nft import NftTable
     from node.kernel.queue_rules import QueueRules
 
     table = NftTable(netns=netns).teardown()
-    rules = QueueRules(netns=netns).remove()
+    rules = QueueRules(netns=netns, queues=ALL_QUEUES).remove()
     return {"table_removed": table, "queue_rules_removed": rules}
 
 

@@ -13,7 +13,8 @@ Receiving (every node)::
 
     on_overlay_alert(envelope_bytes, from_peer) -> Decision
       -> decode the envelope, check the signature, decode the alert   (on the loop: cheap)
-      -> known? the stored verdict stands (no sandbox run, no second forward)
+      -> known? the standing verdict (kept in memory; else read from the store while the
+         sandbox already runs) stands: no second forward
       -> fast lane: worker.verify (own sandbox) -> store verified/refuted + the verdict
       -> verified: install the specific filter, Decision(forward=True); general filter later
       -> refuted or forged: stored as refuted, never forwarded
@@ -35,6 +36,7 @@ import contextlib
 import inspect
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +60,7 @@ Broadcast = Callable[[bytes], Awaitable[Any] | Any]
 # Refutation reasons that depend on the moment, not on the alert: not remembered.
 TRANSIENT = frozenset({"budget-exhausted", "error", "timeout"})
 MAX_SUBMIT_MESSAGES = 64
+MAX_VERDICTS = 20_000  # standing verdicts kept in memory (ids and states: ~5 MB at most)
 MAX_SUBMIT_BYTES = 256 * 1024
 
 
@@ -136,6 +139,7 @@ class Pipeline:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._consumers: list[asyncio.Task[Any]] = []
         self._inflight: dict[str, asyncio.Future[VerifyOutcome]] = {}
+        self._verdicts: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._active = 0
         self._closing = False
 
@@ -292,6 +296,7 @@ class Pipeline:
                       envelope=envelope, signer=self.node_id, signed_at=self.clock(),
                       packets=packets,
                       verification=(True, "verified", out.verify_detail, out.verify_ms))
+        self._remember(aid, "verified", out.verify_detail)
         self.bus.emit("alert.detected", alert_id=aid, service=alert.service_name,
                       type=alert.type.value, detail=out.detail, detect_ms=round(out.elapsed_ms, 3),
                       candidates=out.tried, packets=len(packets),
@@ -317,6 +322,7 @@ class Pipeline:
             self.bus.emit("alert.broadcast_error", alert_id=aid, error=repr(e))
             return
         await self.db(self.db.store.set_alert_state, aid, "forwarded")
+        self._remember(aid, "forwarded")
         self.bus.emit("alert.forwarded", alert_id=aid, origin="detected")
 
     async def _general(self, aid: str, alert_bytes: bytes) -> None:
@@ -369,14 +375,27 @@ class Pipeline:
 
     async def _known(self, aid: str) -> tuple[str, str] | None:
         """A verdict that stands for this alert: (state, reason), or None to verify it."""
+        hit = self._verdicts.get(aid)
+        if hit is not None:
+            return hit
         row = await self.db(self.db.store.alert, aid)
         if row is None:
             return None
-        if row.state in ("verified", "forwarded"):
-            return row.state, row.reason
-        if row.state == "refuted" and row.reason not in TRANSIENT | {"bad-signature"}:
-            return row.state, row.reason
-        return None
+        self._remember(aid, row.state, row.reason)
+        return self._verdicts.get(aid)
+
+    def _remember(self, aid: str, state: str, reason: str | None = None) -> None:
+        """Keep a verdict that stands (a refutation for lack of budget or for a bad signature
+        does not: it may pass later), the most recent ``MAX_VERDICTS``. ``reason`` None: the
+        one already kept (a state change such as verified -> forwarded)."""
+        if reason is None:
+            reason = self._verdicts.get(aid, ("", "verified"))[1]
+        if state in ("verified", "forwarded") or (
+                state == "refuted" and reason not in TRANSIENT | {"bad-signature"}):
+            self._verdicts[aid] = (state, reason)
+            self._verdicts.move_to_end(aid)
+            while len(self._verdicts) > MAX_VERDICTS:
+                self._verdicts.popitem(last=False)
 
     async def on_overlay_alert(self, envelope_bytes: bytes, from_peer: object = None, *,
                                origin: str = "overlay") -> Decision:
@@ -424,7 +443,19 @@ class Pipeline:
                        peer: str | None, origin: str = "overlay",
                        envelope_bytes: bytes | None = None) -> Decision:
         alert_bytes = envelope.alert_bytes if envelope is not None else encode_alert(alert)
-        known = await self._known(aid)
+        # The sandbox starts while the store looks for a standing verdict: both are on the path
+        # of every hop, and an alert met before is rare here (the overlay drops repeats), so a
+        # wasted run costs less than waiting for the store first.
+        known = self._verdicts.get(aid)  # reached or read by this process: no wait
+        verifying = None
+        if known is None:
+            verifying = (asyncio.ensure_future(self._verify(alert_bytes, aid))
+                         if alert.service_id in self.by_id else None)
+            try:
+                known = await self._known(aid)
+            except BaseException:
+                _abandon(verifying)
+                raise
         env_fields: dict[str, Any] = {}
         if envelope is not None:
             # decode_envelope accepted only the canonical encoding: the bytes as received are
@@ -435,6 +466,7 @@ class Pipeline:
                   "service": alert.service_name, "type": alert.type.value,
                   "alert": alert_bytes, "origin": origin, "from_peer": peer}
         if known is not None:
+            _abandon(verifying)
             state, reason = known
             self.vstats.cached += 1
             await self.db(self.db.store.record_alert, state=state, reason=reason, **common,
@@ -442,8 +474,8 @@ class Pipeline:
             self.bus.emit("alert.duplicate", alert_id=aid, state=state, from_peer=peer)
             return Decision(aid, "verified" if state == "forwarded" else state, False, reason,
                             duplicate=True)
-        if alert.service_id in self.by_id:
-            out = await self._verify(alert_bytes, aid)
+        if verifying is not None:
+            out = await verifying
         else:  # not a service of ours: no sandbox can tell, no need to ask the pool
             out = VerifyOutcome(aid, False, "unknown-service", "not protected here", 0.0)
         if out.reason == "unknown-service":
@@ -456,6 +488,7 @@ class Pipeline:
         await self.db(self.db.store.record_alert, state=state, reason=out.reason, **common,
                       **env_fields,
                       verification=(out.verified, out.reason, out.detail, out.elapsed_ms))
+        self._remember(aid, state, out.reason)
         self.bus.emit(f"alert.{state}", alert_id=aid, service=alert.service_name,
                       type=alert.type.value, reason=out.reason, detail=out.detail,
                       verify_ms=round(out.elapsed_ms, 3), from_peer=peer,
@@ -472,6 +505,7 @@ class Pipeline:
 
     async def mark_forwarded(self, alert_id: str) -> None:
         await self.db(self.db.store.set_alert_state, alert_id, "forwarded")
+        self._remember(alert_id, "forwarded")
         self.bus.emit("alert.forwarded", alert_id=alert_id, origin="overlay")
 
     # --- the overlay.Overlay hooks ----------------------------------------------------------
@@ -500,6 +534,7 @@ class Pipeline:
                       state="forwarded", reason=row.reason if row else "verified",
                       envelope=envelope.encode(), signer=envelope.node_id.hex(),
                       signed_at=envelope.signed_at_s)
+        self._remember(aid, "forwarded")
         self.bus.emit("alert.forwarded", alert_id=aid, origin="overlay",
                       signer=envelope.node_id.hex())
 
@@ -530,6 +565,13 @@ class Pipeline:
             "services": [{"name": i.name, "proto": i.proto, "port": i.port,
                           "service_id": i.service_id.hex()} for i in self.images.values()],
         }
+
+
+def _abandon(task: asyncio.Future[Any] | None) -> None:
+    """Let a verification nobody waits for any more finish on its own (other copies of the
+    same alert may be waiting on it), its outcome read so that nothing warns about it."""
+    if task is not None:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def _packets_for(alert: Alert, job: Job) -> list[bytes]:

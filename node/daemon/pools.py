@@ -66,19 +66,19 @@ class _Worker:
         child.close()
         self.answer: asyncio.Future[Any] | None = None
         self.stale = False  # its caller gave up: the next answer is thrown away
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.watching: asyncio.AbstractEventLoop | None = None
 
     def watch(self, lane: Lane) -> None:
         """Have the running loop read the answer (registered per job: a pool outlives loops
         in tools and tests)."""
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.conn.fileno(), self.readable, lane)
+        self.watching = asyncio.get_running_loop()
+        self.watching.add_reader(self.conn.fileno(), self.readable, lane)
 
     def unwatch(self) -> None:
-        if self._loop is not None:
+        if self.watching is not None:
             with contextlib.suppress(Exception):
-                self._loop.remove_reader(self.conn.fileno())
-            self._loop = None
+                self.watching.remove_reader(self.conn.fileno())
+            self.watching = None
 
     def readable(self, lane: Lane) -> None:
         self.unwatch()
@@ -150,6 +150,12 @@ class Lane:
     async def _acquire(self) -> _Worker:
         if self._idle:
             return self._idle.pop()
+        # A worker whose abandoned job was left to a loop that has ended since (a tool or test
+        # running one loop after another) is read from this one instead.
+        loop = asyncio.get_running_loop()
+        for w in self._all:
+            if w.stale and w.watching is not loop:
+                w.watch(self)
         fut: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
         self._waiting.append(fut)
         try:

@@ -33,8 +33,11 @@ Q_THROTTLE = 1
 Q_TRACE = 2
 Q_TAKEOVER = 3
 
-# Mark value -> queue number: what node.kernel.queue_rules installs.
+# Mark value -> queue number: what node.kernel.queue_rules installs by default.
 QUEUES: dict[int, int] = {QUEUE_STACK: Q_STACK, QUEUE_THROTTLE: Q_THROTTLE}
+# Every queue any part of herdwall may install a rule for (the takeover and traceback
+# components add theirs): what `herdwall node teardown` removes.
+ALL_QUEUES: dict[int, int] = {**QUEUES, QUEUE_TRACE: Q_TRACE, QUEUE_TAKEOVER: Q_TAKEOVER}
 
 
 def with_mark(current: int, value: int) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from node.kernel.queue_rules import QueueRules
 from sca.codec import alert_id_hex
 from sca.envelope import decode_envelope
 from sca.services import traffic
@@ -146,8 +147,14 @@ def test_detector_daemon_end_to_end(netns: Any, daemon_factory: Any, tmp_path: P
     assert [a["alert_id"] for a in d.request("alerts")] == [aid]
     d.stop()
 
-    # Teardown removes everything herdwall put in the kernel.
+    # Teardown removes everything herdwall put in the kernel, the queue rules that the
+    # takeover and traceback components add included.
+    from node.kernel.marks import Q_TAKEOVER, Q_TRACE, QUEUE_TAKEOVER, QUEUE_TRACE
+    QueueRules(netns=netns.name, queues={QUEUE_TAKEOVER: Q_TAKEOVER}).install()
+    QueueRules(netns=netns.name, queues={QUEUE_TRACE: Q_TRACE}, chains=("FORWARD",),
+               tools=("iptables",)).install()
     out = ok(d.cli("node", "teardown"))
+    assert QueueRules(netns=netns.name).present() == []
     assert "removed table inet herdwall" in out
     assert kernel_filters(d) == set()
     assert "herdwall" not in netns.run("nft", "list", "tables").stdout

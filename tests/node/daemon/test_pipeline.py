@@ -129,8 +129,12 @@ def test_receiving_node_verifies_installs_and_forwards_once(
         first = await p.on_overlay_alert(env, ("10.77.0.1", 7400))
         second = await p.on_overlay_alert(env, ("10.77.0.2", 7400))
         await p.idle(60)
+        assert p.vstats.runs == 1  # the second copy met the verdict kept in memory
         if first.forward:
             await p.mark_forwarded(first.alert_id)
+        # After a restart the verdict comes from the store: still not forwarded twice.
+        again = await pipeline(parts, images, pools).on_overlay_alert(env, ("10.77.0.3", 7400))
+        assert (again.state, again.forward, again.duplicate) == ("verified", False, True)
         return first, second
 
     first, second = run(main())
@@ -139,7 +143,7 @@ def test_receiving_node_verifies_installs_and_forwards_once(
     assert (second.state, second.forward, second.duplicate) == ("verified", False, True)
     row = parts.store.alert(aid)
     assert row is not None and row.state == "forwarded" and row.from_peer == "10.77.0.1:7400"
-    assert row.envelope == env and row.seen_count == 2
+    assert row.envelope == env and row.seen_count == 3
     assert len(parts.store.verifications(aid)) == 1  # the copy was not re-verified
     assert {f.kind for f in parts.table.installed.values()} == {"specific", "general"}
 
@@ -239,8 +243,10 @@ def test_operator_removed_filter_does_not_come_back(
         await p.idle(30)
         ids = list(parts.table.installed)
         assert await parts.filters.remove(ids) == ids
-        # The same alert again, even re-verified from scratch, installs nothing.
+        # The same alert again, even re-verified from scratch (after a restart), installs
+        # nothing.
         parts.store.set_alert_state(d.alert_id, "received")
+        p = pipeline(parts, images, pools, general_filters=False)
         await p.on_overlay_alert(env, "q")
         await p.idle(30)
         return ids

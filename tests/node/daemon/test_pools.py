@@ -93,3 +93,19 @@ def test_what_a_job_raises_comes_back(lane: Lane) -> None:
 def test_a_pool_serves_one_event_loop_after_another(lane: Lane) -> None:
     for i in range(3):
         assert run(lane.run(abs, -i, timeout=30)) == i
+
+
+def test_an_answer_left_behind_by_an_ended_loop_does_not_lose_the_worker() -> None:
+    lane = Lane("test", 1, [], False)
+    try:
+        async def give_up() -> None:
+            await lane.warm()
+            job = asyncio.ensure_future(lane.run(time.sleep, 0.2, timeout=30))
+            await asyncio.sleep(0.05)
+            job.cancel()  # and the loop ends before the answer comes
+
+        run(give_up())
+        assert run(lane.run(abs, -7, timeout=30)) == 7
+        assert lane.restarts == 0
+    finally:
+        lane.close()
