@@ -345,7 +345,11 @@ class Host:
                                        if "drop" in key or "refused" in key or "errors" in key},
                              "delivered": self.delivered[k]})
         return {"nodes": per_node, "rss_kb": rss_kb(), "rss_before_kb": self.rss_before,
-                "cpu_s": time.process_time() + (self.worker.cpu_s() if self.worker else 0.0)}
+                "cpu_s": time.process_time() + self.worker_cpu_s(),
+                "worker_cpu_s": self.worker_cpu_s()}
+
+    def worker_cpu_s(self) -> float:
+        return self.worker.cpu_s() if self.worker is not None else 0.0
 
     def flood_plan(self, idxs: Sequence[int]) -> list[dict[str, Any]]:
         plan = []
@@ -608,6 +612,7 @@ class Result:
     kernel_udp_drops: dict[str, int] = field(default_factory=dict)
     # CPU of every node process and verify worker, publish to last delivery
     cpu_ms_per_node: float = 0.0
+    worker_cpu_ms_per_node: float = 0.0  # the part of it spent in the verify workers
 
 
 def _flatten(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -651,6 +656,8 @@ async def scenario(cluster: LocalCluster | ProcCluster, name: str, envelope: byt
     done = await cluster.counts()
     kernel = {k: v - kernel_before[k] for k, v in udp_errors().items()}
     cpu = sum(r["cpu_s"] for r in done) - sum(r["cpu_s"] for r in before_reports)
+    worker_cpu = (sum(r["worker_cpu_s"] for r in done)
+                  - sum(r["worker_cpu_s"] for r in before_reports))
     await asyncio.sleep(1.0)
     last = _flatten(await cluster.counts())
     others = [n for n in last if not n["dead"] and n["i"] != publisher]
@@ -666,7 +673,8 @@ async def scenario(cluster: LocalCluster | ProcCluster, name: str, envelope: byt
         drops.update(n["drops"])
     result = Result(name, n_live, coverage, t100, sum(delta.values()) / n_live, breakdown,
                     drops=dict(drops), kernel_udp_drops=kernel,
-                    cpu_ms_per_node=1000 * cpu / n_live)
+                    cpu_ms_per_node=1000 * cpu / n_live,
+                    worker_cpu_ms_per_node=1000 * worker_cpu / n_live)
     print(f"  {name}: coverage {coverage:.4f}, t100 {t100}, {result.msgs_per_node:.2f} msgs "
           f"and {result.cpu_ms_per_node:.2f} CPU ms per node", file=sys.stderr, flush=True)
     return result
@@ -725,13 +733,14 @@ async def run(cluster: LocalCluster | ProcCluster, label: str, envelopes: list[b
 
 def table(runs: list[dict[str, Any]]) -> None:
     print(f"{'run':<10}{'scenario':<10}{'live':>6}{'coverage':>10}{'t100 s':>9}"
-          f"{'msgs/node':>11}{'cpu ms/node':>13}  breakdown per node")
+          f"{'msgs/node':>11}{'cpu ms/node':>13}{'(worker)':>10}  breakdown per node")
     for r in runs:
         for res in r["results"]:
             t = f"{res.t100_s:.3f}" if res.t100_s is not None else "n/a"
             bd = " ".join(f"{k}={v}" for k, v in res.breakdown.items() if v)
             print(f"{r['label']:<10}{res.name:<10}{res.live:>6}{res.coverage:>10.4f}{t:>9}"
-                  f"{res.msgs_per_node:>11.2f}{res.cpu_ms_per_node:>13.2f}  {bd}")
+                  f"{res.msgs_per_node:>11.2f}{res.cpu_ms_per_node:>13.2f}"
+                  f"{res.worker_cpu_ms_per_node:>10.2f}  {bd}")
             if res.junk_sent:
                 dropped = {k: v for k, v in res.drops.items() if v}
                 print(f"{'':<20}junk sent {res.junk_sent} ({res.junk_per_s:.0f}/s); "
@@ -808,6 +817,7 @@ def main() -> int:
                                               else round(res.t100_s, 3))
             summary[f"{pre}msgs_per_node_{name}"] = round(res.msgs_per_node, 2)
             summary[f"{pre}cpu_ms_per_node_{name}"] = round(res.cpu_ms_per_node, 2)
+            summary[f"{pre}worker_cpu_ms_per_node_{name}"] = round(res.worker_cpu_ms_per_node, 2)
         summary[f"{pre}msgs_per_node"] = round(max(res.msgs_per_node
                                                    for res in by.values()
                                                    if res.name != "flood10"), 2)
