@@ -47,6 +47,7 @@ from .regs import full_size
 
 X86_OP_REG, X86_OP_MEM, X86_OP_IMM = 1, 3, 2
 LINE_SHIFT = 6
+MAX_INSN = 15  # bytes in the longest x86 instruction
 HIJACK_WINDOW = 8  # instructions to watch after a tainted transfer for a fetch from tainted bytes
 MAX_CONDITIONS = 4096
 
@@ -151,10 +152,16 @@ class TaintTracker:
         return False
 
     def _kernel_write(self, addr: int, n: int) -> None:
-        if self.mem:
-            pop = self.mem.pop
-            for a in range(addr, addr + n):
-                pop(a, None)
+        mem = self.mem
+        if not mem:
+            return
+        if n > len(mem):  # a big mapping: look through the few tainted bytes, not every address
+            for a in [a for a in mem if addr <= a < addr + n]:
+                del mem[a]
+            return
+        pop = mem.pop
+        for a in range(addr, addr + n):
+            pop(a, None)
 
     def _execve(self, path: int, argv: list[int]) -> None:
         for arg, addrs in ((0, [path]), (1, argv)):
@@ -200,6 +207,9 @@ class TaintTracker:
                 self.hijack = (v, pc, left - 1)
             insn = self.cache.get(address)
             if insn is None:
+                if size > MAX_INSN:  # unicorn's 0xf1f1f1f1 for a fetch it cannot decode: a
+                    self.cur = None  # read of that size would allocate 4 GiB for nothing
+                    return
                 insn = self.decoder.decode(bytes(self.uc.mem_read(address, size)), address)
                 if insn is None:
                     self.cur = None

@@ -369,3 +369,49 @@ def test_byte_labels_agree_with_triton(
     variables, taken = oracle.branch_variables(cond.pc)
     assert {r.offset for r in cond.left if r is not None} == variables == {50}
     assert cond.taken == taken == (data[50] == 0x41)
+
+
+# A CodeRed-class variant whose hijacked jump lands on bytes unicorn cannot decode (unicorn then
+# reports the instruction's size as 0xf1f1f1f1): its detection once spent 6-10 s allocating a
+# 4 GiB buffer to read "the instruction" and past the detector's job timeout lost the alert.
+UNDECODABLE_TARGET = (
+    b"GET /uVfNS/3/5TzM?g9iC--Msnze0HsNgnAp6v-yi5um4K4BfZf5RsZiTEbk-FLWpZ2FISz~uYIS~BzZ_VH3wX"
+    b"cDbOS6LT5fyrTBaC3mc5ozGkX5ZiJSNo9T1tdCidJbFwTmCXCGb3qjxGvxQTdkCXdGT9SkLBTN7EBe0B9KSTbk4q"
+    b"7JmUCNPYg99E8~2147e6mtsEH7f3NG HTTP/1.1\r\nAccept: */*\r\nConnection: close\r\nUser-Agent:",
+    b" Mozilla/5.0 (X11; Linux x86_64; rv:115.0) Gecko/20100101 Firefox/115.0\r\n"
+    b"Accept-Language: en-US,en;q=0.8\r\n\r\n",
+)
+
+
+def test_a_hijack_onto_undecodable_bytes_is_detected_without_huge_reads(
+    detectors: dict[str, Detector], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import unicorn
+
+    sizes: list[int] = []
+    real = unicorn.Uc.mem_read
+
+    def spy(self: Any, address: int, size: int) -> Any:
+        sizes.append(size)
+        return real(self, address, size)
+
+    monkeypatch.setattr(unicorn.Uc, "mem_read", spy)
+    detector = detectors["httpd"]
+    detector.tracker.cache.clear()  # decode every instruction afresh, through the spy
+    run = detector.inspect(tuple(Message(m, 0) for m in UNDECODABLE_TARGET))
+    assert run.detection is not None
+    assert isinstance(run.detection.verification, ExecutionControl)
+    assert sizes and max(sizes) <= 1 << 20  # no read of 0xf1f1f1f1 bytes
+
+
+def test_a_big_mapping_clears_only_the_taint_inside_it(
+    detectors: dict[str, Detector],
+) -> None:
+    tracker = detectors["resolver"].tracker
+    tracker._reset()
+    base = 0x7000_0000
+    tracker.mem.update({base - 1: 1, base: 2, base + (32 << 20) - 1: 3, base + (32 << 20): 4})
+    tracker._kernel_write(base, 32 << 20)  # a 32 MiB mmap: 4 lookups, not 33 million
+    assert tracker.mem == {base - 1: 1, base + (32 << 20): 4}
+    tracker._kernel_write(base - 1, 2)  # a small write: address by address
+    assert tracker.mem == {base + (32 << 20): 4}
