@@ -840,7 +840,9 @@ class BroadcastCore:
             actions += started
         # At most one answer per peer per few seconds: an honest neighbour asks once an
         # interval, and a flood of asking digests must not turn this node into an amplifier.
-        if msg.reply and self._reply_buckets.take(addr[0], now):
+        # Nor while it still owes us bodies it claims to hold (a made-up digest's sender,
+        # found out when the fetch fails); an honest peer gets its answer next round.
+        if msg.reply and not actions and self._reply_buckets.take(addr[0], now):
             lacking = AntiEntropy.lacking(msg.ids, self.recent(now))
             if lacking:
                 actions.append(Send(addr, wire.encode(IHave(lacking, False))))

@@ -460,10 +460,11 @@ def test_anti_entropy_digest_exchange() -> None:
     assert core.on_datagram(("10.0.0.8", 1), wire.encode(IHave((aid,), True)), 2.0) == []
     acts = core.on_datagram(("10.0.0.9", 1), wire.encode(IHave((), True)), 2.0)
     assert [wire.decode(a.data) for a in acts] == [IHave((aid,), False)]
-    # An unknown id in a digest is fetched from the peer.
+    # An unknown id in a digest is fetched from the peer, and an asking digest that claims
+    # one is not answered until the peer has shown it holds what it claims.
     other = b"\x09" * 32
-    acts = core.on_datagram(("10.0.0.9", 1), wire.encode(IHave((other,), False)), 2.0)
-    assert acts == [Fetch(("10.0.0.9", 1), other)]
+    acts = core.on_datagram(("10.0.0.10", 1), wire.encode(IHave((other,), True)), 2.0)
+    assert acts == [Fetch(("10.0.0.10", 1), other)]
 
 
 def test_ack_timeout_adapts_to_slow_peers() -> None:
