@@ -13,8 +13,9 @@ Receiving (every node)::
 
     on_overlay_alert(envelope_bytes, from_peer) -> Decision
       -> decode the envelope, check the signature, decode the alert   (on the loop: cheap)
-      -> known? the standing verdict (kept in memory; else read from the store while the
-         sandbox already runs) stands: no second forward
+      -> known? the standing verdict (in memory: all of the store's when it holds at most
+         MAX_VERDICTS, else read from the store while the sandbox already runs) stands: no
+         second forward
       -> fast lane: worker.verify (own sandbox) -> store verified/refuted + the verdict
       -> verified: install the specific filter, Decision(forward=True); general filter later
       -> refuted or forged: stored as refuted, never forwarded
@@ -140,12 +141,19 @@ class Pipeline:
         self._consumers: list[asyncio.Task[Any]] = []
         self._inflight: dict[str, asyncio.Future[VerifyOutcome]] = {}
         self._verdicts: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._complete = False  # True: every standing verdict of the store is in _verdicts
         self._active = 0
         self._closing = False
 
     # --- life cycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        # Every standing verdict in memory while the store holds few enough: a relay then
+        # never waits for the store on the path of an alert (a read there took 1-7 ms).
+        rows = await self.db(self.db.store.verdicts, MAX_VERDICTS + 1)
+        for aid, state, reason in reversed(rows[:MAX_VERDICTS]):
+            self._remember(aid, state, reason)
+        self._complete = len(rows) <= MAX_VERDICTS
         if self.detector_enabled:
             self._consumers = [asyncio.create_task(self._consume(), name=f"detect-{i}")
                                for i in range(self.detect_concurrency)]
@@ -376,7 +384,7 @@ class Pipeline:
     async def _known(self, aid: str) -> tuple[str, str] | None:
         """A verdict that stands for this alert: (state, reason), or None to verify it."""
         hit = self._verdicts.get(aid)
-        if hit is not None:
+        if hit is not None or self._complete:
             return hit
         row = await self.db(self.db.store.alert, aid)
         if row is None:
@@ -396,6 +404,7 @@ class Pipeline:
             self._verdicts.move_to_end(aid)
             while len(self._verdicts) > MAX_VERDICTS:
                 self._verdicts.popitem(last=False)
+                self._complete = False  # the store holds verdicts that memory does not
 
     async def on_overlay_alert(self, envelope_bytes: bytes, from_peer: object = None, *,
                                origin: str = "overlay") -> Decision:

@@ -409,6 +409,12 @@ class Store:
         args.append(limit)
         return [AlertRow(*r) for r in self._db.execute(q, args)]
 
+    def verdicts(self, limit: int) -> list[tuple[str, str, str]]:
+        """(alert id, state, reason) of the ``limit`` alerts first seen last, newest first."""
+        return [(str(a), str(s), str(r)) for a, s, r in self._db.execute(
+            "SELECT alert_id, state, reason FROM alerts ORDER BY first_seen DESC LIMIT ?",
+            (limit,))]
+
     def alert_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(ALERT_STATES, 0)
         for state, n in self._db.execute("SELECT state, count(*) FROM alerts GROUP BY state"):

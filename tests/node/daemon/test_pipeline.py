@@ -132,9 +132,16 @@ def test_receiving_node_verifies_installs_and_forwards_once(
         assert p.vstats.runs == 1  # the second copy met the verdict kept in memory
         if first.forward:
             await p.mark_forwarded(first.alert_id)
-        # After a restart the verdict comes from the store: still not forwarded twice.
+        # After a restart the verdict comes from the store: still not forwarded twice, and
+        # a started pipeline holds the store's verdicts from the start (no sandbox run).
         again = await pipeline(parts, images, pools).on_overlay_alert(env, ("10.77.0.3", 7400))
         assert (again.state, again.forward, again.duplicate) == ("verified", False, True)
+        restarted = pipeline(parts, images, pools)
+        await restarted.start()
+        fourth = await restarted.on_overlay_alert(env, ("10.77.0.4", 7400))
+        assert (fourth.state, fourth.forward, fourth.duplicate) == ("verified", False, True)
+        assert restarted.vstats.runs == 0
+        await restarted.stop()
         return first, second
 
     first, second = run(main())
@@ -143,7 +150,7 @@ def test_receiving_node_verifies_installs_and_forwards_once(
     assert (second.state, second.forward, second.duplicate) == ("verified", False, True)
     row = parts.store.alert(aid)
     assert row is not None and row.state == "forwarded" and row.from_peer == "10.77.0.1:7400"
-    assert row.envelope == env and row.seen_count == 3
+    assert row.envelope == env and row.seen_count == 4
     assert len(parts.store.verifications(aid)) == 1  # the copy was not re-verified
     assert {f.kind for f in parts.table.installed.values()} == {"specific", "general"}
 
