@@ -601,8 +601,12 @@ class StoreRunner:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await self.submit(fn, *args, **kwargs)
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """Queue the call now (calls run in the order they were queued); await the result."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        return loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
