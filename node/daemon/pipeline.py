@@ -286,7 +286,9 @@ class Pipeline:
     async def _detected(self, job: Job, out: DetectOutcome) -> None:
         assert out.alert is not None
         aid = alert_id_hex(out.alert)
-        existing = await self.db(self.db.store.alert, aid)
+        known = await self._known(aid)  # from memory unless the store holds more than it
+        existing = (await self.db(self.db.store.alert, aid)
+                    if known is not None and known[0] in ("verified", "forwarded") else None)
         if existing is not None and existing.state in ("verified", "forwarded"):
             await self.db(self.db.store.record_alert, alert_id=aid,
                           service_id=existing.service_id, service=existing.service,
@@ -298,20 +300,26 @@ class Pipeline:
         envelope = seal(out.alert, self.key, self.clock()).encode()
         packets = _packets_for(alert, job)
         self.dstats.alerts += 1
-        await self.db(self.db.store.record_alert, alert_id=aid, service_id=alert.service_id.hex(),
-                      service=alert.service_name, type=alert.type.value, alert=out.alert,
-                      origin="detected", state="verified", reason=out.verify_detail,
-                      envelope=envelope, signer=self.node_id, signed_at=self.clock(),
-                      packets=packets,
-                      verification=(True, "verified", out.verify_detail, out.verify_ms))
+        # Queued to the store now (its calls run in order: the forward's and the filters' rows
+        # follow), written while the alert already leaves.
+        written = self.db.submit(
+            self.db.store.record_alert, alert_id=aid, service_id=alert.service_id.hex(),
+            service=alert.service_name, type=alert.type.value, alert=out.alert,
+            origin="detected", state="verified", reason=out.verify_detail, envelope=envelope,
+            signer=self.node_id, signed_at=self.clock(), packets=packets,
+            verification=(True, "verified", out.verify_detail, out.verify_ms))
         self._remember(aid, "verified", out.verify_detail)
-        self.bus.emit("alert.detected", alert_id=aid, service=alert.service_name,
-                      type=alert.type.value, detail=out.detail, detect_ms=round(out.elapsed_ms, 3),
-                      candidates=out.tried, packets=len(packets),
-                      messages=len(alert.messages))
+
+        async def stored() -> None:
+            await written
+            self.bus.emit("alert.detected", alert_id=aid, service=alert.service_name,
+                          type=alert.type.value, detail=out.detail,
+                          detect_ms=round(out.elapsed_ms, 3), candidates=out.tried,
+                          packets=len(packets), messages=len(alert.messages))
+
         # Together: the alert leaves while this host's own filter goes in (a kernel batch takes
         # milliseconds that every other host would otherwise wait for too).
-        work = [self._broadcast(aid, envelope)]
+        work = [self._broadcast(aid, envelope), stored()]
         if out.specific is not None:
             work.append(self.filters.install([out.specific], alert_id=aid))
         await asyncio.gather(*work)
