@@ -80,6 +80,13 @@ class Handle:
     def payload(self) -> bytes:
         return self._pkt.get_payload()
 
+    @property
+    def source_mac(self) -> bytes | None:
+        """The link-layer address the packet came from (None: sent by this host, or no
+        hardware header)."""
+        hw = self._pkt.get_hw() if self.indev else None
+        return bytes(hw[:6]) if hw else None
+
 
 OnPacket = Callable[[bytes, Handle], None]
 

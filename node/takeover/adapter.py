@@ -429,12 +429,10 @@ Link = tuple[int, bytes]  # (interface index, next hop's MAC address)
 
 
 def link_of(handle: Handle) -> Link | None:
-    """Where a queued packet came from: its input interface and the MAC address it came from
-    (the binding's source hardware address), or None (sent by this host, or no MAC header).
-    The binding's packet is reached through the handle: ``Handle`` does not expose it."""
-    pkt = getattr(handle, "_pkt", None)
-    hw = pkt.get_hw() if pkt is not None and handle.indev else None
-    return (handle.indev, bytes(hw[:6])) if hw else None
+    """Where a queued packet came from: its input interface and the MAC address it came from,
+    or None (sent by this host, or no MAC header)."""
+    mac = handle.source_mac
+    return (handle.indev, mac) if mac else None
 
 
 class LinkSocket:
