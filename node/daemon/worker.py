@@ -13,6 +13,7 @@ CPU part of the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -93,12 +94,27 @@ class _State:
 _state: _State | None = None
 
 
+def lower_priority(nice: int) -> None:
+    """Make this process yield the CPU to the daemon's other work, on the whole host.
+
+    ``nice`` alone only ranks a process against the others of its session: with the kernel's
+    autogroups (the default for processes outside a cgroup of their own) each session shares
+    the CPU equally, so a nice-10 filter generation still took a full share from another
+    node's event loop (every node of a testbed, every login session of a host). In a session of
+    its own with its autogroup niced too, the ranking holds across sessions."""
+    with contextlib.suppress(OSError):
+        os.setsid()
+    os.nice(nice)
+    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
+        f.write(str(nice))
+
+
 def init(manifests: list[str], detectors: bool, nice: int = 0) -> None:
     """Pool initializer: lower the process's CPU priority by ``nice``, load the images, boot
     the verifier's clones (and the detectors' in the detection pool)."""
     global _state
     if nice:
-        os.nice(nice)
+        lower_priority(nice)
     _state = _State(manifests)
     for img in _state.images.values():
         try:

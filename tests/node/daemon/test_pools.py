@@ -8,6 +8,7 @@ import _thread
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,5 +108,21 @@ def test_an_answer_left_behind_by_an_ended_loop_does_not_lose_the_worker() -> No
         run(give_up())
         assert run(lane.run(abs, -7, timeout=30)) == 7
         assert lane.restarts == 0
+    finally:
+        lane.close()
+
+
+def test_a_lowered_lane_yields_across_sessions_too() -> None:
+    """nice alone ranks a worker only within its session's autogroup: a niced lane's workers
+    get a session and an autogroup of their own, niced as well."""
+    lane = Lane("low", 1, [], False, nice=10)
+    try:
+        (pid,) = run(lane.warm())
+        assert os.getsid(pid) == pid != os.getsid(0)
+        assert os.getpriority(os.PRIO_PROCESS, pid) >= 10
+        group = Path(f"/proc/{pid}/autogroup")  # only with the kernel's autogroups
+        if group.exists():
+            assert group.read_text().split()[-1] == "10"
+        assert run(lane.run(pow, 3, 3, timeout=30)) == 27
     finally:
         lane.close()
