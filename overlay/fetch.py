@@ -36,9 +36,11 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 
 
 class _Conn:
-    """One accepted connection: read the request, write the reply, close."""
+    """One accepted connection: read the request, write the reply, close. The request is
+    usually there by the time the connection is accepted: it is read at once, and only a
+    slow one gets a reader and a timer."""
 
-    __slots__ = ("buf", "loop", "out", "peer_ip", "server", "sock", "timer")
+    __slots__ = ("buf", "loop", "out", "peer_ip", "server", "sock", "timer", "watched")
 
     def __init__(self, server: FetchServer, sock: socket.socket, peer_ip: str) -> None:
         self.server = server
@@ -46,10 +48,17 @@ class _Conn:
         self.peer_ip = peer_ip
         self.buf = b""
         self.out = b""
+        assert server.loop is not None
         self.loop = server.loop
-        assert self.loop is not None
-        self.timer = self.loop.call_later(server.timeout, self.close)
-        self.loop.add_reader(sock.fileno(), self.readable)
+        self.timer: asyncio.TimerHandle | None = None
+        self.watched = False  # a reader or writer is registered for the socket
+
+    def start(self) -> None:
+        self.readable()
+        if self.sock.fileno() >= 0 and not self.watched:  # still waiting for the request
+            self.timer = self.loop.call_later(self.server.timeout, self.close)
+            self.loop.add_reader(self.sock.fileno(), self.readable)
+            self.watched = True
 
     def readable(self) -> None:
         try:
@@ -65,7 +74,9 @@ class _Conn:
         self.buf += data
         if len(self.buf) < wire.FETCH_REQUEST_LEN:
             return
-        self.loop.remove_reader(self.sock.fileno())
+        if self.watched:
+            self.loop.remove_reader(self.sock.fileno())
+            self.watched = False
         try:
             reply = (self.server.serve(self.peer_ip, self.buf)
                      if len(self.buf) == wire.FETCH_REQUEST_LEN else None)
@@ -88,17 +99,24 @@ class _Conn:
             return
         self.out = self.out[sent:]
         if self.out:
-            self.loop.add_writer(self.sock.fileno(), self.writable)
+            if not self.watched:
+                if self.timer is None:
+                    self.timer = self.loop.call_later(self.server.timeout, self.close)
+                self.loop.add_writer(self.sock.fileno(), self.writable)
+                self.watched = True
             return
         self.close()
 
     def close(self) -> None:
-        self.timer.cancel()
-        with contextlib.suppress(Exception):
-            fd = self.sock.fileno()
-            if fd >= 0:
-                self.loop.remove_reader(fd)
-                self.loop.remove_writer(fd)
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.watched:
+            with contextlib.suppress(Exception):
+                fd = self.sock.fileno()
+                if fd >= 0:
+                    self.loop.remove_reader(fd)
+                    self.loop.remove_writer(fd)
+            self.watched = False
         self.sock.close()
         self.server.conns.discard(self)
 
@@ -157,7 +175,9 @@ class FetchServer:
                                     b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 conn.close()
                 continue
-            self.conns.add(_Conn(self, conn, peer[0]))
+            c = _Conn(self, conn, peer[0])
+            self.conns.add(c)
+            c.start()
 
     def _pause(self, seconds: float = 0.2) -> None:
         if self.sock is None or self.loop is None:
@@ -179,37 +199,75 @@ class FetchServer:
             conn.close()
 
 
-class _Fetch:
-    """One outgoing fetch as loop callbacks; resolves ``done`` with (body, fault)."""
+class Fetching:
+    """One outgoing fetch as loop callbacks (no task, no future): ``done(body, fault)`` is
+    called exactly once, from the event loop and never from inside ``start_fetch``, unless
+    ``cancel`` comes first."""
 
-    __slots__ = ("buf", "done", "loop", "max_body", "need", "request", "sock", "timer")
+    __slots__ = ("buf", "done", "loop", "max_body", "need", "opening", "request", "sock",
+                 "timer")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, request: bytes,
-                 max_body: int, timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, request: bytes, max_body: int,
+                 timeout: float, done: Callable[[bytes | None, Fault], None]) -> None:
         self.loop = loop
-        self.sock = sock
+        self.sock: socket.socket | None = None
         self.request = request
         self.max_body = max_body
         self.buf = bytearray()
         self.need: int | None = None
-        self.done: asyncio.Future[tuple[bytes | None, Fault]] = loop.create_future()
+        self.done: Callable[[bytes | None, Fault], None] | None = done
+        self.opening = True
         self.timer = loop.call_later(timeout, self.finish, None, Fault.NONE)
 
-    def connected(self) -> None:
-        self.loop.remove_writer(self.sock.fileno())
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            # Refused: nobody listens where the announcement came from.
+    def open(self, addr: Addr, local_ip: str | None, mark: int | None) -> None:
+        try:
+            self.sock = sock = socket.socket(
+                socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
+        except OSError:  # out of file descriptors, say: a failed fetch, nobody's fault
+            self.finish(None, Fault.NONE)
+            return
+        sock.setblocking(False)
+        try:
+            set_mark(sock, mark)
+            if local_ip:
+                # Our own address, so the server sees the IP it knows us by (on a host with
+                # many addresses, or on loopback, the kernel would otherwise pick another).
+                sock.bind((local_ip, 0))
+            err = sock.connect_ex(addr)
+        except OSError as exc:
+            self.finish(None, Fault.REFUSED if exc.errno == errno.ECONNREFUSED else Fault.NONE)
+            return
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
             self.finish(None, Fault.REFUSED if err == errno.ECONNREFUSED else Fault.NONE)
             return
+        self.send_request()
+
+    def send_request(self) -> None:
+        # On loopback or a fast link the handshake is often through already: sending at once
+        # saves a wake-up and a look at SO_ERROR (a connect still under way says EAGAIN).
+        assert self.sock is not None
         try:
             self.sock.send(self.request)  # 38 bytes into an empty buffer: never partial
-        except OSError:
-            self.finish(None, Fault.NONE)
+        except _WOULD_BLOCK:
+            self.loop.add_writer(self.sock.fileno(), self.connected)
+            return
+        except OSError as exc:
+            # Refused: nobody listens where the announcement came from.
+            self.finish(None, Fault.REFUSED if exc.errno == errno.ECONNREFUSED else Fault.NONE)
             return
         self.loop.add_reader(self.sock.fileno(), self.readable)
 
+    def connected(self) -> None:
+        assert self.sock is not None
+        self.loop.remove_writer(self.sock.fileno())
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.finish(None, Fault.REFUSED if err == errno.ECONNREFUSED else Fault.NONE)
+            return
+        self.send_request()
+
     def readable(self) -> None:
+        assert self.sock is not None
         try:
             data = self.sock.recv(65536)
         except _WOULD_BLOCK:
@@ -240,48 +298,39 @@ class _Fetch:
 
     def finish(self, body: bytes | None, fault: Fault) -> None:
         self.timer.cancel()
-        with contextlib.suppress(Exception):
-            fd = self.sock.fileno()
-            if fd >= 0:
-                self.loop.remove_reader(fd)
-                self.loop.remove_writer(fd)
-        self.sock.close()
-        if not self.done.done():
-            self.done.set_result((body, fault))
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(Exception):
+                fd = sock.fileno()
+                if fd >= 0:
+                    self.loop.remove_reader(fd)
+                    self.loop.remove_writer(fd)
+            sock.close()
+        done, self.done = self.done, None
+        if done is not None:
+            if self.opening:  # the caller is still in start_fetch: not inside it
+                self.loop.call_soon(done, body, fault)
+            else:
+                done(body, fault)
+
+    def cancel(self) -> None:
+        """Stop at once, without calling ``done``."""
+        self.done = None
+        self.finish(None, Fault.NONE)
 
 
-async def fetch(addr: Addr, alert_id: bytes, my_port: int, *, local_ip: str | None,
-                max_body: int, timeout: float = 2.0,
-                mark: int | None = None) -> tuple[bytes | None, Fault]:
-    """``(body, fault)``: the envelope bytes ``addr`` serves for ``alert_id``, or None for any
-    failure, and whether the failure was the peer's doing (``Fault.REFUSED``: nobody listens
-    where it announced from; ``Fault.LIED``: "not here", a malformed reply) rather than the
-    network's (``Fault.NONE``)."""
-    loop = asyncio.get_running_loop()
-    request = wire.encode_fetch_request(alert_id, my_port)
-    try:
-        sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET,
-                             socket.SOCK_STREAM)
-    except OSError:  # out of file descriptors, say: a failed fetch, nobody's fault
-        return None, Fault.NONE
-    sock.setblocking(False)
-    try:
-        set_mark(sock, mark)
-        if local_ip:
-            # Our own address, so the server sees the IP it knows us by (on a host with many
-            # addresses, or on loopback, the kernel would otherwise pick another).
-            sock.bind((local_ip, 0))
-        err = sock.connect_ex(addr)
-    except OSError as exc:
-        sock.close()
-        return None, Fault.REFUSED if exc.errno == errno.ECONNREFUSED else Fault.NONE
-    if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
-        sock.close()
-        return None, Fault.REFUSED if err == errno.ECONNREFUSED else Fault.NONE
-    job = _Fetch(loop, sock, request, max_body, timeout)
-    loop.add_writer(sock.fileno(), job.connected)
-    try:
-        return await job.done
-    finally:
-        if not job.done.done():  # cancelled
-            job.finish(None, Fault.NONE)
+def start_fetch(addr: Addr, alert_id: bytes, my_port: int,
+                done: Callable[[bytes | None, Fault], None], *, local_ip: str | None,
+                max_body: int, timeout: float = 2.0, mark: int | None = None) -> Fetching:
+    """Fetch what ``addr`` serves for ``alert_id``: ``done(body, fault)`` gets the envelope
+    bytes, or None for any failure and whether the failure was the peer's doing
+    (``Fault.REFUSED``: nobody listens where it announced from; ``Fault.LIED``: "not here",
+    a malformed reply) rather than the network's (``Fault.NONE``).
+
+    Callbacks, not a coroutine: a task and a future per fetch were a good part of its cost
+    with a thousand nodes in one process."""
+    job = Fetching(asyncio.get_running_loop(), wire.encode_fetch_request(alert_id, my_port),
+                   max_body, timeout, done)
+    job.open(addr, local_ip, mark)
+    job.opening = False
+    return job

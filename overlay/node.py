@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from overlay import hello as hello_mod
 from overlay import neighbours
 from overlay.broadcast import (
     Action,
@@ -51,7 +52,7 @@ from overlay.broadcast import (
     Verify,
 )
 from overlay.dht import Addr, DhtConfig, HardenedServer, Peer
-from overlay.fetch import FetchServer, fetch
+from overlay.fetch import Fetching, FetchServer, start_fetch
 from overlay.wire import Fault
 from sca.alert import Alert
 from sca.envelope import MAX_ENVELOPE_BYTES, Envelope
@@ -134,7 +135,9 @@ class Overlay:
         self._timer_at = float("inf")
         self._ban_epoch = 0
         self._contacts_cache: tuple[int, list[Contact]] | None = None
+        self._contact_objs: dict[bytes, Contact] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._fetches: set[Fetching] = set()
         self._stopping = False
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -220,6 +223,9 @@ class Overlay:
             self._timer = None
         if self.fetch_server is not None:
             await self.fetch_server.close()
+        for job in list(self._fetches):
+            job.cancel()
+        self._fetches.clear()
         await self.server.aclose()
         tasks = list(self._tasks)
         for task in tasks:
@@ -323,11 +329,20 @@ class Overlay:
         version = protocol.router.version
         if self._contacts_cache is not None and self._contacts_cache[0] == version:
             return self._contacts_cache[1]
-        out = []
+        # The table changes a contact or two at a time: the others' Contact objects are kept
+        # (rebuilding every one was a good share of a node's work on an alert's path).
+        old = self._contact_objs
+        objs: dict[bytes, Contact] = {}
+        flags = hello_mod.FLAG_SUPER_PEER
         for n in protocol.contacts():
             known = protocol.peers.get(n.id)
-            out.append(Contact(n.id, (n.ip, n.port), bool(known and known.super_peer),
-                               n.long_id))
+            sp = known is not None and bool(known.flags & flags)
+            c = old.get(n.id)
+            if c is None or c.addr[0] != n.ip or c.addr[1] != n.port or c.super_peer != sp:
+                c = Contact(n.id, (n.ip, n.port), sp, n.long_id)
+            objs[n.id] = c
+        out = list(objs.values())
+        self._contact_objs = objs
         self._contacts_cache = (version, out)
         return out
 
@@ -375,7 +390,7 @@ class Overlay:
                 protocol.send_datagram(action.data, action.addr)
         elif isinstance(action, Fetch):
             self.counters["fetches"] += 1
-            self._spawn(self._fetch(action.addr, action.alert_id))
+            self._fetch(action.addr, action.alert_id)
         elif isinstance(action, Verify):
             self._verify_now(action)
         elif isinstance(action, Deliver):
@@ -384,27 +399,33 @@ class Overlay:
         elif isinstance(action, Unresponsive) and protocol is not None:
             protocol.note_miss(action.contact.node_id)
 
-    async def _fetch(self, addr: Addr, alert_id: bytes) -> None:
+    def _fetch(self, addr: Addr, alert_id: bytes) -> None:
         assert self.address is not None
         local = self.address[0] if self.address[0] not in ("0.0.0.0", "::") else None
-        body: bytes | None = None
-        fault = Fault.NONE
+        job: Fetching | None = None
+
+        def done(body: bytes | None, fault: Fault) -> None:
+            if job is not None:
+                self._fetches.discard(job)
+            if self._stopping:
+                return
+            if body is None:
+                self.counters["fetch_failed_peer" if fault else "fetch_failed_net"] += 1
+            # The core hears about every fetch it asked for, or its bookkeeping (pending ids,
+            # fetches per peer) would leak.
+            core, loop = self._ready()
+            self._run(core.on_fetched(alert_id, addr, body, loop.time(), time.time(), fault))
+
         try:
-            body, fault = await fetch(addr, alert_id, self.address[1], local_ip=local,
-                                      max_body=MAX_ENVELOPE_BYTES,
-                                      timeout=self.config.fetch_timeout,
-                                      mark=self.config.dht.socket_mark)
-        except Exception:
-            # The core must hear about every fetch it asked for, or its bookkeeping (pending
-            # ids, fetches per peer) would leak; an error here is a failed fetch like any other.
+            job = start_fetch(addr, alert_id, self.address[1], done, local_ip=local,
+                              max_body=MAX_ENVELOPE_BYTES, timeout=self.config.fetch_timeout,
+                              mark=self.config.dht.socket_mark)
+        except Exception:  # a failed fetch like any other
             self.counters["fetch_errors"] += 1
             log.debug("fetch from %s failed", addr, exc_info=True)
-        if self._stopping:
+            self._ready()[1].call_soon(done, None, Fault.NONE)
             return
-        if body is None:
-            self.counters["fetch_failed_peer" if fault else "fetch_failed_net"] += 1
-        core, loop = self._ready()
-        self._run(core.on_fetched(alert_id, addr, body, loop.time(), time.time(), fault))
+        self._fetches.add(job)
 
     async def _judge(self, alert: Alert) -> bool | None:
         try:
@@ -418,26 +439,39 @@ class Overlay:
         return _verdict_of(result)
 
     def _verify_now(self, action: Verify) -> None:
-        # The common case is a synchronous verifier: no task, the verdict right away.
+        # A synchronous verifier: the verdict right away. A future (such as a worker's
+        # answer): a callback when it is done. Any other awaitable: a task.
         try:
             result = self._verify(action.alert)
         except Exception:
             self.counters["verifier_errors"] += 1
             log.warning("verifier raised; counting the alert as 'cannot tell'", exc_info=True)
             result = None
-        if inspect.isawaitable(result):
+        if isinstance(result, asyncio.Future):
+            def answered(fut: asyncio.Future[Any]) -> None:
+                if fut.cancelled() or fut.exception() is not None:
+                    self.counters["verifier_errors"] += 1
+                    self._verdict(action, None)
+                else:
+                    self._verdict(action, _verdict_of(fut.result()))
+            result.add_done_callback(answered)
+        elif result is not None and not isinstance(result, bool) and inspect.isawaitable(result):
             async def later(awaitable: Any = result) -> None:
                 try:
                     verdict = _verdict_of(await awaitable)
                 except Exception:
                     self.counters["verifier_errors"] += 1
                     verdict = None
-                core, loop = self._ready()
-                self._run(core.on_verdict(action.alert_id, verdict, loop.time()))
+                self._verdict(action, verdict)
             self._spawn(later())
+        else:
+            self._verdict(action, _verdict_of(result))
+
+    def _verdict(self, action: Verify, verdict: bool | None) -> None:
+        if self._stopping:
             return
         core, loop = self._ready()
-        self._run(core.on_verdict(action.alert_id, _verdict_of(result), loop.time()))
+        self._run(core.on_verdict(action.alert_id, verdict, loop.time()))
 
     def _deliver(self, action: Deliver) -> None:
         if self._on_alert is None:

@@ -141,17 +141,17 @@ class VerifyWorker:
         self.inbuf = bytearray()
         self.outbuf = bytearray()
 
-    async def verify(self, alert: Any) -> bool | None:
-        from sca.codec import encode_alert as encode
+    def verify(self, alert: Any) -> asyncio.Future[bool | None]:
+        """The verdict, as a future the overlay waits on with a callback (no task)."""
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
             self.loop.add_reader(self.sock.fileno(), self._readable)
         self.seq += 1
-        data = encode(alert)
+        data = encode_alert(alert)
         fut = self.loop.create_future()
         self.waiting[self.seq] = fut
         self._send(_FRAME.pack(len(data) + 4, self.seq) + data)
-        return await fut
+        return fut
 
     def _send(self, frame: bytes) -> None:
         assert self.loop is not None
