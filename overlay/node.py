@@ -13,9 +13,18 @@ returns, or returns an awaitable of: True (verified), False (refuted), None (no 
 service here: cannot tell), or an object with ``verified`` and ``reason`` attributes such as
 ``sca.verify.Verdict`` (reason ``"unknown-service"`` counts as None), so ``Verifier.verify`` can
 be passed as it is. A verifier that raises counts as "cannot tell": the alert is neither
-forwarded nor held against anyone. ``on_alert(envelope, alert)`` is called once per alert this
-node verified that came from elsewhere (not for alerts it published itself), after the
-verdict and before the alert is forwarded to anyone.
+forwarded nor held against anyone.
+
+``verify_envelope`` may be given instead: ``verify_envelope(envelope_bytes, alert)`` checks the
+envelope's signature and then verifies the alert, both off the event loop (in a worker
+process, say), and answers like ``verify`` or with ``Outcome.FORGED`` for a bad signature (the
+announcer is blamed and another is asked). This node then does not check signatures itself
+(``BroadcastConfig.signature_by_verifier``): with many nodes in one process, one round trip to
+the worker costs less than the signature check on the loop.
+
+``on_alert(envelope, alert)`` is called once per alert this node verified that came from
+elsewhere (not for alerts it published itself), after the verdict and before the alert is
+forwarded to anyone.
 
 The UDP port carries Kademlia RPCs and broadcast datagrams; the TCP port with the same number
 serves alert bodies. Every datagram sent and every fetch made is counted in ``stats()``.
@@ -34,7 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from overlay import hello as hello_mod
 from overlay import neighbours
@@ -61,6 +70,7 @@ from sca.keys import NodeKey
 log = logging.getLogger(__name__)
 
 VerifyFn = Callable[[Alert], Any]
+VerifyEnvelopeFn = Callable[[bytes, Alert], Any]
 OnAlert = Callable[[Envelope, Alert], Any]
 
 __all__ = ["Overlay", "OverlayConfig", "Peer", "PublishError", "parse_peer"]
@@ -97,8 +107,11 @@ def parse_peer(text: str | tuple[str, int]) -> tuple[str, int]:
     return host, port
 
 
-def _verdict_of(result: Any) -> bool | None:
-    if result is None or isinstance(result, bool):
+Verdict = bool | None | Literal[Outcome.FORGED]
+
+
+def _verdict_of(result: Any) -> Verdict:
+    if result is None or isinstance(result, bool) or result is Outcome.FORGED:
         return result
     verified = getattr(result, "verified", None)
     if isinstance(verified, bool):
@@ -112,17 +125,25 @@ def _verdict_of(result: Any) -> bool | None:
 class Overlay:
     def __init__(self, key: NodeKey, bind: tuple[str, int] = ("0.0.0.0", 0),
                  bootstrap: Sequence[str | tuple[str, int]] = (), *,
-                 verify: VerifyFn, on_alert: OnAlert | None = None,
+                 verify: VerifyFn | None = None,
+                 verify_envelope: VerifyEnvelopeFn | None = None,
+                 on_alert: OnAlert | None = None,
                  state_dir: Path | str | None = None, super_peer: bool = False,
                  config: OverlayConfig | None = None) -> None:
         cfg = config or OverlayConfig()
         if super_peer and not cfg.dht.super_peer:
             cfg = dataclasses.replace(cfg, dht=dataclasses.replace(cfg.dht, super_peer=True))
+        if (verify is None) == (verify_envelope is None):
+            raise TypeError("give one of verify= and verify_envelope=")
+        if verify_envelope is not None and not cfg.broadcast.signature_by_verifier:
+            cfg = dataclasses.replace(cfg, broadcast=dataclasses.replace(
+                cfg.broadcast, signature_by_verifier=True))
         self.config = cfg
         self.key = key
         self.bind = parse_peer(bind) if not isinstance(bind, tuple) else bind
         self.bootstrap_peers = [parse_peer(p) for p in bootstrap]
         self._verify = verify
+        self._verify_envelope = verify_envelope
         self._on_alert = on_alert
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.server = HardenedServer(key, cfg.dht, on_broadcast=self._on_broadcast)
@@ -257,8 +278,7 @@ class Overlay:
         alert_id, actions = core.publish(envelope_bytes, loop.time(), time.time())
         for action in actions:
             if isinstance(action, Verify):
-                verdict = await self._judge(action.alert)
-                self._run(core.on_verdict(action.alert_id, verdict, loop.time()))
+                self._verdict(action, await self._judge(action))
             else:
                 self._run([action])
         status = core.status(alert_id, loop.time())
@@ -427,9 +447,15 @@ class Overlay:
             return
         self._fetches.add(job)
 
-    async def _judge(self, alert: Alert) -> bool | None:
+    def _ask_verifier(self, action: Verify) -> Any:
+        if self._verify_envelope is not None:
+            return self._verify_envelope(action.body, action.alert)
+        assert self._verify is not None
+        return self._verify(action.alert)
+
+    async def _judge(self, action: Verify) -> Verdict:
         try:
-            result = self._verify(alert)
+            result = self._ask_verifier(action)
             if inspect.isawaitable(result):
                 result = await result
         except Exception:
@@ -442,7 +468,7 @@ class Overlay:
         # A synchronous verifier: the verdict right away. A future (such as a worker's
         # answer): a callback when it is done. Any other awaitable: a task.
         try:
-            result = self._verify(action.alert)
+            result = self._ask_verifier(action)
         except Exception:
             self.counters["verifier_errors"] += 1
             log.warning("verifier raised; counting the alert as 'cannot tell'", exc_info=True)
@@ -467,11 +493,14 @@ class Overlay:
         else:
             self._verdict(action, _verdict_of(result))
 
-    def _verdict(self, action: Verify, verdict: bool | None) -> None:
+    def _verdict(self, action: Verify, verdict: Verdict) -> None:
         if self._stopping:
             return
         core, loop = self._ready()
-        self._run(core.on_verdict(action.alert_id, verdict, loop.time()))
+        if verdict is Outcome.FORGED:
+            self._run(core.on_verdict(action.alert_id, False, loop.time(), forged=True))
+        else:
+            self._run(core.on_verdict(action.alert_id, verdict, loop.time()))
 
     def _deliver(self, action: Deliver) -> None:
         if self._on_alert is None:

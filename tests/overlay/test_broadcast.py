@@ -29,7 +29,7 @@ from overlay.broadcast import (
 from overlay.wire import Ack, AckStatus, Announce, IHave
 from sca.alert import Alert, ByteRef, ExecutionControl, Message
 from sca.codec import encode_alert
-from sca.envelope import seal
+from sca.envelope import decode_envelope, seal
 from sca.keys import NodeKey
 
 WALL = 1_800_000_000.0
@@ -48,7 +48,6 @@ def envelope(tag: bytes = b"A", key: NodeKey | None = None, wall: float = WALL,
 
 
 def aid_of(env: bytes) -> bytes:
-    from sca.envelope import decode_envelope
     return hashlib.sha256(decode_envelope(env).alert_bytes).digest()
 
 
@@ -196,7 +195,7 @@ def test_check_body_order_and_outcomes() -> None:
     assert check_body(b"\x00" * 32, env, WALL, cfg).outcome is Outcome.FORGED
     assert check_body(aid, b"\xa0junk", WALL, cfg).outcome is Outcome.FORGED
     forged = bytearray(env)
-    forged[-5] ^= 1  # inside the signature
+    forged[env.find(decode_envelope(env).signature) + 5] ^= 1  # inside the signature
     assert check_body(aid, bytes(forged), WALL, cfg).outcome is Outcome.FORGED
     assert check_body(aid, env, WALL + cfg.max_age_s + 1, cfg).outcome is Outcome.STALE
     assert check_body(aid, env, WALL - cfg.max_skew_s - 1, cfg).outcome is Outcome.STALE
@@ -339,6 +338,34 @@ def test_forged_body_strikes_the_announcer_not_the_id() -> None:
     assert isinstance(acts[0], Verify)
     acts = core.on_verdict(aid, True, 0.0)
     assert any(isinstance(a, Deliver) for a in acts)
+
+
+def test_a_verifier_that_checks_signatures_gets_the_body_and_blames_the_announcer() -> None:
+    # signature_by_verifier: the core leaves the signature to the verifier (in a worker
+    # process), which has the envelope as received; a bad signature it reports is the
+    # announcer's fault as before, and nothing is delivered or forwarded.
+    me = b"\x01" * 20
+    contacts = [Contact(bytes([0x80 | i]) + bytes(19), (f"10.0.1.{i}", 1)) for i in range(3)]
+    core = BroadcastCore(me, lambda: contacts, BroadcastConfig(signature_by_verifier=True))
+    env = envelope(b"S")
+    aid = aid_of(env)
+    bad_peer, good_peer = ("10.0.0.66", 1), ("10.0.0.7", 1)
+    core.on_datagram(bad_peer, wire.encode(Announce(aid, 0)), 0.0)
+    core.on_datagram(good_peer, wire.encode(Announce(aid, 0)), 0.0)
+    forged = bytearray(env)
+    forged[env.find(decode_envelope(env).signature) + 5] ^= 1  # the core does not look there
+    assert check_body(aid, bytes(forged), WALL, BroadcastConfig()).outcome is Outcome.FORGED
+    acts = core.on_fetched(aid, bad_peer, bytes(forged), 0.0, WALL)
+    assert [type(a) for a in acts] == [Verify] and acts[0].body == bytes(forged)
+    acts = core.on_verdict(aid, False, 0.0, forged=True)
+    assert acts == [Fetch(good_peer, aid)]  # the id is still wanted, from someone else
+    assert core.stats["forged"] == 1 and core.stats["strikes"] == 1
+    assert core.status(aid, 0.0) == "pending"
+    acts = core.on_fetched(aid, good_peer, env, 0.0, WALL)
+    assert [type(a) for a in acts] == [Verify] and acts[0].body == env
+    acts = core.on_verdict(aid, True, 0.0)
+    assert any(isinstance(a, Deliver) for a in acts)
+    assert any(isinstance(a, Send) and a.addr in [c.addr for c in contacts] for a in acts)
 
 
 def test_liar_is_banned_after_three_strikes_and_rate_limited() -> None:

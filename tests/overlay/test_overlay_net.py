@@ -7,19 +7,19 @@ import asyncio
 import hashlib
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
 from overlay import mpack, wire
-from overlay.broadcast import BroadcastConfig
+from overlay.broadcast import BroadcastConfig, Outcome
 from overlay.dht import MAX_DATAGRAM, DhtConfig
 from overlay.hello import make_hello
 from overlay.node import Overlay, OverlayConfig, PublishError
 from sca.alert import Alert, ByteRef, ExecutionControl, Message
-from sca.codec import decode_alert, encode_alert
-from sca.envelope import seal
+from sca.codec import FormatError, decode_alert, encode_alert
+from sca.envelope import decode_envelope, seal
 from sca.keys import NodeKey
 from sca.verify import Verifier
 
@@ -30,8 +30,24 @@ def addr(prefix: int, i: int) -> tuple[str, int]:
     return f"127.{prefix}.{i // 250}.{i % 250 + 1}", PORT
 
 
+def checking_signatures(verifier: Verifier) -> Callable[[bytes, Alert], asyncio.Future[Any]]:
+    """An ``Overlay(verify_envelope=...)``: the signature, then the sandbox, the verdict as a
+    future that is done a moment later (as a worker process's answer would be)."""
+    def verify_envelope(body: bytes, alert: Alert) -> asyncio.Future[Any]:
+        try:
+            decode_envelope(body).check()
+            verdict: Any = verifier.verify(alert)
+        except FormatError:
+            verdict = Outcome.FORGED
+        fut = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(fut.set_result, verdict)
+        return fut
+    return verify_envelope
+
+
 class Net:
-    def __init__(self, prefix: int, n: int, verifier: Verifier, **kw: Any) -> None:
+    def __init__(self, prefix: int, n: int, verifier: Verifier,
+                 signature_by_verifier: bool = False, **kw: Any) -> None:
         self.prefix = prefix
         self.got: list[dict[bytes, int]] = [{} for _ in range(n)]
         self.nodes: list[Overlay] = []
@@ -41,8 +57,11 @@ class Net:
                 self.got[i][aid] = self.got[i].get(aid, 0) + 1
                 assert isinstance(alert, Alert)
             boot = [] if i == 0 else [f"{addr(prefix, 0)[0]}:{PORT}"]
+            verify: dict[str, Any] = (
+                {"verify_envelope": checking_signatures(verifier)} if signature_by_verifier
+                else {"verify": verifier.verify})
             self.nodes.append(Overlay(NodeKey.generate(), bind=addr(prefix, i), bootstrap=boot,
-                                      verify=verifier.verify, on_alert=on_alert, **kw))
+                                      on_alert=on_alert, **verify, **kw))
         self.dead: set[int] = set()
 
     async def start(self, concurrency: int = 16) -> None:
@@ -202,17 +221,19 @@ class Hostile:
             await self.server.wait_closed()
 
 
+@pytest.mark.parametrize("signature_by_verifier", [False, True])
 def test_bogus_and_forged_alerts_are_refuted_never_forwarded(prefix, alerts, verifier, run,
-                                                             trouble) -> None:
+                                                             trouble,
+                                                             signature_by_verifier) -> None:
     async def main() -> None:
-        net = Net(prefix, 12, verifier)
+        net = Net(prefix, 12, verifier, signature_by_verifier)
         await net.start()
         liar_key = NodeKey.generate()
         bogus = seal(dressed_up(alerts[0]), liar_key, time.time()).encode()
         bogus_id = aid_of(dressed_up(alerts[0]))
         good = seal(alerts[2], liar_key, time.time()).encode()
         forged = bytearray(good)
-        forged[-3] ^= 0x40  # inside the signature
+        forged[good.find(decode_envelope(good).signature) + 3] ^= 0x40  # inside the signature
         good_id = aid_of(alerts[2])
         hostile = Hostile(f"127.{prefix}.9.9", {bogus_id: bogus, good_id: bytes(forged)})
         await hostile.start()
