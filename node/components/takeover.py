@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from node.kernel.queue_rules import QueueRules
 from node.takeover import rules
-from node.takeover.adapter import TakeoverQueue, Trigger, addr_text
+from node.takeover.adapter import TakeoverQueue, Trigger, addr_text, check_filters
 from node.takeover.engine import TakeoverEngine
 from node.takeover.policy import Policy, make_policy
 from node.takeover.proxy import Proxy
@@ -42,6 +42,7 @@ class TakeoverComponent:
         self.node = node
         self.engine: TakeoverEngine | None = None
         self.queue: TakeoverQueue | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         node = self.node
@@ -54,10 +55,13 @@ class TakeoverComponent:
         nft.apply(rules.setup())
         QueueRules(fail_open=kernel.fail_open,
                    queues={rules.QUEUE_TAKEOVER: rules.Q_TAKEOVER}).install()
+        self._loop = asyncio.get_running_loop()
         self.engine = TakeoverEngine(policy=self._policy, nft=nft, on_done=self._done)
+        # Read by a thread of its own: a trigger reaches the engine sooner (the callbacks below
+        # run on that thread).
         self.queue = TakeoverQueue(self.engine, filters=node.filters.userspace,
                                    fail_open=kernel.fail_open, max_len=kernel.queue_max_len,
-                                   on_trigger=self._triggered)
+                                   on_trigger=self._triggered, thread=True)
         self.queue.start()
 
     async def stop(self) -> None:
@@ -72,29 +76,31 @@ class TakeoverComponent:
 
         # Scrub also drops a later chunk that a filter flags on its own.
         def matcher(data: bytes) -> bool:
-            return filters.check("tcp", port, data) is not None
+            return check_filters(filters, port, data) is not None
 
         return make_policy(cfg.policy, reply=cfg.reply.encode("utf-8", "surrogatepass"),
                            matcher=matcher)
 
-    # The events are emitted from the loop's next turn: the packet callback that took the flow
-    # over has other packets waiting, and an event is a log write.
+    # The events are emitted on the loop (these run on the queue's reader thread), from its next
+    # turn: an event is a log write.
     def _triggered(self, t: Trigger) -> None:
         hit = t.hit
         fields = {"flow": _flow_text(t.client, t.server),
                   "filter_id": getattr(hit, "filter_id", None),
                   "service": getattr(hit, "service_name", None),
                   "policy": self.node.config.takeover.policy, "bytes": len(t.data)}
-        asyncio.get_running_loop().call_soon(
-            lambda: self.node.bus.emit("takeover.started", **fields))
+        self._emit("takeover.started", fields)
 
     def _done(self, proxy: Proxy) -> None:
         fields = {"flow": _flow_text(addr_text(*proxy.client), addr_text(*proxy.server)),
                   "removed": proxy.c2s_removed, "inserted": proxy.s2c_inserted,
                   "expired": proxy.expired,
                   "seconds": round(proxy.last_activity - proxy.started, 3)}
-        asyncio.get_running_loop().call_soon(
-            lambda: self.node.bus.emit("takeover.finished", **fields))
+        self._emit("takeover.finished", fields)
+
+    def _emit(self, kind: str, fields: dict[str, Any]) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(lambda: self.node.bus.emit(kind, **fields))
 
     def status(self) -> dict[str, Any]:
         e, q = self.engine, self.queue

@@ -22,7 +22,6 @@ header reads and the check 25-70 µs; the engine to the ACK on the wire 25-35 µ
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import socket
@@ -30,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from node.kernel.nfqueue import Handle
+from node.kernel.nfqueue import Handle, Scheduler
 from node.stack.conntrack import Flow
 from node.stack.events import FlowClosed, MessageIn
 from node.stack.packet import ACK, RST, SYN, PacketError
@@ -76,8 +75,8 @@ class TakeoverEngine:
         self.stats: Counter[str] = Counter()
         self.sock: socket.socket | None = None
         self.link: LinkSocket | None = None  # the first segment's way out
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._timers: dict[int, tuple[float, asyncio.TimerHandle]] = {}
+        self._loop: Scheduler | None = None  # the queue's (a reader thread's clock or a loop)
+        self._timers: dict[int, tuple[float, Any]] = {}
         self._dirty: set[Proxy] = set()
         self._flush_scheduled = False
         self._dst: dict[bytes, str] = {}
@@ -85,7 +84,7 @@ class TakeoverEngine:
         self._addrs: dict[int, tuple[tuple[str, int], tuple[str, int]]] = {}
         self._answered: dict[int, Segment] = {}  # flow id -> the trigger's ACK, sent early
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: Scheduler) -> None:
         self._loop = loop
         if self.sock is None:
             self.sock = open_raw_socket(self.netns)
@@ -298,7 +297,8 @@ class TakeoverEngine:
             self.nft.apply(rules.delete_flow(*addrs))
 
     def owned(self) -> list[Proxy]:
-        return list({id(p): p for p in self.proxies.values()}.values())
+        """Safe from another thread than the queue's (``tuple`` copies the values at once)."""
+        return list({id(p): p for p in tuple(self.proxies.values())}.values())
 
 
 # ---------------------------------------------------------------------- the daemon's path

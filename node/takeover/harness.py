@@ -48,11 +48,12 @@ class LoopThread:
 
 class Node:
     """The node's kernel side in ``ns``: table ``inet herdwall``, the takeover chains with a
-    watch on ``port``, the static NFQUEUE rule, and a ``TakeoverQueue`` on its own loop."""
+    watch on ``port``, the static NFQUEUE rule, and a ``TakeoverQueue`` on its own loop (read
+    by a thread of its own, as the daemon's, unless ``thread=False``)."""
 
     def __init__(self, ns: Namespace, engine: Engine, port: int, *,
                  detect: Callable[..., Any] | None = None, watch: bool = True,
-                 extra_rules: list[str] | None = None) -> None:
+                 extra_rules: list[str] | None = None, thread: bool = True) -> None:
         self.ns = ns
         NftTable(ns.name).ensure()
         self.nft = rules.NftText(ns.name)
@@ -66,7 +67,7 @@ class Node:
         self.lt = LoopThread()
         self.engine = engine
         self.queue = TakeoverQueue(engine, detect=detect, ports={port}, netns=ns.name,
-                                   loop=self.lt.loop)
+                                   loop=self.lt.loop, thread=thread)
         self.lt.call(self.queue.start)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:

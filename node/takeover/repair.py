@@ -24,6 +24,7 @@ benchmarks); it never touches the machine's own.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import socket
@@ -34,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from node.kernel.nfqueue import Handle
+from node.kernel.nfqueue import Handle, Scheduler
 from node.kernel.sockets import mark_socket
 from node.stack.conntrack import Flow
 from node.takeover import rules
@@ -214,11 +215,16 @@ class RepairEngine:
         self.splice = splice
         self.migrated: list[Migrated] = []
         self.stats: Counter[str] = Counter()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._sched: Scheduler | None = None
+        self._tasks: set[concurrent.futures.Future[None]] = set()
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop | None:
+        """The asyncio loop the relays run on (a reader thread's clock names its loop)."""
+        return getattr(self._sched, "loop", self._sched)  # type: ignore[return-value]
+
+    def start(self, loop: Scheduler) -> None:
+        self._sched = loop
         self.nft.apply(redirect_setup(self.netns))
         policy_route(self.netns)
 
@@ -263,7 +269,8 @@ class RepairEngine:
         self.migrated.append(m)
         self.stats["migrated"] += 1
         if self.splice and self._loop is not None:
-            task = self._loop.create_task(self._relay(m, len(t.data)))
+            # Safe from the queue's reader thread as from the loop itself.
+            task = asyncio.run_coroutine_threadsafe(self._relay(m, len(t.data)), self._loop)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -8,12 +8,11 @@ benign bytes after the malicious message are lost with it and both applications 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 from collections import Counter
 
-from node.kernel.nfqueue import Handle
+from node.kernel.nfqueue import Handle, Scheduler
 from node.stack.conntrack import Flow
 from node.stack.packet import ACK, RST
 from node.takeover.adapter import Link, Trigger, open_raw_socket
@@ -30,7 +29,7 @@ class ResetEngine:
         self.stats: Counter[str] = Counter()
         self._answered: int | None = None  # the flow whose resets ``answer`` sent
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: Scheduler) -> None:
         if self.sock is None:
             self.sock = open_raw_socket(self.netns)
 

@@ -144,3 +144,28 @@ def test_any_packet_gets_a_verdict_and_nothing_raises(packets: list[bytes]) -> N
             assert h.verdict in ("accept", "drop")
     finally:
         loop.close()
+
+
+def test_the_reader_threads_clock_runs_what_is_due_in_order_and_nothing_cancelled() -> None:
+    """``QueueAdapter(thread=True)``'s clock, which runs the engine's timers on the reader
+    thread: due timers by deadline after the callbacks already ready, a cancelled one never,
+    one scheduled by a callback on the next round, a future one not yet."""
+    import time
+
+    from node.kernel.nfqueue import ThreadClock
+
+    clock = ThreadClock()
+    ran: list[str] = []
+    now = time.monotonic()
+    clock.call_at(now - 0.001, ran.append, "late")
+    clock.call_at(now - 0.002, ran.append, "later")
+    clock.call_soon(lambda: clock.call_soon(ran.append, "next round"))
+    clock.call_at(now - 0.003, ran.append, "cancelled").cancel()
+    clock.call_later(60, ran.append, "future")
+    assert clock.delay() == 0.0
+    clock.run_due()
+    assert ran == ["later", "late"]
+    clock.run_due()
+    assert ran == ["later", "late", "next round"]
+    delay = clock.delay()
+    assert delay is not None and 50 < delay <= 60
