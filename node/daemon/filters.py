@@ -106,6 +106,20 @@ class FilterManager:
         self._counters_at = 0.0
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nft")
         self._lock = asyncio.Lock()  # one kernel change at a time, in order
+        # The store's view of which filters are installed and which an operator removed, held
+        # in memory so that an install decides without waiting for the store (read at the
+        # first install or reconcile, then kept in step by this manager, the store's only
+        # writer of filters).
+        self._installed: set[str] | None = None
+        self._held_back: set[str] = set()
+
+    async def _load(self) -> set[str]:
+        if self._installed is None:
+            rows = await self.db(self.db.store.filters)
+            self._installed = {r.filter_id for r in rows if r.state == "installed"}
+            self._held_back = {r.filter_id for r in rows
+                               if r.state == "removed" and r.removed_by == "operator"}
+        return self._installed
 
     async def _kernel(self, fn: Callable[..., T], *args: Any) -> T:
         if fn != getattr(self.backend, "list", None):
@@ -137,7 +151,9 @@ class FilterManager:
         now = self.clock()
         expires = now + self.expire_after_s if self.expire_after_s > 0 else None
         chosen: list[Filter] = []
+        records: list[asyncio.Future[str]] = []
         async with self._lock:
+            installed = await self._load()
             for fj in filter_jsons:
                 try:
                     f = filter_from_json(fj)
@@ -145,13 +161,18 @@ class FilterManager:
                     self.bus.emit("filter.error", action="decode", error=str(e),
                                   alert_id=alert_id)
                     continue
-                how = await self.db(self.db.store.record_filter, f.to_json(),
-                                    alert_id=alert_id, expires=expires, force=force)
-                if how == "skipped":
+                if f.filter_id in self._held_back and not force:
                     self.bus.emit("filter.skipped", filter_id=f.filter_id, alert_id=alert_id,
                                   reason="removed by an operator earlier")
-                elif how != "unchanged":
+                elif f.filter_id not in installed:
+                    # Queued before the kernel is asked, so the store's row precedes anything
+                    # later; the kernel does not wait for it (the store's queue held 1-6 ms
+                    # of every alert's path to its filter).
+                    records.append(self.db.submit(
+                        self.db.store.record_filter, f.to_json(), alert_id=alert_id,
+                        expires=expires, force=force))
                     chosen.append(f)
+                    installed.add(f.filter_id)  # a second copy in this call is unchanged
             if not chosen:
                 return []
             start = time.perf_counter()
@@ -163,6 +184,12 @@ class FilterManager:
                                 filter_ids=[f.filter_id for f in chosen])
                     # The store has them: the periodic reconcile retries.
             ms = (time.perf_counter() - start) * 1000
+            try:
+                await asyncio.gather(*records)
+            except BaseException:
+                installed.difference_update(f.filter_id for f in chosen)  # as the store says
+                raise
+            self._held_back.difference_update(f.filter_id for f in chosen)
             for f in chosen:
                 self._track_userspace(f)
                 self.bus.emit("filter.installed", filter_id=f.filter_id, kind=f.kind,
@@ -182,6 +209,9 @@ class FilterManager:
             if not ids:
                 return []
             await self.db(self.db.store.mark_filters, ids, state, by)
+            (await self._load()).difference_update(ids)
+            if state == "removed" and by == "operator":
+                self._held_back.update(ids)
             if self.backend is not None:
                 try:
                     await self._kernel(self.backend.remove, ids)
@@ -206,6 +236,8 @@ class FilterManager:
     async def reconcile(self) -> dict[str, int]:
         """Make the kernel hold exactly the store's installed filters (one atomic batch)."""
         async with self._lock:
+            self._installed = None  # the store is the truth: read it again
+            await self._load()
             want = await self.desired()
             # Emptied in place: the stack's queue path holds a reference to this object.
             for fid in list(self._userspace_ids):

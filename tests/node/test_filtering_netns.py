@@ -144,3 +144,28 @@ def test_udp_filters_in_the_kernel_between_namespaces(testbed: Testbed,
     assert got[len(exploits):] == benign
     # Every drop is counted, on the filter that caught it (the specific one comes first).
     assert sum(i.packets for i in table.list()) == len(exploits)
+
+
+def test_installs_list_the_table_once_and_recover_when_it_changes_behind_them(
+        testbed: Testbed, resolver_filters) -> None:  # type: ignore[no-untyped-def]
+    """The table keeps what its own batches did, so an install on an alert's path lists
+    nothing; a table changed by someone else makes the next batch fail, and the install then
+    looks and succeeds."""
+    nft = NftTable(testbed[0].name)
+    nft.ensure()
+    listings: list[str] = []
+
+    def query(cmd: str) -> dict[str, object]:
+        listings.append(cmd)
+        return nft.query_text(cmd)
+
+    table = FilterTable(nft.apply_text, query, queue_mark=QUEUE_STACK, mark_mask=MASK)
+    spec, gen = resolver_filters.specific, resolver_filters.general
+    assert [c.filter.filter_id for c in table.install([spec])] == [spec.filter_id]
+    assert len(listings) == 1
+    assert table.install([spec]) == []  # already there: no second element, no listing
+    assert len(listings) == 1
+    assert {i.filter_id for i in table.list()} == {spec.filter_id}
+    nft.apply_text("delete table inet herdwall\n")  # an operator, behind the node's back
+    assert [c.filter.filter_id for c in table.install([gen])] == [gen.filter_id]
+    assert {i.filter_id for i in table.list()} == {gen.filter_id}
