@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from node.stack.packet import ACK, SYN
-from node.takeover.adapter import tcp_tsval
+from node.takeover.adapter import tcp_header, tcp_tsval
 from node.takeover.tcp import Segment
 from node.takeover.wire import ack_packet, build
 
@@ -46,6 +46,18 @@ def test_malformed_options_never_raise(options: bytes, doff: int, cut: int) -> N
     p = p[:max(40, len(p) - cut)]
     v = tcp_tsval(bytes(p), 20)
     assert v is None or 0 <= v < 1 << 32
+    # The header read gives the same TSval when it reads one (Linux's layout) and no other.
+    hdr = tcp_header(bytes(p))
+    assert hdr is None or hdr[6] is None or hdr[6] == v
+
+
+def test_the_header_read_gives_the_usual_layouts_tsval_at_once() -> None:
+    p = build(SRC, DST, 40000, 8080, Segment(1, 2, ACK, 500, b"data", 123456, 7))
+    assert tcp_header(p) == (SRC + DST + struct.pack("!HH", 40000, 8080), 20, 1, 2, ACK, 4,
+                             123456)
+    other = _with_options(struct.pack("!BBH", 2, 4, 1460) + struct.pack("!BBII", 8, 10, 9, 5))
+    hdr = tcp_header(other)
+    assert hdr is not None and hdr[6] is None and tcp_tsval(other, 20) == 9
 
 
 @given(st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4),
