@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import TypeVar
 
 from overlay.wire import MAX_IHAVE_IDS
+
+T = TypeVar("T")
 
 
 class AntiEntropy:
@@ -33,8 +36,7 @@ class AntiEntropy:
     def due(self, now: float) -> bool:
         return now >= self.next_at
 
-    def start_round(self, now: float, peers: Sequence[tuple[str, int]]
-                    ) -> tuple[str, int] | None:
+    def start_round(self, now: float, peers: Sequence[T]) -> T | None:
         """Schedule the next round and pick this round's neighbour (None without any)."""
         self.next_at = now + self._jittered()
         if not peers:

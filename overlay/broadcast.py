@@ -541,11 +541,11 @@ class BroadcastCore:
             elif what == "purge":
                 self._delegations.pop(payload, None)  # type: ignore[arg-type]
         if self.ae.due(now):
-            contacts = self._contacts()
-            peer = self.ae.start_round(now, [c.addr for c in contacts])
+            peer = self.ae.start_round(now, self._contacts())
             if peer is not None:
                 self.stats["ae_rounds"] += 1
-                actions.append(Send(peer, wire.encode(IHave(tuple(self.recent(now)), True))))
+                actions.append(Send(peer.addr,
+                                    wire.encode(IHave(tuple(self.recent(now)), True))))
         return actions
 
     # --- internals ---------------------------------------------------------------------------
