@@ -143,9 +143,8 @@ class ThreadClock:
         self._ready: deque[TimerHandle] = deque()
         self._timers: list[TimerHandle] = []
 
-    @staticmethod
-    def time() -> float:
-        return time.monotonic()
+    # The C function itself (no Python frame: the packet callback reads it first thing).
+    time = staticmethod(time.monotonic)
 
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> TimerHandle:
         h = TimerHandle(0.0, callback, args)
