@@ -369,9 +369,22 @@ class TakeoverQueue:
         return True
 
     def _check_chunk(self, flow: Flow, data: bytes) -> Any:
+        """The check of a client's new chunk, and of its stream so far (64 KiB at most)."""
         stream = (self.streams.get(flow.id, b"") + data)[-MAX_STREAM:]
         self.streams[flow.id] = stream
-        return self._check(flow, data, stream)
+        if self.detect is not None:
+            hit = self.detect(flow, data, stream)
+            if hit is not None:
+                return hit
+        filters = self.filters
+        if filters is not None:
+            port = flow.resp[1]
+            try:
+                return filters.check("tcp", port, data) or filters.check("tcp", port, stream)
+            except RuntimeError:  # changed by the loop meanwhile (on a reader thread)
+                return check_filters(filters, port, data) or \
+                    check_filters(filters, port, stream)
+        return None
 
     def _take(self, flow: Flow, seq: int, data: bytes, hit: Any, payload: bytes,
               handle: Handle, now: float) -> None:
@@ -414,17 +427,6 @@ class TakeoverQueue:
         self.blocked[flow.id] = None
         if len(self.blocked) > MAX_BLOCKED:  # flows that vanished without a close event
             self.blocked.pop(next(iter(self.blocked)))
-
-    def _check(self, flow: Flow, data: bytes, stream: bytes) -> Any:
-        if self.detect is not None:
-            hit = self.detect(flow, data, stream)
-            if hit is not None:
-                return hit
-        if self.filters is not None:
-            port = flow.resp[1]
-            return check_filters(self.filters, port, data) or \
-                check_filters(self.filters, port, stream)
-        return None
 
 
 def check_filters(filters: Any, port: int, data: bytes) -> Any:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from node.stack.conntrack import Flow, TcpHalf
 from node.stack.packet import ACK
-from node.takeover.tcp import Seed, Segment, seq_add, seq_diff, seq_lt
+from node.takeover.tcp import HALF, MASK, Seed, Segment, seq_add, seq_diff, seq_lt
 
 DEFAULT_MSS = 1460  # unknown MSS (flow picked up mid-stream): the Ethernet one
 TS_OPTION = 12  # NOP NOP TS: bytes of options on every segment with timestamps
@@ -153,8 +153,9 @@ def first_ack(flow: Flow, seq: int, n: int, tsecr: int | None,
     cack = c.ack if client_ack is None else client_ack
     nxt = s.fin_seq if s.fin_seq is not None else (
         s.next_seq if s.next_seq is not None else (cack or 0))
-    if s.fin_seq is None and cack is not None and seq_lt(nxt, cack):
+    # seq_lt and seq_add inline: on a trigger's path each call costs (the node is cold).
+    if s.fin_seq is None and cack is not None and (nxt - cack) & MASK >= HALF:
         nxt = cack
     ts = c.ts_val is not None and s.ts_val is not None
-    return Segment(nxt, seq_add(seq, n), ACK, s.window, b"", s.ts_val if ts else None,
+    return Segment(nxt, (seq + n) & MASK, ACK, s.window, b"", s.ts_val if ts else None,
                    (tsecr or 0) if ts else None)
