@@ -2,7 +2,8 @@
 
 ``TakeoverEngine`` owns the taken-over flows: a ``proxy.Proxy`` each, segments out through a raw
 socket marked ``TAKEOVER_OWN`` (``adapter.open_raw_socket``), the endpoints' timers on the
-loop, the flows' elements in ``takeover_flows``. It is driven by a ``adapter.TakeoverQueue``
+queue's scheduler (the loop, or the clock of the queue's reader thread), the flows' elements in
+``takeover_flows``. It is driven by a ``adapter.TakeoverQueue``
 (the watch queue and the flows' own packets) and, on the daemon's stack queue, by a
 :class:`TakeoverGate`.
 
@@ -14,10 +15,17 @@ onto the interface the trigger came in on, to the MAC address it came from
 (``adapter.LinkSocket``: no routing, no netfilter hooks on the way out); the raw socket is the
 fallback (a trigger sent by this host, or a link send that fails).
 
-Where the time goes (``scripts/bench_takeover.py``'s stages, p50s on a shared 2-core VM): from
-the trigger on the wire to the queue's Python callback 55-75 µs on a busy node, 95-195 µs on
-an idle one (the kernel's queue path plus waking a sleeping process, shared with every engine);
-header reads and the check 25-70 µs; the engine to the ACK on the wire 25-35 µs.
+Where the time goes on an idle node (``scripts/bench_takeover.py``'s stages, p50s on a shared
+2-core VM under nested virtualisation), ~250 µs in all: the trigger on the wire to its
+netfilter queue ~25 µs (the kernel); to the reader thread's ``recv`` returning ~80 µs (waking a
+sleeping process: a plain UDP socket's blocking ``recv`` wakes as late); to the queue's Python
+callback ~20 µs (the binding); to the engine told ~60 µs (the ``Handle``, header reads, the
+stack's flow, the check); to the ACK on the wire ~40 µs (building it, the ``send``). All but the
+wake-up is Python run cold: after sleeping, each small function costs ~10 µs here (~1 µs
+warm), so the path is kept short in calls rather than in bytecodes. A reader thread saved
+60-70 µs over the loop's epoll dispatch; a netlink reader of our own instead of the binding's
+per-packet objects would save another 15-25 µs (a stripped-down reader measured against the
+binding's, both on a thread).
 """
 
 from __future__ import annotations
