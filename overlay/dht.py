@@ -21,8 +21,9 @@ What the library gets wrong for a hostile network, and what the subclasses here 
 - The kernel's default receive buffer overflows in lookup bursts: the socket asks for
   ``rcvbuf`` bytes with SO_RCVBUFFORCE (plain SO_RCVBUF is capped by ``rmem_max``) and logs the
   size in effect.
-- Tables do not fill from bootstrap alone: after joining, and every ``refresh_s`` after, the
-  node looks up a random id in each prefix group (``refresh_groups``).
+- Tables do not fill from bootstrap alone: a few seconds after joining (again at doubling
+  intervals), a minute after, and every ``refresh_s`` after, the node looks up a random id in
+  each prefix group (``refresh_groups``).
 
 Broadcast datagrams (first byte 0x10 and up, ``overlay.wire``) share the socket and go to the
 ``on_broadcast`` callback after the same size and rate checks.
@@ -85,6 +86,10 @@ class DhtConfig:
     socket_mark: int | None = None  # SO_MARK on the node's sockets (the host's firewall exempts it)
     refresh_s: float = 900.0
     first_refresh_s: float = 60.0
+    # Passes before the first: after this many seconds, then at doubling intervals (0: none).
+    # Nodes started together join through peers that know nobody yet (or not yet listening):
+    # without these they waited the whole first_refresh_s for each other.
+    early_refresh_s: float = 2.0
     refresh_k: int = 4
     max_peers: int = 4096
     super_peer: bool = False
@@ -853,8 +858,14 @@ class HardenedServer(Server):
         self.refresh_loop = self.spawn(self._refresh_forever())  # type: ignore[assignment]
 
     async def _refresh_forever(self) -> None:
-        # The first pass soon after joining: nodes that joined after us, and contacts lost to
-        # timeouts in the join rush, get into the table; then every ``refresh_s``.
+        # Early passes while they still teach the table something, the first full pass soon
+        # after joining: nodes that joined after us, and contacts lost to timeouts in the join
+        # rush, get into the table; then every ``refresh_s``.
+        delay = self.config.early_refresh_s
+        while 0 < delay < self.config.first_refresh_s:
+            await asyncio.sleep(delay * self._rng.uniform(0.75, 1.25))
+            await self.refresh_groups()
+            delay *= 2
         period = self.config.first_refresh_s
         while True:
             await asyncio.sleep(period * self._rng.uniform(0.75, 1.25))

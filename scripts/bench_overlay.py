@@ -285,10 +285,11 @@ class Host:
         verify = ({"verify_envelope": self.worker.verify_envelope} if self.worker is not None
                   else {"verify": self.verifier.verify})
         self.rss_before = rss_kb()
-        # Each node's first refresh pass (a minute after joining, on its own) is run for all of
-        # them at once after the join (``settle``): a thousand joins squeezed into a few
-        # minutes of one process should not also run a thousand refresh passes among them.
-        config = OverlayConfig(dht=DhtConfig(first_refresh_s=3600.0))
+        # Each node's first refresh pass (a minute after joining, on its own; the early passes
+        # a few seconds after) is run for all of them at once after the join (``settle``): a
+        # thousand joins squeezed into a few minutes of one process should not also run a
+        # thousand refresh passes among them.
+        config = OverlayConfig(dht=DhtConfig(first_refresh_s=3600.0, early_refresh_s=0.0))
         for k in range(self.count):
             i = self.first + k
             got: dict[str, float] = {}

@@ -757,3 +757,33 @@ def test_replies_to_requests_never_made_count_toward_a_ban(prefix, verifier, run
             junk.close()
             await node.stop()
     run(main())
+
+
+def test_nodes_that_joined_through_a_peer_knowing_nobody_meet_within_seconds(
+        prefix, verifier, run) -> None:
+    """A joins through B while B knows nobody else; B meets C only afterwards, so A's join
+    could not name C, nor C's A. The early refresh passes introduce them within seconds
+    (nodes of a testbed start together); without them, only the first full pass a minute
+    later would."""
+    async def meet(early: float, wait: float) -> bool:
+        cfg = OverlayConfig(dht=DhtConfig(early_refresh_s=early))
+        b, a, c = (Overlay(NodeKey.generate(), bind=addr(prefix, i), verify=verifier.verify,
+                           bootstrap=[f"{addr(prefix, 0)[0]}:{PORT}"] if i == 1 else [],
+                           config=cfg) for i in range(3))
+        try:
+            await b.start(join=False)
+            await a.start()
+            await c.start(join=False)
+            await b.server.bootstrap([addr(prefix, 2)])
+            assert {p.addr for p in a.peers()} == {addr(prefix, 0)}
+            end = time.monotonic() + wait
+            while time.monotonic() < end:
+                if addr(prefix, 2) in {p.addr for p in a.peers()}:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+        finally:
+            await asyncio.gather(*(n.stop() for n in (a, b, c)))
+
+    assert run(meet(0.5, 6.0))
+    assert not run(meet(0.0, 2.0))
