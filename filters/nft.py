@@ -258,11 +258,12 @@ class FilterTable:
     def sync(self, desired: Iterable[Filter]) -> None:
         """Make the kernel hold exactly ``desired``: one batch of removals and additions."""
         want = {f.filter_id: f for f in desired}
-        have = {i.filter_id for i in self.list()}
-        add = [f for fid, f in want.items() if fid not in have]
-        drop = [fid for fid in have if fid not in want]
-        items = self._ruleset()
-        if add or drop or not _View.of(items).chains:
+        items = self._ruleset()  # one listing: what is there, and the handles to remove
+        have = self._view
+        assert have is not None
+        add = [f for fid, f in want.items() if fid not in have.ids]
+        drop = [fid for fid in have.ids if fid not in want]
+        if add or drop or not have.chains:
             self._apply_listed(self._batch(add, drop, items))
 
     def list(self) -> list[Installed]:
