@@ -700,6 +700,19 @@ class BroadcastCore:
         self.stats["ack_timeouts"] += 1
         return [Unresponsive(entry[1]), *self._launch(d, now)]
 
+    def unreachable(self, addr: Addr, now: float) -> list[Action]:
+        """Nobody listens at ``addr`` (an ICMP "port unreachable" came back for a datagram we
+        sent there): whatever it was asked to take is handed to the next candidate now, not
+        at the acknowledgement timeout, and it counts as unresponsive as a timeout would."""
+        actions: list[Action] = []
+        for dels in self._delegations.values():
+            d = dels.get(addr)
+            entry = d.outstanding.pop(addr, None) if d is not None else None
+            if d is not None and entry is not None:
+                self.stats["unreachable"] += 1
+                actions += [Unresponsive(entry[1]), *self._launch(d, now)]
+        return actions
+
     def _forward(self, aid: bytes, held: _Held, replica: int, limit: int, now: float,
                  masks: Sequence[Uncovered] = ()) -> list[Action]:
         """Hand copy ``replica`` of the groups ``limit <= p < held.forwarded[replica]`` over,

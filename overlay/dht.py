@@ -21,6 +21,10 @@ What the library gets wrong for a hostile network, and what the subclasses here 
 - The kernel's default receive buffer overflows in lookup bursts: the socket asks for
   ``rcvbuf`` bytes with SO_RCVBUFFORCE (plain SO_RCVBUF is capped by ``rmem_max``) and logs the
   size in effect.
+- A datagram to a dead node is only known lost when its reply fails to come. The socket asks
+  the kernel for ICMP errors (``IP_RECVERR``): a "port unreachable" names the address nobody
+  listens at, and ``on_unreachable`` hears of it at once (the broadcast moves on without
+  waiting out its acknowledgement timeout).
 - Tables do not fill from bootstrap alone: a few seconds after joining (again at doubling
   intervals), a minute after, and every ``refresh_s`` after, the node looks up a random id in
   each prefix group (``refresh_groups``).
@@ -67,6 +71,12 @@ _HEAD = 21  # rpcudp: kind byte + 20-byte message id
 _NO_REPLY = object()
 _DEFAULT_DATAGRAM_RATE = Rate(200.0, 400.0)
 _DEFAULT_HELLO_RATE = Rate(20.0, 40.0)
+# Linux's extended socket errors (linux/in.h, linux/in6.h, linux/errqueue.h).
+IP_RECVERR = 11
+IPV6_RECVERR = 25
+_EE_ORIGIN_ICMP = 2
+_EE_ORIGIN_ICMP6 = 3
+_PORT_UNREACHABLE = {_EE_ORIGIN_ICMP: (3, 3), _EE_ORIGIN_ICMP6: (1, 4)}  # origin: (type, code)
 
 
 @dataclass(frozen=True)
@@ -290,6 +300,8 @@ class HardenedProtocol(KademliaProtocol):
         self._expired: OrderedDict[bytes, None] = OrderedDict()  # requests that timed out
         # Called with each RPC round trip (seconds): the broadcast core's timeout learns from it.
         self.on_rtt: Callable[[float], None] | None = None
+        # Called with an address an ICMP "port unreachable" came back from (nobody listens).
+        self.on_unreachable: Callable[[Addr], None] | None = None
         self.stats: Counter[str] = Counter()
         self._handlers: dict[str, tuple[Callable[[list[Any]], tuple[Any, ...] | None],
                                         Callable[..., Any]]] = {
@@ -352,8 +364,19 @@ class HardenedProtocol(KademliaProtocol):
         transport.sendto(data, addr)
 
     def error_received(self, exc: Exception) -> None:
-        # ICMP errors (port unreachable from a dead peer) arrive here; the RPC timeout handles it.
+        # A socket error other than the ICMP reports ``unreachable`` hears of.
         self.stats["icmp_errors"] += 1
+
+    def unreachable(self, addr: Addr) -> None:
+        """Nobody listens at ``addr``: the kernel's ICMP "port unreachable" for a datagram we
+        sent there. (Only the address is trusted, as with a timeout: the sender of the ICMP
+        is not known, so this is never more than one missed reply's worth of evidence.)"""
+        self.stats["rx_unreachable"] += 1
+        if self.on_unreachable is not None:
+            try:
+                self.on_unreachable(addr)
+            except Exception:
+                self._log_error("unreachable handler")
 
     def _log_error(self, what: str) -> None:
         self.stats["handler_errors"] += 1
@@ -721,6 +744,7 @@ class UdpEndpoint:
         self.protocol = protocol
         self.send_dropped = 0
         self._closing = False
+        self._drain_soon: asyncio.Handle | None = None
         self._fd = sock.fileno()
         protocol.connection_made(self)  # type: ignore[arg-type]
         loop.add_reader(self._fd, self._readable)
@@ -728,27 +752,58 @@ class UdpEndpoint:
     def _readable(self) -> None:
         recv = self.sock.recvfrom
         deliver = self.protocol.datagram_received
-        for _ in range(self.BATCH):
+        for k in range(self.BATCH):
             try:
                 data, addr = recv(MAX_DATAGRAM + 1)
             except (BlockingIOError, InterruptedError):
+                if k == 0:  # woken for nothing to read: an error queued (EPOLLERR) perhaps
+                    self._drain_errors()
                 return
-            except OSError as exc:  # an ICMP error reported on the socket
+            except ConnectionRefusedError:  # an ICMP error queued: see which address
+                self._drain_errors()
+                continue
+            except OSError as exc:
                 self.protocol.error_received(exc)
                 return
             deliver(data, addr)
             if self._closing:
                 return
 
+    def _drain_errors(self) -> None:
+        """Read the socket's error queue (``IP_RECVERR``): every ICMP error for a datagram we
+        sent, with the address it was sent to. Each one also leaves a pending error that the
+        next ``recvfrom`` or ``sendto`` reports (and that is how we know to look)."""
+        self._drain_soon = None
+        unreachable = self.protocol.unreachable  # type: ignore[attr-defined]
+        for _ in range(self.BATCH):
+            try:
+                _, ancdata, _, addr = self.sock.recvmsg(1, 64, socket.MSG_ERRQUEUE)
+            except OSError:  # empty (or closed)
+                return
+            for _, _, err in ancdata:
+                # struct sock_extended_err: errno (4), origin, type, code, pad, info, data
+                if len(err) >= 8 and _PORT_UNREACHABLE.get(err[4]) == (err[5], err[6]):
+                    unreachable((addr[0], addr[1]))
+            if self._closing:
+                return
+
     def sendto(self, data: bytes, addr: Addr) -> None:
         if self._closing:
             return
-        try:
-            self.sock.sendto(data, addr)
-        except (BlockingIOError, InterruptedError):
-            self.send_dropped += 1  # a full send buffer: UDP may lose it anyway
-        except OSError as exc:
-            self.protocol.error_received(exc)
+        for _ in range(2):
+            try:
+                self.sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                self.send_dropped += 1  # a full send buffer: UDP may lose it anyway
+            except ConnectionRefusedError:
+                # An earlier datagram's ICMP error, reported (and cleared) here instead of
+                # sending this one: read the queue after this callback, and send again.
+                if self._drain_soon is None:
+                    self._drain_soon = self.loop.call_soon(self._drain_errors)
+                continue
+            except OSError as exc:
+                self.protocol.error_received(exc)
+            return
 
     def is_closing(self) -> bool:
         return self._closing
@@ -757,6 +812,8 @@ class UdpEndpoint:
         if self._closing:
             return
         self._closing = True
+        if self._drain_soon is not None:
+            self._drain_soon.cancel()
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self._fd)
         self.sock.close()
@@ -788,6 +845,11 @@ def _make_udp_socket(host: str, port: int, rcvbuf: int,
         except (OSError, AttributeError):  # needs CAP_NET_ADMIN; fall back to the capped one
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        with contextlib.suppress(OSError):  # ICMP errors, with the address (see UdpEndpoint)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
         sock.bind((host, port))
         sock.setblocking(False)
     except BaseException:

@@ -178,6 +178,8 @@ class Overlay:
         self.server.protocol.banned = lambda ip: core.banned(ip, loop.time())
         self.server.protocol.on_abuse = self._on_abuse
         self.server.protocol.on_rtt = core.rtt_sample
+        self.server.protocol.on_unreachable = lambda addr: self._run(
+            core.unreachable(addr, loop.time()))
         port = self.server.transport.get_extra_info("sockname")[1]
         self.address = (host, port)
         self.fetch_server = FetchServer(self._admit_fetch, self._serve_fetch,

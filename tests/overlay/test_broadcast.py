@@ -462,6 +462,24 @@ def test_fetch_serving_and_acks() -> None:
     assert len(fourth) == 1 and fourth[0].addr not in (first, second, third[0].addr)
 
 
+def test_an_unreachable_contact_is_passed_over_at_once() -> None:
+    contacts = [Contact(bytes([0x80 | i]) + b"\x00" * 19, (f"10.0.0.{i}", 9)) for i in range(4)]
+    core = BroadcastCore(b"\x00" * 20, lambda: contacts, BroadcastConfig(ack_timeout=0.5))
+    aid, _ = core.publish(envelope(b"U"), 0.0, WALL)
+    sends = [a for a in core.on_verdict(aid, True, 0.0) if isinstance(a, Send)]
+    dead = sends[1].addr
+    # Nobody listens there (ICMP): its copy goes to the next candidate now, not at 0.5 s.
+    acts = core.unreachable(dead, 0.01)
+    assert any(isinstance(a, Unresponsive) and a.contact.addr == dead for a in acts)
+    nxt = [a.addr for a in acts if isinstance(a, Send)]
+    assert len(nxt) == 1 and nxt[0] not in (sends[0].addr, dead)
+    # Only what is waiting on that address moves: nothing twice, nothing for anyone else.
+    assert core.unreachable(dead, 0.02) == []
+    assert core.unreachable(("10.0.0.99", 9), 0.02) == []
+    assert [a for a in core.tick(0.6) if isinstance(a, Unresponsive)] != []  # the others'
+    assert core.stats["unreachable"] == 1
+
+
 def test_publish_refuses_bad_envelopes() -> None:
     core = BroadcastCore(b"\x05" * 20, lambda: [])
     with pytest.raises(PublishError):

@@ -121,6 +121,8 @@ def test_every_live_node_gets_a_verified_alert(prefix, alerts, verifier, run, tr
             aid2 = await net.nodes[20].publish(env2)
             await net.wait_all(aid2, 20)
             assert all(aid2 in net.got[i] for i in net.live() if i != 20)
+            # Their ports answer ICMP "unreachable": the broadcast passed them over at once.
+            assert net.stat("bcast.unreachable") > 0
             # Publishing again is a no-op; the network does not send it around again.
             before = net.stat("dht.tx_0x10")
             assert await net.nodes[20].publish(env2) == aid2
@@ -131,6 +133,33 @@ def test_every_live_node_gets_a_verified_alert(prefix, alerts, verifier, run, tr
     run(main())
     assert trouble.errors() == []
     assert any("receive buffer" in r.getMessage() for r in trouble.records) or True
+
+
+def test_icmp_unreachable_is_reported_and_costs_no_datagram(prefix, verifier, run) -> None:
+    import socket
+    async def main() -> None:
+        node = Overlay(NodeKey.generate(), bind=addr(prefix, 0), verify=verifier.verify)
+        await node.start(join=False)
+        live = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        live.bind(addr(prefix, 1))
+        live.setblocking(False)
+        heard: list[tuple[str, int]] = []
+        protocol = node.server.protocol
+        assert protocol is not None
+        protocol.on_unreachable = heard.append
+        try:
+            for k in range(3):  # nobody listens at these
+                protocol.send_datagram(b"\x12" + bytes([wire.VERSION, k]), addr(prefix, 2 + k))
+            # The kernel reports the first one's error on the next send: that datagram still
+            # goes out.
+            protocol.send_datagram(b"\x12" + bytes([wire.VERSION, 9]), addr(prefix, 1))
+            await asyncio.sleep(0.1)
+            assert live.recv(100)[2] == 9
+            assert sorted(heard) == [addr(prefix, 2 + k) for k in range(3)]
+        finally:
+            live.close()
+            await node.stop()
+    run(main())
 
 
 def test_rcvbuf_is_raised_and_logged(prefix, verifier, run, caplog) -> None:
