@@ -52,6 +52,8 @@ workers = 1            # sandbox processes for verifying received alerts (the fa
 general = true         # also derive the general (vulnerability) filter, not only the specific
 expire_after_s = 0     # 0: filters stay until an operator removes them
 workers = 1            # sandbox processes deriving general filters, at low CPU priority
+general_delay_ms = 100 # start deriving the general filter this long after the alert verified:
+                       # the alert's burst (neighbours fetching it, their verdicts) goes first
 tcp_action = "reject"  # what a TCP filter does to a flow it matches: "drop", "reject" (TCP
                        # reset) or "takeover" (the node takes the flow over, see [takeover])
 
@@ -141,6 +143,7 @@ class FiltersConfig:
     expire_after_s: float = 0.0
     workers: int = 1
     tcp_action: str = "reject"
+    general_delay_ms: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -425,7 +428,8 @@ _SCHEMA: dict[str, dict[str, Checker]] = {
                  "job_timeout_s": _number(0, 3600, lo_open=True)},
     "verifier": {"workers": _int(1, 64)},
     "filters": {"general": _bool, "expire_after_s": _number(0, 10 * 365 * 86400),
-                "workers": _int(1, 64), "tcp_action": _choice("drop", "reject", "takeover")},
+                "workers": _int(1, 64), "tcp_action": _choice("drop", "reject", "takeover"),
+                "general_delay_ms": _number(0, 60_000)},
     # A reply goes out in one segment before the FIN: it stays well under any MSS.
     "takeover": {"policy": _choice("scrub", "close", "respond"), "reply": _text(1024)},
     "overlay": {"enabled": _bool, "bind": _addr(allow_zero_port=True),

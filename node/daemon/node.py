@@ -234,7 +234,8 @@ class Node:
             key=self.key, images=self.images, pools=self.pools, db=self.db, bus=self.bus,
             filters=self.filters, detector=cfg.detector.enabled,
             queue_size=cfg.detector.queue_size, job_timeout_s=cfg.detector.job_timeout_s,
-            general_filters=cfg.filters.general, detect_concurrency=cfg.detector.workers)
+            general_filters=cfg.filters.general, detect_concurrency=cfg.detector.workers,
+            general_delay_s=cfg.filters.general_delay_ms / 1000)
         await self.pipeline.start()
         for comp in self._factory(self):
             self.components.append(comp)

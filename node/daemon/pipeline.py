@@ -7,7 +7,8 @@ Detection (a detector node)::
       -> detect lane: worker.detect (taint, generate, verify locally, specific filter)
       -> sign with the node key -> store (verified, with the raw packets)
       -> together: install the specific filter | broadcast(envelope) -> store (forwarded)
-      -> filters lane (low CPU priority): worker.filters (general filter) -> install
+      -> after filters.general_delay_ms, filters lane (low CPU priority): worker.filters
+         (general filter) -> install
 
 Receiving (every node)::
 
@@ -115,7 +116,8 @@ class Pipeline:
                  broadcast: Broadcast | None = None, detector: bool = False,
                  queue_size: int = 256, job_timeout_s: float = 10.0,
                  verify_timeout_s: float = 5.0, general_filters: bool = True,
-                 detect_concurrency: int = 1, clock: Callable[[], float] = time.time,
+                 detect_concurrency: int = 1, general_delay_s: float = 0.0,
+                 clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
         self.key = key
         self.node_id = key.node_id.hex()
@@ -131,6 +133,7 @@ class Pipeline:
         self.job_timeout_s = job_timeout_s
         self.verify_timeout_s = verify_timeout_s
         self.general_filters = general_filters
+        self.general_delay_s = general_delay_s
         self.detect_concurrency = max(1, detect_concurrency)
         self.clock = clock
         self.sampler = Sampler(queue_size, rng=rng)
@@ -342,6 +345,12 @@ class Pipeline:
         self.bus.emit("alert.forwarded", alert_id=aid, origin="detected")
 
     async def _general(self, aid: str, alert_bytes: bytes) -> None:
+        # Hundreds of milliseconds of sandbox runs: started once the alert's burst here is
+        # over (its fetches by our neighbours, our forward), not in the middle of it. Even at
+        # the lowest priority the job held a CPU for milliseconds at a time while that work
+        # waited on the other one (the scheduler moves waiting work over only now and then).
+        if self.general_delay_s > 0:
+            await asyncio.sleep(self.general_delay_s)
         try:
             out = await self.pools.filters.run(worker.filters, alert_bytes,
                                             timeout=max(60.0, self.job_timeout_s))

@@ -154,6 +154,31 @@ def test_receiving_node_verifies_installs_and_forwards_once(
     assert len(parts.store.verifications(aid)) == 1  # the copy was not re-verified
     assert {f.kind for f in parts.table.installed.values()} == {"specific", "general"}
 
+def test_general_filter_waits_for_the_alerts_burst(
+        images: list, pools: Pools, parts_factory: Any, envelopes: dict) -> None:
+    """The specific filter goes in at once; deriving the general one starts only
+    ``general_delay_s`` after the alert verified (the forward and the neighbours' fetches go
+    first), then it is installed as usual."""
+    parts = parts_factory()
+    env, _ = envelopes["resolver"]
+
+    async def main() -> tuple[set[str], float]:
+        p = pipeline(parts, images, pools, general_delay_s=1.0)
+        d = await p.on_overlay_alert(env, ("10.77.0.1", 7400))
+        assert (d.state, d.forward) == ("verified", True)
+        verified_at = time.monotonic()
+        await asyncio.sleep(0.3)
+        early = {f.kind for f in parts.table.installed.values()}
+        assert pools.filters.busy == 0  # not even started
+        await p.idle(60)
+        return early, time.monotonic() - verified_at
+
+    early, took = run(main())
+    assert early == {"specific"}
+    assert {f.kind for f in parts.table.installed.values()} == {"specific", "general"}
+    assert took >= 1.0
+
+
 
 def test_forged_signature_is_refuted_and_never_forwarded(
         images: list, pools: Pools, parts_factory: Any, envelopes: dict) -> None:
