@@ -441,7 +441,7 @@ class Overlay:
         try:
             job = start_fetch(addr, alert_id, self.address[1], done, local_ip=local,
                               max_body=MAX_ENVELOPE_BYTES, timeout=self.config.fetch_timeout,
-                              mark=self.config.dht.socket_mark)
+                              mark=self.config.dht.socket_mark, loop=self._loop)
         except Exception:  # a failed fetch like any other
             self.counters["fetch_errors"] += 1
             log.debug("fetch from %s failed", addr, exc_info=True)
