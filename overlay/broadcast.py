@@ -89,10 +89,14 @@ class Contact:
     node_id: bytes
     addr: Addr
     super_peer: bool = False
-    long_id: int = -1  # the id as an integer, if the caller has it already (-1: compute it)
+    long_id: int = -1  # the id as an integer, if the caller has it already (-1: computed here)
+
+    def __post_init__(self) -> None:
+        if self.long_id < 0:
+            object.__setattr__(self, "long_id", int.from_bytes(self.node_id, "big"))
 
     def key(self) -> int:
-        return self.long_id if self.long_id >= 0 else int.from_bytes(self.node_id, "big")
+        return self.long_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +213,7 @@ Region = tuple[int, int]
 # A mask of some node's uncovered groups: (its id, its id as an integer, the mask).
 Uncovered = tuple[bytes, int, int]
 MAX_MASKED = 8  # announcements with masks kept per pending alert
+_NOT_SUPER = 1 << 160  # added to the rank of a contact that is not a super-peer
 _ALL = (1 << wire.MASK_BITS) - 1
 
 
@@ -317,6 +322,7 @@ class BroadcastCore:
         self._inflight: Counter[str] = Counter()  # fetches under way, per peer IP
         self._srtt: float | None = None
         self._rttvar = 0.0
+        self._wait = cfg.ack_timeout  # ack_wait(), until the first round trip is measured
         self._group_source: Sequence[Contact] | None = None
         self._groups: dict[int, list[Contact]] = {}
         self._group_bits = 0  # bit p set: some contact in group p
@@ -669,6 +675,13 @@ class BroadcastCore:
         else:
             self._rttvar += (abs(self._srtt - sample) - self._rttvar) / 4
             self._srtt += (sample - self._srtt) / 8
+        # TCP's RTO, but never past twice the smoothed delay: there a spurious timeout costs a
+        # congestion collapse, here one more announcement, while waiting too long on a dead
+        # contact holds up its whole subtree (a noisy history, such as the RPCs of a crowded
+        # join, would otherwise keep the deviation term high long after). Kept, not worked
+        # out for every announcement.
+        wait = min(self._srtt + 4 * self._rttvar, 2 * self._srtt)
+        self._wait = min(self.cfg.max_ack_timeout, max(self.cfg.ack_timeout, wait))
 
     def rtt_sample(self, seconds: float) -> None:
         """A round trip measured elsewhere (the DHT's RPCs): the adapter feeds these in so the
@@ -678,15 +691,7 @@ class BroadcastCore:
 
     def ack_wait(self) -> float:
         """How long to wait for an acknowledgement now."""
-        cfg = self.cfg
-        if self._srtt is None:
-            return cfg.ack_timeout
-        # TCP's RTO, but never past twice the smoothed delay: there a spurious timeout costs a
-        # congestion collapse, here one more announcement, while waiting too long on a dead
-        # contact holds up its whole subtree (a noisy history, such as the RPCs of a crowded
-        # join, would otherwise keep the deviation term high long after).
-        wait = min(self._srtt + 4 * self._rttvar, 2 * self._srtt)
-        return min(cfg.max_ack_timeout, max(cfg.ack_timeout, wait))
+        return self._wait
 
     def _ack_timeout(self, alert_id: bytes, addr: Addr, token: int, now: float
                      ) -> list[Action]:
@@ -786,7 +791,9 @@ class BroadcastCore:
                 continue
             done.append(reg)
             held.regions.add((replica, *reg))
-            ranked = sorted(chosen[reg], key=lambda c: (not c.super_peer, c.key() ^ target))
+            # Super-peers first, then by XOR distance to the target (one integer per contact).
+            ranked = sorted(chosen[reg], key=lambda c: c.long_id ^ target
+                            | (0 if c.super_peer else _NOT_SUPER))
             # This copy's own ranks first, then the rest: a group smaller than the number of
             # copies still gets every copy (its members are the only way into it).
             mine = ranked[replica::r]
@@ -804,7 +811,7 @@ class BroadcastCore:
         self._grouped()  # the address index follows the table
         sender = self._by_addr.get(addr) if ann.uncovered else None
         if sender is not None:
-            out.append((sender.node_id, sender.key(), ann.uncovered))
+            out.append((sender.node_id, sender.long_id, ann.uncovered))
         out += [(node_id, int.from_bytes(node_id, "big"), m) for node_id, m in ann.refs if m]
         return out
 
@@ -814,7 +821,7 @@ class BroadcastCore:
         found = self._sorted.get(p)
         if found is None:
             members = sorted(self._groups[p], key=Contact.key)
-            found = self._sorted[p] = ([c.key() for c in members], members)
+            found = self._sorted[p] = ([c.long_id for c in members], members)
         return found
 
     def _grouped(self) -> dict[int, list[Contact]]:
@@ -824,7 +831,7 @@ class BroadcastCore:
         if contacts is not self._group_source:
             groups: dict[int, list[Contact]] = {}
             for c in contacts:
-                p = prefix_len(self._long, c.key())
+                p = prefix_len(self._long, c.long_id)
                 if p < 160:
                     groups.setdefault(p, []).append(c)
             self._group_source, self._groups = contacts, groups
@@ -849,7 +856,7 @@ class BroadcastCore:
             token = self._seq
             d.outstanding[c.addr] = (token, c, now)
             dels[c.addr] = d
-            self._timer(now + self.ack_wait(), "ack", (d.alert_id, c.addr, token))
+            self._timer(now + self._wait, "ack", (d.alert_id, c.addr, token))
             self.stats["tx_announce"] += 1
             return [Send(c.addr, wire.encode(Announce(d.alert_id, d.limit, d.hops, d.replica,
                                                       d.uncovered, d.refs)))]

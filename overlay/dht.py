@@ -69,6 +69,7 @@ Addr = tuple[str, int]
 MAX_DATAGRAM = 1400
 _HEAD = 21  # rpcudp: kind byte + 20-byte message id
 _NO_REPLY = object()
+_TX_KEYS = [f"tx_{kind:#04x}" for kind in range(256)]  # stats keys per first byte
 _DEFAULT_DATAGRAM_RATE = Rate(200.0, 400.0)
 _DEFAULT_HELLO_RATE = Rate(20.0, 40.0)
 # Linux's extended socket errors (linux/in.h, linux/in6.h, linux/errqueue.h).
@@ -359,7 +360,7 @@ class HardenedProtocol(KademliaProtocol):
         if len(data) > MAX_DATAGRAM:
             self.stats["tx_oversize"] += 1
             return
-        self.stats[f"tx_{data[0]:#04x}"] += 1
+        self.stats[_TX_KEYS[data[0]]] += 1
         self.stats["tx"] += 1
         transport.sendto(data, addr)
 

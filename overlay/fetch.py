@@ -205,8 +205,8 @@ class Fetching:
     called exactly once, from the event loop and never from inside ``start_fetch``, unless
     ``cancel`` comes first."""
 
-    __slots__ = ("buf", "done", "loop", "max_body", "need", "opening", "request", "sock",
-                 "timer")
+    __slots__ = ("buf", "done", "loop", "max_body", "need", "opening", "reading", "request",
+                 "sock", "timer", "writing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request: bytes, max_body: int,
                  timeout: float, done: Callable[[bytes | None, Fault], None]) -> None:
@@ -218,6 +218,7 @@ class Fetching:
         self.need: int | None = None
         self.done: Callable[[bytes | None, Fault], None] | None = done
         self.opening = True
+        self.reading = self.writing = False  # a reader or writer is registered for the socket
         self.timer = loop.call_later(timeout, self.finish, None, Fault.NONE)
 
     def open(self, addr: Addr, local_ip: str | None, mark: int | None) -> None:
@@ -252,16 +253,19 @@ class Fetching:
             self.sock.send(self.request)  # 38 bytes into an empty buffer: never partial
         except _WOULD_BLOCK:
             self.loop.add_writer(self.sock.fileno(), self.connected)
+            self.writing = True
             return
         except OSError as exc:
             # Refused: nobody listens where the announcement came from.
             self.finish(None, Fault.REFUSED if exc.errno == errno.ECONNREFUSED else Fault.NONE)
             return
         self.loop.add_reader(self.sock.fileno(), self.readable)
+        self.reading = True
 
     def connected(self) -> None:
         assert self.sock is not None
         self.loop.remove_writer(self.sock.fileno())
+        self.writing = False
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self.finish(None, Fault.REFUSED if err == errno.ECONNREFUSED else Fault.NONE)
@@ -302,11 +306,14 @@ class Fetching:
         self.timer.cancel()
         sock = self.sock
         if sock is not None:
-            with contextlib.suppress(Exception):
-                fd = sock.fileno()
-                if fd >= 0:
-                    self.loop.remove_reader(fd)
-                    self.loop.remove_writer(fd)
+            # Only what is registered is removed (asking the loop to remove what is not is a
+            # lookup in its selector for nothing).
+            fd = sock.fileno()
+            if fd >= 0 and self.reading:
+                self.loop.remove_reader(fd)
+            if fd >= 0 and self.writing:
+                self.loop.remove_writer(fd)
+            self.reading = self.writing = False
             sock.close()
         done, self.done = self.done, None
         if done is not None:

@@ -527,17 +527,17 @@ class Overlay:
         # Banned addresses go into the kernel's socket filter, so their floods stop costing
         # this process anything at all.
         assert self.core is not None and self._loop is not None
-        ips = self.core.banned_ips(self._loop.time()) if self.core.ban_epoch != \
-            self._ban_epoch else None
-        if ips is not None:
-            self._ban_epoch = self.core.ban_epoch
-            self.server.set_banned([ip for ip in ips if ":" not in ip])
+        ips = self.core.banned_ips(self._loop.time())
+        self._ban_epoch = self.core.ban_epoch
+        self.server.set_banned([ip for ip in ips if ":" not in ip])
 
     def _arm(self) -> None:
-        if self.core is None or self._loop is None or self._stopping:
+        core = self.core
+        if core is None or self._loop is None or self._stopping:
             return
-        self._sync_bans()
-        deadline = self.core.next_deadline()
+        if core.ban_epoch != self._ban_epoch:
+            self._sync_bans()
+        deadline = core.next_deadline()
         if self._timer is not None and deadline >= self._timer_at:
             return
         if self._timer is not None:
