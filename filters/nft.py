@@ -240,20 +240,24 @@ class FilterTable:
                 raise
             # The table changed behind our back (an operator, a teardown): look, then retry.
             return self.install(fs)
-        view.ids.update(f.filter_id for f in new)
-        view.set_rules.update(c.element[0] for c in compiled if c.element is not None)
-        view.chains = True
+        view.after(new, (), compiled)
         return compiled
 
-    def _apply_listed(self, batch: str) -> None:
-        """Apply a batch made from a listing; the view is renewed at the next listing."""
-        self._view = None
+    def _apply_listed(self, batch: str, add: list[Filter], drop: list[str],
+                      compiled: list[Compiled]) -> None:
+        """Apply a batch made from a listing; the view then is what the listing showed with
+        the batch's changes (the next install needs no listing: after an operator's removal
+        one took 2 ms of CPU on the next alert's path)."""
+        view, self._view = self._view, None
         self._apply(batch)
+        if view is not None:
+            view.after(add, drop, compiled)
+            self._view = view
 
     def remove(self, filter_ids: Iterable[str]) -> None:
         ids = list(filter_ids)
         if ids:
-            self._apply_listed(self._batch((), ids, self._ruleset()))
+            self._apply_listed(self._batch((), ids, self._ruleset()), [], ids, [])
 
     def sync(self, desired: Iterable[Filter]) -> None:
         """Make the kernel hold exactly ``desired``: one batch of removals and additions."""
@@ -264,7 +268,8 @@ class FilterTable:
         add = [f for fid, f in want.items() if fid not in have.ids]
         drop = [fid for fid in have.ids if fid not in want]
         if add or drop or not have.chains:
-            self._apply_listed(self._batch(add, drop, items))
+            compiled: list[Compiled] = []
+            self._apply_listed(self._batch(add, drop, items, compiled), add, drop, compiled)
 
     def list(self) -> list[Installed]:
         out: dict[str, Installed] = {}
@@ -284,6 +289,14 @@ class _View:
     chains: bool
     set_rules: set[str]  # the sets that have their rule (``set:NAME`` comments)
     ids: set[str]  # filters with a rule or an element
+
+    def after(self, add: Iterable[Filter], drop: Iterable[str],
+              compiled: Iterable[Compiled]) -> None:
+        """What a batch that added ``add`` and removed ``drop`` left (set rules stay)."""
+        self.ids.difference_update(drop)
+        self.ids.update(f.filter_id for f in add)
+        self.set_rules.update(c.element[0] for c in compiled if c.element is not None)
+        self.chains = True
 
     @classmethod
     def of(cls, items: list[dict[str, object]]) -> _View:

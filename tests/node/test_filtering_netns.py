@@ -169,3 +169,13 @@ def test_installs_list_the_table_once_and_recover_when_it_changes_behind_them(
     nft.apply_text("delete table inet herdwall\n")  # an operator, behind the node's back
     assert [c.filter.filter_id for c in table.install([gen])] == [gen.filter_id]
     assert {i.filter_id for i in table.list()} == {gen.filter_id}
+    # A removal lists (it needs the handles) and knows what its batch left: the next
+    # install lists nothing, nor does one after a sync.
+    table.remove([gen.filter_id])
+    n = len(listings)
+    assert [c.filter.filter_id for c in table.install([gen])] == [gen.filter_id]
+    assert len(listings) == n
+    table.sync([spec])
+    assert [c.filter.filter_id for c in table.install([gen])] == [gen.filter_id]
+    assert len(listings) == n + 1
+    assert {i.filter_id for i in table.list()} == {spec.filter_id, gen.filter_id}
