@@ -160,12 +160,11 @@ def latency(name: str, n: int, warmup: int, tmp: Path, background: float = 0.0
     times = stats.get("times", [])
     us = [(o - inn) * 1e6 for inn, o in pairs][warmup:]
     # Stages: the trigger on the wire -> the queue's callback (kernel, wake-up, binding) ->
-    # the engine first told (header reads, the check) -> the first segment on the wire.
+    # the first segment on the wire; the engine's work, from the callback to its end.
     staged = list(zip(pairs, times, strict=False))[warmup:]
-    queue = [(tq - inn) * 1e6 for (inn, _), (tq, _, _) in staged]
-    detect = [(t0 - tq) * 1e6 for _, (tq, t0, _) in staged]
-    out = [(o - t0) * 1e6 for (_, o), (_, t0, _) in staged]
-    work = [(t1 - t0) * 1e6 for _, (_, t0, t1) in staged]
+    queue = [(tq - inn) * 1e6 for (inn, _), (tq, _) in staged]
+    out = [(o - tq) * 1e6 for (_, o), (tq, _) in staged]
+    work = [(t1 - tq) * 1e6 for _, (tq, t1) in staged]
 
     def p50(xs: list[float]) -> float | None:
         return statistics.median(xs) if xs else None
@@ -177,7 +176,7 @@ def latency(name: str, n: int, warmup: int, tmp: Path, background: float = 0.0
         "n": len(us), "p50_us": p50(us),
         "p90_us": sorted(us)[int(0.9 * (len(us) - 1))] if us else None,
         "min_us": min(us) if us else None,
-        "queue_us": p50(queue), "detect_us": p50(detect), "out_us": p50(out),
+        "queue_us": p50(queue), "out_us": p50(out),
         "engine_us": p50(work),
         "server_clean": clean, "client_ok": ok, "client_errors": errors,
         "client_resets": rsts, "retrans_client": retrans[0], "retrans_server": retrans[1],
@@ -254,13 +253,18 @@ def throughput(mode: str, size: int) -> dict[str, Any]:
             "taken_over": stats.get("engine", {}).get("taken_over", 0)}
 
 
+SKIPPED: dict[str, Any] = {  # a path left out with --paths
+    **{f"{k}_us": None for k in ("p50", "queue", "out", "engine")},
+    "server_clean": 0, "client_resets": 0, "background_rps": 0.0}
+
+
 def _row(name: str, r: dict[str, Any]) -> str:
     def f(x: float | None) -> str:
         return "-" if x is None else f"{x:.0f}"
 
     it = r["iterations"]
     return (f"{name:<12}{f(r['p50_us']):>9}{f(r['p90_us']):>9}{f(r['min_us']):>9}"
-            f"{f(r['queue_us']):>8}{f(r['detect_us']):>8}{f(r['out_us']):>8}"
+            f"{f(r['queue_us']):>8}{f(r['out_us']):>8}"
             f"{f(r['engine_us']):>9}"
             f"{r['server_clean']:>7}/{it:<4}{r['client_ok']:>7}/{it:<4}"
             f"{r['client_resets']:>8}{r['retrans_client']:>6}/{r['retrans_server']:<4}")
@@ -273,21 +277,25 @@ def main() -> None:
     ap.add_argument("--bulk-mb", type=int, default=20)
     ap.add_argument("--background", type=float, default=1000.0,
                     help="round trips/s of a benign client in the loaded condition (0: skip)")
+    ap.add_argument("--paths", default="reset,tcp_repair,takeover",
+                    help="comma-separated paths to time (the JSON's speedup needs tcp_repair "
+                         "and takeover)")
     args = ap.parse_args()
 
-    paths = ("reset", "tcp_repair", "takeover")
+    paths = tuple(p for p in ("reset", "tcp_repair", "takeover") if p in args.paths.split(","))
     conditions = [0.0] + ([args.background] if args.background else [])
     lat: dict[float, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="hw-bench-takeover-") as tmp:
         for bg in conditions:
             lat[bg] = {name: latency(name, args.n, args.warmup, Path(tmp), bg)
-                       for name in paths}
+                       if name in paths else SKIPPED
+                       for name in ("reset", "tcp_repair", "takeover")}
     size = args.bulk_mb * 1_000_000
     up = throughput("up", size)
     down = throughput("down", size)
     fwd = throughput("forward", size)
 
-    head = (f"{'path':<12}{'p50 µs':>9}{'p90 µs':>9}{'min µs':>9}{'queue':>8}{'detect':>8}"
+    head = (f"{'path':<12}{'p50 µs':>9}{'p90 µs':>9}{'min µs':>9}{'queue':>8}"
             f"{'out':>8}{'engine':>9}{'server ok':>12}{'client ok':>12}{'resets':>8}"
             f"{'retx c/s':>11}")
     for bg in conditions:
@@ -299,10 +307,10 @@ def main() -> None:
             print(_row(name, lat[bg][name]))
     print("\ntimed from the trigger arriving on the router's client-facing interface to the first "
           "segment out to the client\n(tcpdump kernel timestamps); stage p50s in µs: queue = "
-          "trigger on the wire -> the queue's callback\n(kernel, wake-up, binding); detect = "
-          "callback -> the engine first told (header reads, the check; the TCP_REPAIR engine\n"
-          "after the stack's bookkeeping, its sockets need the trigger in the state); out = "
-          "engine first told -> first segment\non the wire; engine = the engine's whole work. "
+          "trigger on the wire -> the queue's callback\n(kernel, wake-up, binding; the node's "
+          "clock read there); out = callback -> first segment on the wire (header\nreads, the "
+          "check, the engine; the TCP_REPAIR engine after the stack's bookkeeping, its sockets "
+          "need the\ntrigger in the state); engine = callback -> the engine's work done. "
           "server ok: the server got exactly the benign bytes.")
     print(f"\nbulk {args.bulk_mb} MB through a taken-over connection: up {up['mbps']:.1f} Mbit/s "
           f"(intact={up['intact']}, retx c/s {up['retrans_client']}/{up['retrans_server']}), "
@@ -335,7 +343,7 @@ def main() -> None:
         "tcp_repair_engine_us": r1(idle["tcp_repair"]["engine_us"]),
         "queue_us": r1(idle["takeover"]["queue_us"]),
         "stages_us": {f"{name}{'_loaded' if bg else ''}": {
-            k: r1(lat[bg][name][f"{k}_us"]) for k in ("queue", "detect", "out", "engine")}
+            k: r1(lat[bg][name][f"{k}_us"]) for k in ("queue", "out", "engine")}
             for bg in conditions for name in ("tcp_repair", "takeover")},
         "proxy_mbps": r1(up["mbps"]), "proxy_down_mbps": r1(down["mbps"]),
         "forward_mbps": r1(fwd["mbps"]),

@@ -53,7 +53,8 @@ class Handle:
     """The verdict for one queued packet. Exactly one verdict counts; later ones return
     False."""
 
-    __slots__ = ("_adapter", "_pkt", "done", "hook", "id", "indev", "mark", "outdev")
+    __slots__ = ("_adapter", "_pkt", "done", "hook", "id", "indev", "mark", "outdev",
+                 "source_mac")
 
     def __init__(self, adapter: QueueAdapter, pkt: Any) -> None:
         self._adapter = adapter
@@ -64,6 +65,11 @@ class Handle:
         self.hook: int = pkt.hook  # netfilter hook number (1 input, 2 forward, 3 output)
         self.indev: int = pkt.indev
         self.outdev: int = pkt.outdev
+        # The link-layer address the packet came from (None: sent by this host, or no hardware
+        # header). Read here, not in a property: a takeover reads it on the trigger's path,
+        # where a call costs ~10 µs on a node woken from sleep.
+        hw = pkt.get_hw() if self.indev else None
+        self.source_mac: bytes | None = hw[:6] if hw else None
 
     def accept(self, mark: int | None = None, payload: bytes | None = None) -> bool:
         """Let the packet go on; with ``mark``, herdwall's mark bits become ``mark`` (the other
@@ -97,13 +103,6 @@ class Handle:
     @property
     def payload(self) -> bytes:
         return self._pkt.get_payload()
-
-    @property
-    def source_mac(self) -> bytes | None:
-        """The link-layer address the packet came from (None: sent by this host, or no
-        hardware header)."""
-        hw = self._pkt.get_hw() if self.indev else None
-        return bytes(hw[:6]) if hw else None
 
 
 OnPacket = Callable[[bytes, Handle], None]

@@ -497,7 +497,9 @@ class LinkSocket:
                 bound[ifindex] = (b, bytes(hw[18:24]) + ETH_P_IP.to_bytes(2, "big"))
             return s, bound
 
-        self.sock, self._bound = _in_netns(netns, make)
+        # ifindex -> (its raw socket, our MAC and the IPv4 type): ``send`` and the engine's
+        # first segment (inline there)
+        self.sock, self.bound = _in_netns(netns, make)
         self._names: dict[int, str] = {}
 
     def _name(self, ifindex: int) -> str:
@@ -512,7 +514,7 @@ class LinkSocket:
 
     def send(self, packet: bytes, link: Link) -> None:
         """Raises OSError (the caller falls back to the raw socket)."""
-        bound = self._bound.get(link[0])
+        bound = self.bound.get(link[0])
         if bound is not None:
             bound[0].send(link[1] + bound[1] + packet)
         else:
@@ -520,6 +522,6 @@ class LinkSocket:
 
     def close(self) -> None:
         self.sock.close()
-        for b, _ in self._bound.values():
+        for b, _ in self.bound.values():
             b.close()
-        self._bound.clear()
+        self.bound.clear()

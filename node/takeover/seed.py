@@ -19,9 +19,12 @@ node kept them; otherwise the endpoint starts with a hole it never invents bytes
 
 from __future__ import annotations
 
+import struct
+
 from node.stack.conntrack import Flow, TcpHalf
 from node.stack.packet import ACK
 from node.takeover.tcp import HALF, MASK, Seed, Segment, seq_add, seq_diff, seq_lt
+from node.takeover.wire import build
 
 DEFAULT_MSS = 1460  # unknown MSS (flow picked up mid-stream): the Ethernet one
 TS_OPTION = 12  # NOP NOP TS: bytes of options on every segment with timestamps
@@ -141,21 +144,44 @@ def seeds(flow: Flow, trigger_seq: int, *, c2s: StreamTail | None = None,
     return to_client, to_server
 
 
+AckFields = tuple[int, int, int, int | None, int | None]  # seq, ack, window, tsval, tsecr
+_ACK_TS = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHBBBBII")
+
+
 def first_ack(flow: Flow, seq: int, n: int, tsecr: int | None,
-              client_ack: int | None = None) -> Segment:
-    """The ACK of the ``n``-byte trigger message at ``seq``, as the server would send it: at
-    the server's next sequence number (``seeds``' ``to_client.snd_nxt``), with its last window
-    field and its timestamp clock. Computed from the halves alone, before any seed, so it can go
-    out first; ``Endpoint.sent_ack`` then tells the client-facing endpoint. ``client_ack``: the
-    trigger's acknowledgement number when the stack has not taken the trigger yet (else the
-    client half's)."""
+              client_ack: int | None = None) -> tuple[bytes, AckFields]:
+    """The ACK of the ``n``-byte trigger message at ``seq``, as the server would send it, and
+    its fields: at the server's next sequence number (``seeds``' ``to_client.snd_nxt``), with
+    its last window field and its timestamp clock. Computed from the halves alone, before any
+    seed, so it can go out first; ``Endpoint.sent_ack`` then tells the client-facing endpoint
+    (``Segment(seq, ack, ACK, window, b"", tsval, tsecr)``). ``client_ack``: the trigger's
+    acknowledgement number when the stack has not taken the trigger yet (else the client
+    half's).
+
+    One Python call from the flow to the packet (a node woken from sleep runs each call cold,
+    ~10 µs): with timestamps, both headers and the option in one ``struct`` call, both checksums
+    summed from the field values (2**16 is 1 modulo 0xFFFF, so a 32- or 64-bit field adds its
+    16-bit words at once); without, ``wire.build``."""
     c, s = flow.halves
     cack = c.ack if client_ack is None else client_ack
     nxt = s.fin_seq if s.fin_seq is not None else (
         s.next_seq if s.next_seq is not None else (cack or 0))
-    # seq_lt and seq_add inline: on a trigger's path each call costs (the node is cold).
+    # seq_lt and seq_add inline
     if s.fin_seq is None and cack is not None and (nxt - cack) & MASK >= HALF:
         nxt = cack
-    ts = c.ts_val is not None and s.ts_val is not None
-    return Segment(nxt, (seq + n) & MASK, ACK, s.window, b"", s.ts_val if ts else None,
-                   (tsecr or 0) if ts else None)
+    nxt &= MASK
+    ack = (seq + n) & MASK
+    window = s.window & 0xFFFF
+    (caddr, cport), (saddr, sport) = flow.orig, flow.resp
+    if c.ts_val is None or s.ts_val is None:
+        return build(saddr, caddr, sport, cport, Segment(nxt, ack, ACK, window)), (
+            nxt, ack, window, None, None)
+    tsval, tsecr = s.ts_val & 0xFFFFFFFF, (tsecr or 0) & 0xFFFFFFFF
+    addrs = int.from_bytes(saddr + caddr, "big")
+    # pseudo header (addresses, protocol, length 32), ports, offset and flags, NOP NOP TS
+    tcp_sum = (addrs + 6 + 32 + (sport << 16 | cport) + nxt + ack + (0x8000 | ACK) + window
+               + 0x0101080A + tsval + tsecr) % 0xFFFF
+    ip_sum = (addrs + 0x4500 + 52 + 0x4000 + 0x4006) % 0xFFFF  # TTL 64, TCP
+    return _ACK_TS.pack(0x45, 0, 52, 0, 0x4000, 64, 6, ~ip_sum & 0xFFFF, saddr, caddr, sport,
+                        cport, nxt, ack, 0x80, ACK, window, ~tcp_sum & 0xFFFF, 0,
+                        1, 1, 8, 10, tsval, tsecr), (nxt, ack, window, tsval, tsecr)

@@ -96,25 +96,3 @@ def build(src: bytes, dst: bytes, sport: int, dport: int, seg: Segment, *, ident
     ip = bytearray(_IP.pack(0x45, 0, total, ident & 0xFFFF, 0x4000, ttl, 6, 0, src, dst))
     ip[10:12] = (~ones_sum(ip) & 0xFFFF).to_bytes(2, "big")
     return bytes(ip + tcp)
-
-
-_ACK_TS = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHBBBBII")
-
-
-def ack_packet(src: bytes, dst: bytes, sport: int, dport: int, seg: Segment) -> bytes:
-    """``build`` for a pure ACK with timestamps in one ``struct`` call, both checksums summed
-    from the field values (2**16 is 1 modulo 0xFFFF, so a 32- or 64-bit field adds its 16-bit
-    words at once): the packet a takeover sends first, where every microsecond counts (falls
-    back to ``build`` otherwise)."""
-    if seg.payload or seg.tsval is None:
-        return build(src, dst, sport, dport, seg)
-    seq, ack, tsval = seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF, seg.tsval & 0xFFFFFFFF
-    tsecr, window = (seg.tsecr or 0) & 0xFFFFFFFF, seg.window & 0xFFFF
-    addrs = int.from_bytes(src + dst, "big")
-    # pseudo header (addresses, protocol, length 32), ports, offset and flags, NOP NOP TS
-    tcp_sum = (addrs + 6 + 32 + (sport << 16 | dport) + seq + ack + (0x8000 | seg.flags)
-               + window + 0x0101080A + tsval + tsecr) % 0xFFFF
-    ip_sum = (addrs + 0x4500 + 52 + 0x4000 + 0x4006) % 0xFFFF  # TTL 64, TCP
-    return _ACK_TS.pack(0x45, 0, 52, 0, 0x4000, 64, 6, ~ip_sum & 0xFFFF, src, dst, sport,
-                        dport, seq, ack, 0x80, seg.flags, window, ~tcp_sum & 0xFFFF, 0, 1, 1,
-                        8, 10, tsval, tsecr)

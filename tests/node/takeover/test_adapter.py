@@ -9,10 +9,12 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
+from node.stack.conntrack import Flow
 from node.stack.packet import ACK, SYN
 from node.takeover.adapter import tcp_header, tcp_tsval
+from node.takeover.seed import first_ack
 from node.takeover.tcp import Segment
-from node.takeover.wire import ack_packet, build
+from node.takeover.wire import build, parse
 
 SRC, DST = bytes([10, 77, 1, 2]), bytes([10, 77, 2, 2])
 
@@ -62,13 +64,23 @@ def test_the_header_read_gives_the_usual_layouts_tsval_at_once() -> None:
 
 @given(st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4),
        st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2**32 - 1),
-       st.integers(0, 2**32 - 1), st.sampled_from([0x10, 0x11, 0x18]), st.integers(0, 65535),
-       st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
-def test_the_first_ack_is_what_build_makes(src: bytes, dst: bytes, sport: int, dport: int,
-                                           seq: int, ack: int, flags: int, window: int,
-                                           tsval: int, tsecr: int) -> None:
-    seg = Segment(seq, ack, flags, window, b"", tsval, tsecr)
-    assert ack_packet(src, dst, sport, dport, seg) == build(src, dst, sport, dport, seg)
+       st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 65535),
+       st.one_of(st.none(), st.integers(0, 2**32 - 1)), st.integers(0, 2**32 - 1),
+       st.integers(0, 1500))
+def test_the_first_ack_is_what_build_makes(caddr: bytes, saddr: bytes, cport: int, sport: int,
+                                           seq: int, cack: int, snext: int, window: int,
+                                           tsval: int | None, tsecr: int, n: int) -> None:
+    flow = Flow(1, 6, (caddr, cport), (saddr, sport), 0.0)
+    c, s = flow.halves
+    c.ack, c.ts_val = cack, None if tsval is None else 1
+    s.next_seq, s.window, s.ts_val = snext, window, tsval
+    pkt, (aseq, ack, win, tv, te) = first_ack(flow, seq, n, tsecr)
+    seg = Segment(aseq, ack, ACK, win, b"", tv, te)
+    assert pkt == build(saddr, caddr, sport, cport, seg)
+    p = parse(pkt)
+    assert (p.src, p.dst, p.sport, p.dport) == (saddr, caddr, sport, cport)
+    assert p.seg.ack == (seq + n) % 2**32 and p.seg.flags == ACK and p.seg.window == window
+    assert p.seg.tsval == tsval and p.seg.tsecr == (None if tsval is None else tsecr)
 
 
 class _Verdicts:
