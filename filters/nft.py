@@ -170,6 +170,11 @@ class FilterTable:
         # grows with the table). Dropped when a batch fails; every listing renews it.
         self._view: _View | None = None
 
+    @property
+    def knows_table(self) -> bool:
+        """Whether an install needs no listing first (one short batch, nothing more)."""
+        return self._view is not None
+
     def _ruleset(self) -> list[dict[str, object]]:
         try:
             out = self._query(f"list table {TABLE}")

@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import random
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,13 @@ class FakeTable:
         self.installed: dict[str, Filter] = {}
         self.calls: list[tuple[str, Any]] = []
         self.fail = False
+        self.knows_table = False  # FilterTable's: whether an install is one short batch
+        self.threads: list[str] = []  # the thread each install ran on
 
     def install(self, filters: Any) -> list[Any]:
         fs = list(filters)
         self.calls.append(("install", [f.filter_id for f in fs]))
+        self.threads.append(threading.current_thread().name)
         if self.fail:
             raise RuntimeError("nft refused the batch")
         for f in fs:

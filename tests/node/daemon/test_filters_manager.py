@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -45,6 +46,30 @@ def test_install_records_first_and_skips_what_is_there(parts_factory: Any) -> No
     asyncio.run(main())
     assert len(p.store.filters(state="installed")) == 2
     assert p.types().count("filter.installed") == 2
+
+
+def test_short_installs_run_on_the_loop_when_the_kernel_thread_is_idle(
+        parts_factory: Any) -> None:
+    """An alert's filter into a table the backend knows is one short batch: done on the
+    loop, not handed to the kernel's thread (two wake-ups); anything else goes to that thread,
+    and so does a short one while the thread is busy (one libnftables context, one user)."""
+    p = parts_factory()
+    loop_thread = threading.current_thread().name
+
+    async def main() -> None:
+        await p.filters.install([spec(b"a")], alert_id=None)  # backend must list first
+        p.table.knows_table = True
+        await p.filters.install([spec(b"b")], alert_id=None)
+        await p.filters.install([spec(b"c"), spec(b"d"), spec(b"e")], alert_id=None)
+        listing = asyncio.ensure_future(p.filters.counters(max_age=0))  # on the thread
+        await asyncio.sleep(0)
+        await p.filters.install([spec(b"f")], alert_id=None)
+        assert len(await listing) == 5
+
+    asyncio.run(main())
+    on_loop = [t == loop_thread for t in p.table.threads]
+    assert on_loop == [False, True, False, False]
+    assert len(p.table.installed) == 6
 
 
 def test_kernel_failure_keeps_the_store_and_reconcile_repairs(parts_factory: Any) -> None:
