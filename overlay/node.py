@@ -392,9 +392,7 @@ class Overlay:
     def _serve_fetch(self, ip: str, request: bytes) -> bytes | None:
         if self.core is None or self._loop is None:
             return None
-        reply = self.core.serve_fetch(ip, request, self._loop.time())
-        self._arm()
-        return reply
+        return self.core.serve_fetch(ip, request, self._loop.time())
 
     def _run(self, actions: list[Action]) -> None:
         for action in actions:
@@ -403,7 +401,12 @@ class Overlay:
             except Exception:
                 self.counters["action_errors"] += 1
                 log.warning("overlay action %s failed", type(action).__name__, exc_info=True)
-        self._arm()
+        # The core adds a timer only along with an announcement (a purge timer without one
+        # just runs late): with no actions there is nothing to re-arm, only bans to follow.
+        if actions:
+            self._arm()
+        elif self.core is not None and self.core.ban_epoch != self._ban_epoch:
+            self._sync_bans()
 
     def _do(self, action: Action) -> None:
         protocol = self.server.protocol
@@ -552,3 +555,4 @@ class Overlay:
             return
         self.core.banned_ips(self._loop.time())  # lets expired bans go (and the filter follow)
         self._run(self.core.tick(self._loop.time()))
+        self._arm()  # the next tick (anti-entropy's, at least), whatever tick() returned
