@@ -31,9 +31,9 @@ timeout that is the clock's next deadline (no polling).
 from __future__ import annotations
 
 import asyncio
-import errno
 import heapq
 import logging
+import math
 import os
 import socket
 import struct
@@ -141,6 +141,10 @@ class ThreadClock:
         self.loop: asyncio.AbstractEventLoop | None = None  # set when the queue starts
         self._ready: deque[TimerHandle] = deque()
         self._timers: list[TimerHandle] = []
+        # The reader sleeps until ``awaited``; something scheduled sooner calls ``interrupt``
+        # (once: it sets ``awaited`` to -inf until the reader sleeps again).
+        self.awaited = -math.inf
+        self.interrupt: Callable[[], None] | None = None
 
     # The C function itself (no Python frame: the packet callback reads it first thing).
     time = staticmethod(time.monotonic)
@@ -148,6 +152,8 @@ class ThreadClock:
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> TimerHandle:
         h = TimerHandle(0.0, callback, args)
         self._ready.append(h)
+        if self.awaited != -math.inf and self.interrupt is not None:
+            self.interrupt()
         return h
 
     def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> TimerHandle:
@@ -157,6 +163,8 @@ class ThreadClock:
                 self._timers):  # re-armed timers leave cancelled ones behind
             self._timers = [t for t in self._timers if not t.cancelled]
             heapq.heapify(self._timers)
+        if when < self.awaited and self.interrupt is not None:
+            self.interrupt()
         return h
 
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> TimerHandle:
@@ -193,39 +201,7 @@ NLMSG_NOOP = 1
 NLM_F_REQUEST, NLM_F_ACK = 1, 4
 
 
-class _Recv:
-    """What the binding's ``run_socket`` reads from on the reader thread: packets already
-    queued, else a blocking ``recv`` until the clock's next deadline; EAGAIN (``run_socket``
-    returns) when callbacks are due or the queue closes."""
-
-    def __init__(self, adapter: QueueAdapter, sock: socket.socket) -> None:
-        self.adapter = adapter
-        self.sock = sock
-        self._timeout: float | None = None
-
-    def recv(self, n: int) -> bytes:
-        try:
-            return self.sock.recv(n, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            pass
-        a = self.adapter
-        delay = a.clock.delay() if a.clock is not None else None
-        if a._stop or delay == 0.0:
-            raise BlockingIOError(errno.EAGAIN, "callbacks due")
-        # Rounded up to a millisecond, so that a timer is not woken for a moment too early
-        # and the option is rarely set again.
-        timeout = None if delay is None else (int(delay * 1000) + 1) / 1000
-        if timeout != self._timeout:
-            sec = 0 if timeout is None else int(timeout)
-            usec = 0 if timeout is None else round((timeout - sec) * 1e6)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                 struct.pack("@ll", sec, usec))
-            self._timeout = timeout
-        return self.sock.recv(n)  # EAGAIN at the timeout
-
-    def wake(self) -> None:
-        """Make a blocked ``recv`` return: the kernel acknowledges a no-op to this socket."""
-        self.sock.send(struct.pack("=IHHII", 16, NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, 0, 0))
+_NOOP = struct.pack("=IHHII", 16, NLMSG_NOOP, NLM_F_REQUEST | NLM_F_ACK, 0, 0)
 
 
 class QueueAdapter:
@@ -243,7 +219,7 @@ class QueueAdapter:
         self._held: set[Handle] = set()
         self.thread = thread
         self.clock = ThreadClock() if thread else None  # what on_packet schedules with
-        self._reader: _Recv | None = None
+        self._sock: socket.socket | None = None  # the reader thread's handle on the socket
         self._thread: threading.Thread | None = None
         self._stop = False
         self.received = 0
@@ -283,11 +259,11 @@ class QueueAdapter:
         assert self.clock is not None
         self.clock.loop = loop
         self._stop = False
-        # A socket object on a duplicate of the binding's descriptor (the same socket): blocking
-        # reads with a timeout, and the wake-up at close.
-        sock = socket.socket(fileno=os.dup(self._fd))
-        sock.setblocking(True)
-        self._reader = _Recv(self, sock)
+        # A socket object on a duplicate of the binding's descriptor (the same socket and file
+        # description): the read timeout, non-blocking when interrupted, the wake-up at close.
+        self._sock = socket.socket(fileno=os.dup(self._fd))
+        self._sock.setblocking(True)
+        self.clock.interrupt = self._interrupt
         self._thread = threading.Thread(target=self._run, name=f"nfqueue-{self.queue_num}",
                                         daemon=True)
         self._thread.start()
@@ -328,29 +304,68 @@ class QueueAdapter:
             log.warning("nfqueue %d: %s", self.queue_num, exc)
 
     def _run(self) -> None:
-        """The reader thread: packets, then what they scheduled, until ``close``."""
-        assert self._reader is not None and self.clock is not None
+        """The reader thread: packets, then what they scheduled, until ``close``. Idle, it
+        sleeps in the binding's own ``recv`` (C, no Python on the way to the packet callback)
+        with a timeout that is the clock's next deadline; a callback that schedules something
+        sooner makes the socket non-blocking, so the binding returns once the queue is empty."""
+        assert self._sock is not None and self.clock is not None
+        sock, clock, q = self._sock, self.clock, self._q
+        timeout: float | None = -1.0
         while not self._stop:
+            clock.run_due()
+            delay = clock.delay()
+            if self._stop:
+                break
+            if delay == 0.0:
+                clock.awaited = -math.inf
+            else:
+                # Rounded up to a millisecond, so that a timer is not woken for a moment too
+                # early and the option is rarely set again.
+                t = None if delay is None else (int(delay * 1000) + 1) / 1000
+                if t != timeout:
+                    sec = 0 if t is None else int(t)
+                    usec = 0 if t is None else round((t - sec) * 1e6)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                    struct.pack("@ll", sec, usec))
+                    timeout = t
+                clock.awaited = math.inf if t is None else time.monotonic() + t
+                if not sock.getblocking():  # interrupted before
+                    sock.setblocking(True)
             try:
-                self._q.run_socket(self._reader)
+                q.run(block=delay != 0.0)  # returns at EAGAIN: the timeout, or non-blocking
             except OSError as exc:  # as on the loop: log and go on
                 self.errors += 1
                 log.warning("nfqueue %d: %s", self.queue_num, exc)
                 time.sleep(0.01)  # a socket that keeps failing must not spin
-            self.clock.run_due()
+
+    def _interrupt(self) -> None:
+        """Something is due before the reader's timeout: the binding returns when the socket
+        is empty (the reader makes it blocking again before it sleeps)."""
+        assert self._sock is not None and self.clock is not None
+        self.clock.awaited = -math.inf
+        self._sock.setblocking(False)
 
     def _stop_thread(self) -> None:
-        assert self._thread is not None and self._reader is not None
+        assert self._thread is not None and self._sock is not None
         self._stop = True
         if self._thread is not threading.current_thread():
-            try:
-                self._reader.wake()
-            except OSError as exc:
-                log.warning("nfqueue %d: wake-up: %s", self.queue_num, exc)
-            self._thread.join(5)
+            # A blocked ``recv`` returns (the kernel acknowledges a no-op to this socket) and
+            # the next finds the socket non-blocking; again, should the reader have made it
+            # blocking meanwhile.
+            for _ in range(100):
+                try:
+                    self._sock.setblocking(False)
+                    self._sock.send(_NOOP)
+                except OSError as exc:
+                    log.warning("nfqueue %d: wake-up: %s", self.queue_num, exc)
+                    break
+                self._thread.join(0.05)
+                if not self._thread.is_alive():
+                    break
             if self._thread.is_alive():
                 log.warning("nfqueue %d: reader thread did not stop", self.queue_num)
-        self._reader.sock.close()
+        self._sock.close()
+        self._sock = None
         self._thread = None
 
     def _default(self, h: Handle) -> None:
