@@ -16,16 +16,19 @@ onto the interface the trigger came in on, to the MAC address it came from
 fallback (a trigger sent by this host, or a link send that fails).
 
 Where the time goes on an idle node (``scripts/bench_takeover.py``'s stages, p50s on a shared
-2-core VM under nested virtualisation), ~250 µs in all: the trigger on the wire to its
-netfilter queue ~25 µs (the kernel); to the reader thread's ``recv`` returning ~80 µs (waking a
-sleeping process: a plain UDP socket's blocking ``recv`` wakes as late); to the queue's Python
-callback ~20 µs (the binding); to the engine told ~60 µs (the ``Handle``, header reads, the
-stack's flow, the check); to the ACK on the wire ~40 µs (building it, the ``send``). All but the
-wake-up is Python run cold: after sleeping, each small function costs ~10 µs here (~1 µs
-warm), so the path is kept short in calls rather than in bytecodes. A reader thread saved
-60-70 µs over the loop's epoll dispatch; a netlink reader of our own instead of the binding's
-per-packet objects would save another 15-25 µs (a stripped-down reader measured against the
-binding's, both on a thread).
+2-core VM under nested virtualisation), ~170-220 µs in all: the trigger on the wire to the
+queue's Python callback ~110-135 µs (the kernel ~25; waking the reader thread, asleep in the
+binding's own C ``recv``, ~80: a plain UDP socket's blocking ``recv`` wakes as late; the
+binding and the ``Handle``); from the callback to the ACK on the wire ~65-85 µs (the header
+read ~25, the stack's flow and the check ~25, ``first_ack`` ~20, the link socket's ``send``
+~30, each measured with the clock calls in between). All but the wake-up and the ``send`` is
+Python run cold: after sleeping, each small function costs ~10 µs here (~1 µs warm), so the
+path is kept short in calls: ``seed.first_ack`` goes from the flow to the packet in one,
+``answer`` sends it on the bound link socket itself, the ``Handle`` carries the source MAC
+address. Tried and left out (measured in interleaved runs): a netlink reader of our own instead
+of the binding (its per-packet parse in Python, cold, cost ~10 µs more than the binding's C);
+pinning the reader to the packets' CPU (the scheduler already wakes it there: same CPU 162 µs,
+the other 269, free 165 in a UDP microbench); no garbage collection (no change).
 """
 
 from __future__ import annotations
