@@ -69,8 +69,8 @@ class Detector:
         self.image = image
         self.tracker = TaintTracker(Sandbox(image, budget))
 
-    def inspect(self, messages: Iterable[Message]) -> TaintRun:
-        return self.tracker.run(messages)
+    def inspect(self, messages: Iterable[Message], *, conditions: bool = True) -> TaintRun:
+        return self.tracker.run(messages, conditions=conditions)
 
     def generate(self, messages: Messages, detection: Detection,
                  verifier: Verifier) -> Generated | None:

@@ -128,6 +128,7 @@ class TaintTracker:
         self.hijack: tuple[ExecutionControl, int, int] | None = None
         self.site: int | None = None
         self.conditions: list[Condition] = []
+        self.max_conditions = MAX_CONDITIONS
         self.count = 0
         self.tainted_count = 0
 
@@ -458,7 +459,7 @@ class TaintTracker:
         self._clear_writes()
 
     def _k_jcc(self, insn: Insn, ops: tuple[Operand, ...], next_address: int) -> None:
-        if self.flags is None or len(self.conditions) >= MAX_CONDITIONS:
+        if self.flags is None or len(self.conditions) >= self.max_conditions:
             return
         taken = insn.target is not None and next_address == insn.target
         if self.last_cmp is not None:
@@ -554,8 +555,13 @@ class TaintTracker:
         self.last_cmp = None
 
     # -- runs -----------------------------------------------------------------------------------
-    def run(self, messages: Iterable[Message], budget: Budget | None = None) -> TaintRun:
+    def run(self, messages: Iterable[Message], budget: Budget | None = None, *,
+            conditions: bool = True) -> TaintRun:
+        """``conditions=False``: detection only, no branch conditions recorded (only filter
+        generation reads them; they were ~6% of an HTTP replay)."""
         self._reset()
+        if not conditions:
+            self.max_conditions = 0
         result = self.sb.run(messages, budget=budget, prepare=self._prepare)
         if self.cur is not None and result.stop_reason is None:
             try:

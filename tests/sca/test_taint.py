@@ -130,6 +130,21 @@ def test_exploit_runs_record_tainted_conditions(
         assert checked > 0
 
 
+@pytest.mark.parametrize("name", SAMPLES)
+def test_detection_only_runs_find_the_same_exploit_without_conditions(
+    name: str, detectors: dict[str, Detector], cases: dict[str, list[ExploitCase]]
+) -> None:
+    """The detect lane asks for no branch conditions (only filter generation reads them): the
+    same detection, the same instructions, none recorded; the next full run records them."""
+    for case in cases[name][:3]:
+        full = detectors[name].inspect(case.messages)
+        lean = detectors[name].inspect(case.messages, conditions=False)
+        assert lean.detection is not None and full.detection is not None
+        assert lean.detection.verification == full.detection.verification
+        assert lean.instructions == full.instructions and lean.conditions == []
+        assert detectors[name].inspect(case.messages).conditions == full.conditions
+
+
 def _check_byte_compares(messages: tuple[Message, ...], conds: list[Condition]) -> int:
     """A one-byte ``cmp`` with a constant followed by je/jne: the branch direction recorded must
     agree with the message byte's value (the condition points at the byte really compared)."""
