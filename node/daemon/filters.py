@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -132,11 +132,17 @@ class FilterManager:
         if inline and not self._in_thread:
             return fn(*args)
         loop = asyncio.get_running_loop()
+        job = self._thread.submit(fn, *args)
         self._in_thread += 1
-        try:
-            return await loop.run_in_executor(self._thread, functools.partial(fn, *args))
-        finally:
-            self._in_thread -= 1
+
+        def finished(_: object) -> None:  # when the thread is done, even if we stopped waiting
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to count
+                loop.call_soon_threadsafe(self._thread_done)
+        job.add_done_callback(finished)
+        return await asyncio.wrap_future(job)
+
+    def _thread_done(self) -> None:
+        self._in_thread -= 1
 
     def _error(self, what: str, exc: BaseException, **fields: Any) -> None:
         self.kernel_errors += 1
