@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -77,6 +78,9 @@ IP_RECVERR = 11
 IPV6_RECVERR = 25
 _EE_ORIGIN_ICMP = 2
 _EE_ORIGIN_ICMP6 = 3
+# What an ICMP error leaves pending on the socket for the next call to report.
+_ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                          errno.EHOSTDOWN, errno.EPROTO, errno.EMSGSIZE})
 _PORT_UNREACHABLE = {_EE_ORIGIN_ICMP: (3, 3), _EE_ORIGIN_ICMP6: (1, 4)}  # origin: (type, code)
 
 
@@ -760,10 +764,10 @@ class UdpEndpoint:
                 if k == 0:  # woken for nothing to read: an error queued (EPOLLERR) perhaps
                     self._drain_errors()
                 return
-            except ConnectionRefusedError:  # an ICMP error queued: see which address
-                self._drain_errors()
-                continue
             except OSError as exc:
+                if exc.errno in _ICMP_ERRNOS:  # an ICMP error queued: see which address
+                    self._drain_errors()
+                    continue
                 self.protocol.error_received(exc)
                 return
             deliver(data, addr)
@@ -791,18 +795,19 @@ class UdpEndpoint:
     def sendto(self, data: bytes, addr: Addr) -> None:
         if self._closing:
             return
-        for _ in range(2):
+        for attempt in range(2):
             try:
                 self.sock.sendto(data, addr)
             except (BlockingIOError, InterruptedError):
                 self.send_dropped += 1  # a full send buffer: UDP may lose it anyway
-            except ConnectionRefusedError:
-                # An earlier datagram's ICMP error, reported (and cleared) here instead of
-                # sending this one: read the queue after this callback, and send again.
-                if self._drain_soon is None:
-                    self._drain_soon = self.loop.call_soon(self._drain_errors)
-                continue
             except OSError as exc:
+                if attempt == 0 and exc.errno in _ICMP_ERRNOS:
+                    # Most likely an earlier datagram's ICMP error, reported (and cleared)
+                    # here instead of sending this one: read the queue after this callback,
+                    # and send again (a second error is this datagram's own).
+                    if self._drain_soon is None:
+                        self._drain_soon = self.loop.call_soon(self._drain_errors)
+                    continue
                 self.protocol.error_received(exc)
             return
 
