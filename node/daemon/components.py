@@ -16,8 +16,9 @@ alert pipeline. Everything that touches packets or peers is a **component**: an 
                             ``service_for(proto, port) -> str | None``,
                             ``on_overlay_alert(envelope_bytes, from_peer) -> Decision``,
                             ``mark_forwarded(alert_id)``,
-                            ``overlay_verify(alert)`` / ``overlay_on_alert(envelope, alert)``
-                            (``overlay.Overlay``'s ``verify=`` and ``on_alert=``)
+                            ``overlay_verify_envelope(envelope_bytes, alert)`` /
+                            ``overlay_on_alert(envelope, alert)`` (``overlay.Overlay``'s
+                            ``verify_envelope=`` and ``on_alert=``)
 ``node.set_broadcast(fn)``  ``fn(envelope_bytes)`` (may be async): publish our own alerts
 ``node.set_peers(fn)``      ``fn() -> iterable of PeerInfo`` (live overlay contacts)
 ``node.set_throttle(t)``    a ``ThrottleHooks`` for status / clear / quarantine
@@ -39,7 +40,8 @@ The overlay, for instance, plugs in like this (``overlay.Overlay``'s API as it i
             c, p = node.config.overlay, node.pipeline
             self.node = node
             self.overlay = Overlay(node.key, bind=c.bind, bootstrap=c.bootstrap,
-                                   verify=p.overlay_verify, on_alert=p.overlay_on_alert,
+                                   verify_envelope=p.overlay_verify_envelope,
+                                   on_alert=p.overlay_on_alert,
                                    state_dir=node.config.state_dir)
 
         async def start(self) -> None:

@@ -22,8 +22,8 @@ Receiving (every node)::
       -> refuted or forged: stored as refuted, never forwarded
 
 For ``overlay.Overlay``, which verifies and forwards by itself, the same path is split in two:
-``overlay_verify(alert)`` (its ``verify=``) and ``overlay_on_alert(envelope, alert)`` (its
-``on_alert=``).
+``overlay_verify_envelope(envelope_bytes, alert)`` (its ``verify_envelope=``: signature and
+sandbox) and ``overlay_on_alert(envelope, alert)`` (its ``on_alert=``: marked forwarded).
 
 Everything a decision depends on is in the store or in the verdict of our own sandbox: the
 signature only says who sent an alert. A bad signature is never held against the alert itself
@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from overlay.broadcast import Outcome
 from sca.alert import Alert, Message
 from sca.codec import FormatError, alert_id_hex, decode_alert, encode_alert
 from sca.emu.image import ServiceImage
@@ -445,11 +446,24 @@ class Pipeline:
             self.bus.emit("alert.malformed", from_peer=peer, signer=envelope.node_id.hex(),
                           error=str(e))
             return Decision("", "malformed", False, str(e))
+        return await self._signed(envelope, alert, peer, origin, data)
+
+    async def _signed(self, envelope: Envelope, alert: Alert, peer: str | None, origin: str,
+                      data: bytes, *, known_skips_store: bool = False) -> Decision:
+        """The signature, then the verdict. ``known_skips_store``: a verdict this process
+        holds is the answer, with no store write (the overlay's own seen-cache keeps repeats
+        away; what comes back is our own publication)."""
         aid = alert_id_hex(envelope.alert_bytes)
         try:
             envelope.check()
         except SignatureError as e:
             return await self._bad_signature(aid, alert, envelope, peer, str(e), origin)
+        known = self._verdicts.get(aid) if known_skips_store else None
+        if known is not None:
+            self.vstats.cached += 1
+            state, reason = known
+            return Decision(aid, "verified" if state == "forwarded" else state, False, reason,
+                            duplicate=True)
         return await self._receive(aid, alert, envelope, peer, origin, data)
 
     async def _bad_signature(self, aid: str, alert: Alert, envelope: Envelope,
@@ -538,40 +552,36 @@ class Pipeline:
             self._spawn(self._general(aid, alert_bytes), f"filters-{aid[:8]}")
         return Decision(aid, "verified", True, out.reason)
 
-    async def mark_forwarded(self, alert_id: str) -> None:
+    async def mark_forwarded(self, alert_id: str, **fields: Any) -> None:
         await self.db(self.db.store.set_alert_state, alert_id, "forwarded")
         self._remember(alert_id, "forwarded")
-        self.bus.emit("alert.forwarded", alert_id=alert_id, origin="overlay")
+        self.bus.emit("alert.forwarded", alert_id=alert_id, origin="overlay", **fields)
 
     # --- the overlay.Overlay hooks ----------------------------------------------------------
 
-    async def overlay_verify(self, alert: Alert) -> VerifyOutcome:
-        """``Overlay(verify=...)``: our sandbox's verdict (``.verified``, ``.reason``)."""
-        alert_bytes = encode_alert(alert)
-        aid = alert_id_hex(alert_bytes)
-        known = await self._known(aid)
-        if known is not None:
-            state, reason = known
-            self.vstats.cached += 1
-            return VerifyOutcome(aid, state != "refuted", reason, "stored verdict", 0.0)
-        decision = await self._receive(aid, alert, None, None)
-        return VerifyOutcome(aid, decision.state == "verified",
-                             "unknown-service" if decision.state == "received"
-                             else decision.reason, "", 0.0)
+    async def overlay_verify_envelope(self, envelope_bytes: bytes,
+                                      alert: Alert) -> VerifyOutcome | Outcome:
+        """``Overlay(verify_envelope=...)``: the envelope's signature (a bad one is
+        ``Outcome.FORGED``: the overlay blames the announcer and asks another), then our
+        sandbox's verdict, stored once with the envelope."""
+        try:
+            envelope = decode_envelope(envelope_bytes)
+        except FormatError as e:
+            self.bus.emit("alert.malformed", error=str(e))
+            return VerifyOutcome("", False, "malformed", str(e), 0.0)
+        d = await self._signed(envelope, alert, None, "overlay", envelope_bytes,
+                               known_skips_store=True)
+        if d.reason == "bad-signature":
+            return Outcome.FORGED
+        return VerifyOutcome(d.alert_id, d.state == "verified",
+                             "unknown-service" if d.state == "received" else d.reason,
+                             "stored verdict" if d.duplicate else "", 0.0)
 
     async def overlay_on_alert(self, envelope: Envelope, alert: Alert) -> None:
-        """``Overlay(on_alert=...)``: called once per verified alert before it forwards it."""
-        aid = alert_id_hex(envelope.alert_bytes)
-        row = await self.db(self.db.store.alert, aid)
-        await self.db(self.db.store.record_alert, alert_id=aid,
-                      service_id=alert.service_id.hex(), service=alert.service_name,
-                      type=alert.type.value, alert=envelope.alert_bytes, origin="overlay",
-                      state="forwarded", reason=row.reason if row else "verified",
-                      envelope=envelope.encode(), signer=envelope.node_id.hex(),
-                      signed_at=envelope.signed_at_s)
-        self._remember(aid, "forwarded")
-        self.bus.emit("alert.forwarded", alert_id=aid, origin="overlay",
-                      signer=envelope.node_id.hex())
+        """``Overlay(on_alert=...)``: called once per alert that verified here, before the
+        overlay forwards it (the verdict's row, queued first, already holds the envelope)."""
+        await self.mark_forwarded(alert_id_hex(envelope.alert_bytes),
+                                  signer=envelope.node_id.hex())
 
     # --- status -----------------------------------------------------------------------------
 

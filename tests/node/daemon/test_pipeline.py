@@ -291,24 +291,37 @@ def test_operator_removed_filter_does_not_come_back(
 
 def test_overlay_hooks(images: list, pools: Pools, parts_factory: Any,
                        envelopes: dict) -> None:
+    """``Overlay(verify_envelope=..., on_alert=...)``: the signature and the sandbox's verdict,
+    stored once with the envelope; a forged signature is FORGED (the overlay blames the
+    announcer), never a verdict on the alert."""
+    from overlay.broadcast import Outcome
+
     parts = parts_factory()
     env_bytes, alert = envelopes["resolver"]
     env = decode_envelope(env_bytes)
+    forged = bytearray(env_bytes)
+    forged[-1] ^= 1  # the signature's last byte
 
     async def main() -> tuple:
         p = pipeline(parts, images, pools, general_filters=False)
-        v = await p.overlay_verify(alert)  # what Overlay(verify=...) gets
-        await p.overlay_on_alert(env, alert)  # Overlay(on_alert=...)
-        again = await p.overlay_verify(alert)
+        bad = await p.overlay_verify_envelope(bytes(forged), alert)
+        v = await p.overlay_verify_envelope(env_bytes, alert)  # what the overlay asks
+        await p.overlay_on_alert(env, alert)  # then, before it forwards
+        again = await p.overlay_verify_envelope(env_bytes, alert)
         await p.idle(30)
-        return v, again
+        return bad, v, again, p
 
-    v, again = run(main())
+    bad, v, again, p = run(main())
+    assert bad is Outcome.FORGED
     assert v.verified and v.reason == "verified"
     assert again.verified and again.detail == "stored verdict"
+    assert p.vstats.runs == 1
     row = parts.store.alert(v.alert_id)
     assert row is not None and row.state == "forwarded" and row.envelope == env_bytes
+    assert row.signer == env.node_id.hex()
     assert len(parts.table.installed) == 1
+    forwarded = [e for e in parts.events if e["event_type"] == "alert.forwarded"]
+    assert [e.get("signer") for e in forwarded] == [env.node_id.hex()]
 
 
 def test_sampling_under_load_keeps_the_queue_bounded(images: list, pools: Pools,
