@@ -100,5 +100,5 @@ class StackComponent:
         while len(flow.chunks) > MAX_MESSAGES or flow.size > MAX_TOTAL_BYTES:
             flow.size -= len(flow.chunks.popleft()[0].data)
         pipeline.submit_messages(service, [m for m, _ in flow.chunks],
-                                 [[raw] for _, raw in flow.chunks])
+                                 [[raw] for _, raw in flow.chunks], flow=e.flow_id)
         self.submitted += 1

@@ -12,7 +12,7 @@ alert pipeline. Everything that touches packets or peers is a **component**: an 
 ``node.bus``                ``EventBus``: ``emit(type, **fields)``, ``count(name)``
 ``node.nft``                ``node.kernel.nft.NftTable`` (table ensured) or None (kernel off)
 ``node.filters.userspace``  ``filters.userspace.UserspaceFilters`` the stack's queue path checks
-``node.pipeline``           ``submit_messages(service, messages, raw_packets) -> str``,
+``node.pipeline``           ``submit_messages(service, messages, raw_packets, flow=None) -> str``,
                             ``service_for(proto, port) -> str | None``,
                             ``on_overlay_alert(envelope_bytes, from_peer) -> Decision``,
                             ``mark_forwarded(alert_id)``,

@@ -54,7 +54,7 @@ from . import worker
 from .events import EventBus
 from .filters import FilterManager
 from .pools import JobFailed, Pools
-from .sampler import DUPLICATE, SAMPLED_OUT, Job, Sampler
+from .sampler import DUPLICATE, SAMPLED_OUT, SUPERSEDED, Job, Sampler
 from .store import StoreRunner
 from .worker import DetectOutcome, VerifyOutcome
 
@@ -203,13 +203,15 @@ class Pipeline:
         return self.by_port.get((str(p), port))
 
     def submit_messages(self, service: str, messages: Sequence[Message],
-                        raw_packets: Sequence[Sequence[bytes]] = ()) -> str:
+                        raw_packets: Sequence[Sequence[bytes]] = (),
+                        flow: object = None) -> str:
         """Offer what ``service`` received for taint replay. ``messages`` is the history the
         replay needs (the flow's chunks for TCP, the datagram(s) for UDP), at most 64 messages
         and 256 KiB (older ones are cut); ``raw_packets[i]`` are the IP packets that carried
-        ``messages[i]``, kept with an alert for traceback. Never blocks, never raises for bad
-        input: returns ``"queued"``, ``"replaced"``, ``"sampled-out"``, ``"duplicate"``,
-        ``"off"`` (not a detector) or ``"refused: ..."``."""
+        ``messages[i]``, kept with an alert for traceback; ``flow`` names the connection whose
+        history ``messages`` is (a longer one then takes a waiting one's place). Never blocks,
+        never raises for bad input: returns ``"queued"``, ``"replaced"``, ``"superseded"``,
+        ``"sampled-out"``, ``"duplicate"``, ``"off"`` (not a detector) or ``"refused: ..."``."""
         if not self.detector_enabled or self._closing:
             return "off"
         if service not in self.images:
@@ -227,13 +229,15 @@ class Pipeline:
             return "refused: a single message over 256 KiB"
         pk = tuple(tuple(bytes(p) for p in per) for per in raw_packets)[-len(msgs):] \
             if raw_packets else ()
-        job = Job(service, msgs, pk, self.clock())
+        job = Job(service, msgs, pk, self.clock(), flow)
         outcome = self.sampler.offer(job)
         self.bus.count("detector.offered")
         if outcome == SAMPLED_OUT:
             self.bus.count("detector.sampled_out")
         elif outcome == DUPLICATE:
             self.bus.count("detector.duplicate")
+        elif outcome == SUPERSEDED:
+            self.bus.count("detector.superseded")
         else:
             self._wakeup.set()
         return outcome
@@ -593,6 +597,7 @@ class Pipeline:
                 "enabled": self.detector_enabled, "queue": len(self.sampler),
                 "capacity": self.sampler.capacity, "depth": self.sampler.depth(),
                 "offered": st.offered, "queued": st.queued, "replaced": st.replaced,
+                "superseded": st.superseded,
                 "sampled_out": st.sampled_out, "duplicates": st.duplicates,
                 "analysed": d.analysed, "detections": d.detections, "alerts": d.alerts,
                 "errors": d.errors, "last_ms": round(d.last_ms, 3),

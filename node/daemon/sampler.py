@@ -14,6 +14,9 @@ pool can replay. The queue holds at most ``capacity`` submissions, and the polic
   or last and be sure it is dropped.
 - **No replay twice.** Identical submissions (same service and bytes) waiting or recently
   replayed are dropped as duplicates: a worm repeats its exploit verbatim.
+- **A connection once.** A connection's submission is its history so far; a longer history of
+  the same connection takes the waiting one's place (its queue position and its sampling
+  draw), so a connection of n chunks under load is not replayed n times, each from the start.
 
 Nothing here reads a clock or does I/O; the random source is injected.
 """
@@ -30,6 +33,7 @@ from sca.alert import Message
 
 QUEUED = "queued"
 REPLACED = "replaced"  # queued in place of an older submission
+SUPERSEDED = "superseded"  # took the place of the same connection's shorter history
 SAMPLED_OUT = "sampled-out"
 DUPLICATE = "duplicate"
 
@@ -40,6 +44,7 @@ class Job:
     messages: tuple[Message, ...]
     packets: tuple[tuple[bytes, ...], ...] = ()
     submitted: float = 0.0
+    flow: object = None  # the connection whose history this is (None: a datagram)
     digest: bytes = field(default=b"", init=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +60,7 @@ class SamplerStats:
     offered: int = 0
     queued: int = 0
     replaced: int = 0
+    superseded: int = 0
     sampled_out: int = 0
     duplicates: int = 0
     taken: int = 0
@@ -72,6 +78,7 @@ class Sampler:
         self._offered_since_dry: dict[str, int] = {}
         self._order: deque[str] = deque()  # round-robin order of services with work
         self._waiting: dict[bytes, int] = {}  # digest -> count waiting
+        self._flows: dict[object, Job] = {}  # (service, flow) -> its job waiting
         self._recent: OrderedDict[bytes, None] = OrderedDict()
         self._remember = remember
         self._size = 0
@@ -94,7 +101,21 @@ class Sampler:
             self._order.append(job.service)
         q.append(job)
         self._size += 1
+        self._hold(job)
+
+    def _hold(self, job: Job) -> None:
         self._waiting[job.digest] = self._waiting.get(job.digest, 0) + 1
+        if job.flow is not None:
+            self._flows[(job.service, job.flow)] = job
+
+    def _release(self, job: Job) -> None:
+        n = self._waiting[job.digest] - 1
+        if n:
+            self._waiting[job.digest] = n
+        else:
+            del self._waiting[job.digest]
+        if job.flow is not None and self._flows.get((job.service, job.flow)) is job:
+            del self._flows[(job.service, job.flow)]
 
     def _evict(self, service: str, index: int) -> Job:
         q = self._queues[service]
@@ -102,24 +123,30 @@ class Sampler:
         old = q.popleft()
         q.rotate(index)
         self._size -= 1
-        n = self._waiting[old.digest] - 1
-        if n:
-            self._waiting[old.digest] = n
-        else:
-            del self._waiting[old.digest]
+        self._release(old)
         if not q:
             self._order.remove(service)
         return old
 
     def offer(self, job: Job) -> str:
         """Queue ``job`` or not; returns what happened (``QUEUED``, ``REPLACED``,
-        ``SAMPLED_OUT`` or ``DUPLICATE``)."""
+        ``SUPERSEDED``, ``SAMPLED_OUT`` or ``DUPLICATE``)."""
         self.stats.offered += 1
         if job.digest in self._waiting or job.digest in self._recent:
             self.stats.duplicates += 1
             return DUPLICATE
         s = job.service
         q = self._queues.get(s)
+        older = self._flows.get((s, job.flow)) if job.flow is not None else None
+        if older is not None and job.messages[:len(older.messages)] == older.messages:
+            # The same connection, more of it: the longer history replays all the shorter
+            # one would (a history whose oldest chunks were cut is not a superset: queued).
+            assert q is not None
+            q[q.index(older)] = job
+            self._release(older)
+            self._hold(job)
+            self.stats.superseded += 1
+            return SUPERSEDED
         seen = self._offered_since_dry.get(s, 0) + 1 if q else 1
         self._offered_since_dry[s] = seen
         if self._size < self.capacity:
@@ -153,11 +180,7 @@ class Sampler:
         q = self._queues[s]
         job = q.popleft()
         self._size -= 1
-        n = self._waiting[job.digest] - 1
-        if n:
-            self._waiting[job.digest] = n
-        else:
-            del self._waiting[job.digest]
+        self._release(job)
         if q:
             self._order.append(s)
         else:

@@ -82,6 +82,31 @@ def test_detector_node_alerts_signs_stores_installs_broadcasts(
     assert p.dstats.analysed == 2 and p.dstats.detections == 1
 
 
+def test_a_connections_longer_history_replaces_its_waiting_one(
+        images: list, pools: Pools, parts_factory: Any, rng: random.Random) -> None:
+    """The stack offers a connection's history at each chunk: while a shorter one still
+    waits, the longer one takes its place and the connection is replayed once."""
+    parts = parts_factory()
+    messages: tuple = ()
+    while len(messages) < 2:  # an exploit sent in two chunks
+        messages = tuple(traffic("mgmtd").exploit(rng))
+
+    async def main() -> Pipeline:
+        p = pipeline(parts, images, pools, detector=True, general_filters=False)
+        flow = ("10.77.0.9", 40000, "10.77.0.1", 7700)
+        # Offered before the consumers start: both wait.
+        assert p.submit_messages("mgmtd", messages[:-1], flow=flow) == "queued"
+        assert p.submit_messages("mgmtd", messages, flow=flow) == "superseded"
+        await p.start()
+        await p.idle(60)
+        await p.stop()
+        return p
+
+    p = run(main())
+    assert p.dstats.analysed == 1 and p.dstats.alerts == 1
+    assert p.status()["detector"]["superseded"] == 1
+
+
 def test_benign_traffic_raises_nothing(images: list, pools: Pools, parts_factory: Any,
                                        rng: random.Random) -> None:
     parts = parts_factory()

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from node.daemon.events import EVENT_BURST, EventBus, EventLog, Rates
-from node.daemon.sampler import DUPLICATE, QUEUED, REPLACED, SAMPLED_OUT, Job, Sampler
+from node.daemon.sampler import (
+    DUPLICATE,
+    QUEUED,
+    REPLACED,
+    SAMPLED_OUT,
+    SUPERSEDED,
+    Job,
+    Sampler,
+)
 from sca.alert import Message
 
 
@@ -73,6 +81,32 @@ def test_sampled_out_is_counted() -> None:
     assert outcomes[QUEUED] == 1
     assert outcomes[SAMPLED_OUT] + outcomes[REPLACED] == 99
     assert s.stats.offered == 100 and len(s) == 1
+
+
+def test_a_longer_history_of_a_connection_takes_the_waiting_ones_place() -> None:
+    chunks = [Message(b"GET /", 0), Message(b"x" * 300, 0), Message(b"\r\n\r\n", 0)]
+
+    def history(n: int, flow: object = ("10.77.0.1", 4000)) -> Job:
+        return Job("httpd", tuple(chunks[:n]), flow=flow)
+
+    s = Sampler(8)
+    assert s.offer(job("resolver", 0)) == QUEUED
+    assert s.offer(history(1)) == QUEUED
+    assert s.offer(history(2)) == SUPERSEDED
+    other = Job("httpd", (Message(b"POST /", 0),), flow=("10.77.0.2", 4000))
+    assert s.offer(other) == QUEUED  # another connection
+    assert s.offer(history(3)) == SUPERSEDED
+    assert len(s) == 3 and s.stats.superseded == 2
+    # A history whose oldest chunks were cut does not hold the waiting one: both replay.
+    assert s.offer(Job("httpd", tuple(chunks[1:]), flow=("10.77.0.1", 4000))) == QUEUED
+    taken = [s.take() for _ in range(4)]
+    assert [len(j.messages) for j in taken if j.service == "httpd"] == [3, 1, 2]
+    assert s.take() is None
+    # Taken, it is no longer waiting: the next history of that connection queues anew, and
+    # the one replayed counts as a duplicate.
+    assert s.offer(history(3)) == DUPLICATE
+    assert s.offer(Job("httpd", (*chunks, Message(b"more", 0)),
+                       flow=("10.77.0.1", 4000))) == QUEUED
 
 
 # --- events ------------------------------------------------------------------------------
