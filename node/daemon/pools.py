@@ -114,6 +114,7 @@ class Lane:
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
         self._waiting: deque[asyncio.Future[_Worker]] = deque()
+        self._running: dict[object, _Worker] = {}  # key given to run() -> its worker
         self.busy = 0
         self.done = 0
         self.failures = 0
@@ -165,11 +166,15 @@ class Lane:
                 self.release(fut.result())  # handed over just as we gave up: pass it on
             raise
 
-    async def run(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, timeout: float | None = None,
+                  key: object = None) -> T:
+        """``fn(*args)`` in a worker. ``key``: a name ``interrupt`` can stop the job by."""
         w = await self._acquire()
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         w.answer = answer
         self.busy += 1
+        if key is not None:
+            self._running[key] = w
         try:
             try:
                 w.watch(self)
@@ -197,6 +202,21 @@ class Lane:
         finally:
             self.busy -= 1
             w.answer = None
+            if key is not None and self._running.get(key) is w:
+                del self._running[key]
+
+    def interrupt(self, key: object) -> bool:
+        """Ask the worker running the job started with ``key`` to stop it early (a job that
+        polls for it, such as a taint replay, then answers with what it has; one that ended
+        meanwhile leaves the request to be skipped). False if no such job runs."""
+        w = self._running.get(key)
+        if w is None:
+            return False
+        try:
+            w.conn.send(worker.STOP)
+        except (OSError, ValueError):
+            return False
+        return True
 
     async def warm(self) -> list[int]:
         """Wait until every worker is up (the initializer boots its sandboxes); their pids."""

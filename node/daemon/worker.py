@@ -27,6 +27,7 @@ from sca.alert import Alert, Message
 from sca.codec import FormatError, alert_id_hex, decode_alert, encode_alert
 from sca.emu.image import ServiceImage, load_image
 from sca.generate import Detector
+from sca.taint.engine import INTERRUPTED
 from sca.verify import Verifier
 
 
@@ -46,6 +47,7 @@ class DetectOutcome:
     tried: int = 0
     specific: dict[str, Any] | None = None  # the specific filter's JSON
     error: str | None = None
+    interrupted: bool = False  # stopped early: the daemon asked (a longer history came)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,14 @@ class _State:
 
 
 _state: _State | None = None
+_conn: Any = None  # this worker's pipe to the daemon, while serve() runs
+STOP = "stop"  # the daemon's message: stop the job running now, if it can
+
+
+def _stop_requested() -> bool:
+    """Whether the daemon asked to stop the job running now (a long replay polls this)."""
+    conn = _conn
+    return conn is not None and conn.poll() and conn.recv() == STOP
 
 
 def lower_priority(nice: int) -> None:
@@ -128,8 +138,10 @@ def init(manifests: list[str], detectors: bool, nice: int = 0) -> None:
 def serve(conn: Any, manifests: list[str], detectors: bool, nice: int) -> None:
     """A pool worker's life (``node.daemon.pools``): boot, then answer jobs from the pipe,
     ``(fn, args)`` -> ``("ok", result)`` or ``("err", exception)``, until it closes."""
+    global _conn
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the daemon: it stops us
     init(manifests, detectors, nice)
+    _conn = conn
     while True:
         try:
             job = conn.recv()
@@ -137,6 +149,8 @@ def serve(conn: Any, manifests: list[str], detectors: bool, nice: int) -> None:
             return
         if job is None:
             return
+        if job == STOP:  # for a job that ended before it came
+            continue
         fn, args = job
         try:
             answer: tuple[str, Any] = ("ok", fn(*args))
@@ -183,7 +197,10 @@ def detect(service: str, messages: tuple[Message, ...]) -> DetectOutcome:
         detector = st.detector(service)
         if detector is None:
             return DetectOutcome(service, False, ms(), error=f"no service {service!r} here")
+        detector.tracker.interrupted = _stop_requested
         run = detector.inspect(messages, conditions=False)  # the filters lane records them
+        if run.result.stop_reason == INTERRUPTED:
+            return DetectOutcome(service, False, ms(), run.instructions, interrupted=True)
         base: dict[str, Any] = {"instructions": run.instructions,
                                 "tainted": run.tainted_instructions,
                                 "outcome": run.result.outcome.value}

@@ -23,7 +23,7 @@ filter generator builds on them.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, Uc
@@ -48,6 +48,7 @@ from .regs import full_size
 X86_OP_REG, X86_OP_MEM, X86_OP_IMM = 1, 3, 2
 LINE_SHIFT = 6
 MAX_INSN = 15  # bytes in the longest x86 instruction
+INTERRUPTED = "interrupted"  # a run's stop_reason when ``interrupted()`` said so
 HIJACK_WINDOW = 8  # instructions to watch after a tainted transfer for a fetch from tainted bytes
 MAX_CONDITIONS = 4096
 
@@ -107,6 +108,8 @@ class TaintTracker:
         self.uc: Uc = sandbox.uc
         self.decoder = Decoder()
         self.cache: dict[int, Insn] = {}
+        # Polled every 512 instructions; True ends the run with stop_reason INTERRUPTED.
+        self.interrupted: Callable[[], bool] | None = None
         self._reset()
         # Raw ctypes hooks: the binding's wrappers add two Python frames to each of the
         # ~1.4 callbacks per instruction.
@@ -194,9 +197,8 @@ class TaintTracker:
             if self.cur is not None:
                 self._finish(address)
             self.count += 1
-            # Hooked code runs ~100x slower than bare: keep the wall-time budget here too.
-            if not self.count & 0xFFF and time.perf_counter() > self.sb.deadline:
-                raise StopRun(Outcome.BUDGET)
+            if not self.count & 0x1FF:  # every ~3 ms of hooked code
+                self._checkpoint()
             mem = self.mem
             if address in mem:
                 raise StopRun(Detection(CodeExecution(to_ref(mem[address])), address,
@@ -225,6 +227,14 @@ class TaintTracker:
                 self.writes.clear()
         except BaseException as e:  # handed to emu_start, which re-raises it
             self.sb.hook_failed(e)
+
+    def _checkpoint(self) -> None:
+        # Hooked code runs ~100x slower than bare: keep the wall-time budget here too, and
+        # stop when whoever asked no longer wants the answer.
+        if time.perf_counter() > self.sb.deadline:
+            raise StopRun(Outcome.BUDGET)
+        if self.interrupted is not None and self.interrupted():
+            raise StopRun(INTERRUPTED)
 
     # -- shadow state helpers ---------------------------------------------------------------------
     def _mem_labels(self, addr: int, size: int) -> list[Label]:

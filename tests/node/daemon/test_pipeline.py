@@ -107,6 +107,58 @@ def test_a_connections_longer_history_replaces_its_waiting_one(
     assert p.status()["detector"]["superseded"] == 1
 
 
+def _three_chunk_exploit() -> tuple:
+    rng = random.Random(7)
+    messages: tuple = ()
+    while len(messages) < 3:  # its first chunk alone is over 512 instructions of replay
+        messages = tuple(traffic("mgmtd").exploit(rng))
+    return messages
+
+
+def test_a_replay_can_be_stopped_and_a_late_stop_is_skipped(pools: Pools) -> None:
+    from node.daemon import worker
+
+    first_chunk = _three_chunk_exploit()[:1]
+
+    async def main() -> None:
+        job = asyncio.ensure_future(pools.detect.run(worker.detect, "mgmtd", first_chunk,
+                                                     timeout=60, key="conn"))
+        while not pools.detect.interrupt("conn"):  # once the job is out to its worker
+            await asyncio.sleep(0)
+        out = await job
+        assert out.interrupted and not out.detected and out.instructions == 512
+        assert not pools.detect.interrupt("conn")  # nothing runs under that name now
+        # A stop that comes after its job ended waits in the pipe: the next job skips it.
+        whole = await pools.detect.run(worker.detect, "mgmtd", first_chunk, timeout=60)
+        assert not whole.interrupted and whole.instructions > 512
+
+    run(main())
+
+
+def test_a_longer_history_stops_the_running_replay_of_the_shorter(
+        images: list, pools: Pools, parts_factory: Any) -> None:
+    """A connection's first chunk is being replayed when the rest of the request comes: that
+    replay stops and the whole history is replayed (and detected) right after it."""
+    parts = parts_factory()
+    messages = _three_chunk_exploit()
+    flow = ("10.77.0.9", 40001, "10.77.0.1", 7700)
+
+    async def main() -> Pipeline:
+        p = pipeline(parts, images, pools, detector=True, general_filters=False)
+        await p.start()
+        assert p.submit_messages("mgmtd", messages[:1], flow=flow) == "queued"
+        while ("mgmtd", flow) not in p._replaying:
+            await asyncio.sleep(0)
+        assert p.submit_messages("mgmtd", messages, flow=flow) == "queued"
+        await p.idle(60)
+        await p.stop()
+        return p
+
+    p = run(main())
+    st = p.status()["detector"]
+    assert (st["interrupted"], st["analysed"], st["alerts"], st["errors"]) == (1, 1, 1, 0)
+
+
 def test_benign_traffic_raises_nothing(images: list, pools: Pools, parts_factory: Any,
                                        rng: random.Random) -> None:
     parts = parts_factory()
