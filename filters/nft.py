@@ -172,7 +172,7 @@ class FilterTable:
 
     @property
     def knows_table(self) -> bool:
-        """Whether an install needs no listing first (one short batch, nothing more)."""
+        """Whether an install needs no listing first (``install(..., look=False)`` works)."""
         return self._view is not None
 
     def _ruleset(self) -> list[dict[str, object]]:
@@ -225,11 +225,15 @@ class FilterTable:
                   for name, es in elements.items()]
         return "\n".join(lines) + "\n"
 
-    def install(self, filters: Iterable[Filter]) -> list[Compiled]:
-        """Install what is not installed yet; returns what was compiled and added."""
+    def install(self, filters: Iterable[Filter], *, look: bool = True) -> list[Compiled]:
+        """Install what is not installed yet; returns what was compiled and added.
+        ``look=False``: one batch from what the table is known to hold, never a listing (it
+        grows with the table): ``NftError`` if that is not known or the batch fails."""
         fs = list(filters)
         view, listed = self._view, False
         if view is None:
+            if not look:
+                raise NftError("what the table holds is not known: it must be listed first")
             self._ruleset()
             view, listed = self._view, True
         assert view is not None
@@ -241,7 +245,7 @@ class FilterTable:
             self._apply(self._batch(new, (), None, compiled, view))
         except NftError:
             self._view = None
-            if listed:
+            if listed or not look:
                 raise
             # The table changed behind our back (an operator, a teardown): look, then retry.
             return self.install(fs)

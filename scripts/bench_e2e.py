@@ -110,7 +110,8 @@ def chain_part(samples: int, inject: str, routed: bool, out: dict[str, Any],
                 out[f"relays_verified{suffix}"] = min((s.relays_verified for s in got),
                                                       default=0)
             if errors:
-                missing.append(f"{label} {service}: {len(errors)} of {samples} sample(s) "
+                missing.append(f"{label} {service}: {len(errors)} of {samples + 1} sample(s) "
+                               f"(the first, cold one included) "
                                f"failed: {errors[0]}")
             rows.append((f"e2e {service}, {label} (target ≤ {target} ms)",
                          f"{out[f'{name}_p50_ms']} ms",

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -34,12 +34,12 @@ T = TypeVar("T")
 
 class FilterBackend(Protocol):
     """What the daemon needs of the kernel side; ``filters.nft.FilterTable`` has it (and
-    ``knows_table``: True when an install is one short batch, which the daemon then runs on
-    its loop instead of the kernel thread)."""
+    ``knows_table``: True when ``install(filters, look=False)`` can do without a listing,
+    which the daemon then runs on its loop instead of the kernel thread)."""
 
     queue_mark: int
 
-    def install(self, filters: Iterable[Filter]) -> Sequence[Any]: ...
+    def install(self, filters: Iterable[Filter], *, look: bool = True) -> Sequence[Any]: ...
     def remove(self, filter_ids: Iterable[str]) -> None: ...
     def sync(self, desired: Iterable[Filter]) -> None: ...
     def list(self) -> Sequence[Any]: ...  # items with filter_id, packets, bytes
@@ -108,6 +108,7 @@ class FilterManager:
         self._counters_at = 0.0
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nft")
         self._in_thread = 0  # calls handed to that thread and not finished
+        self._count_lock = threading.Lock()  # that count changes on the thread too
         self._lock = asyncio.Lock()  # one kernel change at a time, in order
         # The store's view of which filters are installed and which an operator removed, held
         # in memory so that an install decides without waiting for the store (read at the
@@ -124,25 +125,36 @@ class FilterManager:
                                if r.state == "removed" and r.removed_by == "operator"}
         return self._installed
 
-    async def _kernel(self, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
-        """``fn(*args)`` on the kernel's thread, or right here when ``inline`` (a call known to
-        be short) and that thread is idle (libnftables' context is not for two threads)."""
+    async def _kernel(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the kernel's thread."""
         if fn != getattr(self.backend, "list", None):
             self._counters_at = 0.0  # a change: the next listing reads the kernel again
-        if inline and not self._in_thread:
-            return fn(*args)
-        loop = asyncio.get_running_loop()
+        with self._count_lock:
+            self._in_thread += 1
         job = self._thread.submit(fn, *args)
-        self._in_thread += 1
-
-        def finished(_: object) -> None:  # when the thread is done, even if we stopped waiting
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to count
-                loop.call_soon_threadsafe(self._thread_done)
-        job.add_done_callback(finished)
+        job.add_done_callback(self._thread_done)  # when it ends, even if nobody waits now
         return await asyncio.wrap_future(job)
 
-    def _thread_done(self) -> None:
-        self._in_thread -= 1
+    def _thread_done(self, _: object) -> None:
+        with self._count_lock:
+            self._in_thread -= 1
+
+    def _install_inline(self, chosen: list[Filter]) -> bool:
+        """An alert's filters into a table whose state the backend knows: one batch of ~1 ms,
+        done on the loop. Through the thread it took 2.5-5 ms (two wake-ups, and every
+        libnftables call of that thread gives up the interpreter lock and waits to get it
+        back from the loop or the store). Not while the thread works (libnftables' context
+        serves one caller); False when the thread must do it (it may have to list first)."""
+        if len(chosen) > 2 or not getattr(self.backend, "knows_table", False) \
+                or self._in_thread:
+            return False
+        assert self.backend is not None
+        self._counters_at = 0.0
+        try:
+            self.backend.install(chosen, look=False)
+        except Exception:
+            return False  # the table changed behind us: the thread looks and retries
+        return True
 
     def _error(self, what: str, exc: BaseException, **fields: Any) -> None:
         self.kernel_errors += 1
@@ -195,12 +207,8 @@ class FilterManager:
             start = time.perf_counter()
             if self.backend is not None:
                 try:
-                    # An alert's filters into a table whose state the backend knows: a
-                    # batch of ~1 ms, done on the loop. Through the thread it took 2.5-5 ms
-                    # (two wake-ups, and the thread's every libnftables call gives up the
-                    # interpreter lock and waits to get it back from the loop or the store).
-                    await self._kernel(self.backend.install, chosen, inline=len(chosen) <= 2
-                                       and getattr(self.backend, "knows_table", False))
+                    if not self._install_inline(chosen):
+                        await self._kernel(self.backend.install, chosen)
                 except Exception as e:
                     self._error("install", e, alert_id=alert_id,
                                 filter_ids=[f.filter_id for f in chosen])

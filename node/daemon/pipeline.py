@@ -376,6 +376,8 @@ class Pipeline:
         # waited on the other one (the scheduler moves waiting work over only now and then).
         if self.general_delay_s > 0:
             await asyncio.sleep(self.general_delay_s)
+            if self._closing:
+                return  # stopping: not a sandbox job of hundreds of ms now
         try:
             out = await self.pools.filters.run(worker.filters, alert_bytes,
                                             timeout=max(60.0, self.job_timeout_s))
@@ -470,24 +472,11 @@ class Pipeline:
             self.bus.emit("alert.malformed", from_peer=peer, signer=envelope.node_id.hex(),
                           error=str(e))
             return Decision("", "malformed", False, str(e))
-        return await self._signed(envelope, alert, peer, origin, data)
-
-    async def _signed(self, envelope: Envelope, alert: Alert, peer: str | None, origin: str,
-                      data: bytes, *, known_skips_store: bool = False) -> Decision:
-        """The signature, then the verdict. ``known_skips_store``: a verdict this process
-        holds is the answer, with no store write (the overlay's own seen-cache keeps repeats
-        away; what comes back is our own publication)."""
         aid = alert_id_hex(envelope.alert_bytes)
         try:
             envelope.check()
         except SignatureError as e:
             return await self._bad_signature(aid, alert, envelope, peer, str(e), origin)
-        known = self._verdicts.get(aid) if known_skips_store else None
-        if known is not None:
-            self.vstats.cached += 1
-            state, reason = known
-            return Decision(aid, "verified" if state == "forwarded" else state, False, reason,
-                            duplicate=True)
         return await self._receive(aid, alert, envelope, peer, origin, data)
 
     async def _bad_signature(self, aid: str, alert: Alert, envelope: Envelope,
@@ -590,16 +579,20 @@ class Pipeline:
         sandbox's verdict, stored once with the envelope."""
         try:
             envelope = decode_envelope(envelope_bytes)
-        except FormatError as e:
-            self.bus.emit("alert.malformed", error=str(e))
-            return VerifyOutcome("", False, "malformed", str(e), 0.0)
-        d = await self._signed(envelope, alert, None, "overlay", envelope_bytes,
-                               known_skips_store=True)
-        if d.reason == "bad-signature":
+            envelope.check()
+        except (FormatError, SignatureError):
+            # Nothing stored: the overlay counts it against the announcer (a stored row per
+            # made-up alert id would let a forger fill the store until it is banned).
+            self.bus.count("alerts.forged")
             return Outcome.FORGED
-        return VerifyOutcome(d.alert_id, d.state == "verified",
-                             "unknown-service" if d.state == "received" else d.reason,
-                             "stored verdict" if d.duplicate else "", 0.0)
+        aid = alert_id_hex(envelope.alert_bytes)
+        known = self._verdicts.get(aid)
+        if known is not None:  # our own publication coming back: no store write on its path
+            self.vstats.cached += 1
+            return VerifyOutcome(aid, known[0] != "refuted", known[1], "stored verdict", 0.0)
+        d = await self._receive(aid, alert, envelope, None, "overlay", envelope_bytes)
+        return VerifyOutcome(aid, d.state == "verified",
+                             "unknown-service" if d.state == "received" else d.reason, "", 0.0)
 
     async def overlay_on_alert(self, envelope: Envelope, alert: Alert) -> None:
         """``Overlay(on_alert=...)``: called once per alert that verified here, before the

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from filters.generate import generate_filters
-from filters.nft import FilterTable
+from filters.nft import FilterTable, NftError
 from filters.userspace import UserspaceFilters
 from node.filtering import FilterGate
 from node.kernel.inline import StackQueue
@@ -161,12 +161,18 @@ def test_installs_list_the_table_once_and_recover_when_it_changes_behind_them(
 
     table = FilterTable(nft.apply_text, query, queue_mark=QUEUE_STACK, mark_mask=MASK)
     spec, gen = resolver_filters.specific, resolver_filters.general
+    with pytest.raises(NftError):  # nothing known yet, and told not to look
+        table.install([spec], look=False)
+    assert listings == [] and not table.knows_table
     assert [c.filter.filter_id for c in table.install([spec])] == [spec.filter_id]
     assert len(listings) == 1
     assert table.install([spec]) == []  # already there: no second element, no listing
     assert len(listings) == 1
     assert {i.filter_id for i in table.list()} == {spec.filter_id}
     nft.apply_text("delete table inet herdwall\n")  # an operator, behind the node's back
+    with pytest.raises(NftError):  # the batch fails; not told to look: no listing, no retry
+        table.install([gen], look=False)
+    assert not table.knows_table
     assert [c.filter.filter_id for c in table.install([gen])] == [gen.filter_id]
     assert {i.filter_id for i in table.list()} == {gen.filter_id}
     # A removal lists (it needs the handles) and knows what its batch left: the next

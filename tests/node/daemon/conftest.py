@@ -52,8 +52,9 @@ class FakeTable:
         self.fail = False
         self.knows_table = False  # FilterTable's: whether an install is one short batch
         self.threads: list[str] = []  # the thread each install ran on
+        self.hold: threading.Event | None = None  # list() waits for it (a slow kernel)
 
-    def install(self, filters: Any) -> list[Any]:
+    def install(self, filters: Any, look: bool = True) -> list[Any]:
         fs = list(filters)
         self.calls.append(("install", [f.filter_id for f in fs]))
         self.threads.append(threading.current_thread().name)
@@ -79,6 +80,8 @@ class FakeTable:
         self.installed = {f.filter_id: f for f in fs}
 
     def list(self) -> list[Installed]:
+        if self.hold is not None:
+            self.hold.wait(10)
         return [Installed(i, 3, 300) for i in self.installed]
 
 

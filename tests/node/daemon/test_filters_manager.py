@@ -72,6 +72,30 @@ def test_short_installs_run_on_the_loop_when_the_kernel_thread_is_idle(
     assert len(p.table.installed) == 6
 
 
+def test_the_kernel_thread_is_busy_until_its_call_ends_even_if_nobody_waits(
+        parts_factory: Any) -> None:
+    """A caller that gives up (cancelled) leaves its call running on the thread: a short
+    install meanwhile still goes to the thread, behind it, never beside it."""
+    p = parts_factory()
+    p.table.knows_table = True
+    p.table.hold = threading.Event()
+    loop_thread = threading.current_thread().name
+
+    async def main() -> None:
+        listing = asyncio.ensure_future(p.filters.counters(max_age=0))
+        await asyncio.sleep(0.05)  # the listing waits on the thread
+        listing.cancel()
+        install = asyncio.ensure_future(p.filters.install([spec(b"a")], alert_id=None))
+        await asyncio.sleep(0.05)
+        assert p.table.threads == []  # queued behind the listing, not run beside it
+        p.table.hold.set()
+        await install
+        await p.filters.install([spec(b"b")], alert_id=None)  # the thread is idle again
+
+    asyncio.run(main())
+    assert [t == loop_thread for t in p.table.threads] == [False, True]
+
+
 def test_kernel_failure_keeps_the_store_and_reconcile_repairs(parts_factory: Any) -> None:
     p = parts_factory()
 

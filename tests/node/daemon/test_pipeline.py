@@ -370,32 +370,36 @@ def test_overlay_hooks(images: list, pools: Pools, parts_factory: Any,
                        envelopes: dict) -> None:
     """``Overlay(verify_envelope=..., on_alert=...)``: the signature and the sandbox's verdict,
     stored once with the envelope; a forged signature is FORGED (the overlay blames the
-    announcer), never a verdict on the alert."""
+    announcer), stored nowhere, also for a copy of an alert verified here."""
     from overlay.broadcast import Outcome
 
     parts = parts_factory()
     env_bytes, alert = envelopes["resolver"]
     env = decode_envelope(env_bytes)
     forged = bytearray(env_bytes)
-    forged[-1] ^= 1  # the signature's last byte
+    forged[env_bytes.index(env.signature) + 10] ^= 0x40  # inside the signature
 
     async def main() -> tuple:
         p = pipeline(parts, images, pools, general_filters=False)
         bad = await p.overlay_verify_envelope(bytes(forged), alert)
+        assert parts.store.alert(alert_id_hex(env.alert_bytes)) is None
         v = await p.overlay_verify_envelope(env_bytes, alert)  # what the overlay asks
         await p.overlay_on_alert(env, alert)  # then, before it forwards
         again = await p.overlay_verify_envelope(env_bytes, alert)
+        cached = p.vstats.cached
+        bad_copy = await p.overlay_verify_envelope(bytes(forged), alert)
+        assert p.vstats.cached == cached
         await p.idle(30)
-        return bad, v, again, p
+        return bad, v, again, bad_copy, p
 
-    bad, v, again, p = run(main())
-    assert bad is Outcome.FORGED
+    bad, v, again, bad_copy, p = run(main())
+    assert bad is Outcome.FORGED and bad_copy is Outcome.FORGED
     assert v.verified and v.reason == "verified"
     assert again.verified and again.detail == "stored verdict"
     assert p.vstats.runs == 1
     row = parts.store.alert(v.alert_id)
     assert row is not None and row.state == "forwarded" and row.envelope == env_bytes
-    assert row.signer == env.node_id.hex()
+    assert row.signer == env.node_id.hex() and row.seen_count == 1
     assert len(parts.table.installed) == 1
     forwarded = [e for e in parts.events if e["event_type"] == "alert.forwarded"]
     assert [e.get("signer") for e in forwarded] == [env.node_id.hex()]
