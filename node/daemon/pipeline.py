@@ -82,7 +82,8 @@ class Decision:
 @dataclass
 class DetectorStats:
     analysed: int = 0
-    interrupted: int = 0
+    stops: int = 0  # replays asked to stop (a longer history of their connection came)
+    interrupted: int = 0  # replays that did stop early
     detections: int = 0
     alerts: int = 0
     errors: int = 0
@@ -243,13 +244,14 @@ class Pipeline:
         else:
             self._wakeup.set()
         running = self._replaying.get((service, flow)) if flow is not None else None
+        # The replay running for this connection's shorter history is wasted: the longer one
+        # replays all of it. Stopped, it frees the lane for the longer one now (the two chunks
+        # of one request came 1-2 ms apart; a replay of the first took 10-30).
         if (running is not None and outcome in (QUEUED, SUPERSEDED)
                 and msgs[:len(running.messages)] == running.messages
-                and self.pools.detect is not None):
-            # The replay running for this connection's shorter history is wasted: the longer
-            # one replays all of it. Stopped, it frees the lane for the longer one now (the
-            # two chunks of one request came 1-2 ms apart; a replay of the first took 10-30).
-            self.pools.detect.interrupt((service, flow))
+                and self.pools.detect is not None
+                and self.pools.detect.interrupt((service, flow))):
+            self.dstats.stops += 1
         return outcome
 
     async def _consume(self) -> None:
@@ -612,7 +614,7 @@ class Pipeline:
                 "offered": st.offered, "queued": st.queued, "replaced": st.replaced,
                 "superseded": st.superseded,
                 "sampled_out": st.sampled_out, "duplicates": st.duplicates,
-                "analysed": d.analysed, "interrupted": d.interrupted,
+                "analysed": d.analysed, "stops": d.stops, "interrupted": d.interrupted,
                 "detections": d.detections, "alerts": d.alerts,
                 "errors": d.errors, "last_ms": round(d.last_ms, 3),
                 "avg_ms": round(d.total_ms / d.analysed, 3) if d.analysed else 0.0,

@@ -118,19 +118,25 @@ def _three_chunk_exploit() -> tuple:
 def test_a_replay_can_be_stopped_and_a_late_stop_is_skipped(pools: Pools) -> None:
     from node.daemon import worker
 
-    first_chunk = _three_chunk_exploit()[:1]
+    # A long replay (thousands of instructions, tens of ms): the stop reaches it mid-run.
+    rng = random.Random(1)
+    longest = max((tuple(traffic("resolver").benign(rng)) for _ in range(12)),
+                  key=lambda m: sum(len(x.data) for x in m))
 
     async def main() -> None:
-        job = asyncio.ensure_future(pools.detect.run(worker.detect, "mgmtd", first_chunk,
+        whole = await pools.detect.run(worker.detect, "resolver", longest, timeout=60)
+        assert not whole.interrupted and whole.instructions > 2000
+        job = asyncio.ensure_future(pools.detect.run(worker.detect, "resolver", longest,
                                                      timeout=60, key="conn"))
         while not pools.detect.interrupt("conn"):  # once the job is out to its worker
             await asyncio.sleep(0)
         out = await job
-        assert out.interrupted and not out.detected and out.instructions == 512
+        assert out.interrupted and not out.detected
+        assert out.instructions % 512 == 0 and out.instructions < whole.instructions
         assert not pools.detect.interrupt("conn")  # nothing runs under that name now
         # A stop that comes after its job ended waits in the pipe: the next job skips it.
-        whole = await pools.detect.run(worker.detect, "mgmtd", first_chunk, timeout=60)
-        assert not whole.interrupted and whole.instructions > 512
+        again = await pools.detect.run(worker.detect, "resolver", longest, timeout=60)
+        assert not again.interrupted and again.instructions == whole.instructions
 
     run(main())
 
@@ -156,7 +162,11 @@ def test_a_longer_history_stops_the_running_replay_of_the_shorter(
 
     p = run(main())
     st = p.status()["detector"]
-    assert (st["interrupted"], st["analysed"], st["alerts"], st["errors"]) == (1, 1, 1, 0)
+    assert st["stops"] == 1  # sent while the first chunk's replay ran
+    # It stops at its next checkpoint (every 512 instructions) unless it ended first (a
+    # loaded machine); either way the whole request is replayed and detected.
+    assert st["interrupted"] + st["analysed"] == 2 and st["interrupted"] <= 1
+    assert (st["alerts"], st["errors"]) == (1, 0)
 
 
 def test_benign_traffic_raises_nothing(images: list, pools: Pools, parts_factory: Any,
@@ -448,7 +458,7 @@ def test_detection_does_not_wait_behind_general_filters(
     async def main() -> None:
         base = os.getpriority(os.PRIO_PROCESS, 0)
         for pid in await pools.filters.warm():
-            assert os.getpriority(os.PRIO_PROCESS, pid) >= base + 10
+            assert os.getpriority(os.PRIO_PROCESS, pid) >= min(base + 10, 19)  # 19: lowest
         for pid in await pools.detect.warm():
             assert os.getpriority(os.PRIO_PROCESS, pid) == base
         alert_bytes = encode_alert(envelopes["mgmtd"][1])
