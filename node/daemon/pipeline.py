@@ -247,8 +247,7 @@ class Pipeline:
         # The replay running for this connection's shorter history is wasted: the longer one
         # replays all of it. Stopped, it frees the lane for the longer one now (the two chunks
         # of one request came 1-2 ms apart; a replay of the first took 10-30).
-        if (running is not None and outcome in (QUEUED, SUPERSEDED)
-                and msgs[:len(running.messages)] == running.messages
+        if (running is not None and outcome in (QUEUED, SUPERSEDED) and job.extends(running)
                 and self.pools.detect is not None
                 and self.pools.detect.interrupt((service, flow))):
             self.dstats.stops += 1

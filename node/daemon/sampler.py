@@ -47,6 +47,13 @@ class Job:
     flow: object = None  # the connection whose history this is (None: a datagram)
     digest: bytes = field(default=b"", init=False)
 
+    def extends(self, other: Job) -> bool:
+        """More of the same connection's history: a replay of this covers ``other``'s (one
+        whose oldest chunks were cut does not)."""
+        return (self.flow is not None and self.flow == other.flow
+                and self.service == other.service
+                and self.messages[:len(other.messages)] == other.messages)
+
     def __post_init__(self) -> None:
         h = hashlib.sha256(self.service.encode() + b"\0")
         for m in self.messages:
@@ -138,9 +145,7 @@ class Sampler:
         s = job.service
         q = self._queues.get(s)
         older = self._flows.get((s, job.flow)) if job.flow is not None else None
-        if older is not None and job.messages[:len(older.messages)] == older.messages:
-            # The same connection, more of it: the longer history replays all the shorter
-            # one would (a history whose oldest chunks were cut is not a superset: queued).
+        if older is not None and job.extends(older):
             assert q is not None
             q[q.index(older)] = job
             self._release(older)

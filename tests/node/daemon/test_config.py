@@ -88,6 +88,8 @@ BAD = [
     ({"detector": 3}, "detector: must be a table"),
     ({"verifier": {"workers": 100}}, "verifier.workers"),
     ({"filters": {"expire_after_s": -1}}, "filters.expire_after_s"),
+    ({"filters": {"general_delay_ms": -5}}, "filters.general_delay_ms"),
+    ({"filters": {"general_delay_ms": "soon"}}, "filters.general_delay_ms"),
     ({"services": {"manifests": "a.toml"}}, "services.manifests: must be an array"),
     ({"services": {"manifests": [1]}}, "services.manifests: [0] must be a path"),
     ({"services": {"manifests": ["ok.toml", ""]}}, "services.manifests: [1] must not be empty"),
