@@ -42,11 +42,20 @@ from sca.emu.kernel import Kernel
 from sca.emu.sandbox import Budget, Outcome, RunResult, Sandbox, StopRun
 
 from . import decode as d
+from . import steps
 from .decode import Decoder, Insn, Operand
 from .regs import full_size
+from .steps import (
+    LINE_SHIFT,
+    SHIFTS,
+    X86_OP_IMM,
+    X86_OP_MEM,
+    X86_OP_REG,
+    first,
+    shift_labels,
+    span,
+)
 
-X86_OP_REG, X86_OP_MEM, X86_OP_IMM = 1, 3, 2
-LINE_SHIFT = 6
 MAX_INSN = 15  # bytes in the longest x86 instruction
 INTERRUPTED = "interrupted"  # a run's stop_reason when ``interrupted()`` said so
 HIJACK_WINDOW = 8  # instructions to watch after a tainted transfer for a fetch from tainted bytes
@@ -107,7 +116,13 @@ class TaintTracker:
         self.sb = sandbox
         self.uc: Uc = sandbox.uc
         self.decoder = Decoder()
-        self.cache: dict[int, Insn] = {}
+        self.cache: dict[int, steps.Step] = {}  # address -> its step (``sca.taint.steps``)
+        # The shadow state: one set of objects for the tracker's life (the steps hold them).
+        self.mem: dict[int, int] = {}
+        self.lines: set[int] = set()  # memory lines (64 bytes) that have held taint this run
+        self.regs: dict[str, list[Label]] = {}
+        self.reads: list[tuple[int, int]] = []
+        self.writes: list[tuple[int, int]] = []
         # Polled every 512 instructions; True ends the run with stop_reason INTERRUPTED.
         self.interrupted: Callable[[], bool] | None = None
         self._reset()
@@ -120,14 +135,14 @@ class TaintTracker:
         self.uc.ctl_flush_tb()
 
     def _reset(self) -> None:
-        self.mem: dict[int, int] = {}
-        self.lines: set[int] = set()  # memory lines (64 bytes) that have held taint this run
-        self.regs: dict[str, list[Label]] = {}
+        self.mem.clear()
+        self.lines.clear()
+        self.regs.clear()
+        self.reads.clear()
+        self.writes.clear()
         self.flags: Label = None
         self.last_cmp: tuple[str, list[Label], list[Label] | int | None] | None = None
-        self.cur: Insn | None = None
-        self.reads: list[tuple[int, int]] = []
-        self.writes: list[tuple[int, int]] = []
+        self.cur: steps.Step | None = None  # the step of the instruction running now
         self.hijack: tuple[ExecutionControl, int, int] | None = None
         self.site: int | None = None
         self.conditions: list[Condition] = []
@@ -141,19 +156,6 @@ class TaintTracker:
         for i in range(n):
             mem[addr + i] = (msg << 16) | (off + i)
         self.lines.update(range(addr >> LINE_SHIFT, ((addr + n - 1) >> LINE_SHIFT) + 1))
-
-    def _hot_memory(self) -> bool:
-        """Whether the current instruction touched a line that has held taint in this run."""
-        lines = self.lines
-        if not lines:
-            return False
-        for a, n in self.reads:
-            if a >> LINE_SHIFT in lines or (a + n - 1) >> LINE_SHIFT in lines:
-                return True
-        for a, n in self.writes:
-            if a >> LINE_SHIFT in lines or (a + n - 1) >> LINE_SHIFT in lines:
-                return True
-        return False
 
     def _kernel_write(self, addr: int, n: int) -> None:
         mem = self.mem
@@ -194,8 +196,10 @@ class TaintTracker:
 
     def _on_code(self, _h: int, address: int, size: int, _u: object) -> None:
         try:
-            if self.cur is not None:
-                self._finish(address)
+            step = self.cur
+            if step is not None:
+                self.cur = None
+                step(address)
             self.count += 1
             if not self.count & 0x1FF:  # every ~3 ms of hooked code
                 self._checkpoint()
@@ -208,19 +212,15 @@ class TaintTracker:
                 if left <= 0:
                     raise StopRun(Detection(v, pc, "tainted control transfer", self.site))
                 self.hijack = (v, pc, left - 1)
-            insn = self.cache.get(address)
-            if insn is None:
+            step = self.cache.get(address)
+            if step is None:
                 if size > MAX_INSN:  # unicorn's 0xf1f1f1f1 for a fetch it cannot decode: a
-                    self.cur = None  # read of that size would allocate 4 GiB for nothing
-                    return
+                    return  # read of that size would allocate 4 GiB for nothing
                 insn = self.decoder.decode(bytes(self.uc.mem_read(address, size)), address)
                 if insn is None:
-                    self.cur = None
                     return
-                insn.handler = _KIND_HANDLERS.get(insn.kind, TaintTracker._k_generic)
-                insn.sets_flags = insn.kind in _FLAG_SETTERS
-                self.cache[address] = insn
-            self.cur = insn
+                step = self.cache[address] = steps.build(self, insn, self.generic_handler(insn))
+            self.cur = step
             if self.reads:
                 self.reads.clear()
             if self.writes:
@@ -271,9 +271,9 @@ class TaintTracker:
         if op.kind == X86_OP_REG:
             return self._reg_labels(op) if op.reg else [None] * op.size
         if op.kind == X86_OP_MEM:
-            span = _span(self.reads, read_index, op.size)
-            if span is not None:
-                a, n = span
+            got = span(self.reads, read_index, op.size)
+            if got is not None:
+                a, n = got
                 return self._mem_labels(a, n) if self.mem else [None] * n
             return [None] * op.size
         return [None] * op.size
@@ -303,37 +303,22 @@ class TaintTracker:
             if op.reg:
                 self._set_reg(op.reg, op.off, op.width, labels, vex)
         elif op.kind == X86_OP_MEM and self.writes:
-            span = _span(self.writes, 0, op.size)
-            if span is not None:
-                a, n = span
+            got = span(self.writes, 0, op.size)
+            if got is not None:
+                a, n = got
                 self._set_mem(a, (labels + [None] * n)[:n])
 
-    @staticmethod
-    def _first(labels: Iterable[Label]) -> Label:
-        for x in labels:
-            if x is not None:
-                return x
-        return None
-
     # -- propagation ----------------------------------------------------------------------------
-    def _finish(self, next_address: int) -> None:
-        insn = self.cur
-        assert insn is not None
-        self.cur = None
-        regs = self.regs
-        # Fast path: no tainted register involved, no tainted memory line touched, and no
-        # tainted flags read: the instruction cannot move taint, at most it clears the flags.
-        if (
-            (not regs or regs.keys().isdisjoint(insn.regnames))
-            and (self.flags is None or insn.kind not in _FLAG_READERS)
-            and not (self.lines and (self.reads or self.writes) and self._hot_memory())
-        ):
-            if insn.sets_flags:
-                self.flags = None
-                self.last_cmp = None
-            return
-        self.tainted_count += 1
-        insn.handler(self, insn, insn.ops, next_address)
+    def generic_handler(self, insn: Insn) -> steps.Step:
+        """The kind's handler for ``insn``, as a step body (the fallback of ``steps.build``)."""
+        handler = _KIND_HANDLERS.get(insn.kind, TaintTracker._k_generic)
+        ops = insn.ops
+        return lambda next_address: handler(self, insn, ops, next_address)
+
+    def cmp_handler(self, insn: Insn) -> steps.Step:
+        """The compare handler for ``insn``: it also records the operands for a condition."""
+        ops = insn.ops
+        return lambda next_address: self._k_cmp(insn, ops, next_address)
 
     def _k_mov(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
         if len(ops) < 2:
@@ -372,7 +357,7 @@ class TaintTracker:
             labels = self._op_labels(s, mem_i if s.kind == X86_OP_MEM else 0)
             acc = [a if a is not None else (labels[i] if i < len(labels) else None)
                    for i, a in enumerate(acc)]
-        self.flags = self._first(acc)
+        self.flags = first(acc)
         self.last_cmp = None
         self._set_op(dst, acc, insn.vex)
 
@@ -383,14 +368,14 @@ class TaintTracker:
         left = self._op_labels(ops[0])
         both_mem = ops[0].kind == X86_OP_MEM and ops[1].kind == X86_OP_MEM
         right_l = self._op_labels(ops[1], 1 if both_mem else 0)
-        self.flags = self._first(left) if self._first(left) is not None else self._first(right_l)
+        self.flags = first(left) if first(left) is not None else first(right_l)
         if self.flags is None:
             self.last_cmp = None
             return
         right: list[Label] | int | None
         if ops[1].kind == X86_OP_IMM:
             right = ops[1].imm
-        elif self._first(right_l) is not None:
+        elif first(right_l) is not None:
             right = right_l
         else:
             right = self._concrete(ops[1])
@@ -416,17 +401,17 @@ class TaintTracker:
         dst = ops[0]
         labels = self._op_labels(dst)
         m = insn.mnemonic
-        if m in _SHIFTS and len(ops) == 2 and ops[1].kind == X86_OP_IMM:
-            labels = _shift_labels(labels, m, ops[1].imm % (8 * len(labels) or 1))
+        if m in SHIFTS and len(ops) == 2 and ops[1].kind == X86_OP_IMM:
+            labels = shift_labels(labels, m, ops[1].imm % (8 * len(labels) or 1))
         elif m not in ("inc", "dec", "neg", "not", "bswap"):
             # Shifts and rotates move bytes around: every byte may hold any of them.
-            f = self._first(labels)
+            f = first(labels)
             for s in ops[1:]:
-                f = f if f is not None else self._first(self._op_labels(s))
+                f = f if f is not None else first(self._op_labels(s))
             labels = [f] * len(labels)
         elif insn.mnemonic == "bswap":
             labels = labels[::-1]
-        self.flags = self._first(labels)
+        self.flags = first(labels)
         self.last_cmp = None
         self._set_op(dst, labels, insn.vex)
 
@@ -523,9 +508,9 @@ class TaintTracker:
             self._set_reg("rax", 0, n, self._mem_labels(a, n), False)
 
     def _k_scas(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
-        f = self._first(self.regs.get("rax", ()))
+        f = first(self.regs.get("rax", ()))
         for a, n in self.reads:
-            f = f if f is not None else self._first(self._mem_labels(a, n))
+            f = f if f is not None else first(self._mem_labels(a, n))
         self.flags = f
         self.last_cmp = None
 
@@ -549,12 +534,12 @@ class TaintTracker:
         for r in insn.reads:
             t = self.regs.get(r[0])
             if t is not None:
-                f = self._first(t[r[1]:r[1] + r[2]])
+                f = first(t[r[1]:r[1] + r[2]])
                 if f is not None:
                     break
         if f is None:
             for a, n in self.reads:
-                f = self._first(self._mem_labels(a, n))
+                f = first(self._mem_labels(a, n))
                 if f is not None:
                     break
         for w in insn.writes:
@@ -575,7 +560,7 @@ class TaintTracker:
         result = self.sb.run(messages, budget=budget, prepare=self._prepare)
         if self.cur is not None and result.stop_reason is None:
             try:
-                self._finish(self.uc.reg_read(UC_X86_REG_RIP))
+                self.cur(self.uc.reg_read(UC_X86_REG_RIP))
             except StopRun as e:
                 result.stop_reason = e.reason
         detection = result.stop_reason if isinstance(result.stop_reason, Detection) else None
@@ -585,47 +570,6 @@ class TaintTracker:
             detection = Detection(v, pc, "tainted control transfer", self.site)
         return TaintRun(result, detection, self.conditions, self.count, self.tainted_count,
                         dict(self.mem))
-
-
-def _span(events: list[tuple[int, int]], start: int, size: int) -> tuple[int, int] | None:
-    """One operand's access from ``start`` on: unicorn reports a wide access (a 16-byte vector
-    store, a page-crossing load) as several contiguous smaller ones."""
-    if start >= len(events):
-        return None
-    a, n = events[start]
-    i = start + 1
-    while n < size and i < len(events) and events[i][0] == a + n:
-        n += events[i][1]
-        i += 1
-    return a, n
-
-
-_FLAG_READERS = frozenset({d.JCC, d.SETCC, d.CMOV})
-_FLAG_SETTERS = frozenset({d.ALU, d.CMP, d.UNARY, d.SCAS, d.SMEAR, d.GENERIC})
-_SHIFTS = frozenset({"shl", "sal", "shr", "sar", "rol", "ror"})
-
-
-def _shift_labels(labels: list[Label], m: str, count: int) -> list[Label]:
-    """Byte labels after a shift or rotate by a constant: whole-byte moves stay exact (strcpy
-    implementations walk a loaded word with ``shr $16``); a partial byte mixes two neighbours."""
-    n = len(labels)
-    q, r = divmod(count, 8)
-
-    def at(i: int) -> Label:
-        if m in ("rol", "ror"):
-            return labels[i % n]
-        if 0 <= i < n:
-            return labels[i]
-        return labels[-1] if m == "sar" and i >= n else None
-
-    out: list[Label] = []
-    for i in range(n):
-        if m in ("shr", "sar", "ror"):
-            a, b = at(i + q), at(i + q + 1) if r else None
-        else:
-            a, b = at(i - q), at(i - q - 1) if r else None
-        out.append(a if a is not None else b)
-    return out
 
 
 _KIND_HANDLERS = {
