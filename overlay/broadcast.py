@@ -659,6 +659,15 @@ class BroadcastCore:
         self.stats["refused_delegation"] += 1
         return self._launch(d, now)
 
+    def unsettled(self, alert_id: bytes, now: float) -> int | None:
+        """How many of this node's announcements of ``alert_id`` still wait for their contact
+        to fetch or acknowledge it (a refusal or a timeout passes the subtree to the next
+        candidate, who then waits); None while it has not verified here."""
+        if self._good.get(alert_id, now) is None:
+            return None
+        dels = self._delegations.get(alert_id)
+        return 0 if not dels else sum(addr in d.outstanding for addr, d in dels.items())
+
     def _taken(self, alert_id: bytes, addr: Addr, now: float) -> None:
         d = self._delegations.get(alert_id, {}).get(addr)
         if d is None:

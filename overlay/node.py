@@ -159,6 +159,7 @@ class Overlay:
         self._contact_objs: dict[bytes, Contact] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._fetches: set[Fetching] = set()
+        self._handoffs: dict[bytes, list[asyncio.Future[bool]]] = {}  # see handed_over
         self._stopping = False
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -249,6 +250,11 @@ class Overlay:
         for job in list(self._fetches):
             job.cancel()
         self._fetches.clear()
+        for waiting in self._handoffs.values():
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_result(False)
+        self._handoffs.clear()
         await self.server.aclose()
         tasks = list(self._tasks)
         for task in tasks:
@@ -287,6 +293,38 @@ class Overlay:
         if status is not Outcome.VERIFIED:
             raise PublishError(f"this node's own sandbox did not verify it ({status})")
         return alert_id
+
+    async def handed_over(self, alert_id: bytes, timeout: float) -> bool:
+        """Wait until every contact this node announced ``alert_id`` to has fetched or
+        acknowledged it (True; at once if it was announced to nobody), or ``timeout`` seconds
+        (False, as on stop); an alert still being verified here is waited for too. For a
+        node's own work on an alert that can wait a moment: started after the hand-off, it
+        does not hold up the fetches of the nodes downstream."""
+        core, loop = self._ready()
+        if core.unsettled(alert_id, loop.time()) == 0:
+            return True
+        if self._stopping:
+            return False
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._handoffs.setdefault(alert_id, []).append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            waiting = self._handoffs.get(alert_id)
+            if waiting is not None and fut in waiting:
+                waiting.remove(fut)
+                if not waiting:
+                    del self._handoffs[alert_id]
+
+    def _check_handoffs(self) -> None:
+        core, loop = self._ready()
+        now = loop.time()
+        for aid in [a for a in self._handoffs if core.unsettled(a, now) == 0]:
+            for fut in self._handoffs.pop(aid):
+                if not fut.done():
+                    fut.set_result(True)
 
     def peers(self) -> list[Peer]:
         protocol = self.server.protocol
@@ -392,7 +430,10 @@ class Overlay:
     def _serve_fetch(self, ip: str, request: bytes) -> bytes | None:
         if self.core is None or self._loop is None:
             return None
-        return self.core.serve_fetch(ip, request, self._loop.time())
+        reply = self.core.serve_fetch(ip, request, self._loop.time())
+        if self._handoffs:
+            self._check_handoffs()  # its waiters run after the reply is written
+        return reply
 
     def _run(self, actions: list[Action]) -> None:
         for action in actions:
@@ -407,6 +448,8 @@ class Overlay:
             self._arm()
         elif self.core is not None and self.core.ban_epoch != self._ban_epoch:
             self._sync_bans()
+        if self._handoffs:
+            self._check_handoffs()
 
     def _do(self, action: Action) -> None:
         protocol = self.server.protocol

@@ -462,6 +462,28 @@ def test_fetch_serving_and_acks() -> None:
     assert len(fourth) == 1 and fourth[0].addr not in (first, second, third[0].addr)
 
 
+def test_unsettled_counts_announcements_not_yet_fetched_or_acknowledged() -> None:
+    contacts = [Contact(bytes([0x80 | i]) + b"\x00" * 19, (f"10.0.0.{i}", 9)) for i in range(4)]
+    core = BroadcastCore(b"\x00" * 20, lambda: contacts, BroadcastConfig(ack_timeout=0.5))
+    aid, _ = core.publish(envelope(b"H"), 0.0, WALL)
+    assert core.unsettled(aid, 0.0) is None  # not verified here yet: nothing handed out
+    first, second = (a.addr for a in core.on_verdict(aid, True, 0.0) if isinstance(a, Send))
+    assert core.unsettled(aid, 0.0) == 2
+    core.serve_fetch(first[0], wire.encode_fetch_request(aid, first[1]), 0.1)
+    assert core.unsettled(aid, 0.1) == 1  # the fetch took it
+    # A refusal passes the subtree on: the next candidate is waited for in its place.
+    acts = core.on_datagram(second, wire.encode(Ack(aid, AckStatus.CANNOT_VERIFY)), 0.2)
+    nxt = [a.addr for a in acts if isinstance(a, Send)]
+    assert len(nxt) == 1 and core.unsettled(aid, 0.2) == 1
+    core.on_datagram(nxt[0], wire.encode(Ack(aid, AckStatus.TAKEN)), 0.3)
+    assert core.unsettled(aid, 0.3) == 0
+    # Announced to nobody (no contacts): settled at once.
+    lonely = BroadcastCore(b"\x01" * 20, lambda: [], BroadcastConfig())
+    aid2, _ = lonely.publish(envelope(b"I"), 0.0, WALL)
+    lonely.on_verdict(aid2, True, 0.0)
+    assert lonely.unsettled(aid2, 0.0) == 0
+
+
 def test_an_unreachable_contact_is_passed_over_at_once() -> None:
     contacts = [Contact(bytes([0x80 | i]) + b"\x00" * 19, (f"10.0.0.{i}", 9)) for i in range(4)]
     core = BroadcastCore(b"\x00" * 20, lambda: contacts, BroadcastConfig(ack_timeout=0.5))

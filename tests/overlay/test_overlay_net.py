@@ -651,6 +651,36 @@ def test_a_strict_chain_carries_the_alert_to_its_end(prefix, alerts, verifier, r
     assert trouble.errors() == []
 
 
+def test_handed_over_waits_for_the_fetches_it_invited(prefix, alerts, verifier, run,
+                                                       trouble) -> None:
+    """``handed_over`` returns once every contact the alert was announced to has fetched it
+    (or answered), and gives up at its timeout on a contact that never answers."""
+    async def main() -> None:
+        net = Net(prefix, 3, verifier)
+        await net.start()
+        try:
+            origin = net.nodes[0]
+            aid = await origin.publish(seal(alerts[0], origin.key, time.time()).encode())
+            assert await origin.handed_over(aid, 5.0) is True
+            announced = origin.stats()["bcast.tx_announce"]
+            assert announced >= 1
+            # Every announcement was fetched by the time it returned (nobody had it before).
+            assert origin.stats().get("bcast.fetch_served", 0) == announced
+            # A contact that drops our datagrams unread: no fetch, no answer, no ICMP.
+            mute = net.nodes[2].server.protocol
+            assert mute is not None
+            mute.banned = lambda ip: ip == addr(prefix, 1)[0]
+            relay = net.nodes[1]
+            aid2 = await relay.publish(seal(alerts[1], relay.key, time.time()).encode())
+            t = time.monotonic()
+            assert await relay.handed_over(aid2, 0.05) is False
+            assert time.monotonic() - t < 1.0
+        finally:
+            await net.stop()
+    run(main())
+    assert trouble.errors() == []
+
+
 class _Collect(asyncio.DatagramProtocol):
     def __init__(self, got: list[bytes]) -> None:
         self.got = got
