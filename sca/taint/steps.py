@@ -1,12 +1,15 @@
-"""Per-address step functions for the taint engine: every decoded instruction gets one closure,
-built once, with its operands' registers, byte slices, sizes and the fast-path test folded in.
+"""Per-address step functions for the taint engine: every decoded instruction gets one
+function, generated once, with the fast-path test, its operands' registers, byte slices and
+sizes written into its source as constants.
 
 An HTTP replay spent ~8 us of Python per tainted instruction in generic handlers that looked
 at each operand's kind at run time (a dozen calls and list copies for ``pcmpeqb xmm1, xmm0``).
 The shapes that dominate real services (register/memory moves, zero and sign extension,
-two-operand ALU and compares, shifts by a constant, bit scans and mask extractions) get
-handlers specialised here; every other instruction runs the engine's generic handler. Both
-give the same labels: the specialised ones are the generic ones with the dispatch done once.
+two-operand ALU and compares, shifts by a constant, bit scans and mask extractions) get their
+handler inlined in the step's source; every other instruction calls the engine's generic
+handler. Both give the same labels: the generated code is the generic handlers' rules with the
+operand dispatch done once. Sources repeat across addresses (same shape, same registers), so
+each distinct one is compiled once per process.
 
 Contract with the engine: a step function takes the next instruction's address; ``regs``
 holds only lists no one else references (they are updated in place), ``mem``/``lines`` and the
@@ -15,7 +18,9 @@ memory event lists are the tracker's own objects for its whole life (cleared, ne
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from functools import cache
 from typing import TYPE_CHECKING
 
 from . import decode as d
@@ -95,102 +100,145 @@ def _named(op: Operand) -> bool:
 def build(tr: TaintTracker, insn: Insn, generic: Step) -> Step:
     """The step of ``insn``: the fast-path test (no tainted register named, no tainted flags
     read, no line that held taint touched: nothing to move, at most the flags get clean), then
-    its specialised handler or ``generic``."""
-    handler = _specialised(tr, insn) or generic
-    rkeys = tr.regs.keys()
-    names = insn.regnames
-    lines, reads, writes = tr.lines, tr.reads, tr.writes
-    reads_flags = insn.kind in _FLAG_READERS
-    sets_flags = insn.kind in _FLAG_SETTERS
-
-    def hot() -> bool:
-        for events in (reads, writes):
-            for a, n in events:
-                if a >> LINE_SHIFT in lines or (a + n - 1) >> LINE_SHIFT in lines:
-                    return True
-        return False
-
-    def step(next_address: int) -> None:
-        if (
-            rkeys.isdisjoint(names)
-            and (not reads_flags or tr.flags is None)
-            and not (lines and (reads or writes) and hot())
-        ):
-            if sets_flags:
-                tr.flags = None
-                tr.last_cmp = None
-            return
-        tr.tainted_count += 1
-        handler(next_address)
-
-    return step
+    its inlined handler or a call of ``generic``."""
+    # Everything the source depends on (a memory operand's base and a displacement do not):
+    # instructions of one shape share one factory, made on the first.
+    key = (insn.kind, insn.mnemonic, insn.vex, insn.touches_mem, bool(insn.regnames), insn.reads,
+           insn.writes, tuple((o.kind, o.size, o.reg, o.off, o.width, o.imm) for o in insn.ops))
+    made = _FACTORIES.get(key)
+    if made is None:
+        made = _FACTORIES[key] = _make(insn)
+    factory, consts = made
+    dst = insn.ops[0] if insn.ops else None
+    put_mem = _mem_setter(tr, dst.size) if dst is not None and dst.kind == X86_OP_MEM else None
+    return factory(tr, insn.regnames, generic, tr.cmp_handler(insn), put_mem, *consts)
 
 
-# -- operand access ------------------------------------------------------------------------------
-def _reg_getter(tr: TaintTracker, op: Operand) -> Callable[[], Labels | None]:
-    """The operand's labels, or None when its register holds no taint at all."""
-    regs, canon, lo, hi = tr.regs, op.reg, op.off, op.off + op.width
-
-    def get() -> Labels | None:
-        t = regs.get(canon)
-        return None if t is None else t[lo:hi]
-
-    return get
+_FACTORIES: dict[tuple[object, ...], tuple[Callable[..., Step], list[str]]] = {}
 
 
-def _mem_getter(tr: TaintTracker, size: int, index: int) -> Callable[[], Labels | None]:
-    """The labels of the memory the operand read (event ``index`` on), None when no line it
-    touched ever held taint; an operand with no read event reads as ``size`` clean bytes."""
-    reads, lines, mem = tr.reads, tr.lines, tr.mem
+def _make(insn: Insn) -> tuple[Callable[..., Step], list[str]]:
+    body = _body(insn) or ["handler(next_address)"]
+    test = ["not (lines and (reads or writes) and hot())"]
+    if insn.kind in _FLAG_READERS:
+        test.insert(0, "tr.flags is None")
+    if insn.regnames:
+        test.insert(0, "rkeys.isdisjoint(names)")
+    clean = ["tr.flags = None", "tr.last_cmp = None"] if insn.kind in _FLAG_SETTERS else []
+    source = "\n".join([
+        "def step(next_address):",
+        f"    if {' and '.join(test)}:",
+        *_indent(clean, 2),
+        "        return",
+        "    tr.tainted_count += 1",
+        *_indent(body, 1),
+    ])
+    # Register names (and a shift's mnemonic) become the factory's arguments, so one source
+    # serves every register (compiling ~0.5 ms each made the first HTTP replay 0.1 s slower).
+    consts: list[str] = []
 
-    def get() -> Labels | None:
-        if len(reads) <= index:
-            return None
-        a, n = reads[index]
-        if n < size:
-            a, n = span(reads, index, size)  # type: ignore[misc]
-        if n <= LINE and a >> LINE_SHIFT not in lines and (a + n - 1) >> LINE_SHIFT not in lines:
-            return None
-        g = mem.get
-        return [g(x) for x in range(a, a + n)]
+    def const(m: re.Match[str]) -> str:
+        if m.group(1) not in consts:
+            consts.append(m.group(1))
+        return f"K{consts.index(m.group(1))}"
 
-    return get
+    source = re.sub(r"'(\w+)'", const, source)
+    return _factory(source, len(consts)), consts
 
 
-def _reg_setter(tr: TaintTracker, op: Operand, vex: bool) -> Callable[[Labels | None], None]:
-    """Writes labels (exactly the operand's width, a list no one else holds; None: clean) into
-    the register with the architecture's side effects: a 32-bit write zeroes the upper half, a
-    VEX-encoded 128-bit write the upper lane."""
-    regs, canon, off, width = tr.regs, op.reg, op.off, op.width
+@cache
+def _factory(source: str, n_consts: int) -> Callable[..., Step]:
+    """Compiles a step's source once; the returned factory binds it to a tracker."""
+    params = "".join(f", K{i}" for i in range(n_consts))
+    code = compile(
+        f"def make(tr, names, handler, full, put_mem{params}):\n"
+        "    regs, mem, lines, reads, writes = tr.regs, tr.mem, tr.lines, tr.reads, tr.writes\n"
+        "    rkeys, mg = regs.keys(), mem.get\n"
+        "    def hot():\n"
+        "        for events in (reads, writes):\n"
+        "            for a, k in events:\n"
+        f"                if a >> {LINE_SHIFT} in lines or (a + k - 1) >> {LINE_SHIFT} in lines:\n"
+        "                    return True\n"
+        "        return False\n"
+        + "\n".join(_indent(source.splitlines(), 1)) + "\n    return step\n",
+        "<taint step>",
+        "exec",
+    )
+    env = {"span": span, "fit": fit, "shift_labels": shift_labels}
+    exec(code, env)  # our own generated source: constants and names from the decoder only
+    return env["make"]  # type: ignore[no-any-return]
+
+
+def _indent(lines: list[str], level: int) -> list[str]:
+    return ["    " * level + x for x in lines]
+
+
+# -- source of operand access --------------------------------------------------------------------
+def _get(var: str, op: Operand, index: int = 0) -> list[str] | None:
+    """Source that sets ``var`` to the operand's labels, None when it holds no taint at all (a
+    memory operand with no read event reads as clean, as in the generic handlers)."""
+    if _named(op):
+        return [f"t = regs.get({op.reg!r})",
+                f"{var} = None if t is None else t[{op.off}:{op.off + op.width}]"]
+    if op.kind == X86_OP_MEM:
+        return [
+            f"{var} = None",
+            f"if len(reads) > {index}:",
+            f"    a, k = reads[{index}]",
+            f"    if k < {op.size}:",
+            f"        a, k = span(reads, {index}, {op.size})",
+            # A line never tainted holds no label: skip the byte lookups.
+            f"    if k > {LINE} or a >> {LINE_SHIFT} in lines"
+            f" or (a + k - 1) >> {LINE_SHIFT} in lines:",
+            f"        {var} = list(map(mg, range(a, a + k)))",
+            f"        if {var}.count(None) == k:",
+            f"            {var} = None",
+        ]
+    if op.kind == X86_OP_IMM:
+        return [f"{var} = None"]
+    return None
+
+
+def _first(out: str, labels: str) -> list[str]:
+    return [f"{out} = None", f"for x in {labels}:", "    if x is not None:", f"        {out} = x",
+            "        break"]
+
+
+def _put(var: str | None, op: Operand, vex: bool) -> list[str]:
+    """Source that writes ``var`` (exactly the operand's width, a list no one else holds; None:
+    clean) into the register with the architecture's side effects: a 32-bit write zeroes the
+    upper half, a VEX-encoded 128-bit write the upper lane."""
+    canon, off, width = op.reg, op.off, op.width
     size = full_size(canon)
     end = off + width
-    whole = off == 0 and width == size
-    zero_hi = size == 8 and width == 4 and off == 0
-    zero_lane = vex and size == 32 and width == 16
-    blank = [None] * width
-
-    def put(labels: Labels | None) -> None:
-        cur = regs.get(canon)
-        clean = labels is None or labels.count(None) == width
-        if cur is None:
-            if clean:
-                return
-            if whole:
-                regs[canon] = labels  # type: ignore[assignment]
-                return
-            cur = [None] * size
-            cur[off:end] = labels  # type: ignore[assignment]
-            regs[canon] = cur
-            return
-        cur[off:end] = blank if clean else labels  # type: ignore[assignment]
-        if zero_hi:
-            cur[4:8] = blank
-        elif zero_lane:
-            cur[16:32] = blank
-        if cur.count(None) == size:
-            del regs[canon]
-
-    return put
+    zero = []
+    if size == 8 and width == 4 and off == 0:
+        zero = ["cur[4:8] = [None] * 4"]
+    elif vex and size == 32 and width == 16:
+        zero = ["cur[16:32] = [None] * 16"]
+    cleared = [
+        f"cur = regs.get({canon!r})",
+        "if cur is not None:",
+        f"    cur[{off}:{end}] = [None] * {width}",
+        *_indent(zero, 1),
+        f"    if cur.count(None) == {size}:",
+        f"        del regs[{canon!r}]",
+    ]
+    if off == 0 and width == size:
+        cleared = [f"regs.pop({canon!r}, None)"]
+        tainted = [f"regs[{canon!r}] = {var}"]
+    else:
+        tainted = [
+            f"cur = regs.get({canon!r})",
+            "if cur is None:",
+            f"    cur = regs[{canon!r}] = [None] * {size}",
+            f"cur[{off}:{end}] = {var}",
+            *zero,
+        ]
+    if var is None:
+        return cleared
+    return [f"if {var} is None or {var}.count(None) == {width}:", *_indent(cleared, 1),
+            "else:", *_indent(tainted, 1)]
 
 
 def _mem_setter(tr: TaintTracker, size: int) -> Callable[[Labels | None], None]:
@@ -216,194 +264,140 @@ def _mem_setter(tr: TaintTracker, size: int) -> Callable[[Labels | None], None]:
     return put
 
 
-def _getter(tr: TaintTracker, op: Operand, index: int = 0) -> Callable[[], Labels | None] | None:
-    if _named(op):
-        return _reg_getter(tr, op)
-    if op.kind == X86_OP_MEM:
-        return _mem_getter(tr, op.size, index)
-    if op.kind == X86_OP_IMM:
-        return lambda: None
-    return None
-
-
-def _setter(tr: TaintTracker, op: Operand, vex: bool) -> Callable[[Labels | None], None] | None:
-    if _named(op):
-        return _reg_setter(tr, op, vex)
-    if op.kind == X86_OP_MEM:
-        return _mem_setter(tr, op.size)
-    return None
-
-
-# -- handlers ------------------------------------------------------------------------------------
-def _specialised(tr: TaintTracker, insn: Insn) -> Step | None:
+# -- source of handlers --------------------------------------------------------------------------
+def _body(insn: Insn) -> list[str] | None:
     ops, kind = insn.ops, insn.kind
     if kind == d.MOV and len(ops) == 2 and insn.mnemonic != "movbe":
-        return _mov(tr, insn)
+        return _mov(insn)
     if kind == d.MOVX and len(ops) == 2 and _named(ops[0]):
-        return _movx(tr, insn)
+        return _movx(insn)
     if kind == d.ALU and len(ops) == 2 and _named(ops[0]):
-        return _alu(tr, insn)
+        return _alu(insn)
     if kind == d.CMP and len(ops) == 2 and not (ops[0].kind == ops[1].kind == X86_OP_MEM):
-        return _cmp(tr, insn)
+        return _cmp(insn)
     if kind == d.UNARY and ops and _named(ops[0]):
-        return _unary(tr, insn)
+        return _unary(insn)
     if kind in (d.SMEAR, d.GENERIC) and not insn.touches_mem and insn.writes:
-        return _smear(tr, insn)
+        return _smear(insn)
     return None
 
 
-def _mov(tr: TaintTracker, insn: Insn) -> Step | None:
+def _mov(insn: Insn) -> list[str] | None:
     dst, src = insn.ops
-    get, put = _getter(tr, src), _setter(tr, dst, insn.vex)
-    if get is None or put is None:
-        return None
-    if dst.kind == X86_OP_MEM:
-        def mov_to_mem(_n: int) -> None:
-            put(get())  # the setter fits the labels to what was written
-        return mov_to_mem
-    width = dst.width
-
-    def mov(_n: int) -> None:
-        labels = get()
-        put(None if labels is None else fit(labels, width))
-
-    return mov
-
-
-def _movx(tr: TaintTracker, insn: Insn) -> Step | None:
-    dst, src = insn.ops
-    get = _getter(tr, src)
+    get = _get("s", src)
     if get is None:
         return None
-    put = _reg_setter(tr, dst, False)
-    signed = insn.mnemonic.startswith("movs")
-    size, width = dst.size, dst.width
-
-    def movx(_n: int) -> None:
-        labels = get()
-        if labels is None:
-            return put(None)
-        fill = labels[-1] if signed else None
-        put(fit(fit(labels + [fill] * size, size), width))
-
-    return movx
+    if dst.kind == X86_OP_MEM:
+        return [*get, "put_mem(s)"]  # the setter fits the labels to what was written
+    if not _named(dst):
+        return None
+    if _named(src) and src.width == dst.width:
+        return [*get, *_put("s", dst, insn.vex)]
+    return [*get, f"s = None if s is None else fit(s, {dst.width})", *_put("s", dst, insn.vex)]
 
 
-def _alu(tr: TaintTracker, insn: Insn) -> Step | None:
+def _movx(insn: Insn) -> list[str] | None:
     dst, src = insn.ops
-    put = _reg_setter(tr, dst, insn.vex)
+    get = _get("s", src)
+    if get is None:
+        return None
+    fill = "s[-1]" if insn.mnemonic.startswith("movs") else "None"
+    return [*get, "if s is not None:",
+            f"    s = fit((s + [{fill}] * {dst.size})[:{dst.size}], {dst.width})",
+            *_put("s", dst, False)]
+
+
+def _alu(insn: Insn) -> list[str] | None:
+    dst, src = insn.ops
     if (insn.mnemonic in d._ZERO_IDIOM and src.kind == X86_OP_REG and src.reg == dst.reg
             and src.off == dst.off):
-        def zero(_n: int) -> None:
-            put(None)
-            tr.flags = None
-            tr.last_cmp = None
-        return zero
-    get_d = _reg_getter(tr, dst)
-    get_s = _getter(tr, src)
+        return [*_put(None, dst, insn.vex), "tr.flags = None", "tr.last_cmp = None"]
+    get_s = _get("s", src)
     if get_s is None:
         return None
-    width = dst.width
-
-    def alu(_n: int) -> None:
-        acc = get_d()
-        s = get_s()
-        if s is not None:
-            if acc is None:
-                acc = fit(s, width)
-            else:
-                k = min(width, len(s))
-                acc = [a if a is not None else b for a, b in zip(acc[:k], s[:k],
-                                                                 strict=True)] + acc[k:]
-        if acc is None:
-            tr.flags = None
-            tr.last_cmp = None
-            return put(None)
-        tr.flags = first(acc)
-        tr.last_cmp = None
-        put(acc)
-
-    return alu
+    w = dst.width
+    lines = _get("acc", dst) or []
+    if src.kind != X86_OP_IMM:
+        if _named(src) and src.width == w:
+            merge = ["acc = [a if a is not None else b for a, b in zip(acc, s, strict=True)]"]
+        else:
+            merge = [f"k = min({w}, len(s))",
+                     "acc = [a if a is not None else b for a, b in zip(acc[:k], s[:k],"
+                     " strict=True)] + acc[k:]"]
+        lines += [*get_s, "if s is not None:", f"    if acc is None or acc.count(None) == {w}:",
+                  f"        acc = fit(s, {w})",
+                  "    else:", *_indent(merge, 2)]
+    return [*lines, "f = None", "if acc is not None:", *_indent(_first("f", "acc")[1:], 1),
+            "tr.flags = f", "tr.last_cmp = None", *_put("acc", dst, insn.vex)]
 
 
-def _cmp(tr: TaintTracker, insn: Insn) -> Step | None:
+def _cmp(insn: Insn) -> list[str] | None:
     left, right = insn.ops
-    get_l, get_r = _getter(tr, left), _getter(tr, right)
+    get_l, get_r = _get("s", left), _get("s", right)
     if get_l is None or get_r is None:
         return None
-    full = tr.cmp_handler(insn)  # builds the condition's operands when they are recorded
-
-    def cmp(n: int) -> None:
-        f = None
-        labels = get_l()
-        if labels is not None:
-            f = first(labels)
-        if f is None:
-            labels = get_r()
-            if labels is not None:
-                f = first(labels)
-        if f is not None and tr.max_conditions > len(tr.conditions):
-            return full(n)
-        tr.flags = f
-        tr.last_cmp = None
-
-    return cmp
+    scan = ["f = None", "if s is not None:", *_indent(_first("f", "s")[1:], 1)]
+    return [
+        *get_l, *scan,
+        "if f is None:", *_indent([*get_r, *scan[1:]], 1),
+        # Recording a condition needs the compared values too: the full handler does it.
+        "if f is not None and tr.max_conditions > len(tr.conditions):",
+        "    return full(next_address)",
+        "tr.flags = f",
+        "tr.last_cmp = None",
+    ]
 
 
-def _unary(tr: TaintTracker, insn: Insn) -> Step | None:
+def _reorder(m: str, n: int, count: int) -> str | None:
+    """Source of the labels ``L`` after a shift or rotate by ``count`` bits (``shift_labels``
+    written out for whole-byte counts)."""
+    q, r = divmod(count, 8)
+    if r:
+        return f"L = shift_labels(L, {m!r}, {count})"
+    return {
+        "shl": f"L = [None] * {q} + L[:{n - q}]",
+        "sal": f"L = [None] * {q} + L[:{n - q}]",
+        "shr": f"L = L[{q}:] + [None] * {q}",
+        "sar": f"L = L[{q}:] + [L[-1]] * {q}",
+        "rol": f"L = L[{n - q}:] + L[:{n - q}]",
+        "ror": f"L = L[{q}:] + L[:{q}]",
+    }.get(m)
+
+
+def _unary(insn: Insn) -> list[str] | None:
     ops, m = insn.ops, insn.mnemonic
     dst = ops[0]
     if len(ops) == 1 and m in _KEEP_BYTES:
-        reorder = None
+        reorder: list[str] = []
     elif len(ops) == 1 and m == "bswap":
-        def reorder(labels: Labels) -> Labels:
-            return labels[::-1]
+        reorder = ["L = L[::-1]"]
     elif len(ops) == 2 and m in SHIFTS and ops[1].kind == X86_OP_IMM:
-        count = ops[1].imm % (8 * dst.width or 1)
-
-        def reorder(labels: Labels) -> Labels:
-            return shift_labels(labels, m, count)
+        line = _reorder(m, dst.width, ops[1].imm % (8 * dst.width or 1))
+        if line is None:
+            return None
+        reorder = [line]
     else:
         return None
-    get, put = _reg_getter(tr, dst), _reg_setter(tr, dst, insn.vex)
-
-    def unary(_n: int) -> None:
-        labels = get()
-        if labels is None:
-            tr.flags = None
-            tr.last_cmp = None
-            return put(None)
-        if reorder is not None:
-            labels = reorder(labels)
-        tr.flags = first(labels)
-        tr.last_cmp = None
-        put(labels)
-
-    return unary
+    return [*(_get("L", dst) or []), "f = None", "if L is not None:", *_indent(reorder, 1),
+            *_indent(_first("f", "L")[1:], 1), "tr.flags = f", "tr.last_cmp = None",
+            *_put("L", dst, insn.vex)]
 
 
-def _smear(tr: TaintTracker, insn: Insn) -> Step | None:
+def _smear(insn: Insn) -> list[str]:
     """Bit scans, mask extractions, shuffles between registers: every written byte may hold any
     byte read (the generic rule), with the registers looked up once."""
-    regs, reads, writes = tr.regs, tr.reads, tr.writes
-    sources = [(c, o, o + w) for c, o, w in insn.reads]
-    targets = [(_reg_setter(tr, Operand(X86_OP_REG, w, c, o, w), insn.vex), w)
-               for c, o, w in insn.writes]
-    generic = tr.generic_handler(insn)
-
-    def smear(n: int) -> None:
-        if reads or writes:  # memory after all (an implicit access): the generic rule
-            return generic(n)
-        f = None
-        for c, lo, hi in sources:
-            t = regs.get(c)
-            if t is not None:
-                f = first(t[lo:hi])
-                if f is not None:
-                    break
-        for put, w in targets:
-            put(None if f is None else [f] * w)
-        tr.flags = f
-        tr.last_cmp = None
-
-    return smear
+    lines = [
+        "if reads or writes:",  # memory after all (an implicit access): the generic rule
+        "    return handler(next_address)",
+        "f = None",
+    ]
+    for i, (c, o, w) in enumerate(insn.reads):
+        scan = [f"t = regs.get({c!r})", "if t is not None:",
+                *_indent(_first("f", f"t[{o}:{o + w}]")[1:], 1)]
+        lines += _indent(scan, 1) if i else scan
+        if i:
+            lines.insert(len(lines) - len(scan), "if f is None:")
+    for c, o, w in insn.writes:
+        lines += [f"L = None if f is None else [f] * {w}",
+                  *_put("L", Operand(X86_OP_REG, w, c, o, w), insn.vex)]
+    return [*lines, "tr.flags = f", "tr.last_cmp = None"]
