@@ -31,10 +31,12 @@ class OverlayComponent:
                                config=OverlayConfig(dht=DhtConfig(socket_mark=PASS)))
         await self.overlay.start()
         node.set_broadcast(self.overlay.publish)
+        node.set_handoff(self.overlay.handed_over)
         node.set_peers(self._peers)
 
     async def stop(self) -> None:
         self.node.set_broadcast(None)
+        self.node.set_handoff(None)
         if self.overlay is not None:
             await self.overlay.stop()
 

@@ -20,6 +20,8 @@ alert pipeline. Everything that touches packets or peers is a **component**: an 
                             ``overlay_on_alert(envelope, alert)`` (``overlay.Overlay``'s
                             ``verify_envelope=`` and ``on_alert=``)
 ``node.set_broadcast(fn)``  ``fn(envelope_bytes)`` (may be async): publish our own alerts
+``node.set_handoff(fn)``    ``Overlay.handed_over``: a verified alert's own filter and rows wait
+                            for the fetches it invited (``overlay.serve_first_ms``)
 ``node.set_peers(fn)``      ``fn() -> iterable of PeerInfo`` (live overlay contacts)
 ``node.set_throttle(t)``    a ``ThrottleHooks`` for status / clear / quarantine
 ``node.host_flagged(host, detail)``  coroutine: the throttle flagged a host as infected;
@@ -27,9 +29,10 @@ alert pipeline. Everything that touches packets or peers is a **component**: an 
 ``node.host_cleared(host)`` coroutine: a flag was cleared (by the throttle itself)
 ==========================  =================================================================
 
-Settings for them are in ``node.config``: ``overlay`` (enabled, bind, bootstrap), ``kernel``
-(enabled, fail_open, queue_max_len), ``throttle`` (enabled, working_set_size, release_rate,
-threshold, allowlist, quarantine_infected), ``detector.enabled``, ``services``.
+Settings for them are in ``node.config``: ``overlay`` (enabled, bind, bootstrap,
+serve_first_ms), ``kernel`` (enabled, fail_open, queue_max_len), ``throttle`` (enabled,
+working_set_size, release_rate, threshold, allowlist, quarantine_infected),
+``detector.enabled``, ``services``.
 
 The overlay, for instance, plugs in like this (``overlay.Overlay``'s API as it is)::
 
@@ -47,6 +50,7 @@ The overlay, for instance, plugs in like this (``overlay.Overlay``'s API as it i
         async def start(self) -> None:
             await self.overlay.start()
             self.node.set_broadcast(self.overlay.publish)  # our own detections go out here
+            self.node.set_handoff(self.overlay.handed_over)
             self.node.set_peers(self.overlay.peers)         # overlay.Peer objects are fine
 
         async def stop(self) -> None:

@@ -68,6 +68,9 @@ reply = ""             # the client's reply under "respond" (sent as UTF-8)
 enabled = true
 bind = "0.0.0.0:7400"
 bootstrap = []         # "host:port" of peers to join through
+serve_first_ms = 3     # after an alert verified here, its filter and store rows wait up to this
+                       # long for the nodes it was announced to to fetch it (their fetches are
+                       # served first: the alert spreads faster); 0: no waiting
 
 [kernel]
 enabled = true         # table inet herdwall and the NFQUEUE rules; false: touch no kernel state
@@ -157,6 +160,7 @@ class OverlayConfig:
     enabled: bool = True
     bind: tuple[str, int] = ("0.0.0.0", 7400)
     bootstrap: tuple[tuple[str, int], ...] = ()
+    serve_first_ms: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -433,7 +437,7 @@ _SCHEMA: dict[str, dict[str, Checker]] = {
     # A reply goes out in one segment before the FIN: it stays well under any MSS.
     "takeover": {"policy": _choice("scrub", "close", "respond"), "reply": _text(1024)},
     "overlay": {"enabled": _bool, "bind": _addr(allow_zero_port=True),
-                "bootstrap": _list(_addr(), 256)},
+                "bootstrap": _list(_addr(), 256), "serve_first_ms": _number(0, 1000)},
     "kernel": {"enabled": _bool, "fail_open": _bool, "queue_max_len": _int(1, 1 << 20)},
     "throttle": {"enabled": _bool, "working_set_size": _int(1, 1024),
                  "release_rate": _number(0, 1e6, lo_open=True), "threshold": _int(1, 1 << 20),

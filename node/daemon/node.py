@@ -47,7 +47,7 @@ from .config import Config, ConfigError
 from .control import CommandError, ControlServer
 from .events import EventBus, EventLog, Record
 from .filters import FilterBackend, FilterManager, table_action
-from .pipeline import Broadcast, Pipeline
+from .pipeline import Broadcast, Handoff, Pipeline
 from .pools import Pools
 from .store import Store, StoreRunner
 
@@ -152,6 +152,11 @@ class Node:
         assert self.pipeline is not None
         self.pipeline.broadcast = fn
 
+    def set_handoff(self, fn: Handoff | None) -> None:
+        """``Overlay.handed_over``: a verified alert's own work waits for its hand-off."""
+        assert self.pipeline is not None
+        self.pipeline.handoff = fn
+
     def set_peers(self, fn: Any) -> None:
         self._peers_fn = fn
 
@@ -235,7 +240,8 @@ class Node:
             filters=self.filters, detector=cfg.detector.enabled,
             queue_size=cfg.detector.queue_size, job_timeout_s=cfg.detector.job_timeout_s,
             general_filters=cfg.filters.general, detect_concurrency=cfg.detector.workers,
-            general_delay_s=cfg.filters.general_delay_ms / 1000)
+            general_delay_s=cfg.filters.general_delay_ms / 1000,
+            serve_first_s=cfg.overlay.serve_first_ms / 1000)
         await self.pipeline.start()
         for comp in self._factory(self):
             self.components.append(comp)

@@ -90,6 +90,8 @@ BAD = [
     ({"filters": {"expire_after_s": -1}}, "filters.expire_after_s"),
     ({"filters": {"general_delay_ms": -5}}, "filters.general_delay_ms"),
     ({"filters": {"general_delay_ms": "soon"}}, "filters.general_delay_ms"),
+    ({"overlay": {"serve_first_ms": -1}}, "overlay.serve_first_ms"),
+    ({"overlay": {"serve_first_ms": 5000}}, "overlay.serve_first_ms"),
     ({"services": {"manifests": "a.toml"}}, "services.manifests: must be an array"),
     ({"services": {"manifests": [1]}}, "services.manifests: [0] must be a path"),
     ({"services": {"manifests": ["ok.toml", ""]}}, "services.manifests: [1] must not be empty"),

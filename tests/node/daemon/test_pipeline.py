@@ -206,6 +206,44 @@ def envelopes(images: list) -> dict[str, tuple[bytes, Alert]]:
     return out
 
 
+def test_a_relays_own_filter_and_row_wait_until_the_alert_is_handed_over(
+        images: list, pools: Pools, parts_factory: Any, envelopes: dict) -> None:
+    """Propagation first: a verified alert's filter and store row here wait for the overlay's
+    hand-off (the fetches it invited downstream); the forwarded state still ends on the row."""
+    parts = parts_factory()
+    env, alert = envelopes["resolver"]
+    aid = alert_id_hex(encode_alert(alert))
+
+    async def main() -> None:
+        released = asyncio.Event()
+        asked: list[tuple[bytes, float]] = []
+
+        async def handoff(alert_id: bytes, timeout: float) -> bool:
+            asked.append((alert_id, timeout))
+            await released.wait()
+            return True
+
+        p = pipeline(parts, images, pools, serve_first_s=0.5, general_filters=False)
+        p.handoff = handoff
+        verdict = await p.overlay_verify_envelope(env, alert)
+        assert verdict.verified
+        forwarded = asyncio.ensure_future(p.overlay_on_alert(decode_envelope(env), alert))
+        await asyncio.sleep(0.3)
+        assert asked == [(bytes.fromhex(aid), 0.5)]
+        assert await p.db(p.db.store.alert, aid) is None  # nothing written yet
+        assert parts.table.installed == {}  # nor installed
+        assert not forwarded.done()
+        released.set()
+        await forwarded
+        await p.idle(60)
+        row = await p.db(p.db.store.alert, aid)
+        assert row is not None and row.state == "forwarded" and row.envelope == env
+        assert {f.kind for f in parts.table.installed.values()} == {"specific"}
+        await p.stop()
+
+    run(main())
+
+
 def test_receiving_node_verifies_installs_and_forwards_once(
         images: list, pools: Pools, parts_factory: Any, envelopes: dict) -> None:
     parts = parts_factory()
