@@ -1,11 +1,14 @@
 """``QueueAdapter(thread=True)`` on a real queue in a namespace: the reader thread sleeps in the
 binding's own ``recv``; what a packet callback schedules on the clock runs without another
 packet arriving (the callback interrupts the sleep), timers fire, and ``close`` ends the thread
-while it sleeps with no deadline at all."""
+while it sleeps with no deadline at all; with ``priority`` it reads as a SCHED_FIFO thread, and
+where that cannot be had it reads all the same."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import threading
 
@@ -17,11 +20,15 @@ pytestmark = pytest.mark.netns
 ADDR, PORT, QUEUE = "10.77.251.1", 9999, 7
 
 
-def test_what_a_callback_schedules_runs_without_another_packet(netns) -> None:  # type: ignore[no-untyped-def]
+def _queue_udp(netns) -> None:  # type: ignore[no-untyped-def]
     netns.ip("link", "set", "lo", "up")
     netns.ip("addr", "add", f"{ADDR}/32", "dev", "lo")
     netns.run("iptables", "-w", "5", "-t", "mangle", "-A", "OUTPUT", "-p", "udp", "--dport",
               str(PORT), "-j", "NFQUEUE", "--queue-num", str(QUEUE))
+
+
+def test_what_a_callback_schedules_runs_without_another_packet(netns) -> None:  # type: ignore[no-untyped-def]
+    _queue_udp(netns)
     soon, later = threading.Event(), threading.Event()
     seen: list[bytes] = []
     loop = asyncio.new_event_loop()
@@ -36,11 +43,7 @@ def test_what_a_callback_schedules_runs_without_another_packet(netns) -> None:  
 
     q = QueueAdapter(QUEUE, on_packet, netns=netns.name, loop=loop, thread=True).start()
     try:
-        rx = _in(netns.name, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
-        tx = _in(netns.name, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
-        with rx, tx:
-            rx.bind((ADDR, PORT))
-            rx.settimeout(5)
+        with _udp(netns.name) as (rx, tx):
             tx.sendto(b"one", (ADDR, PORT))
             assert soon.wait(5), "call_soon waited for another packet"
             assert rx.recv(100) == b"one"  # accepted by the clock's callback
@@ -51,6 +54,42 @@ def test_what_a_callback_schedules_runs_without_another_packet(netns) -> None:  
         q.close()  # the thread sleeps with no deadline now
         loop.close()
     assert thread is not None and not thread.is_alive()
+
+
+@pytest.mark.parametrize(("priority", "policy"), [(10, os.SCHED_FIFO),
+                                                  (1000, os.SCHED_OTHER)])  # 1000: EINVAL
+def test_the_reader_thread_runs_at_its_priority_or_reads_all_the_same(
+        netns, priority: int, policy: int) -> None:  # type: ignore[no-untyped-def]
+    _queue_udp(netns)
+    seen: list[tuple[bytes, int, int]] = []
+
+    def on_packet(payload: bytes, h: Handle) -> None:
+        seen.append((payload[28:], os.sched_getscheduler(0), os.sched_getparam(0).sched_priority))
+        h.accept()
+
+    loop = asyncio.new_event_loop()
+    q = QueueAdapter(QUEUE, on_packet, netns=netns.name, loop=loop, thread=True,
+                     priority=priority).start()
+    try:
+        with _udp(netns.name) as (rx, tx):
+            tx.sendto(b"one", (ADDR, PORT))
+            assert rx.recv(100) == b"one"
+    finally:
+        q.close()
+        loop.close()
+    assert seen == [(b"one", policy, priority if policy == os.SCHED_FIFO else 0)]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is left alone
+
+
+@contextlib.contextmanager
+def _udp(ns: str):  # type: ignore[no-untyped-def]
+    """A receiver bound to the queued port and a sender, in ``ns``."""
+    rx = _in(ns, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    tx = _in(ns, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    with rx, tx:
+        rx.bind((ADDR, PORT))
+        rx.settimeout(5)
+        yield rx, tx
 
 
 def _in(ns: str, fn, *args):  # type: ignore[no-untyped-def]
