@@ -185,8 +185,12 @@ def _get(var: str, op: Operand, index: int = 0) -> list[str] | None:
             f"{var} = None",
             f"if len(reads) > {index}:",
             f"    a, k = reads[{index}]",
-            f"    if k < {op.size}:",
-            f"        a, k = span(reads, {index}, {op.size})",
+            f"    if k < {op.size}:",  # split in two (a 16-byte access is two of 8): no call
+            f"        if len(reads) > {index + 1} and reads[{index + 1}][0] == a + k"
+            f" and k + reads[{index + 1}][1] >= {op.size}:",
+            f"            k += reads[{index + 1}][1]",
+            "        else:",
+            f"            a, k = span(reads, {index}, {op.size})",
             # A line never tainted holds no label: skip the byte lookups.
             f"    if k > {LINE} or a >> {LINE_SHIFT} in lines"
             f" or (a + k - 1) >> {LINE_SHIFT} in lines:",
@@ -324,9 +328,10 @@ def _alu(insn: Insn) -> list[str] | None:
             merge = [f"k = min({w}, len(s))",
                      "acc = [a if a is not None else b for a, b in zip(acc[:k], s[:k],"
                      " strict=True)] + acc[k:]"]
+        # A fully tainted destination keeps its labels; a clean one takes the source's.
         lines += [*get_s, "if s is not None:", f"    if acc is None or acc.count(None) == {w}:",
                   f"        acc = fit(s, {w})",
-                  "    else:", *_indent(merge, 2)]
+                  "    elif None in acc:", *_indent(merge, 2)]
     return [*lines, "f = None", "if acc is not None:", *_indent(_first("f", "acc")[1:], 1),
             "tr.flags = f", "tr.last_cmp = None", *_put("acc", dst, insn.vex)]
 
