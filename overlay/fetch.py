@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import heapq
 import logging
 import socket
+import weakref
 from collections.abc import Callable
 
 from overlay import wire
@@ -200,13 +202,62 @@ class FetchServer:
             conn.close()
 
 
+class _Deadlines:
+    """The deadlines of every fetch on one loop, under one timer. A timer per fetch (made,
+    pushed onto the loop's heap of timers, cancelled, popped off again: Python comparisons
+    all the way) cost more than the rest of a fetch's bookkeeping with a thousand nodes on
+    one loop; here a fetch costs a tuple pushed onto a heap, and one timer gives up, at once,
+    every fetch past its deadline (each within ``SLACK`` seconds after it). Fetches are held
+    by weak references, so that nothing here keeps a loop (each fetch refers to its loop)
+    alive: a fetch under way is held by the loop's reader or writer for its socket."""
+
+    SLACK = 0.05
+
+    __slots__ = ("heap", "seq", "timer")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[float, int, weakref.ref[Fetching]]] = []
+        self.seq = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, loop: asyncio.AbstractEventLoop, deadline: float, job: Fetching) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (deadline, self.seq, weakref.ref(job)))
+        if self.timer is None:
+            self.timer = loop.call_at(deadline + self.SLACK, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        heap = self.heap
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        # A finished fetch stays here until its deadline (a pop then, not a search now).
+        while heap and heap[0][0] <= now:
+            job = heapq.heappop(heap)[2]()
+            if job is not None and not job.over:
+                job.finish(None, Fault.NONE)
+        if heap:
+            self.timer = loop.call_at(heap[0][0] + self.SLACK, self._expire)
+
+
+_deadlines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = (
+    weakref.WeakKeyDictionary())
+
+
+def _deadlines_of(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    found = _deadlines.get(loop)
+    if found is None:
+        found = _deadlines[loop] = _Deadlines()
+    return found
+
+
 class Fetching:
     """One outgoing fetch as loop callbacks (no task, no future): ``done(body, fault)`` is
     called exactly once, from the event loop and never from inside ``start_fetch``, unless
     ``cancel`` comes first."""
 
-    __slots__ = ("buf", "done", "loop", "max_body", "need", "opening", "reading", "request",
-                 "sock", "timer", "writing")
+    __slots__ = ("__weakref__", "buf", "done", "loop", "max_body", "need", "opening", "over",
+                 "reading", "request", "sock", "writing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request: bytes, max_body: int,
                  timeout: float, done: Callable[[bytes | None, Fault], None]) -> None:
@@ -218,8 +269,9 @@ class Fetching:
         self.need: int | None = None
         self.done: Callable[[bytes | None, Fault], None] | None = done
         self.opening = True
+        self.over = False  # finished (or cancelled)
         self.reading = self.writing = False  # a reader or writer is registered for the socket
-        self.timer = loop.call_later(timeout, self.finish, None, Fault.NONE)
+        _deadlines_of(loop).add(loop, loop.time() + timeout, self)
 
     def open(self, addr: Addr, local_ip: str | None, mark: int | None) -> None:
         try:
@@ -303,7 +355,9 @@ class Fetching:
             self.finish(None, Fault.LIED)
 
     def finish(self, body: bytes | None, fault: Fault) -> None:
-        self.timer.cancel()
+        if self.over:
+            return
+        self.over = True
         sock = self.sock
         if sock is not None:
             # Only what is registered is removed (asking the loop to remove what is not is a

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+from collections.abc import Callable
 
 import pytest
 import umsgpack
@@ -254,3 +255,46 @@ def test_kernel_filter_drops_banned_and_oversized() -> None:
     finally:
         for s in (rx, good, bad):
             s.close()
+
+
+# --- fetch client ---------------------------------------------------------------------------
+
+
+def test_fetch_gives_up_at_its_deadline_and_ends_once() -> None:
+    """A server that accepts and never answers: the fetch fails (nobody's fault) once its
+    timeout is up, not before, and its socket is closed; a fetch that got its body is not
+    ended a second time when its deadline passes."""
+    import asyncio
+    import socket
+
+    from overlay.fetch import FetchServer, start_fetch
+
+    body = b"b" * 300
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        mute = socket.socket()
+        mute.bind(("127.9.78.1", 0))
+        mute.listen(8)  # the kernel completes connections; nobody reads them
+        server = FetchServer(lambda ip: True, lambda ip, req: wire.encode_fetch_reply(body))
+        await server.start("127.9.78.2", 0)
+        assert server.sock is not None
+        results: dict[str, list[tuple[bytes | None, wire.Fault, float]]] = {"mute": [],
+                                                                          "good": []}
+        t0 = loop.time()
+
+        def done(name: str) -> Callable[[bytes | None, wire.Fault], None]:
+            return lambda b, f: results[name].append((b, f, loop.time() - t0))
+        slow = start_fetch(mute.getsockname(), b"a" * 32, 7400, done("mute"),
+                           local_ip="127.9.78.3", max_body=1000, timeout=0.3, loop=loop)
+        start_fetch(server.sock.getsockname(), b"a" * 32, 7400, done("good"),
+                    local_ip="127.9.78.3", max_body=1000, timeout=0.2, loop=loop)
+        await asyncio.sleep(0.6)
+        assert [r[:2] for r in results["good"]] == [(body, wire.Fault.NONE)]
+        assert [r[:2] for r in results["mute"]] == [(None, wire.Fault.NONE)]
+        assert results["mute"][0][2] >= 0.3
+        assert slow.sock is not None and slow.sock.fileno() == -1
+        mute.close()
+        await server.close()
+
+    asyncio.run(main())
