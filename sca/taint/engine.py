@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, Uc
+from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, Uc, x86_const
 from unicorn.unicorn_py3.unicorn import HOOK_CODE_CFUNC, HOOK_MEM_ACCESS_CFUNC
 from unicorn.x86_const import UC_X86_REG_RIP
 
@@ -44,7 +44,7 @@ from sca.emu.sandbox import Budget, Outcome, RunResult, Sandbox, StopRun
 from . import decode as d
 from . import steps
 from .decode import Decoder, Insn, Operand
-from .regs import full_size
+from .regs import REGS, full_size
 from .steps import (
     LINE_SHIFT,
     SHIFTS,
@@ -70,6 +70,24 @@ def make_label(msg: int, off: int) -> int:
 
 def to_ref(label: int) -> ByteRef:
     return ByteRef(label >> 16, label & 0xFFFF)
+
+
+_REFS: dict[Label, ByteRef | None] = {None: None}
+
+
+def _refs(labels: list[Label]) -> tuple[ByteRef | None, ...]:
+    """``to_ref`` of each label (None stays None), from a cache: recorded conditions name the
+    same compared bytes again and again, and refs are immutable, so sharing them is safe."""
+    try:
+        return tuple(map(_REFS.__getitem__, labels))
+    except KeyError:
+        if len(_REFS) > 1 << 16:
+            _REFS.clear()
+            _REFS[None] = None
+        for x in labels:
+            if x not in _REFS:
+                _REFS[x] = to_ref(x)  # type: ignore[arg-type]
+        return tuple(map(_REFS.__getitem__, labels))
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,9 +411,7 @@ class TaintTracker:
 
     def _concrete(self, op: Operand) -> int | None:
         if op.kind == X86_OP_REG and op.reg and not op.reg.startswith("vec"):
-            from unicorn import x86_const as x
-
-            reg_id = getattr(x, f"UC_X86_REG_{op.reg.upper()}", None)
+            reg_id = _UC_REGS.get(op.reg)
             if reg_id is None:
                 return None
             v = self.uc.reg_read(reg_id)
@@ -471,11 +487,11 @@ class TaintTracker:
             op, left, right = self.last_cmp
         else:
             op, left, right = "flags", [self.flags], None
-        refs = tuple(to_ref(x) if x is not None else None for x in left)
         rr: tuple[ByteRef | None, ...] | int | None = right  # type: ignore[assignment]
         if isinstance(right, list):
-            rr = tuple(to_ref(x) if x is not None else None for x in right)
-        self.conditions.append(Condition(insn.address, insn.mnemonic, op, refs, rr, taken))
+            rr = _refs(right)
+        self.conditions.append(Condition(insn.address, insn.mnemonic, op, _refs(left), rr,
+                                         taken))
 
     def _k_setcc(self, insn: Insn, ops: tuple[Operand, ...], _n: int) -> None:
         if ops:
@@ -582,6 +598,10 @@ class TaintTracker:
                         dict(self.mem))
 
 
+_UC_REGS = {  # canonical register -> unicorn's id, for a compare's concrete operand
+    name: getattr(x86_const, f"UC_X86_REG_{name.upper()}")
+    for name in {canon for canon, _, _ in REGS.values() if not canon.startswith("vec")}
+}
 _KIND_HANDLERS = {
     d.MOV: TaintTracker._k_mov, d.MOVX: TaintTracker._k_movx, d.ALU: TaintTracker._k_alu,
     d.CMP: TaintTracker._k_cmp, d.UNARY: TaintTracker._k_unary, d.SMEAR: TaintTracker._k_generic,
