@@ -345,28 +345,16 @@ class Pipeline:
             origin="detected", state="verified", reason=out.verify_detail, envelope=envelope,
             signer=self.node_id, signed_at=self.clock(), packets=packets,
             verification=(True, "verified", out.verify_detail, out.verify_ms))
-        gate = self._handoff_gate(aid) if self.broadcast is not None else None
-        # Queued now (the store runs its calls in order: the forward's row follows), or once
-        # the alert is handed over.
-        written = self.db.submit(write) if gate is None else None
+        own = self._own_work(aid, write, out.specific, held=self.broadcast is not None)
 
-        async def own() -> None:
-            nonlocal written
-            if gate is not None:
-                await gate
-                written = self.db.submit(write)
-            assert written is not None
-            if out.specific is not None:
-                await asyncio.gather(written, self.filters.install([out.specific],
-                                                                   alert_id=aid))
-            else:
-                await written
+        async def settled() -> None:
+            await own
             self.bus.emit("alert.detected", alert_id=aid, service=alert.service_name,
                           type=alert.type.value, detail=out.detail,
                           detect_ms=round(out.elapsed_ms, 3), candidates=out.tried,
                           packets=len(packets), messages=len(alert.messages))
 
-        await asyncio.gather(self._broadcast(aid, envelope), own())
+        await asyncio.gather(self._broadcast(aid, envelope), settled())
         if self.general_filters:
             self._spawn(self._general(aid, out.alert), f"filters-{aid[:8]}")
 
@@ -557,23 +545,13 @@ class Pipeline:
         write = functools.partial(
             self.db.store.record_alert, state=state, reason=out.reason, **common, **env_fields,
             verification=(out.verified, out.reason, out.detail, out.elapsed_ms))
-        # A verified alert from the overlay: its row and filter once it is handed over (the
-        # store's one thread took 1 ms p50 of every hop when it wrote the row on the path).
-        # Anything else: queued now (the store runs its calls in order).
-        gate = self._handoff_gate(aid) if out.verified and origin == "overlay" else None
-        written = self.db.submit(write) if gate is None else None
+        # Verified from the overlay: after the hand-off (the store's one thread took 1 ms p50
+        # of every hop when it wrote the row on the path). Anything else: queued now.
+        own = (self._own_work(aid, write, out.specific, held=origin == "overlay")
+               if out.verified else self.db.submit(write))
 
         async def store() -> None:
-            nonlocal written
-            if gate is not None:
-                await gate
-                written = self.db.submit(write)
-            assert written is not None
-            if out.verified and out.specific is not None:
-                await asyncio.gather(written, self.filters.install([out.specific],
-                                                                   alert_id=aid))
-            else:
-                await written
+            await own
             self.bus.emit(f"alert.{state}", alert_id=aid, service=alert.service_name,
                           type=alert.type.value, reason=out.reason, detail=out.detail,
                           verify_ms=round(out.elapsed_ms, 3), from_peer=peer,
@@ -595,32 +573,51 @@ class Pipeline:
         self._remember(aid, "forwarded")
         self.bus.emit("alert.forwarded", alert_id=aid, **fields)
 
-    def _handoff_gate(self, aid: str) -> asyncio.Future[None] | None:
-        """Propagation first: a verified alert's row and filter here wait for this gate,
-        open once the nodes the overlay announced the alert to have fetched it (at most
-        ``serve_first_s``). Their fetches are then served by a free loop instead of after
-        this node's own work (a kernel batch and store writes: 2-3 ms of every hop,
-        measured). None: no waiting. Whoever waits for it first queues the row first."""
-        if self.handoff is None or self.serve_first_s <= 0:
-            return None
-        handoff, wait = self.handoff, self.serve_first_s
+    def _own_work(self, aid: str, write: Callable[[], Any], specific: dict[str, Any] | None,
+                  *, held: bool) -> Awaitable[None]:
+        """A verified alert's work here: its row (``write``) and its specific filter.
 
-        async def handed_over() -> None:
+        ``held`` (an alert the overlay forwards): propagation first. Both wait until the
+        nodes the alert was announced to have fetched it (``handoff``, at most
+        ``serve_first_s``; no wait when it went to nobody), so their fetches are served by a
+        free loop instead of after this work (a kernel batch and store writes: 2-3 ms of
+        every hop, traced). Then the filter, then the row; a copy's row and the forward's
+        state wait for it (``_after_row``). Otherwise the row is queued now (the store runs
+        its calls in order) and the filter goes in alongside."""
+        if not held or self.handoff is None or self.serve_first_s <= 0:
+            written = self.db.submit(write)
+            if specific is None:
+                return written
+            return asyncio.gather(written, self.filters.install([specific], alert_id=aid))
+        queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queued[aid] = queued
+        handoff = self.handoff
+
+        async def later() -> None:
             try:
-                await handoff(bytes.fromhex(aid), wait)
-            except Exception as e:  # the overlay stopped, say: nothing to wait for
-                self.bus.emit("alert.handoff_error", alert_id=aid, error=repr(e))
-
-        gate = self._queued[aid] = asyncio.ensure_future(handed_over())
-        gate.add_done_callback(
-            lambda g: self._queued.pop(aid) if self._queued.get(aid) is g else None)
-        return gate
+                try:
+                    await handoff(bytes.fromhex(aid), self.serve_first_s)
+                except Exception as e:  # the overlay stopped, say: nothing to wait for
+                    self.bus.emit("alert.handoff_error", alert_id=aid, error=repr(e))
+                if specific is not None:
+                    try:
+                        await self.filters.install([specific], alert_id=aid)
+                    except Exception as e:  # the row goes in all the same
+                        self.bus.emit("filter.error", action="install", alert_id=aid,
+                                      error=repr(e))
+                written = self.db.submit(write)
+            finally:
+                queued.set_result(None)
+                if self._queued.get(aid) is queued:
+                    del self._queued[aid]
+            await written
+        return later()
 
     async def _after_row(self, aid: str) -> None:
-        """Until the verdict's row of ``aid`` is queued (it may wait for its gate)."""
-        gate = self._queued.get(aid)
-        if gate is not None:
-            await asyncio.shield(gate)
+        """Until the verdict's row of ``aid`` is queued (``_own_work`` may hold it)."""
+        queued = self._queued.get(aid)
+        if queued is not None:
+            await asyncio.shield(queued)
 
     # --- the overlay.Overlay hooks ----------------------------------------------------------
 
