@@ -11,9 +11,9 @@ The server asks ``admit(ip)`` the moment a connection is accepted, before readin
 peer over its fetch bucket costs one accept and a close. The request must arrive whole within
 ``timeout`` and be exactly ``FETCH_REQUEST_LEN`` bytes; the reply is written and the connection
 closed. The client reads a 5-byte head and at most ``max_body`` bytes, within ``timeout`` from
-connect to last byte, and gets None for anything else (refused, reset, slow, oversized,
-malformed): to the broadcast core a failed fetch is just a failed fetch, though it learns
-whether the peer was to blame (``wire.Fault``).
+connect to last byte (given up at most 50 ms after it), and gets None for anything else
+(refused, reset, slow, oversized, malformed): to the broadcast core a failed fetch is just a
+failed fetch, though it learns whether the peer was to blame (``wire.Fault``).
 """
 
 from __future__ import annotations
