@@ -181,6 +181,11 @@ def _get(var: str, op: Operand, index: int = 0) -> list[str] | None:
         return [f"t = regs.get({op.reg!r})",
                 f"{var} = None if t is None else t[{op.off}:{op.off + op.width}]"]
     if op.kind == X86_OP_MEM:
+        lookup = [f"{var} = list(map(mg, range(a, a + k)))",
+                  f"if {var}.count(None) == k:", f"    {var} = None"]
+        if op.size == 1:  # a byte operand: one lookup
+            lookup = ["if k == 1:", "    x = mg(a)", f"    {var} = None if x is None else [x]",
+                      "else:", *_indent(lookup, 1)]
         return [
             f"{var} = None",
             f"if len(reads) > {index}:",
@@ -194,9 +199,7 @@ def _get(var: str, op: Operand, index: int = 0) -> list[str] | None:
             # A line never tainted holds no label: skip the byte lookups.
             f"    if k > {LINE} or a >> {LINE_SHIFT} in lines"
             f" or (a + k - 1) >> {LINE_SHIFT} in lines:",
-            f"        {var} = list(map(mg, range(a, a + k)))",
-            f"        if {var}.count(None) == k:",
-            f"            {var} = None",
+            *_indent(lookup, 2),
         ]
     if op.kind == X86_OP_IMM:
         return [f"{var} = None"]
@@ -297,7 +300,8 @@ def _mov(insn: Insn) -> list[str] | None:
         return None
     if _named(src) and src.width == dst.width:
         return [*get, *_put("s", dst, insn.vex)]
-    return [*get, f"s = None if s is None else fit(s, {dst.width})", *_put("s", dst, insn.vex)]
+    return [*get, f"if s is not None and len(s) != {dst.width}:", f"    s = fit(s, {dst.width})",
+            *_put("s", dst, insn.vex)]
 
 
 def _movx(insn: Insn) -> list[str] | None:
@@ -306,9 +310,10 @@ def _movx(insn: Insn) -> list[str] | None:
     if get is None:
         return None
     fill = "s[-1]" if insn.mnemonic.startswith("movs") else "None"
-    return [*get, "if s is not None:",
-            f"    s = fit((s + [{fill}] * {dst.size})[:{dst.size}], {dst.width})",
-            *_put("s", dst, False)]
+    extend = f"(s + [{fill}] * {dst.size})[:{dst.size}]"
+    if dst.size != dst.width:
+        extend = f"fit({extend}, {dst.width})"
+    return [*get, "if s is not None:", f"    s = {extend}", *_put("s", dst, False)]
 
 
 def _alu(insn: Insn) -> list[str] | None:
@@ -329,8 +334,9 @@ def _alu(insn: Insn) -> list[str] | None:
                      "acc = [a if a is not None else b for a, b in zip(acc[:k], s[:k],"
                      " strict=True)] + acc[k:]"]
         # A fully tainted destination keeps its labels; a clean one takes the source's.
+        take = "s" if _named(src) and src.width == w else f"fit(s, {w})"
         lines += [*get_s, "if s is not None:", f"    if acc is None or acc.count(None) == {w}:",
-                  f"        acc = fit(s, {w})",
+                  f"        acc = {take}",
                   "    elif None in acc:", *_indent(merge, 2)]
     return [*lines, "f = None", "if acc is not None:", *_indent(_first("f", "acc")[1:], 1),
             "tr.flags = f", "tr.last_cmp = None", *_put("acc", dst, insn.vex)]
