@@ -214,18 +214,19 @@ class FilterManager:
                                 filter_ids=[f.filter_id for f in chosen])
                     # The store has them: the periodic reconcile retries.
             ms = (time.perf_counter() - start) * 1000
-            try:
-                await asyncio.gather(*records)
-            except BaseException:
-                installed.difference_update(f.filter_id for f in chosen)  # as the store says
-                raise
             self._held_back.difference_update(f.filter_id for f in chosen)
+            # Said when it is so (the kernel has it), not once the store's rows are written.
             for f in chosen:
                 self._track_userspace(f)
                 self.bus.emit("filter.installed", filter_id=f.filter_id, kind=f.kind,
                               service=f.service_name, proto=f.proto, port=f.port,
                               alert_id=alert_id, kernel_ms=round(ms, 3),
                               words=f.condition.describe())
+            try:
+                await asyncio.gather(*records)
+            except BaseException:
+                installed.difference_update(f.filter_id for f in chosen)  # as the store says
+                raise
         return [f.filter_id for f in chosen]
 
     async def remove(self, filter_ids: Sequence[str], *, by: str = "operator",

@@ -346,13 +346,15 @@ class Pipeline:
             signer=self.node_id, signed_at=self.clock(), packets=packets,
             verification=(True, "verified", out.verify_detail, out.verify_ms))
         own = self._own_work(aid, write, out.specific, held=self.broadcast is not None)
+        detected_at = self.clock()  # the event may wait for the hand-off: it says when
 
         async def settled() -> None:
             await own
             self.bus.emit("alert.detected", alert_id=aid, service=alert.service_name,
                           type=alert.type.value, detail=out.detail,
                           detect_ms=round(out.elapsed_ms, 3), candidates=out.tried,
-                          packets=len(packets), messages=len(alert.messages))
+                          packets=len(packets), messages=len(alert.messages),
+                          detected_at_s=round(detected_at, 6))
 
         await asyncio.gather(self._broadcast(aid, envelope), settled())
         if self.general_filters:
@@ -549,13 +551,14 @@ class Pipeline:
         # of every hop when it wrote the row on the path). Anything else: queued now.
         own = (self._own_work(aid, write, out.specific, held=origin == "overlay")
                if out.verified else self.db.submit(write))
+        verdict_at = self.clock()  # the event may wait for the hand-off: it says when
 
         async def store() -> None:
             await own
             self.bus.emit(f"alert.{state}", alert_id=aid, service=alert.service_name,
                           type=alert.type.value, reason=out.reason, detail=out.detail,
                           verify_ms=round(out.elapsed_ms, 3), from_peer=peer,
-                          signer=env_fields.get("signer"))
+                          signer=env_fields.get("signer"), verdict_at_s=round(verdict_at, 6))
 
         self._spawn(store(), f"verdict-{aid[:8]}")
         if not out.verified:

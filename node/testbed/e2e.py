@@ -261,11 +261,12 @@ class ChainRun:
             gen = _wait_for(vul, "filter.installed", t0, timeout * 3, kind="general",
                             service=service)
         assert self.chain is not None
-        arrivals = {"det": (detected["timestamp_s"] - t0) * 1e3}
+        # When it happened (a node's event may wait for the alert's hand-off to its peers).
+        arrivals = {"det": (detected.get("detected_at_s", detected["timestamp_s"]) - t0) * 1e3}
         for h in [*self.chain.relay_hosts, self.chain["vul"]]:
             rec = self.node(h.name).first("alert.verified", since=t0 - 0.001, alert_id=aid)
             if rec is not None:
-                arrivals[h.name] = (rec["timestamp_s"] - t0) * 1e3
+                arrivals[h.name] = (rec.get("verdict_at_s", rec["timestamp_s"]) - t0) * 1e3
         relays = sum(1 for r in self.chain.relay_hosts
                      if r.name in arrivals and arrivals[r.name] <= arrivals.get("vul", 1e18))
         via = next((str(e.get("from_peer", "")) for e in vul.events()
