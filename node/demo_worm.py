@@ -284,7 +284,8 @@ def run_with(bed: WormBed, cfg: WormDemoConfig, work: Path, view: View) -> RunRe
         s = summarize(events)
         released = s["released_t"] or release_t
         det_recs = [r for n in dets if (r := n.first("alert.detected", since=release_t))]
-        detection = min((r["timestamp_s"] for r in det_recs), default=None)
+        detection = min((r.get("detected_at_s", r["timestamp_s"]) for r in det_recs),
+                        default=None)
         infected = {h["host"] for h in events
                     if h.get("event") == "host" and h.get("role") == "vulnerable"
                     and h.get("infected")}
