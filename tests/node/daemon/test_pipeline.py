@@ -13,6 +13,7 @@ import pytest
 
 from node.daemon.pipeline import Pipeline
 from node.daemon.pools import JobFailed, Pools
+from overlay.broadcast import Outcome
 from sca.alert import Alert, ByteRef, ExecutionControl
 from sca.codec import alert_id_hex, encode_alert
 from sca.envelope import decode_envelope, seal
@@ -53,6 +54,16 @@ def test_detector_node_alerts_signs_stores_installs_broadcasts(
         assert p.submit_messages(service, tuple(t.benign(rng))) == "queued"
         messages = tuple(t.exploit(rng))
         assert p.submit_messages(service, messages, exploit_packets(messages)) == "queued"
+        await p.idle(60)
+        # Its publication through the overlay: our own envelope needs no check, a tampered
+        # copy of it is forged.
+        own = decode_envelope(sent[0])
+        mine = await p.overlay_verify_envelope(sent[0], own.open())
+        assert not isinstance(mine, Outcome)
+        assert mine.verified and mine.detail == "stored verdict"
+        tampered = bytearray(sent[0])
+        tampered[sent[0].index(own.signature) + 5] ^= 0x01
+        assert await p.overlay_verify_envelope(bytes(tampered), own.open()) is Outcome.FORGED
         await p.idle(60)
         await p.stop()
         return p
@@ -419,8 +430,6 @@ def test_overlay_hooks(images: list, pools: Pools, parts_factory: Any,
     """``Overlay(verify_envelope=..., on_alert=...)``: the signature and the sandbox's verdict,
     stored once with the envelope; a forged signature is FORGED (the overlay blames the
     announcer), stored nowhere, also for a copy of an alert verified here."""
-    from overlay.broadcast import Outcome
-
     parts = parts_factory()
     env_bytes, alert = envelopes["resolver"]
     env = decode_envelope(env_bytes)
