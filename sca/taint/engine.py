@@ -1,10 +1,12 @@
 """Byte-level dynamic taint tracking on the sandbox (Vigilante's dynamic dataflow analysis).
 
 Every byte the service receives carries a label (message index, offset). Labels follow the data
-through the instructions the service executes: capstone decodes each address once into a cached
-record (``sca.taint.decode``), a code hook applies register effects and the memory hooks give the
-exact addresses read and written. An instruction's effect is applied when the next one starts, by
-which time its memory accesses are known.
+through the instructions the service executes: capstone decodes each address once into a record
+(``sca.taint.decode``) that becomes the address's step function (``sca.taint.steps``: the
+fast-path test and, for the common shapes, the handler generated with its operands folded in;
+the generic handlers below for the rest), a code hook runs the steps and the memory hooks give
+the exact addresses read and written. An instruction's effect is applied when the next one
+starts, by which time its memory accesses are known.
 
 Detection:
 - execution-control: a ret, or an indirect jmp/call, whose target comes from tainted bytes (a

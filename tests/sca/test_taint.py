@@ -430,3 +430,35 @@ def test_a_big_mapping_clears_only_the_taint_inside_it(
     assert tracker.mem == {base - 1: 1, base + (32 << 20): 4}
     tracker._kernel_write(base - 1, 2)  # a small write: address by address
     assert tracker.mem == {base + (32 << 20): 4}
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_generated_steps_label_like_the_generic_handlers(
+    name: str, images: dict[str, ServiceImage], cases: dict[str, list[ExploitCase]],
+    benign: dict[str, list[list[Message]]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handlers written into each instruction's generated step (moves, extensions, ALU,
+    compares, shifts, smears) give exactly the labels, conditions and detections of the
+    engine's generic handlers, which every instruction runs when no source is generated."""
+    from sca.taint import steps
+
+    sessions = [cases[name][0].messages, cases[name][1].messages, *benign[name][:3]]
+
+    def replay() -> list[tuple[object, ...]]:
+        tracker = TaintTracker(Sandbox(images[name]))
+        out = []
+        for messages in sessions:
+            for conditions in (True, False):
+                run = tracker.run(messages, conditions=conditions)
+                d = run.detection
+                out.append((run.result.outcome, run.result.sent,
+                            d and (d.verification, d.pc, d.site), run.conditions,
+                            run.instructions, run.tainted_instructions, run.memory,
+                            {r: list(t) for r, t in tracker.regs.items()}))
+        return out
+
+    generated = replay()
+    monkeypatch.setattr(steps, "_body", lambda insn: None)  # a call of the generic handler
+    monkeypatch.setattr(steps, "_FACTORIES", {})
+    assert replay() == generated
+    assert any(r[2] is not None for r in generated) and any(r[3] for r in generated)
