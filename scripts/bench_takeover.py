@@ -14,7 +14,10 @@ Each path is timed the same way: from the trigger packet arriving on the router'
 client-facing interface to the first segment the new owner emits on that interface, both from
 one tcpdump capture's kernel timestamps (nanoseconds); the node runs in a process of its own.
 Two conditions: an idle node, and a node that a benign client of the same service keeps busy
-(an idle process first has to be woken, which costs both paths the same). ``proxy_mbps`` is a
+(an idle process first has to be woken, which costs both paths the same). Each condition runs
+in rounds (``--rounds``, a fresh topology and node process each, warm-up included), the paths'
+order alternating (ABBA), so that a change in the shared machine's load meets both paths alike;
+the p50s are over all rounds' timed samples. ``proxy_mbps`` is a
 bulk upload through a taken-over connection (``proxy_down_mbps`` the other way);
 ``forward_mbps`` the same transfer forwarded by the kernel with no node, for scale.
 
@@ -36,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +114,7 @@ class Background:
         return self.round_trips / max(time.monotonic() - self.started, 1e-9)
 
 
-def latency(name: str, n: int, warmup: int, tmp: Path, background: float = 0.0
+def latency(name: str, n: int, warmup: int, pcap: Path, background: float = 0.0
             ) -> dict[str, Any]:
     with PathTopo("bt") as t:
         node = NodeProcess(t.router.name, name)
@@ -118,7 +122,7 @@ def latency(name: str, n: int, warmup: int, tmp: Path, background: float = 0.0
         srv = LineServer(t.server, t.server_addr, PORT)
         bg = Background(t.client, t.server_addr, background) if background else None
         bg_rate = 0.0
-        dump = Tcpdump(t.router.name, t.client_if, PORT, tmp / f"{name}-{background:g}.pcap")
+        dump = Tcpdump(t.router.name, t.client_if, PORT, pcap)
         client = socket.inet_aton(t.client_addr)
         before = (tcp_counters(t.client), tcp_counters(t.server))
         ok = errors = 0
@@ -158,31 +162,43 @@ def latency(name: str, n: int, warmup: int, tmp: Path, background: float = 0.0
             srv.close()
     pairs = trigger_times(packets, b"EXPLOIT", client)
     times = stats.get("times", [])
-    us = [(o - inn) * 1e6 for inn, o in pairs][warmup:]
     # Stages: the trigger on the wire -> the queue's callback (kernel, wake-up, binding) ->
     # the first segment on the wire; the engine's work, from the callback to its end.
     staged = list(zip(pairs, times, strict=False))[warmup:]
-    queue = [(tq - inn) * 1e6 for (inn, _), (tq, _) in staged]
-    out = [(o - tq) * 1e6 for (_, o), (tq, _) in staged]
-    work = [(t1 - tq) * 1e6 for _, (tq, t1) in staged]
+    retrans = [after[k].get("RetransSegs", 0) - before[k].get("RetransSegs", 0)
+               for k in (0, 1)]
+    return {
+        "us": [(o - inn) * 1e6 for inn, o in pairs][warmup:],
+        "queue": [(tq - inn) * 1e6 for (inn, _), (tq, _) in staged],
+        "out": [(o - tq) * 1e6 for (_, o), (tq, _) in staged],
+        "engine": [(t1 - tq) * 1e6 for _, (tq, t1) in staged],
+        "server_clean": clean, "client_ok": ok, "client_errors": errors,
+        "client_resets": after[0].get("EstabResets", 0) - before[0].get("EstabResets", 0),
+        "retrans_client": retrans[0], "retrans_server": retrans[1],
+        "iterations": warmup + n, "engine_stats": stats.get("engine", {}),
+        "background_rps": bg_rate,
+    }
 
+
+def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One path's rounds together: p50s over all their timed samples, counts summed."""
     def p50(xs: list[float]) -> float | None:
         return statistics.median(xs) if xs else None
 
-    retrans = [after[k].get("RetransSegs", 0) - before[k].get("RetransSegs", 0)
-               for k in (0, 1)]
-    rsts = after[0].get("EstabResets", 0) - before[0].get("EstabResets", 0)
-    return {
+    us = [x for r in rounds for x in r["us"]]
+    out: dict[str, Any] = {
         "n": len(us), "p50_us": p50(us),
         "p90_us": sorted(us)[int(0.9 * (len(us) - 1))] if us else None,
         "min_us": min(us) if us else None,
-        "queue_us": p50(queue), "out_us": p50(out),
-        "engine_us": p50(work),
-        "server_clean": clean, "client_ok": ok, "client_errors": errors,
-        "client_resets": rsts, "retrans_client": retrans[0], "retrans_server": retrans[1],
-        "iterations": warmup + n, "engine": stats.get("engine", {}),
-        "background_rps": bg_rate,
+        **{f"{k}_us": p50([x for r in rounds for x in r[k]])
+           for k in ("queue", "out", "engine")},
+        **{k: sum(r[k] for r in rounds) for k in (
+            "server_clean", "client_ok", "client_errors", "client_resets", "retrans_client",
+            "retrans_server", "iterations")},
+        "background_rps": min(r["background_rps"] for r in rounds),
+        "engine": dict(sum((Counter(r["engine_stats"]) for r in rounds), Counter())),
     }
+    return out
 
 
 class Blaster:
@@ -273,7 +289,12 @@ def _row(name: str, r: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=40, help="timed takeovers per path and condition")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=5,
+                    help="untimed takeovers at the start of each round (a fresh node process)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds per condition, each path's n split among them, the paths' "
+                         "order alternating (ABBA): a change in the machine's load meets "
+                         "both paths alike")
     ap.add_argument("--bulk-mb", type=int, default=20)
     ap.add_argument("--background", type=float, default=1000.0,
                     help="round trips/s of a benign client in the loaded condition (0: skip)")
@@ -287,8 +308,13 @@ def main() -> None:
     lat: dict[float, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="hw-bench-takeover-") as tmp:
         for bg in conditions:
-            lat[bg] = {name: latency(name, args.n, args.warmup, Path(tmp), bg)
-                       if name in paths else SKIPPED
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+            for i in range(args.rounds):  # ABBA: the paths meet the machine's load alike
+                for name in paths if i % 2 == 0 else paths[::-1]:
+                    share = args.n // args.rounds + (i < args.n % args.rounds)
+                    pcap = Path(tmp) / f"{name}-{bg:g}-{i}.pcap"  # a new file: see Tcpdump
+                    runs[name].append(latency(name, share, args.warmup, pcap, bg))
+            lat[bg] = {name: summary(runs[name]) if name in paths else SKIPPED
                        for name in ("reset", "tcp_repair", "takeover")}
     size = args.bulk_mb * 1_000_000
     up = throughput("up", size)
@@ -326,6 +352,9 @@ def main() -> None:
         "takeover_us": r1(idle["takeover"]["p50_us"]),
         "tcp_repair_us": r1(idle["tcp_repair"]["p50_us"]),
         "reset_us": r1(idle["reset"]["p50_us"]),
+        # timed takeovers behind each p50 (a trigger whose first segment was not captured
+        # has none)
+        "takeover_n": idle["takeover"].get("n", 0), "tcp_repair_n": idle["tcp_repair"].get("n", 0),
     }
     t_us, r_us = idle["takeover"]["p50_us"], idle["tcp_repair"]["p50_us"]
     result["speedup"] = round(r_us / t_us, 2) if t_us and r_us else None
@@ -352,7 +381,7 @@ def main() -> None:
                                        for b in conditions),
         "takeover_client_resets": sum(lat[b]["takeover"]["client_resets"] for b in conditions),
         "reset_client_resets": sum(lat[b]["reset"]["client_resets"] for b in conditions),
-        "iterations": (args.n + args.warmup) * len(conditions),
+        "iterations": sum(lat[b]["takeover"].get("iterations", 0) for b in conditions),
     })
     print(json.dumps(result))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 PCAP_NS_MAGIC = 0xA1B23C4D
 LINKTYPE_ETHERNET = 1
+BLOCK_TIMEOUT = 1.2  # s: tcpdump's capture timeout (1 s), and a margin
 
 
 @dataclass(slots=True)
@@ -53,6 +54,11 @@ class Tcpdump:
 
     def close(self) -> list[Captured]:
         if self.proc.poll() is None:
+            # libpcap hands tcpdump a block of its capture ring when the block is full or its
+            # timeout (tcpdump's: 1 s) expires, and a terminated tcpdump drops the block it has
+            # not been given: without this wait the last second's packets were lost (a short
+            # run captured none, a benchmark path fewer timed takeovers than it made).
+            time.sleep(BLOCK_TIMEOUT)
             self.proc.terminate()
             try:
                 self.proc.wait(5)
