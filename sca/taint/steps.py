@@ -211,10 +211,11 @@ def _first(out: str, labels: str) -> list[str]:
             "        break"]
 
 
-def _put(var: str | None, op: Operand, vex: bool) -> list[str]:
+def _put(var: str | None, op: Operand, vex: bool, side_effect_only: bool = False) -> list[str]:
     """Source that writes ``var`` (exactly the operand's width, a list no one else holds; None:
     clean) into the register with the architecture's side effects: a 32-bit write zeroes the
-    upper half, a VEX-encoded 128-bit write the upper lane."""
+    upper half, a VEX-encoded 128-bit write the upper lane. ``side_effect_only``: the operand's
+    bytes already hold ``var``; only the side effect is written."""
     canon, off, width = op.reg, op.off, op.width
     size = full_size(canon)
     end = off + width
@@ -231,6 +232,11 @@ def _put(var: str | None, op: Operand, vex: bool) -> list[str]:
         f"    if cur.count(None) == {size}:",
         f"        del regs[{canon!r}]",
     ]
+    if side_effect_only:
+        if not zero:
+            return []
+        return [f"cur = regs.get({canon!r})", "if cur is not None:", *_indent(zero, 1),
+                f"    if cur.count(None) == {size}:", f"        del regs[{canon!r}]"]
     if off == 0 and width == size:
         cleared = [f"regs.pop({canon!r}, None)"]
         tainted = [f"regs[{canon!r}] = {var}"]
@@ -325,21 +331,24 @@ def _alu(insn: Insn) -> list[str] | None:
     if get_s is None:
         return None
     w = dst.width
-    lines = _get("acc", dst) or []
-    if src.kind != X86_OP_IMM:
-        if _named(src) and src.width == w:
-            merge = ["acc = [a if a is not None else b for a, b in zip(acc, s, strict=True)]"]
-        else:
-            merge = [f"k = min({w}, len(s))",
-                     "acc = [a if a is not None else b for a, b in zip(acc[:k], s[:k],"
-                     " strict=True)] + acc[k:]"]
-        # A fully tainted destination keeps its labels; a clean one takes the source's.
-        take = "s" if _named(src) and src.width == w else f"fit(s, {w})"
-        lines += [*get_s, "if s is not None:", f"    if acc is None or acc.count(None) == {w}:",
-                  f"        acc = {take}",
-                  "    elif None in acc:", *_indent(merge, 2)]
-    return [*lines, "f = None", "if acc is not None:", *_indent(_first("f", "acc")[1:], 1),
-            "tr.flags = f", "tr.last_cmp = None", *_put("acc", dst, insn.vex)]
+    flags = ["f = None", "if acc is not None:", *_indent(_first("f", "acc")[1:], 1),
+             "tr.flags = f", "tr.last_cmp = None"]
+    # A clean source, or a fully tainted destination, leaves the destination's labels as they
+    # are: only the write's side effect on the rest of the register remains.
+    kept = [*flags, *_put("acc", dst, insn.vex, side_effect_only=True), "return"]
+    if _named(src) and src.width == w:
+        take = "s"
+        merge = ["acc = [a if a is not None else b for a, b in zip(acc, s, strict=True)]"]
+    else:
+        take = f"fit(s, {w})"
+        merge = [f"k = min({w}, len(s))",
+                 "acc = [a if a is not None else b for a, b in zip(acc[:k], s[:k],"
+                 " strict=True)] + acc[k:]"]
+    return [*(_get("acc", dst) or []), *get_s,
+            "if s is None or (acc is not None and None not in acc):", *_indent(kept, 1),
+            f"if acc is None or acc.count(None) == {w}:", f"    acc = {take}",
+            "else:", *_indent(merge, 1),
+            *flags, *_put("acc", dst, insn.vex)]
 
 
 def _cmp(insn: Insn) -> list[str] | None:
