@@ -292,6 +292,8 @@ def _body(insn: Insn) -> list[str] | None:
         return _unary(insn)
     if kind in (d.SMEAR, d.GENERIC) and not insn.touches_mem and insn.writes:
         return _smear(insn)
+    if kind == d.JCC:  # on tainted flags: only a run that records conditions has work to do
+        return ["if tr.max_conditions > len(tr.conditions):", "    handler(next_address)"]
     return None
 
 
