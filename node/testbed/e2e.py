@@ -263,10 +263,14 @@ class ChainRun:
         assert self.chain is not None
         # When it happened (a node's event may wait for the alert's hand-off to its peers).
         arrivals = {"det": (detected.get("detected_at_s", detected["timestamp_s"]) - t0) * 1e3}
+        # The event is written after the node's own work on the alert, which may end after
+        # the vulnerable host's filter: wait a moment for it.
         for h in [*self.chain.relay_hosts, self.chain["vul"]]:
-            rec = self.node(h.name).first("alert.verified", since=t0 - 0.001, alert_id=aid)
-            if rec is not None:
-                arrivals[h.name] = (rec.get("verdict_at_s", rec["timestamp_s"]) - t0) * 1e3
+            try:
+                rec = _wait_for(self.node(h.name), "alert.verified", t0, 1.0, alert_id=aid)
+            except TimeoutError:
+                continue
+            arrivals[h.name] = (rec.get("verdict_at_s", rec["timestamp_s"]) - t0) * 1e3
         relays = sum(1 for r in self.chain.relay_hosts
                      if r.name in arrivals and arrivals[r.name] <= arrivals.get("vul", 1e18))
         via = next((str(e.get("from_peer", "")) for e in vul.events()
