@@ -4,7 +4,6 @@ small record of what the instruction does to the shadow state (its kind and oper
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
@@ -79,10 +78,6 @@ class Insn:
     vex: bool = False
     extra: dict[str, object] = field(default_factory=dict)
     regnames: frozenset[str] = frozenset()  # every register it reads or writes, canonical
-    # Set by the tracker when it caches the record: its propagation handler, and whether it
-    # writes the flags (so a clean one clears their taint).
-    handler: Any = None
-    sets_flags: bool = False
 
 
 def _canon(name: str) -> tuple[str, int, int] | None:
