@@ -302,6 +302,10 @@ def _mov(insn: Insn) -> list[str] | None:
     get = _get("s", src)
     if get is None:
         return None
+    if dst.kind == X86_OP_MEM and dst.size == 1:  # a byte store (strcpy's loop): inline
+        return [*get, "if writes:", "    a, k = writes[0]", "    if k != 1:", "        put_mem(s)",
+                "    elif s is None or s[0] is None:", "        mem.pop(a, None)", "    else:",
+                "        mem[a] = s[0]", f"        lines.add(a >> {LINE_SHIFT})"]
     if dst.kind == X86_OP_MEM:
         return [*get, "put_mem(s)"]  # the setter fits the labels to what was written
     if not _named(dst):
