@@ -205,19 +205,23 @@ class FilterManager:
             if not chosen:
                 return []
             start = time.perf_counter()
+            in_kernel = True
             if self.backend is not None:
                 try:
                     if not self._install_inline(chosen):
                         await self._kernel(self.backend.install, chosen)
                 except Exception as e:
+                    in_kernel = False
                     self._error("install", e, alert_id=alert_id,
                                 filter_ids=[f.filter_id for f in chosen])
                     # The store has them: the periodic reconcile retries.
             ms = (time.perf_counter() - start) * 1000
             self._held_back.difference_update(f.filter_id for f in chosen)
-            # Said when it is so (the kernel has it), not once the store's rows are written.
+            # Said when it is so (the kernel has it, or there is no kernel part), not once the
+            # store's rows are written; a batch the kernel refused says filter.error instead.
             for f in chosen:
                 self._track_userspace(f)
+            for f in chosen if in_kernel else ():
                 self.bus.emit("filter.installed", filter_id=f.filter_id, kind=f.kind,
                               service=f.service_name, proto=f.proto, port=f.port,
                               alert_id=alert_id, kernel_ms=round(ms, 3),

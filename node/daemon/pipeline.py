@@ -5,9 +5,9 @@ Detection (a detector node)::
     submit_messages(service, messages, raw_packets)        # from the stack, on the loop
       -> Sampler (bounded, fair, sampled under load)       # node.daemon.sampler
       -> detect lane: worker.detect (taint, generate, verify locally, specific filter)
-      -> sign with the node key -> store (verified, with the raw packets)
-      -> broadcast(envelope) -> store (forwarded); once the nodes it went to have fetched it
-         (``handoff``, at most serve_first_s): store (verified) and install the specific filter
+      -> sign with the node key -> broadcast(envelope); once the nodes it went to have
+         fetched it (``handoff``, at most serve_first_s): install the specific filter, then
+         store (verified, with the raw packets), then the forward's state (forwarded)
       -> after filters.general_delay_ms, filters lane (low CPU priority): worker.filters
          (general filter) -> install
 
@@ -18,10 +18,10 @@ Receiving (every node)::
       -> known? the standing verdict (in memory: all of the store's when it holds at most
          MAX_VERDICTS, else read from the store while the sandbox already runs) stands: no
          second forward
-      -> fast lane: worker.verify (own sandbox) -> store verified/refuted + the verdict
-      -> verified: Decision(forward=True); once the nodes it went to have fetched it
-         (``handoff``, at most serve_first_s): store the verdict, install the specific filter;
-         general filter later
+      -> fast lane: worker.verify (own sandbox) -> the verdict
+      -> verified: Decision(forward=True); from the overlay, once the nodes it went to have
+         fetched it (``handoff``, at most serve_first_s): install the specific filter, then
+         store the verdict; general filter later
       -> refuted or forged: stored as refuted, never forwarded
 
 For ``overlay.Overlay``, which verifies and forwards by itself, the same path is split in two:
@@ -156,6 +156,7 @@ class Pipeline:
         self._inflight: dict[str, asyncio.Future[VerifyOutcome]] = {}
         self._queued: dict[str, asyncio.Future[None]] = {}  # the verdict's row is queued
         self._sealed: dict[bytes, str] = {}  # envelopes we signed -> alert id
+        self._held: set[asyncio.Task[Any]] = set()  # own work waiting for its hand-off
         self._replaying: dict[tuple[str, object], Job] = {}  # (service, flow) -> its job
         self._verdicts: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._complete = False  # True: every standing verdict of the store is in _verdicts
@@ -183,10 +184,16 @@ class Pipeline:
         for t in self._consumers:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        # Held work stops waiting for its hand-off now (its row is queued as it ends).
+        held = list(self._held)
+        for t in held:
+            t.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=5)
             for t in pending:
                 t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def idle(self, timeout: float = 30.0) -> None:
         """Wait until the queue is empty and no job or background task runs (tests, tools)."""
@@ -326,6 +333,8 @@ class Pipeline:
         assert out.alert is not None
         aid = alert_id_hex(out.alert)
         known = await self._known(aid)  # from memory unless the store holds more than it
+        if known is not None:
+            await self._after_row(aid)  # a relay's row may be held back: read it once queued
         existing = (await self.db(self.db.store.alert, aid)
                     if known is not None and known[0] in ("verified", "forwarded") else None)
         if existing is not None and existing.state in ("verified", "forwarded"):
@@ -532,6 +541,7 @@ class Pipeline:
             state, reason = known
             self.vstats.cached += 1
             await self._after_row(aid)  # a copy's row after the first one's
+            state, reason = self._verdicts.get(aid, known)  # it may be forwarded by now
             await self.db(self.db.store.record_alert, state=state, reason=reason, **common,
                           **env_fields)
             self.bus.emit("alert.duplicate", alert_id=aid, state=state, from_peer=peer)
@@ -577,26 +587,27 @@ class Pipeline:
 
     async def _forwarded(self, aid: str, **fields: Any) -> None:
         await self._after_row(aid)  # the state goes onto the verdict's row
+        self._remember(aid, "forwarded")  # now: a copy's row queued next reads it
         await self.db(self.db.store.set_alert_state, aid, "forwarded")
-        self._remember(aid, "forwarded")
         self.bus.emit("alert.forwarded", alert_id=aid, **fields)
 
     def _own_work(self, aid: str, write: Callable[[], Any], specific: dict[str, Any] | None,
-                  *, held: bool) -> Awaitable[None]:
+                  *, held: bool) -> Awaitable[Any]:
         """A verified alert's work here: its row (``write``) and its specific filter.
 
-        ``held`` (an alert the overlay forwards): propagation first. Both wait until the
-        nodes the alert was announced to have fetched it (``handoff``, at most
+        ``held`` (our detection, or an alert the overlay forwards): propagation first. Both
+        wait until the nodes the alert was announced to have fetched it (``handoff``, at most
         ``serve_first_s``; no wait when it went to nobody), so their fetches are served by a
         free loop instead of after this work (a kernel batch and store writes: 2-3 ms of
-        every hop, traced). Then the filter, then the row; a copy's row and the forward's
-        state wait for it (``_after_row``). Otherwise the row is queued now (the store runs
-        its calls in order) and the filter goes in alongside."""
+        every hop, traced). Then the filter, then the row (queued even if the wait is
+        cancelled); a copy's row and the forward's state wait for it (``_after_row``).
+        Otherwise the row is queued now (the store runs its calls in order) and the filter
+        goes in alongside."""
         if not held or self.handoff is None or self.serve_first_s <= 0:
             written = self.db.submit(write)
             if specific is None:
                 return written
-            return asyncio.gather(written, self.filters.install([specific], alert_id=aid))
+            return asyncio.gather(written, self._install_specific(aid, specific))
         queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queued[aid] = queued
         handoff = self.handoff
@@ -608,18 +619,29 @@ class Pipeline:
                 except Exception as e:  # the overlay stopped, say: nothing to wait for
                     self.bus.emit("alert.handoff_error", alert_id=aid, error=repr(e))
                 if specific is not None:
-                    try:
-                        await self.filters.install([specific], alert_id=aid)
-                    except Exception as e:  # the row goes in all the same
-                        self.bus.emit("filter.error", action="install", alert_id=aid,
-                                      error=repr(e))
-                written = self.db.submit(write)
+                    await self._install_specific(aid, specific)
             finally:
-                queued.set_result(None)
-                if self._queued.get(aid) is queued:
-                    del self._queued[aid]
+                try:
+                    written = self.db.submit(write)
+                finally:
+                    queued.set_result(None)
+                    if self._queued.get(aid) is queued:
+                        del self._queued[aid]
             await written
-        return later()
+
+        # A task of its own: a cancelled caller leaves it running, and stop() ends its wait.
+        task = asyncio.ensure_future(later())
+        self._tasks.add(task)
+        self._held.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._held.discard)
+        return asyncio.shield(task)
+
+    async def _install_specific(self, aid: str, specific: dict[str, Any]) -> None:
+        try:
+            await self.filters.install([specific], alert_id=aid)
+        except Exception as e:  # the verdict's row and event go on all the same
+            self.bus.emit("filter.error", action="install", alert_id=aid, error=repr(e))
 
     async def _after_row(self, aid: str) -> None:
         """Until the verdict's row of ``aid`` is queued (``_own_work`` may hold it)."""
@@ -651,12 +673,16 @@ class Pipeline:
             # The sandbox starts first and the signature is checked (~0.2 ms) while it runs.
             # A forged envelope costs one sandbox run, as a well signed false alert would.
             verifying = asyncio.ensure_future(self._verify(envelope.alert_bytes, aid))
-            await asyncio.sleep(0)  # its job goes out to the worker
         try:
+            if verifying is not None:
+                await asyncio.sleep(0)  # its job goes out to the worker
             envelope.check()
         except SignatureError:
             _abandon(verifying)
             return self._forged()
+        except BaseException:
+            _abandon(verifying)
+            raise
         if known is not None:
             self.vstats.cached += 1
             return VerifyOutcome(aid, known[0] != "refuted", known[1], "stored verdict", 0.0)
@@ -673,7 +699,8 @@ class Pipeline:
 
     async def overlay_on_alert(self, envelope: Envelope, alert: Alert) -> None:
         """``Overlay(on_alert=...)``: called once per alert that verified here, before the
-        overlay forwards it (the verdict's row, queued first, already holds the envelope)."""
+        overlay forwards it (the state goes onto the verdict's row, which holds the
+        envelope, once that row is queued)."""
         await self.mark_forwarded(alert_id_hex(envelope.alert_bytes),
                                   signer=envelope.node_id.hex())
 

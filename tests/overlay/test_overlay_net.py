@@ -662,6 +662,7 @@ def test_handed_over_waits_for_the_fetches_it_invited(prefix, alerts, verifier, 
             origin = net.nodes[0]
             aid = await origin.publish(seal(alerts[0], origin.key, time.time()).encode())
             assert await origin.handed_over(aid, 5.0) is True
+            assert not origin._handoffs  # nothing left waiting
             announced = origin.stats()["bcast.tx_announce"]
             assert announced >= 1
             # Every announcement was fetched by the time it returned (nobody had it before).
@@ -675,6 +676,12 @@ def test_handed_over_waits_for_the_fetches_it_invited(prefix, alerts, verifier, 
             t = time.monotonic()
             assert await relay.handed_over(aid2, 0.05) is False
             assert time.monotonic() - t < 1.0
+            assert not relay._handoffs
+            # Stopping ends a wait at once, with False.
+            waiting = asyncio.ensure_future(relay.handed_over(aid2, 30.0))
+            await asyncio.sleep(0.01)
+            await relay.stop()
+            assert await asyncio.wait_for(waiting, 1.0) is False
         finally:
             await net.stop()
     run(main())

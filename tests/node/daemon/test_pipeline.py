@@ -220,10 +220,13 @@ def envelopes(images: list) -> dict[str, tuple[bytes, Alert]]:
 def test_a_relays_own_filter_and_row_wait_until_the_alert_is_handed_over(
         images: list, pools: Pools, parts_factory: Any, envelopes: dict) -> None:
     """Propagation first: a verified alert's filter and store row here wait for the overlay's
-    hand-off (the fetches it invited downstream); the forwarded state still ends on the row."""
+    hand-off (the fetches it invited downstream); the filter goes in first, the row follows,
+    and what arrives meanwhile (a copy of the alert, our own detection of the same exploit)
+    is recorded after it: the row ends forwarded, and the alert is not published twice."""
     parts = parts_factory()
     env, alert = envelopes["resolver"]
     aid = alert_id_hex(encode_alert(alert))
+    sent: list[bytes] = []
 
     async def main() -> None:
         released = asyncio.Event()
@@ -234,25 +237,65 @@ def test_a_relays_own_filter_and_row_wait_until_the_alert_is_handed_over(
             await released.wait()
             return True
 
-        p = pipeline(parts, images, pools, serve_first_s=0.5, general_filters=False)
+        p = pipeline(parts, images, pools, serve_first_s=0.5, general_filters=False,
+                     detector=True, broadcast=sent.append)
         p.handoff = handoff
+        await p.start()
         verdict = await p.overlay_verify_envelope(env, alert)
         assert verdict.verified
         forwarded = asyncio.ensure_future(p.overlay_on_alert(decode_envelope(env), alert))
-        await asyncio.sleep(0.3)
+        copy = asyncio.ensure_future(p.on_overlay_alert(env, ("10.77.0.9", 7400),
+                                                        origin="import"))
+        assert p.submit_messages("resolver", alert.messages) == "queued"
+        end = time.monotonic() + 30
+        while p.dstats.detections == 0 and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        assert p.dstats.detections == 1  # our own detection of it waits too
         assert asked == [(bytes.fromhex(aid), 0.5)]
         assert await p.db(p.db.store.alert, aid) is None  # nothing written yet
         assert parts.table.installed == {}  # nor installed
-        assert not forwarded.done()
+        assert not forwarded.done() and not copy.done()
         released.set()
         await forwarded
+        assert (await copy).duplicate
         await p.idle(60)
-        row = await p.db(p.db.store.alert, aid)
-        assert row is not None and row.state == "forwarded" and row.envelope == env
-        assert {f.kind for f in parts.table.installed.values()} == {"specific"}
         await p.stop()
 
     run(main())
+    row = parts.store.alert(aid)
+    assert row is not None and row.state == "forwarded" and row.envelope == env
+    assert row.seen_count >= 2
+    assert sent == []  # detected again, not published again
+    assert {f.kind for f in parts.table.installed.values()} == {"specific"}
+    types = parts.types()
+    assert "alert.detected_again" in types
+    assert types.index("filter.installed") < types.index("alert.verified")
+    verified = next(e for e in parts.events if e["event_type"] == "alert.verified")
+    assert verified["verdict_at_s"] <= verified["timestamp_s"]
+
+
+def test_a_stop_during_the_hand_off_loses_no_row(
+        images: list, pools: Pools, parts_factory: Any, envelopes: dict) -> None:
+    """A node stopped while a verified alert waits for its hand-off still writes its row."""
+    parts = parts_factory()
+    env, alert = envelopes["resolver"]
+    aid = alert_id_hex(encode_alert(alert))
+
+    async def main() -> None:
+        async def handoff(alert_id: bytes, timeout: float) -> bool:
+            await asyncio.sleep(3600)  # never hands over: stop() has to end the wait
+            return True
+
+        p = pipeline(parts, images, pools, serve_first_s=0.5, general_filters=False)
+        p.handoff = handoff
+        assert (await p.overlay_verify_envelope(env, alert)).verified
+        await asyncio.sleep(0.05)
+        await p.stop()
+        assert await p.db(p.db.store.alert, aid) is not None
+
+    run(main())
+    row = parts.store.alert(aid)
+    assert row is not None and row.state == "verified" and row.envelope == env
 
 
 def test_receiving_node_verifies_installs_and_forwards_once(
