@@ -9,6 +9,7 @@ from pathlib import Path
 
 REQUIRED_KEYS = ("name", "binary", "proto", "port")
 MAX_BINARY_BYTES = 32 * 1024 * 1024
+MAX_WARMUP_BYTES = 64 * 1024  # as much as an alert may carry in all
 
 
 class ManifestError(ValueError):
@@ -22,6 +23,9 @@ class ServiceImage:
     port: int
     binary_path: Path
     binary: bytes
+    # Optional ``warmup``: a benign request (one datagram, or what a client sends on one
+    # connection) that a detector replays once when it starts.
+    warmup: bytes = field(default=b"", repr=False)
     service_id: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -62,4 +66,21 @@ def load_image(manifest: str | Path) -> ServiceImage:
         data = bin_path.read_bytes()
     except OSError as e:
         raise ManifestError(f"{path}: cannot read binary {bin_path}: {e.strerror}") from None
-    return ServiceImage(name=name, proto=proto, port=port, binary_path=bin_path, binary=data)
+    return ServiceImage(name=name, proto=proto, port=port, binary_path=bin_path, binary=data,
+                        warmup=_warmup(path, doc.get("warmup")))
+
+
+def _warmup(manifest: Path, value: object) -> bytes:
+    if value is None:
+        return b""
+    if not isinstance(value, str) or not value:
+        raise ManifestError(f"{manifest}: 'warmup' must be a path relative to the manifest")
+    file = (manifest.parent / value).resolve()
+    try:
+        if file.stat().st_size > MAX_WARMUP_BYTES:
+            raise ManifestError(f"{manifest}: 'warmup' file {file} is larger than "
+                                f"{MAX_WARMUP_BYTES} bytes")
+        return file.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"{manifest}: cannot read 'warmup' file {file}: {e.strerror}") \
+            from None

@@ -359,6 +359,20 @@ def test_extra_keys_are_allowed(tmp_path: Path) -> None:
     assert image.name == "t"
 
 
+def test_warmup_request_is_loaded_and_checked(tmp_path: Path) -> None:
+    (tmp_path / "benign.bin").write_bytes(b"\x04ARCHIVE\x00")
+    image = load_image(_manifest(tmp_path, {**GOOD, "warmup": '"benign.bin"'}))
+    assert image.warmup == b"\x04ARCHIVE\x00"
+    assert load_image(_manifest(tmp_path, GOOD)).warmup == b""  # optional
+    with pytest.raises(ManifestError, match="cannot read 'warmup' file"):
+        load_image(_manifest(tmp_path, {**GOOD, "warmup": '"missing.bin"'}))
+    with pytest.raises(ManifestError, match="'warmup' must be a path"):
+        load_image(_manifest(tmp_path, {**GOOD, "warmup": "3"}))
+    (tmp_path / "big.bin").write_bytes(b"x" * (64 * 1024 + 1))
+    with pytest.raises(ManifestError, match=r"'warmup' file .* is larger than"):
+        load_image(_manifest(tmp_path, {**GOOD, "warmup": '"big.bin"'}))
+
+
 @pytest.mark.parametrize("key", sorted(GOOD))
 def test_missing_key_is_named(tmp_path: Path, key: str) -> None:
     fields = {k: v for k, v in GOOD.items() if k != key}

@@ -29,6 +29,8 @@ from sca.alert import (
     FunctionArgument,
     Message,
 )
+from sca.emu.image import load_image
+from sca.generate import Detector
 from sca.services import (
     REQUIRED_KEYS,
     SAMPLES,
@@ -197,7 +199,7 @@ def test_samples_listed() -> None:
 def test_manifest_has_exactly_the_required_keys(name: str) -> None:
     doc = tomllib.loads(manifest_path(name).read_text(encoding="utf-8"))
     assert set(REQUIRED_KEYS) <= set(doc)
-    assert set(doc) - set(REQUIRED_KEYS) <= {"description"}
+    assert set(doc) - set(REQUIRED_KEYS) <= {"description", "warmup"}
     assert doc == load_manifest(name)
     assert doc["name"] == name
     assert doc["binary"] == f"bin/{name}"
@@ -501,3 +503,13 @@ def test_build_is_reproducible() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in SAMPLES:
         assert f"ok      {name}" in proc.stdout
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_warmup_request_is_benign(name: str) -> None:
+    """What a detector replays when it starts must never look like an exploit."""
+    image = load_image(manifest_path(name))
+    assert image.warmup
+    connection = 0 if image.proto == "tcp" else None
+    run = Detector(image).inspect((Message(image.warmup, connection),), conditions=False)
+    assert run.detection is None and run.result.sent  # it was served, not refused
