@@ -41,7 +41,8 @@ manifests = []
 [detector]
 # Replay what arrives for the protected services with taint tracking (a designated detector).
 enabled = false
-workers = 1            # sandbox processes for taint replay (the detection lane)
+workers = 2            # sandbox processes for taint replay (the detection lane): with two, an
+                       # exploit is not held back behind the replay of a benign message
 queue_size = 256       # submissions waiting for a worker; past this, random sampling
 job_timeout_s = 10.0   # a replay that takes longer is abandoned (the sandbox has budgets too)
 
@@ -130,7 +131,7 @@ class ServicesConfig:
 @dataclass(frozen=True)
 class DetectorConfig:
     enabled: bool = False
-    workers: int = 1
+    workers: int = 2
     queue_size: int = 256
     job_timeout_s: float = 10.0
 

@@ -563,3 +563,45 @@ def test_detection_does_not_wait_behind_general_filters(
         assert all(o.error is None and o.filters for o in done)
 
     run(main())
+
+
+def test_exploit_is_not_held_back_behind_a_benign_replay(
+        images: list, parts_factory: Any, rng: random.Random) -> None:
+    """With the default number of detect workers, an exploit that arrives just after a long
+    benign conversation is replayed beside it, not after it: its alert is out while the benign
+    replay still runs."""
+    from node.daemon.config import DetectorConfig
+    from sca.alert import Message
+    from sca.services import manifest_path
+
+    workers = DetectorConfig().workers
+    assert workers >= 2
+    long_benign: list[Message] = []
+    while len(long_benign) < 48:  # several sessions, one history: a replay of tens of ms
+        base = max((m.connection or 0 for m in long_benign), default=-1) + 1
+        long_benign += [Message(m.data, (m.connection or 0) + base)
+                        for m in traffic("mgmtd").benign(rng)]
+    parts = parts_factory()
+    analysed_at_alert: list[int] = []
+    own = Pools([manifest_path(n) for n in ("resolver", "mgmtd")], detectors=True,
+                detect_workers=workers)
+
+    async def main() -> Pipeline:
+        await own.warm()
+        p = pipeline(parts, images, own, detector=True, detect_concurrency=workers)
+        parts.bus.subscribe(lambda e: analysed_at_alert.append(p.dstats.analysed)
+                            if e["event_type"] == "alert.detected" else None)
+        await p.start()
+        assert p.submit_messages("mgmtd", long_benign[:64]) == "queued"
+        exploit = tuple(traffic("resolver").exploit(rng))
+        assert p.submit_messages("resolver", exploit[-1:]) == "queued"
+        await p.idle(60)
+        await p.stop()
+        return p
+
+    try:
+        p = run(main())
+    finally:
+        own.close()
+    assert (p.dstats.analysed, p.dstats.detections) == (2, 1)
+    assert analysed_at_alert == [1]  # the benign replay had not finished
