@@ -166,8 +166,13 @@ def _find_tag_refusal(exc: BaseException) -> _TagRefused | None:
     return None
 
 
-def dump_canonical(obj: Any) -> bytes:
-    return cbor2.dumps(obj, canonical=True)
+def dump_in_order(obj: Any) -> bytes:
+    """The deterministic encoding of ``obj``, whose maps are built in canonical key order
+    (shorter keys first, then bytewise) and which holds no floats or sets: the bytes of
+    ``cbor2.dumps(obj, canonical=True)`` at half the cost (canonical mode re-sorts every map,
+    ~8 µs of a ~16 µs alert encoding, paid on every decode by its canonicality check).
+    ``tests/sca`` compare the two."""
+    return cbor2.dumps(obj)
 
 
 def _short(exc: BaseException) -> str:
@@ -441,19 +446,20 @@ def _ref_raw(ref: ByteRef) -> list[int]:
 def _encode_checked(alert: Alert) -> bytes:
     v = alert.verification
     info: dict[str, Any]
+    # Every map in canonical key order (``dump_in_order``).
     if isinstance(v, ExecutionControl):
         info = {"target": [_ref_raw(r) for r in v.target]}
     elif isinstance(v, CodeExecution):
         info = {"code": _ref_raw(v.code)}
     else:
-        info = {"call": v.call, "arg": v.argument, "bytes": [_ref_raw(r) for r in v.bytes]}
-    return dump_canonical({
+        info = {"arg": v.argument, "call": v.call, "bytes": [_ref_raw(r) for r in v.bytes]}
+    return dump_in_order({
         "v": alert.version,
-        "service": alert.service_id,
+        "info": info,
         "name": alert.service_name,
         "type": str(v.type),
+        "service": alert.service_id,
         "messages": [[m.connection, m.data] for m in alert.messages],
-        "info": info,
     })
 
 

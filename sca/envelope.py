@@ -32,7 +32,7 @@ from sca.codec import (
     check_map,
     check_uint,
     decode_alert,
-    dump_canonical,
+    dump_in_order,
     load_strict,
 )
 from sca.keys import PUBLIC_KEY_LEN, SIGNATURE_LEN, NodeKey, node_id_of, verify_signature
@@ -92,9 +92,10 @@ class Envelope:
         return decode_alert(self.alert_bytes)
 
     def encode(self) -> bytes:
-        return dump_canonical({"v": ENVELOPE_VERSION, "alert": self.alert_bytes,
-                               "key": self.public_key, "t": self.signed_at,
-                               "sig": self.signature})
+        # In canonical key order (``dump_in_order``).
+        return dump_in_order({"t": self.signed_at, "v": ENVELOPE_VERSION,
+                              "key": self.public_key, "sig": self.signature,
+                              "alert": self.alert_bytes})
 
 
 def seal(alert_bytes: bytes, key: NodeKey, now: float) -> Envelope:

@@ -66,6 +66,7 @@ def test_layout_is_as_documented() -> None:
     assert set(raw) == {"v", "alert", "key", "t", "sig"}
     assert raw["v"] == 1 and raw["t"] == 1_700_000_000_123
     assert raw["alert"] == encode_alert(make_alert())
+    assert cbor2.dumps(raw, canonical=True) == wire()  # deterministic CBOR
 
 
 def test_every_single_byte_change_is_refused() -> None:
