@@ -69,6 +69,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from operator import attrgetter
 
 from overlay import wire
 from overlay.antientropy import AntiEntropy
@@ -94,9 +95,6 @@ class Contact:
     def __post_init__(self) -> None:
         if self.long_id < 0:
             object.__setattr__(self, "long_id", int.from_bytes(self.node_id, "big"))
-
-    def key(self) -> int:
-        return self.long_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +182,11 @@ class PublishError(ValueError):
     """An envelope this node was asked to publish is not one it may send."""
 
 
+# A region of the id space: every id that starts with the ``length`` bits of ``value``. Group
+# ``g`` of node ``x`` is the region ``(g + 1, (x >> (159 - g)) ^ 1)``.
+Region = tuple[int, int]
+
+
 @dataclass(slots=True)
 class _Pending:
     roles: dict[int, int]  # replica index -> widest (smallest) limit asked of us
@@ -204,25 +207,15 @@ class _Pending:
 class _Held:
     forwarded: list[int]  # per replica index: groups >= this have been handed over
     hops: int
-    regions: set[tuple[int, int, int]] = field(default_factory=set)  # (replica, *region)
+    regions: list[list[Region]]  # per replica index: the regions handed over
 
 
-# A region of the id space: every id that starts with the ``length`` bits of ``value``. Group
-# ``g`` of node ``x`` is the region ``(g + 1, (x >> (159 - g)) ^ 1)``.
-Region = tuple[int, int]
 # A mask of some node's uncovered groups: (its id, its id as an integer, the mask).
 Uncovered = tuple[bytes, int, int]
 MAX_MASKED = 8  # announcements with masks kept per pending alert
 _NOT_SUPER = 1 << 160  # added to the rank of a contact that is not a super-peer
 _ALL = (1 << wire.MASK_BITS) - 1
-
-
-def region(x: int, g: int) -> Region:
-    return g + 1, (x >> (159 - g)) ^ 1
-
-
-def _inside(inner: Region, outer: Region) -> bool:
-    return inner[0] >= outer[0] and inner[1] >> (inner[0] - outer[0]) == outer[1]
+_LONG_ID = attrgetter("long_id")
 
 
 def _bits(mask: int) -> list[int]:
@@ -235,21 +228,15 @@ def _bits(mask: int) -> list[int]:
 
 
 class _Delegation:
-    """One copy of one group (subtree) handed over for one alert: its candidates in rank
-    order, who is being asked, who has taken it."""
+    """One copy of one group (subtree) handed over for one alert: the announcement that hands
+    it over (encoded once, sent to each candidate in turn), its candidates in rank order, who
+    is being asked, who has taken it."""
 
-    __slots__ = ("alert_id", "candidates", "hops", "limit", "next", "outstanding", "refs",
-                 "replica", "taken", "tries", "uncovered")
+    __slots__ = ("alert_id", "candidates", "data", "next", "outstanding", "taken", "tries")
 
-    def __init__(self, alert_id: bytes, limit: int, hops: int, replica: int,
-                 candidates: list[Contact], uncovered: int = 0,
-                 refs: tuple[tuple[bytes, int], ...] = ()) -> None:
+    def __init__(self, alert_id: bytes, data: bytes, candidates: list[Contact]) -> None:
         self.alert_id = alert_id
-        self.uncovered = uncovered
-        self.refs = refs
-        self.limit = limit
-        self.hops = hops
-        self.replica = replica
+        self.data = data
         self.candidates = candidates
         self.next = 0
         self.tries = 0
@@ -325,9 +312,10 @@ class BroadcastCore:
         self._wait = cfg.ack_timeout  # ack_wait(), until the first round trip is measured
         self._group_source: Sequence[Contact] | None = None
         self._groups: dict[int, list[Contact]] = {}
+        self._group_order: list[int] = []  # the non-empty groups, in order
+        self._group_keys: dict[int, list[int]] = {}  # each group's ids, in order
         self._group_bits = 0  # bit p set: some contact in group p
         self._by_addr: dict[Addr, Contact] = {}
-        self._sorted: dict[int, tuple[list[int], list[Contact]]] = {}
         self._strikes: OrderedDict[str, int] = OrderedDict()
         self._banned: OrderedDict[str, float] = OrderedDict()
         self.ae = AntiEntropy(cfg.ae_interval, cfg.ae_window, self.rng, now)
@@ -500,7 +488,8 @@ class BroadcastCore:
         del self._pending[alert_id]
         assert p.envelope is not None and p.alert is not None
         self.stats["verified"] += 1
-        held = _Held(forwarded=[NO_RANGE] * self.cfg.replicas, hops=p.hops)
+        held = _Held([NO_RANGE] * self.cfg.replicas, p.hops,
+                     [[] for _ in range(self.cfg.replicas)])
         self._good.put(alert_id, held, now, body=p.body)
         actions: list[Action] = []
         if not p.local:
@@ -745,30 +734,38 @@ class BroadcastCore:
         """
         upper = held.forwarded[replica]
         groups = self._grouped()
+        me = self._long
         chosen: dict[Region, list[Contact]] = {}
         if limit < upper:
             held.forwarded[replica] = limit
-            for p in sorted(groups):
-                if limit <= p < upper:
-                    chosen[region(self._long, p)] = groups[p]
+            for p in self._group_order:
+                if p >= upper:
+                    break
+                if p >= limit:
+                    chosen[(p + 1, (me >> (159 - p)) ^ 1)] = groups[p]
         lim = held.forwarded[replica]
         # Our own groups in range that we know nobody in.
         uncovered = _ALL >> lim << lim & ~self._group_bits
         left: list[tuple[bytes, int]] = []
         for node_id, x, mask in masks:
-            j = prefix_len(self._long, x)
+            j = 160 - (me ^ x).bit_length()
             if j >= 160:
                 continue
             # Its groups below ``j`` are ours too; ours from ``lim`` on are in hand already.
-            for g in _bits(mask & ((1 << min(j, lim)) - 1)):
-                if g in groups:
-                    chosen.setdefault(region(self._long, g), groups[g])
+            low = mask & ((1 << min(j, lim)) - 1)
+            while low:
+                bit = low & -low
+                low ^= bit
+                g = bit.bit_length() - 1
+                members = groups.get(g)
+                if members is not None:
+                    chosen.setdefault((g + 1, (me >> (159 - g)) ^ 1), members)
                 else:
-                    uncovered |= 1 << g
+                    uncovered |= bit
             # Its groups above ``j`` lie inside our group ``j`` (it is on that side of us).
             high = mask >> (j + 1) << (j + 1) if j < lim else 0
             if high and j in groups:
-                keys, members = self._sorted_group(j)
+                keys, members = self._group_keys[j], groups[j]
                 # A group deeper than the most bits any of our contacts shares with it holds
                 # none of them; the others are id ranges, looked up by bisection.
                 i = bisect_left(keys, x)
@@ -786,20 +783,20 @@ class BroadcastCore:
                 left.append((node_id, high))
         if not chosen:
             return []
-        refs = tuple(left[:wire.MAX_REFS])
         if aid not in self._delegations:
             self._delegations[aid] = {}
             self._timer(now + self.cfg.linger_s, "purge", aid)
         target = int.from_bytes(aid[:20], "big")
         r = self.cfg.replicas
         actions: list[Action] = []
-        done = [(n, v) for rep, n, v in held.regions if rep == replica]
+        done = held.regions[replica]
+        data = b""
         # Widest regions first, so a region inside one already handed over is skipped.
         for reg in sorted(chosen):
-            if any(_inside(reg, outer) for outer in done):
+            n, v = reg
+            if any(n >= m and v >> (n - m) == w for m, w in done):
                 continue
             done.append(reg)
-            held.regions.add((replica, *reg))
             # Super-peers first, then by XOR distance to the target (one integer per contact).
             ranked = sorted(chosen[reg], key=lambda c: c.long_id ^ target
                             | (0 if c.super_peer else _NOT_SUPER))
@@ -807,8 +804,10 @@ class BroadcastCore:
             # copies still gets every copy (its members are the only way into it).
             mine = ranked[replica::r]
             rest = [c for i, c in enumerate(ranked) if i % r != replica]
-            d = _Delegation(aid, reg[0], held.hops + 1, replica, mine + rest, uncovered, refs)
-            actions += self._launch(d, now)
+            # The announcements of one call differ in their limit only: encoded once.
+            data = (wire.with_limit(data, n) if data else wire.encode(Announce(
+                aid, n, held.hops + 1, replica, uncovered, tuple(left[:wire.MAX_REFS]))))
+            actions += self._launch(_Delegation(aid, data, mine + rest), now)
         return actions
 
     def _masks(self, addr: Addr, ann: Announce) -> list[Uncovered]:
@@ -824,29 +823,24 @@ class BroadcastCore:
         out += [(node_id, int.from_bytes(node_id, "big"), m) for node_id, m in ann.refs if m]
         return out
 
-    def _sorted_group(self, p: int) -> tuple[list[int], list[Contact]]:
-        """Group ``p``'s ids in order, with its contacts in the same order (kept with the
-        grouping, made when first asked for)."""
-        found = self._sorted.get(p)
-        if found is None:
-            members = sorted(self._groups[p], key=Contact.key)
-            found = self._sorted[p] = ([c.long_id for c in members], members)
-        return found
-
     def _grouped(self) -> dict[int, list[Contact]]:
-        """Contacts by prefix group, recomputed only when the adapter hands over a new list
-        (it hands over the same list object while its routing table is unchanged)."""
+        """Contacts by prefix group, each group in id order, recomputed only when the adapter
+        hands over a new list (it hands over the same list object while its routing table is
+        unchanged)."""
         contacts = self._contacts()
         if contacts is not self._group_source:
+            me = self._long
             groups: dict[int, list[Contact]] = {}
-            for c in contacts:
-                p = prefix_len(self._long, c.long_id)
+            # A group is a range of ids: taken in id order, each group comes out sorted.
+            for c in sorted(contacts, key=_LONG_ID):
+                p = 160 - (me ^ c.long_id).bit_length()
                 if p < 160:
                     groups.setdefault(p, []).append(c)
             self._group_source, self._groups = contacts, groups
+            self._group_order = sorted(groups)
+            self._group_keys = {p: [c.long_id for c in m] for p, m in groups.items()}
             self._group_bits = sum(1 << p for p in groups)
             self._by_addr = {c.addr: c for c in contacts}
-            self._sorted = {}
         return self._groups
 
     def _launch(self, d: _Delegation, now: float) -> list[Action]:
@@ -867,8 +861,7 @@ class BroadcastCore:
             dels[c.addr] = d
             self._timer(now + self._wait, "ack", (d.alert_id, c.addr, token))
             self.stats["tx_announce"] += 1
-            return [Send(c.addr, wire.encode(Announce(d.alert_id, d.limit, d.hops, d.replica,
-                                                      d.uncovered, d.refs)))]
+            return [Send(c.addr, d.data)]
         self.stats["group_exhausted"] += 1
         return []
 

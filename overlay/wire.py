@@ -77,6 +77,7 @@ FETCH_FOUND = 0
 FETCH_NOT_HERE = 1
 
 _ANNOUNCE = struct.Struct(">BB32sBBB20sB")
+_LIMIT_AT = 34  # the limit's offset in an announcement
 _REF = struct.Struct(">20s20s")
 _ACK = struct.Struct(">BB32sB")
 _IHAVE = struct.Struct(">BBBB")
@@ -160,6 +161,14 @@ def encode(msg: Datagram) -> bytes:
         flags = IHAVE_FLAG_REPLY if msg.reply else 0
         return _IHAVE.pack(Kind.IHAVE, VERSION, flags, len(msg.ids)) + b"".join(msg.ids)
     raise TypeError(f"not a broadcast datagram: {type(msg).__name__}")
+
+
+def with_limit(announce: bytes, limit: int) -> bytes:
+    """An encoded announcement with another limit (a node hands several groups over with the
+    same announcement but for the limit: encoded once, the others are copies)."""
+    if not 0 <= limit <= MAX_LIMIT:
+        raise WireError(f"limit {limit} outside 0..{MAX_LIMIT}")
+    return b"".join((announce[:_LIMIT_AT], bytes((limit,)), announce[_LIMIT_AT + 1:]))
 
 
 def decode(data: bytes) -> Datagram:

@@ -4,6 +4,7 @@ seen-cache, signed hello, neighbour cache, RPC schemas."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 from collections.abc import Callable
@@ -37,6 +38,13 @@ def test_wire_roundtrip() -> None:
         with pytest.raises(wire.WireError):
             wire.encode(bad)
     assert wire.decode_fetch_request(wire.encode_fetch_request(aid, 7400)) == (aid, 7400)
+    # One announcement's encoding with other limits: everything else as it was.
+    ann = wire.Announce(aid, 7, 3, 1, 5, masks)
+    for limit in (0, 8, 160):
+        assert wire.decode(wire.with_limit(wire.encode(ann), limit)) == dataclasses.replace(
+            ann, limit=limit)
+    with pytest.raises(wire.WireError):
+        wire.with_limit(wire.encode(ann), 161)
 
 
 V = bytes((wire.VERSION,))
