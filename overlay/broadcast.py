@@ -113,7 +113,7 @@ class Fetch:
 class Verify:
     alert_id: bytes
     envelope: Envelope
-    alert: Alert
+    alert: Alert | None  # None: not parsed here (``alert_by_verifier``)
     body: bytes  # the envelope as received (for a verifier that checks its signature)
 
 
@@ -121,7 +121,7 @@ class Verify:
 class Deliver:
     alert_id: bytes
     envelope: Envelope
-    alert: Alert
+    alert: Alert | None  # None: not parsed here (``alert_by_verifier``)
     hops: int
 
 
@@ -175,6 +175,10 @@ class BroadcastConfig:
     # process) and answers ``forged`` when it is bad: the core then leaves it out of
     # ``check_body``. Either way nothing is forwarded before the signature has checked out.
     signature_by_verifier: bool = False
+    # The verifier parses the alert out of the envelope itself (off this process, and a body
+    # that is signed but no alert is refuted there, remembered as refuted like any other):
+    # the core then parses no alert at all, and ``Verify`` and ``Deliver`` carry none.
+    alert_by_verifier: bool = False
     max_peers_tracked: int = 4096
 
 
@@ -259,7 +263,8 @@ class Checked:
 
 def check_body(alert_id: bytes, body: bytes, wall: float, cfg: BroadcastConfig) -> Checked:
     """Every check before the sandbox, cheapest first; the signature (unless the verifier
-    checks it, ``signature_by_verifier``) before the alert's parse."""
+    checks it, ``signature_by_verifier``) before the alert's parse (unless the verifier parses
+    it, ``alert_by_verifier``)."""
     try:
         envelope = decode_envelope(body)
     except FormatError as exc:
@@ -274,6 +279,8 @@ def check_body(alert_id: bytes, body: bytes, wall: float, cfg: BroadcastConfig) 
     age = wall - envelope.signed_at_s
     if age > cfg.max_age_s or age < -cfg.max_skew_s:
         return Checked(Outcome.STALE, f"signed {age:.0f} s ago")
+    if cfg.alert_by_verifier:
+        return Checked(None, "", envelope)
     try:
         alert = decode_alert(envelope.alert_bytes)
     except FormatError as exc:
@@ -452,7 +459,7 @@ class BroadcastCore:
             if checked.outcome is Outcome.REFUTED:
                 self._strike(addr[0], now)
             return self._settle_bad(alert_id, p, checked.outcome, now)
-        assert checked.envelope is not None and checked.alert is not None
+        assert checked.envelope is not None
         p.verifying = True
         p.body, p.envelope, p.alert = body, checked.envelope, checked.alert
         return [Verify(alert_id, checked.envelope, checked.alert, body)]
@@ -486,7 +493,7 @@ class BroadcastCore:
                 self._strike(p.current[0], now)
             return self._settle_bad(alert_id, p, outcome, now)
         del self._pending[alert_id]
-        assert p.envelope is not None and p.alert is not None
+        assert p.envelope is not None
         self.stats["verified"] += 1
         held = _Held([NO_RANGE] * self.cfg.replicas, p.hops,
                      [[] for _ in range(self.cfg.replicas)])
@@ -523,7 +530,7 @@ class BroadcastCore:
                      verifying=True, body=envelope_bytes, envelope=checked.envelope,
                      alert=checked.alert)
         self._pending[alert_id] = p
-        assert checked.envelope is not None and checked.alert is not None
+        assert checked.envelope is not None
         return alert_id, [Verify(alert_id, checked.envelope, checked.alert, envelope_bytes)]
 
     def tick(self, now: float) -> list[Action]:

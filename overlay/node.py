@@ -22,9 +22,15 @@ announcer is blamed and another is asked). This node then does not check signatu
 (``BroadcastConfig.signature_by_verifier``): with many nodes in one process, one round trip to
 the worker costs less than the signature check on the loop.
 
+``verify_body`` may be given instead of both: ``verify_body(envelope_bytes)`` is
+``verify_envelope`` for a verifier that also parses the alert out of the envelope itself (and
+refutes a signed body that is not an alert): this node then parses no alert at all
+(``BroadcastConfig.alert_by_verifier``; the envelope's format, its hash to the announced id
+and its age are still checked here), and ``on_alert`` gets None for the alert.
+
 ``on_alert(envelope, alert)`` is called once per alert this node verified that came from
 elsewhere (not for alerts it published itself), after the verdict and before the alert is
-forwarded to anyone.
+forwarded to anyone (``alert`` is None with ``verify_body``).
 
 The UDP port carries Kademlia RPCs and broadcast datagrams; the TCP port with the same number
 serves alert bodies. Every datagram sent and every fetch made is counted in ``stats()``.
@@ -71,7 +77,8 @@ log = logging.getLogger(__name__)
 
 VerifyFn = Callable[[Alert], Any]
 VerifyEnvelopeFn = Callable[[bytes, Alert], Any]
-OnAlert = Callable[[Envelope, Alert], Any]
+VerifyBodyFn = Callable[[bytes], Any]
+OnAlert = Callable[[Envelope, Alert | None], Any]
 
 __all__ = ["Overlay", "OverlayConfig", "Peer", "PublishError", "parse_peer"]
 
@@ -127,23 +134,26 @@ class Overlay:
                  bootstrap: Sequence[str | tuple[str, int]] = (), *,
                  verify: VerifyFn | None = None,
                  verify_envelope: VerifyEnvelopeFn | None = None,
+                 verify_body: VerifyBodyFn | None = None,
                  on_alert: OnAlert | None = None,
                  state_dir: Path | str | None = None, super_peer: bool = False,
                  config: OverlayConfig | None = None) -> None:
         cfg = config or OverlayConfig()
         if super_peer and not cfg.dht.super_peer:
             cfg = dataclasses.replace(cfg, dht=dataclasses.replace(cfg.dht, super_peer=True))
-        if (verify is None) == (verify_envelope is None):
-            raise TypeError("give one of verify= and verify_envelope=")
-        if verify_envelope is not None and not cfg.broadcast.signature_by_verifier:
+        if sum(f is not None for f in (verify, verify_envelope, verify_body)) != 1:
+            raise TypeError("give one of verify=, verify_envelope= and verify_body=")
+        if verify is None:
             cfg = dataclasses.replace(cfg, broadcast=dataclasses.replace(
-                cfg.broadcast, signature_by_verifier=True))
+                cfg.broadcast, signature_by_verifier=True,
+                alert_by_verifier=verify_body is not None))
         self.config = cfg
         self.key = key
         self.bind = parse_peer(bind) if not isinstance(bind, tuple) else bind
         self.bootstrap_peers = [parse_peer(p) for p in bootstrap]
         self._verify = verify
         self._verify_envelope = verify_envelope
+        self._verify_body = verify_body
         self._on_alert = on_alert
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.server = HardenedServer(key, cfg.dht, on_broadcast=self._on_broadcast)
@@ -496,6 +506,9 @@ class Overlay:
         self._fetches.add(job)
 
     def _ask_verifier(self, action: Verify) -> Any:
+        if self._verify_body is not None:
+            return self._verify_body(action.body)
+        assert action.alert is not None  # parsed here for the other two
         if self._verify_envelope is not None:
             return self._verify_envelope(action.body, action.alert)
         assert self._verify is not None

@@ -29,7 +29,7 @@ from overlay.broadcast import (
 from overlay.wire import Ack, AckStatus, Announce, IHave
 from sca.alert import Alert, ByteRef, ExecutionControl, Message
 from sca.codec import encode_alert
-from sca.envelope import decode_envelope, seal
+from sca.envelope import Envelope, decode_envelope, seal, signed_message
 from sca.keys import NodeKey
 
 WALL = 1_800_000_000.0
@@ -366,6 +366,39 @@ def test_a_verifier_that_checks_signatures_gets_the_body_and_blames_the_announce
     acts = core.on_verdict(aid, True, 0.0)
     assert any(isinstance(a, Deliver) for a in acts)
     assert any(isinstance(a, Send) and a.addr in [c.addr for c in contacts] for a in acts)
+
+
+def test_a_verifier_that_parses_alerts_refutes_a_signed_body_that_is_none() -> None:
+    # alert_by_verifier: the core checks the envelope, its hash to the id and its age, but
+    # parses no alert; a signed body that is no alert reaches the verifier, whose refutation
+    # is remembered like any other (the announcer struck, never delivered or forwarded).
+    me = b"\x01" * 20
+    contacts = [Contact(bytes([0x80 | i]) + bytes(19), (f"10.0.1.{i}", 1)) for i in range(3)]
+    cfg = BroadcastConfig(signature_by_verifier=True, alert_by_verifier=True)
+    core = BroadcastCore(me, lambda: contacts, cfg)
+    key, at = NodeKey.generate(), int(WALL * 1000)
+    junk = Envelope(b"\xa1avx", key.public_bytes, at,  # signed, hashes to its id, no alert
+                    key.sign(signed_message(b"\xa1avx", at)))
+    assert check_body(aid_of(junk.encode()), junk.encode(), WALL,
+                      BroadcastConfig()).outcome is Outcome.REFUTED
+    for env, verdict in ((junk.encode(), False), (envelope(b"P"), True)):
+        aid, peer = aid_of(env), ("10.0.0.7", 1)
+        assert check_body(aid, env, WALL + cfg.max_age_s + 1, cfg).outcome is Outcome.STALE
+        assert check_body(b"\x00" * 32, env, WALL, cfg).outcome is Outcome.FORGED
+        core.on_datagram(peer, wire.encode(Announce(aid, 0)), 0.0)
+        acts = core.on_fetched(aid, peer, env, 0.0, WALL)
+        assert [type(a) for a in acts] == [Verify] and acts[0].alert is None
+        acts = core.on_verdict(aid, verdict, 0.0)
+        delivered = [a for a in acts if isinstance(a, Deliver)]
+        if verdict:
+            assert len(delivered) == 1 and delivered[0].alert is None
+            assert any(isinstance(a, Send) and a.addr in [c.addr for c in contacts]
+                       for a in acts)
+        else:
+            assert core.status(aid, 0.0) is Outcome.REFUTED
+            assert not delivered and core.stats["strikes"] == 1
+            assert [wire.decode(a.data) for a in acts if isinstance(a, Send)] == [
+                Ack(aid, AckStatus.REFUTED)]
 
 
 def test_liar_is_banned_after_three_strikes_and_rate_limited() -> None:
