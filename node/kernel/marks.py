@@ -13,11 +13,14 @@ categories, not flags: the last rule of ``inet herdwall`` that sets one wins.
 - ``QUEUE_THROTTLE``: to NFQUEUE ``Q_THROTTLE``, read by the throttle (new outgoing flows).
 - ``QUEUE_TRACE``: to NFQUEUE ``Q_TRACE``, read by the traceback router role (forwarded
   packets: digests logged, ids marked).
-- ``QUEUE_TAKEOVER``: to NFQUEUE ``Q_TAKEOVER``, read by the takeover (``node.takeover``);
+- ``QUEUE_TAKEOVER``: to NFQUEUE ``Q_TAKEOVERS`` (one per CPU), ``QUEUE_TAKEN`` to
+  ``Q_TAKEOVER``, read by the takeover (``node.takeover``);
   ``TAKEOVER_OWN`` and ``REPAIR_LOCAL`` are its own sockets' and its baseline's marks.
 """
 
 from __future__ import annotations
+
+import os
 
 MASK = 0x000F0000
 PASS = 0x00010000
@@ -27,17 +30,28 @@ QUEUE_TRACE = 0x00040000  # forwarded packets to the traceback router role
 QUEUE_TAKEOVER = 0x00050000  # packets of watched and taken-over flows
 TAKEOVER_OWN = 0x00060000  # SO_MARK of the takeover's own sockets (raw, repaired)
 REPAIR_LOCAL = 0x00070000  # the TCP_REPAIR baseline's redirect to a local socket
+QUEUE_TAKEN = 0x00080000  # packets of taken-over flows: to Q_TAKEOVER alone, in order
 
 Q_STACK = 0
 Q_THROTTLE = 1
 Q_TRACE = 2
-Q_TAKEOVER = 3
+Q_TAKEOVER = 3  # the first of TAKEOVER_READERS queues (3-10 at most): one per CPU
+# The takeover queue is fanned out by CPU (``--queue-balance`` with ``--queue-cpu-fanout``): a
+# watched flow's packet goes to the queue of the CPU that handled it, whose reader thread is
+# pinned there, so it is woken on that CPU instead of by an interrupt to another
+# (node.takeover.adapter). A taken-over flow's packets (QUEUE_TAKEN) all go to the first: a
+# sender that moves between CPUs would otherwise have its segments read out of order.
+TAKEOVER_READERS = max(1, min(os.cpu_count() or 1, 8))
+Q_TAKEOVERS = (Q_TAKEOVER, Q_TAKEOVER + TAKEOVER_READERS - 1)  # the rule's range
 
-# Mark value -> queue number: what node.kernel.queue_rules installs by default.
-QUEUES: dict[int, int] = {QUEUE_STACK: Q_STACK, QUEUE_THROTTLE: Q_THROTTLE}
+# Mark value -> queue number (or first and last of a fanned-out range): what
+# node.kernel.queue_rules installs by default.
+QUEUES: dict[int, int | tuple[int, int]] = {QUEUE_STACK: Q_STACK, QUEUE_THROTTLE: Q_THROTTLE}
 # Every queue any part of herdwall may install a rule for (the takeover and traceback
 # components add theirs): what `herdwall node teardown` removes.
-ALL_QUEUES: dict[int, int] = {**QUEUES, QUEUE_TRACE: Q_TRACE, QUEUE_TAKEOVER: Q_TAKEOVER}
+ALL_QUEUES: dict[int, int | tuple[int, int]] = {**QUEUES, QUEUE_TRACE: Q_TRACE,
+                                                 QUEUE_TAKEOVER: Q_TAKEOVERS,
+                                                 QUEUE_TAKEN: Q_TAKEOVER}
 
 
 def with_mark(current: int, value: int) -> int:

@@ -29,7 +29,9 @@ timeout that is the clock's next deadline (no polling). ``priority``: the reader
 ``SCHED_FIFO`` at that priority (woken by a packet, it preempts ordinary tasks instead of waiting
 for a busy CPU's time slice, while the kernel holds the packet for its verdict); where that is
 not permitted it stays on the normal policy (a warning). The kernel's real-time throttling
-(95% of a CPU by default) still bounds a reader that never sleeps.
+(95% of a CPU by default) still bounds a reader that never sleeps. ``cpus``: the reader thread
+runs on these CPUs only (the reader of one of a range of queues fanned out by CPU, pinned to the
+CPU whose packets it gets: woken where the packet was handled, not by an interrupt to another).
 """
 
 from __future__ import annotations
@@ -212,7 +214,7 @@ class QueueAdapter:
     def __init__(self, queue_num: int, on_packet: OnPacket, *, netns: str | None = None,
                  loop: asyncio.AbstractEventLoop | None = None, max_len: int = 1024,
                  fail_open: bool = True, thread: bool = False,
-                 priority: int | None = None) -> None:
+                 priority: int | None = None, cpus: set[int] | None = None) -> None:
         self.queue_num = queue_num
         self.on_packet = on_packet
         self.netns = netns
@@ -224,6 +226,7 @@ class QueueAdapter:
         self._held: set[Handle] = set()
         self.thread = thread
         self.priority = priority  # the reader thread's SCHED_FIFO priority (thread=True)
+        self.cpus = cpus  # the CPUs the reader thread runs on (thread=True; None: any)
         self.clock = ThreadClock() if thread else None  # what on_packet schedules with
         self._sock: socket.socket | None = None  # the reader thread's handle on the socket
         self._thread: threading.Thread | None = None
@@ -322,6 +325,12 @@ class QueueAdapter:
             except OSError as exc:  # no CAP_SYS_NICE, a cgroup without real-time time, ...
                 log.warning("nfqueue %d: reader stays on the normal policy: %s",
                             self.queue_num, exc)
+        if self.cpus is not None:
+            try:
+                os.sched_setaffinity(0, self.cpus)
+            except OSError as exc:  # CPUs outside the process's cpuset, or offline
+                log.warning("nfqueue %d: reader not pinned to CPUs %s: %s", self.queue_num,
+                            sorted(self.cpus), exc)
         timeout: float | None = -1.0
         while not self._stop:
             clock.run_due()

@@ -34,7 +34,7 @@ class QueueRuleError(RuntimeError):
 
 class QueueRules:
     def __init__(self, *, netns: str | None = None, fail_open: bool = True,
-                 queues: Mapping[int, int] | None = None,
+                 queues: Mapping[int, int | tuple[int, int]] | None = None,
                  chains: Sequence[str] = CHAINS, tools: Sequence[str] = TOOLS) -> None:
         self.netns = netns
         self.fail_open = fail_open
@@ -48,10 +48,15 @@ class QueueRules:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         return subprocess.run(argv, capture_output=True, text=True, timeout=30)
 
-    def rule(self, chain: str, mark: int, queue: int, bypass: bool | None = None) -> list[str]:
-        """The rule spec (after ``-A CHAIN``)."""
-        spec = [chain, "-m", "mark", "--mark", f"{mark:#x}/{MASK:#x}", "-j", "NFQUEUE",
-                "--queue-num", str(queue)]
+    def rule(self, chain: str, mark: int, queue: int | tuple[int, int],
+             bypass: bool | None = None) -> list[str]:
+        """The rule spec (after ``-A CHAIN``). ``queue``: a number, or the first and last of a
+        range fanned out by CPU (a packet goes to the queue of the CPU that handles it)."""
+        spec = [chain, "-m", "mark", "--mark", f"{mark:#x}/{MASK:#x}", "-j", "NFQUEUE"]
+        if isinstance(queue, tuple) and queue[1] > queue[0]:
+            spec += ["--queue-balance", f"{queue[0]}:{queue[1]}", "--queue-cpu-fanout"]
+        else:
+            spec += ["--queue-num", str(queue[0] if isinstance(queue, tuple) else queue)]
         if self.fail_open if bypass is None else bypass:
             spec.append("--queue-bypass")
         return spec
@@ -76,8 +81,11 @@ class QueueRules:
 
     def _remove(self, bypass: bool) -> int:
         removed = 0
+        # A range's rule also in its one-queue form (what a node installed before the range).
+        single = [self.rule(c, m, q[0], bypass) for c in self.chains
+                  for m, q in self.queues.items() if isinstance(q, tuple) and q[1] > q[0]]
         for tool in self.tools:
-            for spec in self.specs(bypass):
+            for spec in self.specs(bypass) + single:
                 for _ in range(100):  # every copy, but never loop forever
                     if self._run(tool, ["-D", *spec]).returncode != 0:
                         break
