@@ -54,7 +54,7 @@ class TakeoverComponent:
         nft = rules.NftText()
         nft.apply(rules.setup())
         QueueRules(fail_open=kernel.fail_open,
-                   queues={rules.QUEUE_TAKEOVER: rules.Q_TAKEOVER}).install()
+                   queues=rules.queues()).install()
         self._loop = asyncio.get_running_loop()
         self.engine = TakeoverEngine(policy=self._policy, nft=nft, on_done=self._done)
         # Read by a thread of its own: a trigger reaches the engine sooner (the callbacks below

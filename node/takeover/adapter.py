@@ -1,7 +1,8 @@
 """The kernel driver: NFQUEUE in, raw socket out, the user-level endpoints in between.
 
-``TakeoverQueue`` reads the takeover queue (``rules.Q_TAKEOVER``): the packets of the ports that
-``takeover`` filters watch and of flows already taken over, in both directions. For each packet:
+``TakeoverQueue`` reads the takeover queues (``rules.queues()``: one per CPU, each read by a
+thread pinned there): the packets of the ports that ``takeover`` filters watch and of flows
+already taken over, in both directions. For each packet:
 
 1. the engine is offered it first: a packet of a flow it owns is consumed (dropped in the kernel,
    handled by the endpoints);
@@ -36,15 +37,17 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import os
 import socket
 import struct
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from node.kernel.nfqueue import Handle, QueueAdapter, Scheduler
+from node.kernel.nfqueue import Handle, QueueAdapter, Scheduler, ThreadClock
 from node.kernel.sockets import mark_socket
 from node.stack.conntrack import Flow, flow_key
 from node.stack.events import Drop, FlowClosed, MessageIn
@@ -161,7 +164,8 @@ class TakeoverQueue:
                  loop: asyncio.AbstractEventLoop | None = None, fail_open: bool = True,
                  max_len: int = 4096, tail_limit: int = 256 * 1024,
                  on_trigger: Callable[[Trigger], None] | None = None,
-                 thread: bool = False, priority: int | None = READER_PRIORITY) -> None:
+                 thread: bool = False, priority: int | None = READER_PRIORITY,
+                 readers: int | None = None) -> None:
         """``filters``: a ``filters.userspace.UserspaceFilters`` (its TCP filters trigger; a
         filter added later is watched from its port's next packet on, a connection already open
         picked up mid-stream); ``detect``: any other trigger;
@@ -174,7 +178,16 @@ class TakeoverQueue:
         then run on that thread (post to a loop with ``call_soon_threadsafe``), and the engine
         must not be driven from elsewhere too (a ``TakeoverGate`` on the loop's stack queue
         needs ``thread=False``). ``priority``: that thread's ``SCHED_FIFO`` priority (None: the
-        normal policy; see ``READER_PRIORITY``)."""
+        normal policy; see ``READER_PRIORITY``).
+
+        ``readers`` (with ``thread``; default ``rules.TAKEOVER_READERS``, one per CPU): queues
+        ``queue_num`` on, one reader thread each, pinned to the CPUs whose packets the queue
+        rules (``rules.queues(readers)``, which must agree) send it: a watched flow's packet goes
+        to the queue of the CPU that handled it (``--queue-cpu-fanout``), so its reader wakes
+        there and not by an interrupt to another CPU, which cost an idle node's trigger ~100 µs
+        (bench_takeover, client and reader on one CPU or on two: p50 160-182 against 250-373
+        µs); a taken-over flow's packets all go to the first queue, in order. The readers take
+        turns under one lock; the engine's timers run on the reader that set them."""
         self.engine = engine
         self.on_trigger = on_trigger
         self.filters = filters
@@ -193,9 +206,15 @@ class TakeoverQueue:
         self._loop: Scheduler | None = loop
         self._time: Callable[[], float] = time.monotonic  # the scheduler's, at start
         self._owned: Mapping[bytes, Any] | None = getattr(engine, "proxies", None)
-        self.queue = QueueAdapter(queue_num, self._on_packet, netns=netns, loop=loop,
-                                  fail_open=fail_open, max_len=max_len, thread=thread,
-                                  priority=priority if thread else None)
+        n = max(1, rules.TAKEOVER_READERS if readers is None else readers) if thread else 1
+        cpus = range(os.cpu_count() or 1)
+        self._lock = threading.Lock()
+        self.queues = [QueueAdapter(queue_num + i, self._on_packet, netns=netns, loop=loop,
+                                    fail_open=fail_open, max_len=max_len, thread=thread,
+                                    priority=priority if thread else None,
+                                    cpus={c for c in cpus if c % n == i} if n > 1 else None)
+                       for i in range(n)]
+        self.queue = self.queues[0]
 
     def watch(self, port: int) -> None:
         self.stack.protected_tcp.add(port)
@@ -203,13 +222,20 @@ class TakeoverQueue:
     def start(self) -> TakeoverQueue:
         # The engine starts before the first packet can reach it (on the reader thread).
         self._loop = self.queue.clock or self.queue._loop or asyncio.get_running_loop()
+        if len(self.queues) > 1:
+            clocks = ReaderClocks(self._lock, self.queue.clock)  # type: ignore[arg-type]
+            for q in self.queues:  # each reader names its clock first thing
+                q.clock.call_soon(clocks.bind, q.clock)  # type: ignore[union-attr]
+            self._loop = clocks
         self._time = self._loop.time
         self.engine.start(self._loop)
-        self.queue.start()
+        for q in self.queues:
+            q.start()
         return self
 
     def close(self) -> None:
-        self.queue.close()
+        for q in self.queues:
+            q.close()
         self.engine.close()
 
     async def __aenter__(self) -> TakeoverQueue:
@@ -223,69 +249,72 @@ class TakeoverQueue:
     # Every call and attribute on the way to the engine's ``answer`` counts: a node woken from
     # sleep runs cold, ~10 µs a small function on the shared VM (bench_takeover's stages).
     def _on_packet(self, payload: bytes, handle: Handle) -> None:
-        now = self._time()
-        hdr = tcp_header(payload)
-        owned = self._owned
-        # An engine that files its flows by this key is offered only its own packets.
-        if (owned is None or (hdr is not None and hdr[0] in owned)) and \
-                self.engine.offer(payload, handle, now):
-            self.stats["owned"] += 1
-            return
-        if hdr is None:
-            if payload[:1] and payload[0] >> 4 == 6:
-                self._ipv6(payload, handle, now)
+        # One packet at a time, whichever CPU's reader has it (a lock nobody else holds costs
+        # next to nothing; the engine's timers take it too).
+        with self._lock:
+            now = self._time()
+            hdr = tcp_header(payload)
+            owned = self._owned
+            # An engine that files its flows by this key is offered only its own packets.
+            if (owned is None or (hdr is not None and hdr[0] in owned)) and \
+                    self.engine.offer(payload, handle, now):
+                self.stats["owned"] += 1
                 return
-            self.stats["not_tcp"] += 1
-            handle.accept()
-            return
-        key, ihl, seq, ack, flags, plen, tsval = hdr
-        if self.filters is not None:
-            self._watch_new(key[8:10], key[10:12])
-        fd = self.stack.tcp.table.get(key)
-        if plen and fd is not None and fd.dir == 0 and fd.flow.id in self.blocked:
-            self.stats["blocked"] += 1  # its message was dropped: nothing more to the server
-            handle.drop()
-            return
-        # The next in-order chunk of a client's stream is checked before the stack takes the
-        # packet: it is exactly what the stack would deliver, and on a match the engine can
-        # answer the client from the tracked state at once (the stack's bookkeeping follows).
-        early: Any = None
-        checked = False
-        if plen and fd is not None and fd.dir == 0 and not flags & (SYN | RST):
-            stream = fd.flow.stream
-            if stream is not None and not stream.held and stream.next_seq == seq:
-                checked = True
-                data = payload[len(payload) - plen:]
-                early = self._check_chunk(fd.flow, data)
-                if early is not None and fd.flow.halves[1].next_seq is not None:
-                    mac = handle.source_mac  # the way back: where the trigger came from
-                    self.engine.answer(fd.flow, seq, plen, ack,
-                                       tcp_tsval(payload, ihl) if tsval is None else tsval,
-                                       (handle.indev, mac) if mac else None, now)
-        events = self.stack.handle(payload, now)
-        if fd is None:
+            if hdr is None:
+                if payload[:1] and payload[0] >> 4 == 6:
+                    self._ipv6(payload, handle, now)
+                    return
+                self.stats["not_tcp"] += 1
+                handle.accept()
+                return
+            key, ihl, seq, ack, flags, plen, tsval = hdr
+            if self.filters is not None:
+                self._watch_new(key[8:10], key[10:12])
             fd = self.stack.tcp.table.get(key)
-        elif early is not None:
-            self._take(fd.flow, seq, data, early, payload, handle, now)
-            return
-        drop = False
-        for e in events:
-            if type(e) is MessageIn and fd is not None:
-                if self._message(e, fd.flow, payload, handle, now, checked):
-                    return  # taken over: the engine gave the verdict
-            elif type(e) is Drop:
-                drop = True
-            elif type(e) is FlowClosed:
-                self.tails.pop(e.flow_id, None)
-                self.streams.pop(e.flow_id, None)
-                self.blocked.pop(e.flow_id, None)
-        if fd is not None:
-            drop |= self._track(fd.dir, fd.flow, payload, ihl, seq, ack, flags, plen, events)
-        if drop:
-            self.stats["dropped"] += 1
-            handle.drop()
-        else:
-            handle.accept()
+            if plen and fd is not None and fd.dir == 0 and fd.flow.id in self.blocked:
+                self.stats["blocked"] += 1  # its message was dropped: nothing more to the server
+                handle.drop()
+                return
+            # The next in-order chunk of a client's stream is checked before the stack takes the
+            # packet: it is exactly what the stack would deliver, and on a match the engine can
+            # answer the client from the tracked state at once (the stack's bookkeeping follows).
+            early: Any = None
+            checked = False
+            if plen and fd is not None and fd.dir == 0 and not flags & (SYN | RST):
+                stream = fd.flow.stream
+                if stream is not None and not stream.held and stream.next_seq == seq:
+                    checked = True
+                    data = payload[len(payload) - plen:]
+                    early = self._check_chunk(fd.flow, data)
+                    if early is not None and fd.flow.halves[1].next_seq is not None:
+                        mac = handle.source_mac  # the way back: where the trigger came from
+                        self.engine.answer(fd.flow, seq, plen, ack,
+                                           tcp_tsval(payload, ihl) if tsval is None else tsval,
+                                           (handle.indev, mac) if mac else None, now)
+            events = self.stack.handle(payload, now)
+            if fd is None:
+                fd = self.stack.tcp.table.get(key)
+            elif early is not None:
+                self._take(fd.flow, seq, data, early, payload, handle, now)
+                return
+            drop = False
+            for e in events:
+                if type(e) is MessageIn and fd is not None:
+                    if self._message(e, fd.flow, payload, handle, now, checked):
+                        return  # taken over: the engine gave the verdict
+                elif type(e) is Drop:
+                    drop = True
+                elif type(e) is FlowClosed:
+                    self.tails.pop(e.flow_id, None)
+                    self.streams.pop(e.flow_id, None)
+                    self.blocked.pop(e.flow_id, None)
+            if fd is not None:
+                drop |= self._track(fd.dir, fd.flow, payload, ihl, seq, ack, flags, plen, events)
+            if drop:
+                self.stats["dropped"] += 1
+                handle.drop()
+            else:
+                handle.accept()
 
     def _watch_new(self, *ports: bytes) -> None:
         """A filter installed since the queue started: its port's flows are tracked from now on
@@ -434,6 +463,44 @@ class TakeoverQueue:
         self.blocked[flow.id] = None
         if len(self.blocked) > MAX_BLOCKED:  # flows that vanished without a close event
             self.blocked.pop(next(iter(self.blocked)))
+
+
+class ReaderClocks:
+    """The engine's scheduler when several reader threads share it: a callback goes on the
+    clock of the reader that schedules it (that reader wakes for it) and runs under the
+    queue's lock, as packets do. Scheduled from another thread, it goes on the first's."""
+
+    time = staticmethod(time.monotonic)
+
+    def __init__(self, lock: threading.Lock, first: ThreadClock) -> None:
+        self._lock = lock
+        self._first = first
+        self._by_thread: dict[int, ThreadClock] = {}
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The asyncio loop the queues were started from, for work that belongs there."""
+        return self._first.loop
+
+    def bind(self, clock: ThreadClock) -> None:
+        """Run by each reader on its own thread."""
+        self._by_thread[threading.get_ident()] = clock
+
+    def _clock(self) -> ThreadClock:
+        return self._by_thread.get(threading.get_ident(), self._first)
+
+    def _locked(self, callback: Callable[..., Any], *args: Any) -> None:
+        with self._lock:
+            callback(*args)
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> Any:
+        return self._clock().call_soon(self._locked, callback, *args)
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Any:
+        return self._clock().call_at(when, self._locked, callback, *args)
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Any:
+        return self.call_at(time.monotonic() + delay, callback, *args)
 
 
 def check_filters(filters: Any, port: int, data: bytes) -> Any:

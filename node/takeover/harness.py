@@ -61,13 +61,13 @@ class Node:
         if watch:
             lines += rules.watch_rules(port, "hw:test-watch")
         self.nft.apply(lines + (extra_rules or []))
-        self.queue_rules = QueueRules(netns=ns.name, queues={rules.QUEUE_TAKEOVER:
-                                                             rules.Q_TAKEOVER})
+        readers = rules.TAKEOVER_READERS if thread else 1
+        self.queue_rules = QueueRules(netns=ns.name, queues=rules.queues(readers))
         self.queue_rules.install()
         self.lt = LoopThread()
         self.engine = engine
         self.queue = TakeoverQueue(engine, detect=detect, ports={port}, netns=ns.name,
-                                   loop=self.lt.loop, thread=thread)
+                                   loop=self.lt.loop, thread=thread, readers=readers)
         self.lt.call(self.queue.start)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:

@@ -3,7 +3,8 @@ node's own segments get out untouched.
 
 Marks and the queue (defined in ``node.kernel.marks`` with the others)::
 
-    QUEUE_TAKEOVER -> NFQUEUE Q_TAKEOVER: packets of watched and taken-over flows
+    QUEUE_TAKEOVER -> NFQUEUE Q_TAKEOVERS: packets of watched flows (fanned out by CPU)
+    QUEUE_TAKEN -> NFQUEUE Q_TAKEOVER: packets of taken-over flows (one queue: in order)
     TAKEOVER_OWN : SO_MARK of the node's takeover sockets (raw, repaired)
     REPAIR_LOCAL : the TCP_REPAIR baseline's redirect (policy-routed to a local socket)
 
@@ -13,7 +14,7 @@ Chains (priorities as in ``node.kernel.nft``; lower runs first)::
     output -152 takeover_out: mark QUEUE_STACK, ct state untracked -> mark PASS (see below)
     input/forward/output -152 takeover_in/_fwd/_out -> jump takeover_mark
     takeover_mark: mark PASS or REPAIR_LOCAL -> return
-                   ip saddr . tcp sport . ip daddr . tcp dport @takeover_flows -> QUEUE_TAKEOVER
+                   ip saddr . tcp sport . ip daddr . tcp dport @takeover_flows -> QUEUE_TAKEN
                    jump takeover_watch
     takeover_watch: the ``takeover`` filters' rules: tcp dport P / tcp sport P -> QUEUE_TAKEOVER
 
@@ -48,10 +49,13 @@ from node.kernel.marks import (  # noqa: F401 - re-exported for the takeover mod
     MASK,
     PASS,
     Q_TAKEOVER,
+    Q_TAKEOVERS,
     QUEUE_STACK,
+    QUEUE_TAKEN,
     QUEUE_TAKEOVER,
     REPAIR_LOCAL,
     TAKEOVER_OWN,
+    TAKEOVER_READERS,
 )
 from node.kernel.nft import NftTable
 
@@ -64,6 +68,15 @@ MARK_PRIORITY = -152
 COMMENT_PREFIX = "hw:"  # the filters' comment convention (filters.nft lists rules by it)
 
 _KEEP = ~MASK & 0xFFFFFFFF
+
+
+def queues(readers: int = TAKEOVER_READERS) -> dict[int, int | tuple[int, int]]:
+    """The queue rules (``node.kernel.queue_rules.QueueRules(queues=...)``) for a
+    ``TakeoverQueue`` with ``readers`` reader threads (1 without a thread of its own): watched
+    flows fanned out by CPU to one reader each, taken-over flows to the first. They must agree:
+    a queue with no reader lets its packets pass (fail-open) or drops them."""
+    return {QUEUE_TAKEOVER: (Q_TAKEOVER, Q_TAKEOVER + max(1, readers) - 1),
+            QUEUE_TAKEN: Q_TAKEOVER}
 
 
 def set_mark(value: int) -> str:
@@ -91,7 +104,7 @@ def setup() -> list[str]:
         f"add rule {TABLE} {MARK_CHAIN} meta mark & {MASK:#010x} "
         f"{{ {PASS:#010x}, {REPAIR_LOCAL:#010x} }} return",
         f"add rule {TABLE} {MARK_CHAIN} meta l4proto tcp ip saddr . tcp sport . ip daddr . "
-        f"tcp dport @{FLOWS} {set_mark(QUEUE_TAKEOVER)} counter return",
+        f"tcp dport @{FLOWS} {set_mark(QUEUE_TAKEN)} counter return",
         f"add rule {TABLE} {MARK_CHAIN} jump {WATCH_CHAIN}",
     ]
     # The base output chain's PASS rule reads the conntrack mark, which an untracked packet

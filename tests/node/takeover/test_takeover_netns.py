@@ -7,6 +7,7 @@ and the kernels' own retransmission counters on both sides."""
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import threading
 import time
@@ -174,6 +175,49 @@ def _lossy(ns_name: str, one_in: int) -> None:
         f"add rule inet hwloss in tcp dport {PORT} numgen random mod {one_in} == 0 drop",
         f"add rule inet hwloss out tcp sport {PORT} numgen random mod {one_in} == 0 drop",
     ])
+
+
+def test_a_trigger_from_any_cpu_is_taken_over_by_that_cpus_reader() -> None:
+    """The watch queue is fanned out by CPU, one reader pinned to each: whichever CPU the client
+    sends from, its trigger is taken over (a queue with no reader would let it pass to the
+    server), and the queue of that CPU read it."""
+    cpus = sorted(os.sched_getaffinity(0))
+    with PathTopo("tkc") as t:
+        engine = TakeoverEngine(netns=t.node.name, nft=rules.NftText(t.node.name))
+        node = Node(t.node, engine, PORT, detect=starts_with(b"EXPLOIT"))
+        srv = LineServer(t.server, t.server_addr, PORT)
+        got: list[bytes] = []
+
+        def client(cpu: int) -> None:
+            os.sched_setaffinity(0, {cpu})  # this thread only: its packets are that CPU's
+            c = _client(t)
+            try:
+                c.sendall(BEFORE)
+                reply = recv_until(c, b"ok 1\n")
+                c.sendall(EXPLOIT)
+                time.sleep(0.05)
+                c.sendall(AFTER)
+                got.append(reply + recv_until(c, b"ok 2\n", 3))
+            finally:
+                c.close()
+
+        try:
+            for cpu in cpus:
+                th = threading.Thread(target=client, args=(cpu,))
+                th.start()
+                th.join(15)
+            conns = srv.wait(len(cpus), 10)
+        finally:
+            node.close()
+            srv.close()
+    queues = node.queue.queues
+    assert len(queues) == rules.TAKEOVER_READERS
+    assert engine.stats["taken_over"] == len(cpus)
+    assert got == [b"ok 1\nok 2\n"] * len(cpus)
+    assert [bytes(x.received) for x in conns] == [BEFORE + AFTER] * len(cpus)
+    for i, q in enumerate(queues):
+        if any(c % len(queues) == i for c in cpus):
+            assert q.received > 0, (i, [q.received for q in queues])
 
 
 @pytest.mark.slow
@@ -363,8 +407,7 @@ def test_daemon_path_stack_queue_gate_then_takeover_queue() -> None:
         base.ensure()
         base.protect("tcp", PORT)
         rules.NftText(ns).apply(rules.setup())
-        QueueRules(netns=ns, queues={QUEUE_STACK: Q_STACK,
-                                     rules.QUEUE_TAKEOVER: rules.Q_TAKEOVER}).install()
+        QueueRules(netns=ns, queues={QUEUE_STACK: Q_STACK, **rules.queues(1)}).install()
         lt = LoopThread()
         engine = TakeoverEngine(netns=ns, nft=rules.NftText(ns))
         stack = Stack(StackConfig(protected_tcp={PORT}, verify_checksums=False))
