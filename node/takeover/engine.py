@@ -19,29 +19,32 @@ Where the time goes on an idle node (p50s of 25-30 triggers on a shared 2-core V
 virtualisation, from an ftrace instance: ``net:netif_receive_skb`` and ``net:net_dev_start_xmit``
 on the client-facing interface, ``sched_wakeup``/``sched_switch``, the node's system calls),
 ~150-210 µs in all: the kernel from the trigger on the interface to waking the reader ~30-45
-(netfilter, the queue's netlink message); the wake-up until the reader runs ~15-20 (~8 with
-the reader at ``SCHED_FIFO``, ``adapter.READER_PRIORITY``); back from ``recv`` ~8; then user
-space from ``recv``'s return to the ``send`` of the ACK ~80-120, with no system call in between;
-the ``send`` to the segment on the interface ~9. The same user-space stretch takes ~40-60 on a
-node kept busy (bench_takeover's loaded condition: ~75-110 µs in all): idle, it runs cold, a
-small function ~10 µs instead of ~1-2 (caches and branch history lost while the CPU served
-others; an earlier estimate of ~80 µs for the wake-up itself counted this). Floors, measured
-by sending a fixed packet at once: ~49 from ``recv``'s return when sent first thing in the
-queue's callback (the binding's C, the packet object, a few Python lines: the bench's p50 then
-~125), ~61 from the start of ``TakeoverQueue._on_packet``; the takeover's own work (header
-read, the stack's flow, the check, ``first_ack``) adds ~40, and leaving out two of its calls
-or reading the ``Handle``'s fields lazily was not measurable against the runs' noise (±15).
-So the path is kept short in calls: ``seed.first_ack`` goes from the flow to the packet in
-one, ``answer`` sends it on the bound link socket itself, the ``Handle`` carries the source
-MAC address. The idle p50 moves with the machine's other load (others' work evicts the
-node's caches): ~140-170 µs at load ~1-2, ~200-275 at 2-3. Tried and left out (measured in
-interleaved runs): a netlink reader of our own instead of the binding (its per-packet parse in
-Python, cold, cost ~10 µs more than the binding's C); pinning the reader to the packets' CPU
-(the scheduler already wakes it there: same CPU 162 µs, the other 269, free 165 in a UDP
-microbench); no garbage collection (no change); the Python heap on transparent huge pages
-(``PYTHONMALLOC=malloc`` with glibc's ``hugetlb`` tunable: no change in a cold-call
-microbench). Not done: keeping the path warm with synthetic packets while idle (it would
-measure a node that is not idle).
+(netfilter, the queue's netlink message); the wake-up until the reader runs ~15-20 (~8 with the
+reader at ``SCHED_FIFO``, ``adapter.READER_PRIORITY``); back from ``recv`` ~8; then user space from
+``recv``'s return to the ``send`` of the ACK ~80-120, with no system call in between; the ``send``
+to the segment on the interface ~9. Those figures are for a reader woken on the CPU that handled
+the trigger. With one reader it mostly was not: a ``SCHED_FIFO`` thread wakes where it last ran,
+and the client, pushed off that CPU whenever the reader ran, had moved to the other; the wake-up
+then goes by an interrupt to a halted vCPU (~80-130 µs from the trigger to the wake-up instead of
+~45, and as much again before ``recv`` returned, in a trace where 34 of 42 triggers came that way).
+Hence one queue per CPU, fanned out by the CPU that handles the packet, each read by a thread
+pinned there (``adapter.TakeoverQueue``'s ``readers``). The same user-space stretch takes ~40-60 on
+a node kept busy (bench_takeover's loaded condition: ~75-110 µs in all): idle, it runs cold, a
+small function ~10 µs instead of ~1-2 (caches and branch history lost while the CPU served others;
+an earlier estimate of ~80 µs for the wake-up itself counted this). Floors, measured by sending a
+fixed packet at once: ~49 from ``recv``'s return when sent first thing in the queue's callback (the
+binding's C, the packet object, a few Python lines: the bench's p50 then ~125), ~61 from the start
+of ``TakeoverQueue._on_packet``; the takeover's own work (header read, the stack's flow, the check,
+``first_ack``) adds ~40, and leaving out two of its calls or reading the ``Handle``'s fields lazily
+was not measurable against the runs' noise (±15). So the path is kept short in calls:
+``seed.first_ack`` goes from the flow to the packet in one, ``answer`` sends it on the bound link
+socket itself, the ``Handle`` carries the source MAC address. The idle p50 moves with the machine's
+other load (others' work evicts the node's caches): ~140-170 µs at load ~1-2, ~200-275 at 2-3.
+Tried and left out (measured in interleaved runs): a netlink reader of our own instead of the
+binding (its per-packet parse in Python, cold, cost ~10 µs more than the binding's C); no garbage
+collection (no change); the Python heap on transparent huge pages (``PYTHONMALLOC=malloc`` with
+glibc's ``hugetlb`` tunable: no change in a cold-call microbench). Not done: keeping the path warm
+with synthetic packets while idle (it would measure a node that is not idle).
 """
 
 from __future__ import annotations
