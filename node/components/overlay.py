@@ -24,7 +24,7 @@ class OverlayComponent:
     async def start(self) -> None:
         node, cfg = self.node, self.node.config.overlay
         self.overlay = Overlay(node.key, cfg.bind, list(cfg.bootstrap),
-                               verify_envelope=node.pipeline.overlay_verify_envelope,
+                               verify_body=node.pipeline.overlay_verify_body,
                                on_alert=node.pipeline.overlay_on_alert,
                                state_dir=node.config.state_dir,
                                # Its own sockets carry PASS: never queued or throttled here.

@@ -16,9 +16,9 @@ alert pipeline. Everything that touches packets or peers is a **component**: an 
                             ``service_for(proto, port) -> str | None``,
                             ``on_overlay_alert(envelope_bytes, from_peer) -> Decision``,
                             ``mark_forwarded(alert_id)``,
-                            ``overlay_verify_envelope(envelope_bytes, alert)`` /
+                            ``overlay_verify_body(envelope_bytes)`` /
                             ``overlay_on_alert(envelope, alert)`` (``overlay.Overlay``'s
-                            ``verify_envelope=`` and ``on_alert=``)
+                            ``verify_body=`` and ``on_alert=``)
 ``node.set_broadcast(fn)``  ``fn(envelope_bytes)`` (may be async): publish our own alerts
 ``node.set_handoff(fn)``    ``Overlay.handed_over``: a verified alert's own filter and rows wait
                             for the fetches it invited (``overlay.serve_first_ms``)
@@ -43,7 +43,7 @@ The overlay, for instance, plugs in like this (``overlay.Overlay``'s API as it i
             c, p = node.config.overlay, node.pipeline
             self.node = node
             self.overlay = Overlay(node.key, bind=c.bind, bootstrap=c.bootstrap,
-                                   verify_envelope=p.overlay_verify_envelope,
+                                   verify_body=p.overlay_verify_body,
                                    on_alert=p.overlay_on_alert,
                                    state_dir=node.config.state_dir)
 

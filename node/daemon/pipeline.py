@@ -25,8 +25,8 @@ Receiving (every node)::
       -> refuted or forged: stored as refuted, never forwarded
 
 For ``overlay.Overlay``, which verifies and forwards by itself, the same path is split in two:
-``overlay_verify_envelope(envelope_bytes, alert)`` (its ``verify_envelope=``: signature and
-sandbox) and ``overlay_on_alert(envelope, alert)`` (its ``on_alert=``: marked forwarded).
+``overlay_verify_body(envelope_bytes)`` (its ``verify_body=``: sandbox, signature and the
+alert's parse) and ``overlay_on_alert(envelope, alert)`` (its ``on_alert=``: marked forwarded).
 
 Everything a decision depends on is in the store or in the verdict of our own sandbox: the
 signature only says who sent an alert. A bad signature is never held against the alert itself
@@ -49,7 +49,7 @@ from typing import Any
 
 from overlay.broadcast import Outcome
 from sca.alert import Alert, Message
-from sca.codec import FormatError, alert_id_hex, decode_alert, encode_alert
+from sca.codec import FormatError, decode_alert, encode_alert, encoding_id_hex
 from sca.emu.image import ServiceImage
 from sca.envelope import MAX_ENVELOPE_BYTES, Envelope, SignatureError, decode_envelope, seal
 from sca.keys import NodeKey
@@ -331,7 +331,8 @@ class Pipeline:
 
     async def _detected(self, job: Job, out: DetectOutcome) -> None:
         assert out.alert is not None
-        aid = alert_id_hex(out.alert)
+        # Decoded below before it is signed; an id we know names bytes that decoded before.
+        aid = encoding_id_hex(out.alert)
         known = await self._known(aid)  # from memory unless the store holds more than it
         if known is not None:
             await self._after_row(aid)  # a relay's row may be held back: read it once queued
@@ -489,7 +490,7 @@ class Pipeline:
             self.bus.emit("alert.malformed", from_peer=peer, signer=envelope.node_id.hex(),
                           error=str(e))
             return Decision("", "malformed", False, str(e))
-        aid = alert_id_hex(envelope.alert_bytes)
+        aid = encoding_id_hex(envelope.alert_bytes)  # decoded just now
         try:
             envelope.check()
         except SignatureError as e:
@@ -651,11 +652,13 @@ class Pipeline:
 
     # --- the overlay.Overlay hooks ----------------------------------------------------------
 
-    async def overlay_verify_envelope(self, envelope_bytes: bytes,
-                                      alert: Alert) -> VerifyOutcome | Outcome:
-        """``Overlay(verify_envelope=...)``: the envelope's signature (a bad one is
-        ``Outcome.FORGED``: the overlay blames the announcer and asks another), then our
-        sandbox's verdict, stored once with the envelope."""
+    async def overlay_verify_body(self, envelope_bytes: bytes) -> VerifyOutcome | Outcome:
+        """``Overlay(verify_body=...)``: the overlay has checked the envelope's form, its hash to
+        the announced id and its age; the rest is done here. Our sandbox's run starts first
+        (the worker parses the alert itself); while it runs, the signature is checked (a bad
+        one is ``Outcome.FORGED``: the overlay blames the announcer and asks another) and the
+        alert parsed for its row (a signed body that is no alert is refuted: the overlay
+        remembers it so). The verdict is stored once, with the envelope."""
         own = self._sealed.get(envelope_bytes)
         mine = self._verdicts.get(own) if own is not None else None
         if own is not None and mine is not None:
@@ -666,26 +669,36 @@ class Pipeline:
             envelope = decode_envelope(envelope_bytes)
         except FormatError:
             return self._forged()
-        aid = alert_id_hex(envelope.alert_bytes)
+        # Decoded below, before anything is stored or answered under it; an id we know names
+        # bytes that decoded before.
+        aid = encoding_id_hex(envelope.alert_bytes)
         known = self._verdicts.get(aid)
         verifying = None
-        if known is None and alert.service_id in self.by_id:
-            # The sandbox starts first and the signature is checked (~0.2 ms) while it runs.
-            # A forged envelope costs one sandbox run, as a well signed false alert would.
+        if known is None:
+            # A forged envelope costs one sandbox run, as a well signed false alert would; an
+            # alert of a service not protected here costs the worker a lookup.
             verifying = asyncio.ensure_future(self._verify(envelope.alert_bytes, aid))
         try:
             if verifying is not None:
                 await asyncio.sleep(0)  # its job goes out to the worker
             envelope.check()
+            alert = decode_alert(envelope.alert_bytes)
         except SignatureError:
             _abandon(verifying)
             return self._forged()
+        except FormatError as e:
+            _abandon(verifying)
+            self.bus.emit("alert.malformed", signer=envelope.node_id.hex(), error=str(e))
+            return VerifyOutcome(aid, False, "malformed", str(e), 0.0)
         except BaseException:
             _abandon(verifying)
             raise
         if known is not None:
             self.vstats.cached += 1
             return VerifyOutcome(aid, known[0] != "refuted", known[1], "stored verdict", 0.0)
+        if alert.service_id not in self.by_id:
+            _abandon(verifying)  # no sandbox here can tell: recorded as received
+            verifying = None
         d = await self._receive(aid, alert, envelope, None, "overlay", envelope_bytes,
                                 verifying=verifying)
         return VerifyOutcome(aid, d.state == "verified",
@@ -697,11 +710,11 @@ class Pipeline:
         self.bus.count("alerts.forged")
         return Outcome.FORGED
 
-    async def overlay_on_alert(self, envelope: Envelope, alert: Alert) -> None:
+    async def overlay_on_alert(self, envelope: Envelope, alert: Alert | None) -> None:
         """``Overlay(on_alert=...)``: called once per alert that verified here, before the
         overlay forwards it (the state goes onto the verdict's row, which holds the
         envelope, once that row is queued)."""
-        await self.mark_forwarded(alert_id_hex(envelope.alert_bytes),
+        await self.mark_forwarded(encoding_id_hex(envelope.alert_bytes),  # verified here
                                   signer=envelope.node_id.hex())
 
     # --- status -----------------------------------------------------------------------------

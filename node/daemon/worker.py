@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sca.alert import Alert, Message
-from sca.codec import FormatError, alert_id_hex, decode_alert, encode_alert
+from sca.codec import FormatError, decode_alert, encode_alert, encoding_id_hex
 from sca.emu.image import ServiceImage, load_image
 from sca.generate import Detector
 from sca.taint.engine import INTERRUPTED
@@ -236,7 +236,7 @@ def verify(alert_bytes: bytes) -> VerifyOutcome:
         alert = decode_alert(alert_bytes)
     except FormatError as e:
         return VerifyOutcome("", False, "malformed", str(e), 0.0)
-    aid = alert_id_hex(alert_bytes)
+    aid = encoding_id_hex(alert_bytes)  # decoded just now
     try:
         st = _st()
         verdict = st.verifier.verify(alert)
@@ -259,7 +259,7 @@ def filters(alert_bytes: bytes) -> FiltersOutcome:
     aid = ""
     try:
         alert = decode_alert(alert_bytes)
-        aid = alert_id_hex(alert_bytes)
+        aid = encoding_id_hex(alert_bytes)
         st = _st()
         image = st.by_id.get(alert.service_id)
         if image is None:

@@ -36,6 +36,7 @@ from sca.codec import (
     check_alert,
     decode_alert,
     encode_alert,
+    encoding_id_hex,
 )
 
 # --- strategies -------------------------------------------------------------------------------
@@ -441,6 +442,12 @@ def test_encode_refuses_non_alerts() -> None:
 def test_alert_id_of_bad_bytes_is_refused() -> None:
     with pytest.raises(AlertFormatError):
         alert_id(encode_alert(sample()) + b"\x00")
+
+
+def test_encoding_id_is_the_alert_id_without_the_check() -> None:
+    data = encode_alert(sample())
+    assert encoding_id_hex(data) == alert_id_hex(data) == alert_id(sample()).hex()
+    assert encoding_id_hex(data + b"\x00") != alert_id_hex(data)  # no check: another id
 
 
 # --- mutation fuzzing ---------------------------------------------------------------------------

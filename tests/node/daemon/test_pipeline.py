@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
+from node.daemon import worker
 from node.daemon.pipeline import Pipeline
 from node.daemon.pools import JobFailed, Pools
+from node.daemon.worker import VerifyOutcome
 from overlay.broadcast import Outcome
 from sca.alert import Alert, ByteRef, ExecutionControl
 from sca.codec import alert_id_hex, encode_alert
@@ -58,12 +60,12 @@ def test_detector_node_alerts_signs_stores_installs_broadcasts(
         # Its publication through the overlay: our own envelope needs no check, a tampered
         # copy of it is forged.
         own = decode_envelope(sent[0])
-        mine = await p.overlay_verify_envelope(sent[0], own.open())
+        mine = await p.overlay_verify_body(sent[0])
         assert not isinstance(mine, Outcome)
         assert mine.verified and mine.detail == "stored verdict"
         tampered = bytearray(sent[0])
         tampered[sent[0].index(own.signature) + 5] ^= 0x01
-        assert await p.overlay_verify_envelope(bytes(tampered), own.open()) is Outcome.FORGED
+        assert await p.overlay_verify_body(bytes(tampered)) is Outcome.FORGED
         await p.idle(60)
         await p.stop()
         return p
@@ -127,7 +129,6 @@ def _three_chunk_exploit() -> tuple:
 
 
 def test_a_replay_can_be_stopped_and_a_late_stop_is_skipped(pools: Pools) -> None:
-    from node.daemon import worker
 
     # A long replay (thousands of instructions, tens of ms): the stop reaches it mid-run.
     rng = random.Random(1)
@@ -241,7 +242,7 @@ def test_a_relays_own_filter_and_row_wait_until_the_alert_is_handed_over(
                      detector=True, broadcast=sent.append)
         p.handoff = handoff
         await p.start()
-        verdict = await p.overlay_verify_envelope(env, alert)
+        verdict = await p.overlay_verify_body(env)
         assert verdict.verified
         forwarded = asyncio.ensure_future(p.overlay_on_alert(decode_envelope(env), alert))
         copy = asyncio.ensure_future(p.on_overlay_alert(env, ("10.77.0.9", 7400),
@@ -288,7 +289,7 @@ def test_a_stop_during_the_hand_off_loses_no_row(
 
         p = pipeline(parts, images, pools, serve_first_s=0.5, general_filters=False)
         p.handoff = handoff
-        assert (await p.overlay_verify_envelope(env, alert)).verified
+        assert (await p.overlay_verify_body(env)).verified
         await asyncio.sleep(0.05)
         await p.stop()
         assert await p.db(p.db.store.alert, aid) is not None
@@ -434,12 +435,13 @@ def test_unknown_service_cannot_be_verified(parts_factory: Any, envelopes: dict)
             from sca.emu.image import load_image
 
             p = pipeline(parts, [load_image(manifest_path("mgmtd"))], only_mgmtd)
-            return await p.on_overlay_alert(env, "p")
+            return await p.on_overlay_alert(env, "p"), await p.overlay_verify_body(env)
 
-        d = run(main())
+        d, v = run(main())
     finally:
         only_mgmtd.close()
     assert (d.state, d.forward, d.reason) == ("received", False, "unknown-service")
+    assert (v.verified, v.reason) == (False, "unknown-service")  # the overlay's hook says so
     assert parts.store.alert(d.alert_id).state == "received"  # type: ignore[union-attr]
 
 
@@ -470,7 +472,7 @@ def test_operator_removed_filter_does_not_come_back(
 
 def test_overlay_hooks(images: list, pools: Pools, parts_factory: Any,
                        envelopes: dict) -> None:
-    """``Overlay(verify_envelope=..., on_alert=...)``: the signature and the sandbox's verdict,
+    """``Overlay(verify_body=..., on_alert=...)``: the signature and the sandbox's verdict,
     stored once with the envelope; a forged signature is FORGED (the overlay blames the
     announcer), stored nowhere, also for a copy of an alert verified here."""
     parts = parts_factory()
@@ -481,13 +483,13 @@ def test_overlay_hooks(images: list, pools: Pools, parts_factory: Any,
 
     async def main() -> tuple:
         p = pipeline(parts, images, pools, general_filters=False)
-        bad = await p.overlay_verify_envelope(bytes(forged), alert)
+        bad = await p.overlay_verify_body(bytes(forged))
         assert parts.store.alert(alert_id_hex(env.alert_bytes)) is None
-        v = await p.overlay_verify_envelope(env_bytes, alert)  # what the overlay asks
+        v = await p.overlay_verify_body(env_bytes)  # what the overlay asks
         await p.overlay_on_alert(env, alert)  # then, before it forwards
-        again = await p.overlay_verify_envelope(env_bytes, alert)
+        again = await p.overlay_verify_body(env_bytes)
         cached = p.vstats.cached
-        bad_copy = await p.overlay_verify_envelope(bytes(forged), alert)
+        bad_copy = await p.overlay_verify_body(bytes(forged))
         assert p.vstats.cached == cached
         await p.idle(30)
         return bad, v, again, bad_copy, p
@@ -543,7 +545,6 @@ def test_detection_does_not_wait_behind_general_filters(
         pools: Pools, envelopes: dict, rng: random.Random) -> None:
     """General filters are derived in a lane of their own, at a lower CPU priority: an exploit
     caught while two general filters are being derived is found before they are done."""
-    from node.daemon import worker
 
     async def main() -> None:
         base = os.getpriority(os.PRIO_PROCESS, 0)
@@ -605,3 +606,32 @@ def test_exploit_is_not_held_back_behind_a_benign_replay(
         own.close()
     assert (p.dstats.analysed, p.dstats.detections) == (2, 1)
     assert analysed_at_alert == [1]  # the benign replay had not finished
+
+
+def test_overlay_hook_refutes_a_signed_body_that_is_no_alert(
+        images: list, pools: Pools, parts_factory: Any) -> None:
+    """The overlay parses no alert (``verify_body``): a well signed envelope around bytes that
+    are no alert is refuted here (the overlay remembers it so), stores nothing and leaves the
+    worker that was asked about it working."""
+    from sca.envelope import Envelope, signed_message
+
+    parts = parts_factory()
+    key = NodeKey.generate()
+    junk = b"\xa1\x61v\x01"  # CBOR, but no alert
+    signed_at = int(time.time() * 1000)
+    env = Envelope(junk, key.public_bytes, signed_at,
+                   key.sign(signed_message(junk, signed_at))).encode()
+    decode_envelope(env).check()  # the signature is good
+
+    async def main() -> Any:
+        p = pipeline(parts, images, pools, general_filters=False)
+        v = await p.overlay_verify_body(env)
+        await p.idle(30)
+        return v
+
+    v = run(main())
+    assert isinstance(v, VerifyOutcome)
+    assert (v.verified, v.reason) == (False, "malformed")
+    assert parts.store.alerts() == []
+    assert parts.types() == ["alert.malformed"]
+    assert run(pools.fast.run(worker.ping, timeout=30)) > 0
