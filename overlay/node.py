@@ -41,10 +41,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
 import inspect
 import logging
 import socket
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -129,6 +131,63 @@ def _verdict_of(result: Any) -> Verdict:
     return None
 
 
+class _Wakeups:
+    """The next deadline of every overlay on one loop, under one timer of the loop's. A timer
+    per node (``call_at``, and a ``cancel`` whenever its deadline moved earlier) kept a
+    thousand handles on the loop's heap with a thousand nodes in one process, compared in
+    Python (``TimerHandle.__lt__``) at every push and pop; here a deadline is a tuple on a
+    heap of its own, and an overlay whose deadline moved earlier leaves the older entry behind,
+    skipped when it comes up. Overlays are held by weak references; when the last one on the
+    loop stops, the heap is dropped and the timer cancelled."""
+
+    __slots__ = ("at", "heap", "members", "seq", "timer")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[float, int, weakref.ref[Overlay]]] = []
+        self.seq = 0
+        self.members = 0  # overlays started on this loop and not stopped
+        self.timer: asyncio.TimerHandle | None = None
+        self.at = float("inf")
+
+    def add(self, loop: asyncio.AbstractEventLoop, when: float, overlay: Overlay) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (when, self.seq, weakref.ref(overlay)))
+        if when < self.at:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.at = when
+            self.timer = loop.call_at(when, self._fire)
+
+    def leave(self) -> None:
+        self.members -= 1
+        if self.members <= 0:
+            self.heap.clear()
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer, self.at = None, float("inf")
+
+    def _fire(self) -> None:
+        self.timer, self.at = None, float("inf")
+        loop = asyncio.get_running_loop()
+        heap = self.heap
+        now = loop.time()
+        while heap and heap[0][0] <= now:
+            when, _, ref = heapq.heappop(heap)
+            overlay = ref()
+            if overlay is not None and overlay._timer_at == when:  # not superseded
+                try:
+                    overlay._on_timer()
+                except Exception:
+                    log.warning("overlay timer failed", exc_info=True)
+        if heap:
+            self.at = heap[0][0]
+            self.timer = loop.call_at(self.at, self._fire)
+
+
+_wakeups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wakeups] = (
+    weakref.WeakKeyDictionary())
+
+
 class Overlay:
     def __init__(self, key: NodeKey, bind: tuple[str, int] = ("0.0.0.0", 0),
                  bootstrap: Sequence[str | tuple[str, int]] = (), *,
@@ -162,8 +221,8 @@ class Overlay:
         self.address: Addr | None = None
         self.counters: Counter[str] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = float("inf")
+        self._wakeups: _Wakeups | None = None  # this loop's, once started
+        self._timer_at = float("inf")  # when it is to wake this overlay (inf: not at all)
         self._ban_epoch = 0
         self._contacts_cache: tuple[int, list[Contact]] | None = None
         self._contact_objs: dict[bytes, Contact] = {}
@@ -180,6 +239,11 @@ class Overlay:
 
     async def start(self, join: bool = True) -> None:
         loop = self._loop = asyncio.get_running_loop()
+        wakeups = _wakeups.get(loop)
+        if wakeups is None:
+            wakeups = _wakeups[loop] = _Wakeups()
+        wakeups.members += 1
+        self._wakeups = wakeups
         self.core = BroadcastCore(self.key.node_id, self._contacts, self.config.broadcast,
                                   now=loop.time())
         host, port = self.bind
@@ -252,9 +316,9 @@ class Overlay:
         self._stopping = True
         with contextlib.suppress(Exception):
             self.save_neighbours()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer_at = float("inf")
+        if self._wakeups is not None:
+            self._wakeups.leave()
         if self.fetch_server is not None:
             await self.fetch_server.close()
         for job in list(self._fetches):
@@ -597,15 +661,12 @@ class Overlay:
         if core.ban_epoch != self._ban_epoch:
             self._sync_bans()
         deadline = core.next_deadline()
-        if self._timer is not None and deadline >= self._timer_at:
+        if deadline >= self._timer_at or self._wakeups is None:
             return
-        if self._timer is not None:
-            self._timer.cancel()
         self._timer_at = deadline
-        self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._wakeups.add(self._loop, deadline, self)
 
     def _on_timer(self) -> None:
-        self._timer = None
         self._timer_at = float("inf")
         if self.core is None or self._loop is None or self._stopping:
             return

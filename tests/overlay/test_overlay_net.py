@@ -853,3 +853,29 @@ def test_nodes_that_joined_through_a_peer_knowing_nobody_meet_within_seconds(
 
     assert run(meet(0.5, 6.0))
     assert not run(meet(0.0, 2.0))
+
+
+def test_each_overlay_keeps_its_own_schedule_on_a_shared_loop(prefix, verifier, run) -> None:
+    """Every node's anti-entropy rounds come on time although all overlays of one loop share
+    a single timer of the loop's, and a stopped node's come no more."""
+    async def main() -> None:
+        cfg = OverlayConfig(broadcast=BroadcastConfig(ae_interval=0.2))
+        nodes = [Overlay(NodeKey.generate(), bind=addr(prefix, i), verify=verifier.verify,
+                         bootstrap=[f"{addr(prefix, 0)[0]}:{PORT}"] if i else [], config=cfg)
+                 for i in range(4)]
+        try:
+            await nodes[0].start(join=False)
+            for node in nodes[1:]:
+                await node.start()
+            await nodes[3].stop()
+
+            def rounds() -> list[int]:
+                return [n.stats().get("bcast.ae_rounds", 0) for n in nodes]
+            before = rounds()
+            await asyncio.sleep(1.5)  # 6 rounds each, give or take the jitter
+            after = rounds()
+            assert all(a - b >= 3 for a, b in zip(after[:3], before[:3], strict=True))
+            assert after[3] == before[3]
+        finally:
+            await asyncio.gather(*(n.stop() for n in nodes))
+    run(main())
