@@ -611,8 +611,8 @@ def test_exploit_is_not_held_back_behind_a_benign_replay(
 def test_overlay_hook_refutes_a_signed_body_that_is_no_alert(
         images: list, pools: Pools, parts_factory: Any) -> None:
     """The overlay parses no alert (``verify_body``): a well signed envelope around bytes that
-    are no alert is refuted here (the overlay remembers it so), stores nothing and leaves the
-    worker that was asked about it working."""
+    are no alert is refuted here (the overlay remembers it so) and stores nothing; the pool
+    goes on working."""
     from sca.envelope import Envelope, signed_message
 
     parts = parts_factory()
