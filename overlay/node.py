@@ -176,10 +176,13 @@ class _Wakeups:
             overlay = ref()
             if overlay is not None and overlay._timer_at == when:  # not superseded
                 try:
-                    overlay._on_timer()
+                    overlay._on_timer()  # which may add (and so set the timer) again
                 except Exception:
                     log.warning("overlay timer failed", exc_info=True)
-        if heap:
+        # One timer, always: the earliest entry's (the adds above may have set it already).
+        if heap and heap[0][0] < self.at:
+            if self.timer is not None:
+                self.timer.cancel()
             self.at = heap[0][0]
             self.timer = loop.call_at(self.at, self._fire)
 
