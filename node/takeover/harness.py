@@ -53,7 +53,8 @@ class Node:
 
     def __init__(self, ns: Namespace, engine: Engine, port: int, *,
                  detect: Callable[..., Any] | None = None, watch: bool = True,
-                 extra_rules: list[str] | None = None, thread: bool = True) -> None:
+                 extra_rules: list[str] | None = None, thread: bool = True,
+                 readers: int | None = None) -> None:
         self.ns = ns
         NftTable(ns.name).ensure()
         self.nft = rules.NftText(ns.name)
@@ -61,7 +62,7 @@ class Node:
         if watch:
             lines += rules.watch_rules(port, "hw:test-watch")
         self.nft.apply(lines + (extra_rules or []))
-        readers = rules.TAKEOVER_READERS if thread else 1
+        readers = (readers or rules.TAKEOVER_READERS) if thread else 1
         self.queue_rules = QueueRules(netns=ns.name, queues=rules.queues(readers))
         self.queue_rules.install()
         self.lt = LoopThread()
