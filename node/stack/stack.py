@@ -196,11 +196,19 @@ class Stack:
         nxt = snd.next_seq
         if nxt is None or 0 < ((end - nxt) & MASK) < HALF:
             snd.next_seq = end
-        if flags & ACK:
-            snd.ack = ack
-            snd.window = window
-            if snd.shift is not None:
-                snd.right_edge = (ack + (window << snd.shift)) & MASK
+        # An ACK older than the last one (reordered on the way: the node's per-CPU queue
+        # readers, a sender that moves between CPUs) changes nothing, as in the peer's own
+        # tcp_ack; at the same ACK the window only grows (Linux never shrinks the window it
+        # offers). Else an old ACK would pull the edge back and drop data sent within it.
+        prev = snd.ack
+        if flags & ACK and (prev is None or ((ack - prev) & MASK) < HALF):
+            if snd.shift is None:
+                snd.ack, snd.window = ack, window
+            else:
+                edge = (ack + (window << snd.shift)) & MASK
+                last = snd.right_edge
+                if ack != prev or last is None or ((edge - last) & MASK) < HALF:
+                    snd.ack, snd.window, snd.right_edge = ack, window, edge
         if tsval is not None:
             snd.ts_val = tsval
             snd.ts_ecr = tsecr

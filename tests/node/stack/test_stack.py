@@ -91,6 +91,24 @@ def test_paws_and_window_drops() -> None:
     assert data(s.handle(c.to_server(b"d" * 5), 1)) == b"d" * 5
 
 
+def test_an_old_ack_arriving_late_does_not_pull_the_window_back() -> None:
+    """The server's ACKs reordered on the way (as the client's kernel also ignores an ACK
+    older than the last): data within the newer ACK's window is not dropped as beyond it."""
+    s, c = make(), TcpConversation()
+    opened(s, c)
+    s.handle(c.to_server(b"a" * 1000), 1)
+    old_ack = c.to_client(b"", ack=500)  # half of it
+    s.handle(c.to_client(b""), 1)  # acknowledges all 1000: the edge 1000 + (502 << 7)
+    b = s.flows()[0].halves[1]
+    edge = b.right_edge
+    s.handle(old_ack, 1)  # the older ACK, late
+    s.handle(c.to_client(b"", window=400), 1)  # same ACK, a smaller window: not a shrink either
+    assert (b.right_edge, b.ack) == (edge, c.c_next)
+    # the last bytes it allows (``seq``: a stream offset)
+    last = c.to_server(b"z" * 10, seq=(edge - 10 - c.client_isn - 1) & 0xFFFFFFFF)
+    assert not any(isinstance(e, Drop) for e in s.handle(last, 1))
+
+
 def test_handshake_ack_must_echo_a_synack_timestamp() -> None:
     s, c = make(), TcpConversation()
     s.handle(c.syn(), 0)
