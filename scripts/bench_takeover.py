@@ -19,7 +19,10 @@ in rounds (``--rounds``, a fresh topology and node process each, warm-up include
 order alternating (ABBA), so that a change in the shared machine's load meets both paths alike;
 the p50s are over all rounds' timed samples. ``proxy_mbps`` is a
 bulk upload through a taken-over connection (``proxy_down_mbps`` the other way);
-``forward_mbps`` the same transfer forwarded by the kernel with no node, for scale.
+``watch_mbps`` a benign upload through the node's watch (checked, not taken over), with
+``watch_dropped`` (its segments the node dropped) and ``watch_held`` (out of order, held for
+their turn); ``forward_mbps`` the same transfer forwarded by the kernel with no node, for
+scale. ``--readers``: the node's queue readers (one per CPU's queue).
 
 The JSON's ``takeover_us``, ``tcp_repair_us`` and ``speedup`` are the idle node's; the
 ``*_loaded_*`` fields the busy node's; ``stages_us`` splits both paths' p50s into stages (see the
@@ -45,6 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from node.takeover import rules
 from node.takeover.capture import Tcpdump, trigger_times
 from node.takeover.harness import LineServer, recv_until, tcp_counters
 from node.takeover.topo import PathTopo
@@ -60,11 +64,11 @@ class NodeProcess:
     """The node in a process of its own (``node.takeover.runner``): it shares no interpreter
     lock with the clients, servers and capture of the benchmark."""
 
-    def __init__(self, netns: str, engine: str) -> None:
+    def __init__(self, netns: str, engine: str, readers: int) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node.takeover.runner", "--netns", netns, "--engine",
-             engine, "--port", str(PORT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, cwd=REPO)
+             engine, "--port", str(PORT), "--readers", str(readers)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, cwd=REPO)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
@@ -114,10 +118,10 @@ class Background:
         return self.round_trips / max(time.monotonic() - self.started, 1e-9)
 
 
-def latency(name: str, n: int, warmup: int, pcap: Path, background: float = 0.0
-            ) -> dict[str, Any]:
+def latency(name: str, n: int, warmup: int, pcap: Path, readers: int,
+            background: float = 0.0) -> dict[str, Any]:
     with PathTopo("bt") as t:
-        node = NodeProcess(t.router.name, name)
+        node = NodeProcess(t.router.name, name, readers)
         stats: dict[str, Any] = {}
         srv = LineServer(t.server, t.server_addr, PORT)
         bg = Background(t.client, t.server_addr, background) if background else None
@@ -217,11 +221,12 @@ class Blaster:
         self.ls.close()
 
 
-def throughput(mode: str, size: int) -> dict[str, Any]:
-    """Bulk transfer through a taken-over connection (``mode`` up/down), or forwarded by the
-    kernel with no node (``forward``)."""
+def throughput(mode: str, size: int, readers: int) -> dict[str, Any]:
+    """Bulk transfer through a taken-over connection (``mode`` up/down), a benign upload
+    through the node's watch (``watch``: checked, not taken over; the out-of-order segments the
+    queue held or dropped), or forwarded by the kernel with no node (``forward``)."""
     with PathTopo("bp") as t:
-        node = NodeProcess(t.router.name, "takeover") if mode != "forward" else None
+        node = NodeProcess(t.router.name, "takeover", readers) if mode != "forward" else None
         stats: dict[str, Any] = {}
         data = bytes(range(256)) * (size // 256)
         before = (tcp_counters(t.client), tcp_counters(t.server))
@@ -263,10 +268,13 @@ def throughput(mode: str, size: int) -> dict[str, Any]:
         finally:
             if node is not None:
                 stats = node.stop()
+    queue = stats.get("queue", {})
     return {"mbps": len(data) * 8 / el / 1e6, "seconds": el, "intact": good,
             "retrans_client": after[0]["RetransSegs"] - before[0]["RetransSegs"],
             "retrans_server": after[1]["RetransSegs"] - before[1]["RetransSegs"],
-            "taken_over": stats.get("engine", {}).get("taken_over", 0)}
+            "taken_over": stats.get("engine", {}).get("taken_over", 0),
+            **{k: queue.get(k, 0) for k in ("ooo_held", "ooo_dropped", "held_dropped",
+                                            "ooo_expired", "dropped")}}
 
 
 SKIPPED: dict[str, Any] = {  # a path left out with --paths
@@ -295,7 +303,9 @@ def main() -> None:
                     help="rounds per condition, each path's n split among them, the paths' "
                          "order alternating (ABBA): a change in the machine's load meets "
                          "both paths alike")
-    ap.add_argument("--bulk-mb", type=int, default=20)
+    ap.add_argument("--bulk-mb", type=int, default=20, help="0: no bulk transfers")
+    ap.add_argument("--readers", type=int, default=rules.TAKEOVER_READERS,
+                    help="the node's queue readers (one per CPU's queue; 1: one queue)")
     ap.add_argument("--background", type=float, default=1000.0,
                     help="round trips/s of a benign client in the loaded condition (0: skip)")
     ap.add_argument("--paths", default="reset,tcp_repair,takeover",
@@ -313,13 +323,13 @@ def main() -> None:
                 for name in paths if i % 2 == 0 else paths[::-1]:
                     share = args.n // args.rounds + (i < args.n % args.rounds)
                     pcap = Path(tmp) / f"{name}-{bg:g}-{i}.pcap"  # a new file: see Tcpdump
-                    runs[name].append(latency(name, share, args.warmup, pcap, bg))
+                    runs[name].append(latency(name, share, args.warmup, pcap, args.readers,
+                                              bg))
             lat[bg] = {name: summary(runs[name]) if name in paths else SKIPPED
                        for name in ("reset", "tcp_repair", "takeover")}
     size = args.bulk_mb * 1_000_000
-    up = throughput("up", size)
-    down = throughput("down", size)
-    fwd = throughput("forward", size)
+    bulk = {mode: throughput(mode, size, args.readers) if size else None
+            for mode in ("up", "down", "watch", "forward")}
 
     head = (f"{'path':<12}{'p50 µs':>9}{'p90 µs':>9}{'min µs':>9}{'queue':>8}"
             f"{'out':>8}{'engine':>9}{'server ok':>12}{'client ok':>12}{'resets':>8}"
@@ -338,11 +348,19 @@ def main() -> None:
           "check, the engine; the TCP_REPAIR engine after the stack's bookkeeping, its sockets "
           "need the\ntrigger in the state); engine = callback -> the engine's work done. "
           "server ok: the server got exactly the benign bytes.")
-    print(f"\nbulk {args.bulk_mb} MB through a taken-over connection: up {up['mbps']:.1f} Mbit/s "
-          f"(intact={up['intact']}, retx c/s {up['retrans_client']}/{up['retrans_server']}), "
-          f"down {down['mbps']:.1f} Mbit/s (intact={down['intact']}, retx c/s "
-          f"{down['retrans_client']}/{down['retrans_server']});\nthe same upload forwarded by the "
-          f"kernel with no node: {fwd['mbps']:.1f} Mbit/s")
+    up, down, watch, fwd = bulk["up"], bulk["down"], bulk["watch"], bulk["forward"]
+    if up and down and watch and fwd:
+        print(f"\nbulk {args.bulk_mb} MB through a taken-over connection: up {up['mbps']:.1f} "
+              f"Mbit/s (intact={up['intact']}, retx c/s {up['retrans_client']}/"
+              f"{up['retrans_server']}), down {down['mbps']:.1f} Mbit/s (intact="
+              f"{down['intact']}, retx c/s {down['retrans_client']}/{down['retrans_server']});"
+              f"\na benign upload through the node's watch: {watch['mbps']:.1f} Mbit/s (intact="
+              f"{watch['intact']}, retx c/s {watch['retrans_client']}/{watch['retrans_server']}"
+              f", out-of-order segments held {watch['ooo_held']}, dropped "
+              f"{watch['ooo_dropped'] + watch['held_dropped'] + watch['ooo_expired']}, dropped "
+              f"by the stack {watch['dropped']});\nthe same upload forwarded by the kernel with "
+              f"no node: {fwd['mbps']:.1f} Mbit/s")
+    print(f"node: {args.readers} queue reader(s)")
 
     def r1(x: float | None) -> float | None:
         return None if x is None else round(x, 1)
@@ -374,8 +392,17 @@ def main() -> None:
         "stages_us": {f"{name}{'_loaded' if bg else ''}": {
             k: r1(lat[bg][name][f"{k}_us"]) for k in ("queue", "out", "engine")}
             for bg in conditions for name in ("tcp_repair", "takeover")},
-        "proxy_mbps": r1(up["mbps"]), "proxy_down_mbps": r1(down["mbps"]),
-        "forward_mbps": r1(fwd["mbps"]),
+        "proxy_mbps": r1(up["mbps"]) if up else None,
+        "proxy_down_mbps": r1(down["mbps"]) if down else None,
+        "forward_mbps": r1(fwd["mbps"]) if fwd else None,
+        "watch_mbps": r1(watch["mbps"]) if watch else None,
+        # a benign upload's segments the node dropped: out of order past the hold's bounds,
+        # held then dropped, or refused by the stack (each makes the client resend)
+        "watch_dropped": watch["ooo_dropped"] + watch["held_dropped"] + watch["ooo_expired"]
+        + watch["dropped"] if watch else None,
+        "watch_held": watch["ooo_held"] if watch else None,
+        "watch_retrans": watch["retrans_client"] if watch else None,
+        "readers": args.readers,
         "takeover_server_clean": sum(lat[b]["takeover"]["server_clean"] for b in conditions),
         "tcp_repair_server_clean": sum(lat[b]["tcp_repair"]["server_clean"]
                                        for b in conditions),

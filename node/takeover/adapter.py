@@ -10,9 +10,16 @@ already taken over, in both directions. For each packet:
    flight each way (so a taken-over endpoint can resend what a peer lost), and checks each new
    in-order chunk of a client's stream against the filters. A match is the *trigger*: the engine
    takes the flow over with that very packet (which never reaches the server);
-3. a client segment that arrives out of order is dropped rather than forwarded: the server must
-   never hold bytes the node has not released in order, or a takeover could not remove them
-   (the client resends it; with SACK that costs one round trip);
+3. a client segment that arrives out of order is *held*: its verdict waits (the kernel keeps
+   the packet) until the hole before it fills, and once the bytes up to its end are delivered
+   and checked it is accepted, after the packet that filled the hole, in stream order. The
+   server must never hold bytes the node has not released in order, or a takeover could not
+   remove them. A flow taken over or blocked meanwhile has its held packets dropped (their bytes
+   went to the engine with the trigger, or must not pass); past ``HOLD_PACKETS`` a flow,
+   ``HOLD_TOTAL`` in all or ``HOLD_TIMEOUT`` seconds, a segment is dropped and the client
+   resends it. Readers fanned out by CPU see a sender that moves between CPUs out of order
+   (each queue's reader races the others): dropping those cost a benign 20 MB upload 609-2297
+   segments and half its throughput;
 4. everything else is accepted at once.
 
 A trigger that cannot be taken over (the engine failed; a flow picked up at the trigger with
@@ -66,6 +73,13 @@ MAX_BLOCKED = 4096
 # verdict, so the reader is on the forwarding path; a trigger on a busy node no longer waits
 # for another task's time slice (bench_takeover, loaded node: 168-286 -> 80-100 µs).
 READER_PRIORITY = 10
+# Out-of-order client segments held for their turn (point 3 above). Held packets count against
+# the kernel queue's length (``max_len``, 4096), so both bounds stay well under it; a hole the
+# client has to fill by a resend lasts its RTO (200 ms at least), so a held packet waits a
+# second before it is given up (the client resends it too).
+HOLD_PACKETS = 256
+HOLD_TOTAL = 1024
+HOLD_TIMEOUT = 1.0
 T = TypeVar("T")
 
 
@@ -83,6 +97,24 @@ class Trigger:
     c2s: StreamTail | None = None
     s2c: StreamTail | None = None
     hit: Any = None  # what matched (a filters.condition.Filter, or the detector's verdict)
+
+
+@dataclass(slots=True)
+class Held:
+    """An out-of-order client segment waiting for its verdict."""
+
+    seq: int
+    end: int  # the sequence number after its last byte
+    handle: Handle
+    since: float
+
+
+@dataclass(slots=True)
+class Hold:
+    """A flow's held segments, in arrival order; ``armed``: its expiry timer is set."""
+
+    packets: list[Held]
+    armed: bool = False
 
 
 class Engine(Protocol):
@@ -200,6 +232,9 @@ class TakeoverQueue:
         self.tails: dict[int, tuple[StreamTail, StreamTail]] = {}
         self.streams: dict[int, bytes] = {}
         self.blocked: dict[int, None] = {}  # flows whose trigger was dropped, not taken over
+        self.holds: dict[int, Hold] = {}  # flow id -> its out-of-order client segments
+        self._held = 0  # packets in self.holds
+        self._closing = False
         self.stats: Counter[str] = Counter()
         self.triggers: list[Trigger] = []
         self.netns = netns
@@ -234,6 +269,12 @@ class TakeoverQueue:
         return self
 
     def close(self) -> None:
+        # Held segments are dropped, not given the queues' default verdict at their close
+        # (fail-open would pass bytes the node has not checked in order); the client resends.
+        with self._lock:
+            self._closing = True
+            for fid in list(self.holds):
+                self._drop_held(fid)
         for q in self.queues:
             q.close()
         self.engine.close()
@@ -308,13 +349,19 @@ class TakeoverQueue:
                     self.tails.pop(e.flow_id, None)
                     self.streams.pop(e.flow_id, None)
                     self.blocked.pop(e.flow_id, None)
-            if fd is not None:
-                drop |= self._track(fd.dir, fd.flow, payload, ihl, seq, ack, flags, plen, events)
+                    if e.flow_id in self.holds:
+                        self._drop_held(e.flow_id)
+            ahead = fd is not None and self._track(fd.dir, fd.flow, payload, ihl, seq, ack,
+                                                   flags, plen, events)
             if drop:
                 self.stats["dropped"] += 1
                 handle.drop()
+            elif ahead:
+                self._hold(fd.flow, seq, plen, handle, now)  # type: ignore[union-attr]
             else:
                 handle.accept()
+                if self.holds and fd is not None and fd.flow.id in self.holds:
+                    self._release(fd.flow)  # after this packet: it may have filled the hole
 
     def _watch_new(self, *ports: bytes) -> None:
         """A filter installed since the queue started: its port's flows are tracked from now on
@@ -376,7 +423,7 @@ class TakeoverQueue:
 
     def _track(self, direction: int, flow: Flow, payload: bytes, ihl: int, seq: int, ack: int,
                flags: int, plen: int, events: list[Any]) -> bool:
-        """Tails of both directions; True to drop an out-of-order client segment."""
+        """Tails of both directions; True for an out-of-order client segment (to hold)."""
         c2s, s2c = self._tails(flow)
         if flags & ACK:
             (s2c if direction == 0 else c2s).trim(ack)
@@ -388,10 +435,74 @@ class TakeoverQueue:
         stream = flow.stream
         if stream is None or any(type(e) is MessageIn for e in events):
             return False
-        if seq_lt(stream.next_seq, seq):  # held by the stack: not for the server yet
+        # Held by the stack (or a resend of held bytes): not for the server yet.
+        return seq_lt(stream.next_seq, seq)
+
+    def _hold(self, flow: Flow, seq: int, n: int, handle: Handle, now: float) -> None:
+        """Keep an out-of-order client segment's verdict until its turn (point 3 of the
+        module docstring), or drop it past the bounds."""
+        hold = self.holds.get(flow.id)
+        if hold is None:
+            hold = self.holds[flow.id] = Hold([])
+        if len(hold.packets) >= HOLD_PACKETS or self._held >= HOLD_TOTAL or self._closing:
             self.stats["ooo_dropped"] += 1
-            return True
-        return False
+            handle.drop()
+            return
+        hold.packets.append(Held(seq, seq_add(seq, n), handle, now))
+        self._held += 1
+        self.stats["ooo_held"] += 1
+        if not hold.armed and self._loop is not None:
+            hold.armed = True
+            self._loop.call_later(HOLD_TIMEOUT, self._expire, flow.id, hold)
+
+    def _release(self, flow: Flow) -> None:
+        """Accept the held segments whose bytes have all been delivered (checked), in the
+        order that makes the server's kernel keep the same bytes as the stack did (Linux's
+        rule, ``node.stack.reassembly``): by start, the longer first, else as they came."""
+        hold = self.holds[flow.id]
+        stream = flow.stream
+        if stream is None:
+            return
+        nxt = stream.next_seq
+        due = [h for h in hold.packets if not seq_lt(nxt, h.end)]
+        if not due:
+            return
+        hold.packets = [h for h in hold.packets if seq_lt(nxt, h.end)]
+        self._held -= len(due)
+        if not hold.packets and not hold.armed:
+            del self.holds[flow.id]
+        due.sort(key=lambda h: (stream.offset(h.seq), -stream.offset(h.end)))
+        for h in due:
+            h.handle.accept()
+        self.stats["ooo_released"] += len(due)
+
+    def _drop_held(self, flow_id: int) -> None:
+        """Drop a flow's held segments (taken over, blocked, closed)."""
+        hold = self.holds.pop(flow_id, None)
+        if hold is None:
+            return
+        for h in hold.packets:
+            h.handle.drop()
+        self._held -= len(hold.packets)
+        self.stats["held_dropped"] += len(hold.packets)
+
+    def _expire(self, flow_id: int, hold: Hold) -> None:
+        """The hold timer (on the queue's scheduler, which serialises it with the packets):
+        segments held ``HOLD_TIMEOUT`` are dropped, the client resends them."""
+        if self.holds.get(flow_id) is not hold:
+            return  # dropped meanwhile (a later hold of the flow has a timer of its own)
+        now = self._time()
+        old = [h for h in hold.packets if now - h.since >= HOLD_TIMEOUT]
+        for h in old:
+            h.handle.drop()
+        hold.packets = [h for h in hold.packets if now - h.since < HOLD_TIMEOUT]
+        self._held -= len(old)
+        self.stats["ooo_expired"] += len(old)
+        if hold.packets and self._loop is not None:
+            self._loop.call_at(hold.packets[0].since + HOLD_TIMEOUT, self._expire, flow_id,
+                               hold)
+        else:
+            del self.holds[flow_id]
 
     def _message(self, e: MessageIn, flow: Flow, payload: bytes, handle: Handle,
                  now: float, checked: bool) -> bool:
@@ -433,6 +544,8 @@ class TakeoverQueue:
             self.stats["unseeded_drops"] += 1
             self._block(flow, handle)
             return
+        if flow.id in self.holds:  # their bytes are the trigger's: the engine has them now
+            self._drop_held(flow.id)
         tails = self._tails(flow)
         c = flow.halves[0]
         fin = FIN if c.fin_seq is not None and c.fin_seq == seq_add(seq, len(data)) else 0
@@ -460,6 +573,8 @@ class TakeoverQueue:
         connection stalls (the server never acknowledges it) instead of carrying it."""
         handle.drop()
         self.streams.pop(flow.id, None)
+        if flow.id in self.holds:
+            self._drop_held(flow.id)
         self.blocked[flow.id] = None
         if len(self.blocked) > MAX_BLOCKED:  # flows that vanished without a close event
             self.blocked.pop(next(iter(self.blocked)))

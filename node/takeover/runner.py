@@ -29,6 +29,9 @@ def main() -> None:
     ap.add_argument("--engine", choices=("takeover", "tcp_repair", "reset"), required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--prefix", default="EXPLOIT")
+    ap.add_argument("--readers", type=int, default=None,
+                    help="queue reader threads, one per CPU's queue (default: "
+                         "rules.TAKEOVER_READERS)")
     args = ap.parse_args()
     ns = Namespace.attach(args.netns)
     engine: Any
@@ -50,7 +53,8 @@ def main() -> None:
         times.append((now + (end - time.monotonic()), end))
 
     engine.trigger = trigger
-    node = Node(ns, engine, args.port, detect=starts_with(args.prefix.encode()))
+    node = Node(ns, engine, args.port, detect=starts_with(args.prefix.encode()),
+                readers=args.readers)
     print("ready", flush=True)
     try:
         sys.stdin.read()

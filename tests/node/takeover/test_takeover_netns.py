@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -219,6 +220,83 @@ def test_a_trigger_from_any_cpu_is_taken_over_by_that_cpus_reader() -> None:
     for i, q in enumerate(queues):
         if any(c % len(queues) == i for c in cpus):
             assert q.received > 0, (i, [q.received for q in queues])
+
+
+def test_a_benign_upload_read_out_of_order_by_per_cpu_readers_loses_nothing() -> None:
+    """A watched flow whose sender moves between CPUs: with the queue fanned out by CPU, its
+    segments reach the readers out of order. The node holds those until their turn instead of
+    dropping them: the upload arrives whole, no segment is dropped by the node, and the client
+    resends (next to) nothing."""
+    cpus = sorted(os.sched_getaffinity(0))
+    data = bytes(range(256)) * (8 << 12)  # 8 MB
+    with PathTopo("tko") as t:
+        engine = TakeoverEngine(netns=t.node.name, nft=rules.NftText(t.node.name))
+        node = Node(t.node, engine, PORT, detect=starts_with(b"EXPLOIT"),
+                    readers=min(len(cpus), 8))
+        srv = LineServer(t.server, t.server_addr, PORT, sink=True)
+        try:
+            c = _client(t)
+            before = tcp_counters(t.client)
+
+            def upload() -> None:
+                for i in range(0, len(data), 64 << 10):  # the sender hops CPUs as it goes
+                    os.sched_setaffinity(0, {cpus[(i >> 16) % len(cpus)]})
+                    c.sendall(data[i:i + (64 << 10)])
+                c.shutdown(socket.SHUT_WR)
+
+            th = threading.Thread(target=upload)
+            th.start()
+            th.join(60)
+            conn = srv.wait(1, 60)[0]
+            c.close()
+            time.sleep(0.2)
+            retx = delta(tcp_counters(t.client), before, "RetransSegs")["RetransSegs"]
+            stats = node.call(lambda: Counter(node.queue.stats))
+        finally:
+            node.close()
+            srv.close()
+    assert bytes(conn.received) == data and conn.eof
+    assert engine.stats["taken_over"] == 0
+    assert stats["ooo_dropped"] == stats["held_dropped"] == stats["ooo_expired"] == 0, stats
+    assert stats["ooo_released"] == stats["ooo_held"], stats  # every held segment went on
+    assert retx <= 10, (retx, stats)  # 8 MB is ~5800 segments: no storm
+
+
+def test_an_exploit_split_across_reordered_segments_is_caught() -> None:
+    """The exploit's first segment is lost on the way to the node and resent (RTO): its second
+    arrives first and is held (the server gets nothing of it), the resend fills the hole, the
+    whole message matches and the flow is taken over; the server gets only the benign bytes
+    after it."""
+    with PathTopo("tkh") as t:
+        # In the node's namespace, before its own chains: the first segment that starts with
+        # "EXPL" is lost once (its resend passes: the quota is spent).
+        rules.NftText(t.node.name).apply([
+            "add table inet hwreorder",
+            "add chain inet hwreorder pre { type filter hook prerouting priority -400; "
+            "policy accept; }",
+            f"add rule inet hwreorder pre tcp dport {PORT} @th,256,32 0x4558504c "
+            "quota until 100 bytes drop",
+        ])
+        engine = TakeoverEngine(netns=t.node.name, nft=rules.NftText(t.node.name))
+        node = Node(t.node, engine, PORT, detect=starts_with(b"EXPLOIT"))
+        srv = LineServer(t.server, t.server_addr, PORT)
+        try:
+            c = _client(t)
+            c.sendall(EXPLOIT[:4])  # lost
+            time.sleep(0.01)
+            c.sendall(EXPLOIT[4:])  # first at the node: held
+            time.sleep(1.0)  # the resend of the first (RTO)
+            c.sendall(AFTER)
+            got = recv_until(c, b"ok 1\n", 3)
+            c.close()
+            conn = srv.wait(1, 10)[0]
+            stats = node.call(lambda: Counter(node.queue.stats))
+        finally:
+            node.close()
+            srv.close()
+    assert engine.stats["taken_over"] == 1 and node.queue.triggers[0].data == EXPLOIT
+    assert bytes(conn.received) == AFTER and got == b"ok 1\n"
+    assert stats["ooo_held"] >= 1 and stats["ooo_released"] == 0, stats
 
 
 @pytest.mark.slow
