@@ -16,10 +16,10 @@ already taken over, in both directions. For each packet:
    server must never hold bytes the node has not released in order, or a takeover could not
    remove them. A flow taken over or blocked meanwhile has its held packets dropped (their bytes
    went to the engine with the trigger, or must not pass); past ``HOLD_PACKETS`` a flow,
-   ``HOLD_TOTAL`` in all or ``HOLD_TIMEOUT`` seconds, a segment is dropped and the client
-   resends it. Readers fanned out by CPU see a sender that moves between CPUs out of order
-   (each queue's reader races the others): dropping those cost a benign 20 MB upload 609-2297
-   segments and half its throughput;
+   ``HOLD_TOTAL`` in all or ``HOLD_TIMEOUT`` seconds (or the stack's ``HOLD_BYTES``), a
+   segment is dropped and the client resends it. Readers fanned out by CPU see a sender that
+   moves between CPUs out of order (each queue's reader races the others): dropping those cost
+   a benign 20 MB upload 609-2297 segments and half its throughput;
 4. everything else is accepted at once.
 
 A trigger that cannot be taken over (the engine failed; a flow picked up at the trigger with
@@ -74,11 +74,15 @@ MAX_BLOCKED = 4096
 # for another task's time slice (bench_takeover, loaded node: 168-286 -> 80-100 µs).
 READER_PRIORITY = 10
 # Out-of-order client segments held for their turn (point 3 above). Held packets count against
-# the kernel queue's length (``max_len``, 4096), so both bounds stay well under it; a hole the
-# client has to fill by a resend lasts its RTO (200 ms at least), so a held packet waits a
-# second before it is given up (the client resends it too).
-HOLD_PACKETS = 256
-HOLD_TOTAL = 1024
+# the kernel queue's length (``max_len``, 4096), so both bounds stay under it; a hole the client
+# has to fill by a resend lasts its RTO (200 ms at least), so a held packet waits a second
+# before it is given up (the client resends it too). A 20 MB upload whose sender hops CPUs,
+# read by per-CPU readers, had up to 239-313 segments (~450 KB) of a flow out of order at once:
+# HOLD_PACKETS is the stack's own bound on held segments, and HOLD_BYTES (its held bytes, 256
+# KiB by default, which refused 155 segments of such an upload) is raised to match.
+HOLD_PACKETS = 512
+HOLD_BYTES = 1 << 20
+HOLD_TOTAL = 2048
 HOLD_TIMEOUT = 1.0
 T = TypeVar("T")
 
@@ -227,7 +231,8 @@ class TakeoverQueue:
         ports = set(ports or ())
         if filters is not None:
             ports |= {p for proto, p in filters.ports() if proto == "tcp"}
-        self.stack = Stack(StackConfig(protected_tcp=ports, verify_checksums=False))
+        self.stack = Stack(StackConfig(protected_tcp=ports, verify_checksums=False,
+                                       max_held_bytes=HOLD_BYTES))
         self.tail_limit = tail_limit
         self.tails: dict[int, tuple[StreamTail, StreamTail]] = {}
         self.streams: dict[int, bytes] = {}
@@ -451,6 +456,8 @@ class TakeoverQueue:
         hold.packets.append(Held(seq, seq_add(seq, n), handle, now))
         self._held += 1
         self.stats["ooo_held"] += 1
+        if len(hold.packets) > self.stats["held_max"]:  # the deepest a flow's hold has been
+            self.stats["held_max"] = len(hold.packets)
         if not hold.armed and self._loop is not None:
             hold.armed = True
             self._loop.call_later(HOLD_TIMEOUT, self._expire, flow.id, hold)

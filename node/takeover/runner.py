@@ -61,6 +61,7 @@ def main() -> None:
     finally:
         node.close()
     print(json.dumps({"engine": dict(engine.stats), "queue": dict(node.queue.stats),
+                      "stack": dict(node.queue.stack.stats),
                       "times": times}), flush=True)
 
 
