@@ -20,6 +20,8 @@ categories, not flags: the last rule of ``inet herdwall`` that sets one wins.
 
 from __future__ import annotations
 
+import os
+
 MASK = 0x000F0000
 PASS = 0x00010000
 QUEUE_STACK = 0x00020000
@@ -39,11 +41,11 @@ Q_TAKEOVER = 3  # the first of TAKEOVER_READERS queues (3-10 at most): one per C
 # pinned there, so it is woken on that CPU instead of by an interrupt to another
 # (node.takeover.adapter). A taken-over flow's packets (QUEUE_TAKEN) all go to the first: a
 # sender that moves between CPUs would otherwise have its segments read out of order.
-# One reader by default: with one queue per CPU, a watched flow whose local sender moves
-# between CPUs (veth, containers) had its segments read out of order, and the node drops
-# those (609-2297 segments of a 20 MB upload in 3 of 4 runs). Fan-out (readers=N) waits
-# for out-of-order client segments to be held instead of dropped.
-TAKEOVER_READERS = 1
+# A watched flow whose local sender moves between CPUs (veth, containers) is read out of
+# order across the queues; the takeover queue holds such client segments for their turn
+# (node.takeover.adapter), so a 20 MB upload loses none (it lost 609-2297 when they were
+# dropped). One per CPU, at most 8.
+TAKEOVER_READERS = max(1, min(os.cpu_count() or 1, 8))
 Q_TAKEOVERS = (Q_TAKEOVER, Q_TAKEOVER + TAKEOVER_READERS - 1)  # the rule's range
 
 # Mark value -> queue number (or first and last of a fanned-out range): what

@@ -179,7 +179,7 @@ def _lossy(ns_name: str, one_in: int) -> None:
 
 
 def test_a_trigger_from_any_cpu_is_taken_over_by_that_cpus_reader() -> None:
-    """With the watch queue fanned out by CPU (``readers``; one reader is the default), one
+    """With the watch queue fanned out by CPU (``readers``, one per CPU by default), one
     reader pinned to each: whichever CPU the client sends from, its trigger is taken over (a
     queue with no reader would let it pass to the server), and the queue of that CPU read it."""
     cpus = sorted(os.sched_getaffinity(0))
