@@ -414,10 +414,19 @@ class TakeoverQueue:
             elif type(e) is FlowClosed:
                 self.streams.pop(e.flow_id, None)
                 self.blocked.pop(e.flow_id, None)
+                if e.flow_id in self.holds:
+                    self._drop_held(e.flow_id)
+        stream = fd.flow.stream if fd is not None and fd.dir == 0 and data_len > 0 else None
+        seq = int.from_bytes(tcp[4:8], "big")
         if drop:
             handle.drop()
+        elif stream is not None and not any(type(e) is MessageIn for e in events) and \
+                seq_lt(stream.next_seq, seq):  # out of order: held, as on IPv4
+            self._hold(fd.flow, seq, data_len, handle, now)  # type: ignore[union-attr]
         else:
             handle.accept()
+            if self.holds and fd is not None and fd.flow.id in self.holds:
+                self._release(fd.flow)
 
     def _tails(self, flow: Flow) -> tuple[StreamTail, StreamTail]:
         tails = self.tails.get(flow.id)

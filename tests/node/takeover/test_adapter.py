@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -144,6 +145,74 @@ def test_ipv6_flows_are_checked_and_a_match_blocked_not_taken_over() -> None:
         loop.close()
 
 
+class _Logged(_Verdicts):
+    """A verdict that also goes into a shared log, to see the order they were given in."""
+
+    def __init__(self, log: list[tuple[bytes, str]], data: bytes) -> None:
+        super().__init__()
+        self.log, self.data = log, data
+
+    def accept(self) -> None:
+        super().accept()
+        self.log.append((self.data, "accept"))
+
+    def drop(self) -> None:
+        super().drop()
+        self.log.append((self.data, "drop"))
+
+
+def _segment(v6: bool, client: bool, seq: int, ack: int, flags: int, data: bytes = b"") -> bytes:
+    if v6:
+        src, dst = (C6, S6) if client else (S6, C6)
+        sport, dport = (40000, 8080) if client else (8080, 40000)
+        return _v6(src, dst, sport, dport, seq, ack, flags, data)
+    src, dst, sport, dport = (SRC, DST, 40000, 8080) if client else (DST, SRC, 8080, 40000)
+    return build(src, dst, sport, dport, Segment(seq, ack, flags, 65535, data, None, None))
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_out_of_order_client_segments_wait_and_go_on_in_stream_order(v6: bool) -> None:
+    """A client segment past a hole gets no verdict until the hole fills; then the filler
+    goes first and the held ones after it by start, the longer first (the server's kernel
+    then keeps the bytes the node checked). Past an exploit split by the hole, the held part
+    is dropped with the message."""
+    import asyncio
+
+    from node.takeover.adapter import TakeoverQueue
+    from node.takeover.engine import TakeoverEngine
+    from node.takeover.harness import starts_with
+
+    loop = asyncio.new_event_loop()
+    try:
+        q = TakeoverQueue(TakeoverEngine(), detect=starts_with(b"EXPLOIT"), ports={8080},
+                          loop=loop)
+        log: list[tuple[bytes, str]] = []
+
+        def send(client: bool, seq: int, ack: int, flags: int, data: bytes = b"") -> str:
+            h = _Logged(log, data)
+            q._on_packet(_segment(v6, client, seq, ack, flags, data), h)  # type: ignore[arg-type]
+            return h.verdict
+
+        assert send(True, 100, 0, SYN) == "accept"
+        assert send(False, 500, 101, SYN | ACK) == "accept"
+        assert send(True, 101, 501, ACK) == "accept"
+        log.clear()
+        assert send(True, 105, 501, ACK, b"bbbb") == ""  # held: 101-104 missing
+        assert send(True, 105, 501, ACK, b"bbbbcc") == ""  # a longer resend of it, held too
+        assert send(True, 101, 501, ACK, b"aaaa") == "accept"
+        assert log == [(b"aaaa", "accept"), (b"bbbbcc", "accept"), (b"bbbb", "accept")]
+        assert q.stats["ooo_held"] == q.stats["ooo_released"] == 2
+        assert not any(h.packets for h in q.holds.values())
+        log.clear()
+        assert send(True, 115, 501, ACK, b"OIT now\n") == ""  # 111-114 missing
+        send(True, 111, 501, ACK, b"EXPL")  # the whole message matches
+        assert (b"OIT now\n", "drop") in log and not q.holds
+        assert q.stats["held_dropped"] == 1
+        assert q.stats["ipv6_blocked" if v6 else "triggers"] == 1
+    finally:
+        loop.close()
+
+
 @given(st.lists(st.one_of(
     st.binary(max_size=120),
     st.builds(lambda b, d: _v6(C6, S6, 40000, 8080, 1, 2, b[0] if b else 0x10, d),
@@ -162,10 +231,12 @@ def test_any_packet_gets_a_verdict_and_nothing_raises(packets: list[bytes]) -> N
     try:
         q = TakeoverQueue(TakeoverEngine(), detect=starts_with(b"EXPLOIT"), ports={8080},
                           loop=loop)
+        handles = []
         for p in packets:
-            h = _Verdicts()
-            q._on_packet(p, h)  # type: ignore[arg-type]
-            assert h.verdict in ("accept", "drop")
+            handles.append(_Verdicts())
+            q._on_packet(p, handles[-1])  # type: ignore[arg-type]
+        q.close()  # a segment held for its turn gets its verdict at the latest here
+        assert all(h.verdict in ("accept", "drop") for h in handles)
     finally:
         loop.close()
 
