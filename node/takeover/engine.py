@@ -28,7 +28,15 @@ and the client, pushed off that CPU whenever the reader ran, had moved to the ot
 then goes by an interrupt to a halted vCPU (~80-130 µs from the trigger to the wake-up instead of
 ~45, and as much again before ``recv`` returned, in a trace where 34 of 42 triggers came that way).
 Hence one queue per CPU, fanned out by the CPU that handles the packet, each read by a thread
-pinned there (``adapter.TakeoverQueue``'s ``readers``). The same user-space stretch takes ~40-60 on
+pinned there (``adapter.TakeoverQueue``'s ``readers``). With those (traced again, 44 idle triggers
+in two runs at load 2-3.5, times from the trigger's ``netif_rx`` on the router, tcpdump's
+timestamp): every reader was woken on the CPU that handled its trigger and none of those CPUs was
+halted; ``netif_receive_skb`` +4-6, the route lookup after the prerouting hooks +26-30, the reader
+woken from the forward hook's queue +42-57, running +57-72 (the router's softirq ran inside the
+client's own ``sendto`` on that CPU, veth, and this kernel preempts the client only when that
+system call returns, ~10-15 later), ``recv`` back +66-84, the first segment on the wire +210-256:
+~150-170 of user space, with no system call, page fault or interrupt in between. tcpdump's capture
+adds no wake-up (its ring is handed over by the block). The same user-space stretch takes ~40-60 on
 a node kept busy (bench_takeover's loaded condition: ~75-110 µs in all): idle, it runs cold, a
 small function ~10 µs instead of ~1-2 (caches and branch history lost while the CPU served others;
 an earlier estimate of ~80 µs for the wake-up itself counted this). Floors, measured by sending a
