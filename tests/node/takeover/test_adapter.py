@@ -213,6 +213,35 @@ def test_out_of_order_client_segments_wait_and_go_on_in_stream_order(v6: bool) -
         loop.close()
 
 
+def test_a_hole_never_filled_has_its_held_segments_dropped_in_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client resends what the node gave up on: a held segment is dropped after
+    ``HOLD_TIMEOUT``, and one held later waits its own time."""
+    import asyncio
+
+    from node.takeover import adapter
+    from node.takeover.engine import TakeoverEngine
+
+    monkeypatch.setattr(adapter, "HOLD_TIMEOUT", 0.05)
+    loop = asyncio.new_event_loop()
+    try:
+        q = adapter.TakeoverQueue(TakeoverEngine(), ports={8080}, loop=loop)
+        hs = [_Verdicts() for _ in range(5)]
+        for h, (client, seq, ack, flags, data) in zip(hs[:4], [
+                (True, 100, 0, SYN, b""), (False, 500, 101, SYN | ACK, b""),
+                (True, 101, 501, ACK, b""), (True, 105, 501, ACK, b"late")], strict=True):
+            q._on_packet(_segment(False, client, seq, ack, flags, data), h)  # type: ignore[arg-type]
+        assert hs[3].verdict == ""
+        loop.run_until_complete(asyncio.sleep(0.03))
+        q._on_packet(_segment(False, True, 110, 501, ACK, b"later"), hs[4])  # type: ignore[arg-type]
+        loop.run_until_complete(asyncio.sleep(0.04))
+        assert (hs[3].verdict, hs[4].verdict) == ("drop", "")
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert hs[4].verdict == "drop" and q.stats["ooo_expired"] == 2 and not q.holds
+    finally:
+        loop.close()
+
+
 @given(st.lists(st.one_of(
     st.binary(max_size=120),
     st.builds(lambda b, d: _v6(C6, S6, 40000, 8080, 1, 2, b[0] if b else 0x10, d),
