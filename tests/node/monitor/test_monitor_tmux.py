@@ -118,7 +118,10 @@ def test_monitor_in_tmux(netns: Any, tmp_path: Path, tmux: Tmux) -> None:
         tmux.wait_screen("mon2", "identity and peers")
         tmux("send-keys", "-t", "mon2", "C-c")
         deadline = time.monotonic() + 15
-        while not done.exists() and time.monotonic() < deadline:
+        # The shell creates the file for the redirect before echo writes to it: wait for
+        # the status itself.
+        while not (done.exists() and done.read_text().strip()) \
+                and time.monotonic() < deadline:
             time.sleep(0.1)
         assert done.read_text().strip() == "0"
         deadline = time.monotonic() + 5
