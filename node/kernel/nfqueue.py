@@ -408,3 +408,5 @@ class QueueAdapter:
         if not h.done:
             pkt.retain()  # the kernel holds it; we keep the handle for a later verdict
             self._held.add(h)
+            if h.done:  # given its verdict meanwhile, by another queue's reader
+                self._held.discard(h)

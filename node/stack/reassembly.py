@@ -139,6 +139,12 @@ class Reassembler:
         insort(held, (start, end, bytes(data)))
         return HELD, b""
 
+    def forget_held(self) -> None:
+        """Drop every out-of-order byte held: the sender has to send them again (a node in
+        the path that gave up their packets must not count them as delivered later)."""
+        self.held.clear()
+        self.held_bytes = 0
+
     def holes(self) -> list[tuple[int, int]]:
         """Missing ranges between rcv_nxt and the last held byte, as sequence numbers."""
         out = []

@@ -62,7 +62,7 @@ from node.stack.packet import ACK, FIN, RST, SYN, PacketError, parse_ipv6
 from node.stack.stack import Stack, StackConfig
 from node.takeover import rules
 from node.takeover.seed import StreamTail
-from node.takeover.tcp import Segment, seq_add, seq_lt
+from node.takeover.tcp import Segment, seq_add, seq_diff, seq_lt
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,14 @@ class Held:
     end: int  # the sequence number after its last byte
     handle: Handle
     since: float
+    data: bytes  # its payload, compared at release with the bytes the node checked there
 
 
 @dataclass(slots=True)
 class Hold:
     """A flow's held segments, in arrival order; ``armed``: its expiry timer is set."""
 
+    flow: Flow
     packets: list[Held]
     armed: bool = False
 
@@ -262,8 +264,8 @@ class TakeoverQueue:
     def start(self) -> TakeoverQueue:
         # The engine starts before the first packet can reach it (on the reader thread).
         self._loop = self.queue.clock or self.queue._loop or asyncio.get_running_loop()
-        if len(self.queues) > 1:
-            clocks = ReaderClocks(self._lock, self.queue.clock)  # type: ignore[arg-type]
+        if self.queue.clock is not None:  # reader threads: timers take the lock, as packets do
+            clocks = ReaderClocks(self._lock, self.queue.clock)
             for q in self.queues:  # each reader names its clock first thing
                 q.clock.call_soon(clocks.bind, q.clock)  # type: ignore[union-attr]
             self._loop = clocks
@@ -317,10 +319,16 @@ class TakeoverQueue:
             if self.filters is not None:
                 self._watch_new(key[8:10], key[10:12])
             fd = self.stack.tcp.table.get(key)
-            if plen and fd is not None and fd.dir == 0 and fd.flow.id in self.blocked:
-                self.stats["blocked"] += 1  # its message was dropped: nothing more to the server
-                handle.drop()
-                return
+            if plen and fd is not None and fd.dir == 0:
+                if fd.flow.id in self.blocked:
+                    self.stats["blocked"] += 1  # its message was dropped: no more to the server
+                    handle.drop()
+                    return
+                stream = fd.flow.stream
+                if stream is not None and seq_lt(seq, stream.next_seq) and \
+                        self._rewrites(fd.flow.id, seq, payload[len(payload) - plen:]):
+                    handle.drop()
+                    return
             # The next in-order chunk of a client's stream is checked before the stack takes the
             # packet: it is exactly what the stack would deliver, and on a match the engine can
             # answer the client from the tracked state at once (the stack's bookkeeping follows).
@@ -362,11 +370,12 @@ class TakeoverQueue:
                 self.stats["dropped"] += 1
                 handle.drop()
             elif ahead:
-                self._hold(fd.flow, seq, plen, handle, now)  # type: ignore[union-attr]
+                self._hold(fd.flow, seq, payload[len(payload) - plen:], handle,  # type: ignore[union-attr]
+                           now)
             else:
-                handle.accept()
                 if self.holds and fd is not None and fd.flow.id in self.holds:
-                    self._release(fd.flow)  # after this packet: it may have filled the hole
+                    self._release(fd.flow)  # this packet may have filled the hole
+                handle.accept()
 
     def _watch_new(self, *ports: bytes) -> None:
         """A filter installed since the queue started: its port's flows are tracked from now on
@@ -394,14 +403,24 @@ class TakeoverQueue:
             self._watch_new(tcp[0:2], tcp[2:4])
         key = flow_key(ip.src, ip.dst, (tcp[0] << 8) | tcp[1], (tcp[2] << 8) | tcp[3])
         data_len = len(tcp) - (tcp[12] >> 4) * 4
+        data = tcp[len(tcp) - data_len:] if data_len > 0 else b""
+        seq = int.from_bytes(tcp[4:8], "big")
         fd = self.stack.tcp.table.get(key)
-        if data_len > 0 and fd is not None and fd.dir == 0 and fd.flow.id in self.blocked:
-            self.stats["blocked"] += 1
-            handle.drop()
-            return
+        if data_len > 0 and fd is not None and fd.dir == 0:
+            if fd.flow.id in self.blocked:
+                self.stats["blocked"] += 1
+                handle.drop()
+                return
+            stream = fd.flow.stream
+            if stream is not None and seq_lt(seq, stream.next_seq) and \
+                    self._rewrites(fd.flow.id, seq, data):
+                handle.drop()
+                return
         events = self.stack.handle(payload, now)
         if fd is None:
             fd = self.stack.tcp.table.get(key)
+        if fd is not None and fd.dir == 1 and tcp[13] & ACK:
+            self._tails(fd.flow)[0].trim(int.from_bytes(tcp[8:12], "big"))
         drop = False
         for e in events:
             if type(e) is MessageIn and fd is not None and fd.dir == 0:
@@ -409,6 +428,7 @@ class TakeoverQueue:
                     self.stats["ipv6_blocked"] += 1
                     self._block(fd.flow, handle)
                     return
+                self._tails(fd.flow)[0].add(e.seq, e.message.data)
             elif type(e) is Drop:
                 drop = True
             elif type(e) is FlowClosed:
@@ -417,16 +437,15 @@ class TakeoverQueue:
                 if e.flow_id in self.holds:
                     self._drop_held(e.flow_id)
         stream = fd.flow.stream if fd is not None and fd.dir == 0 and data_len > 0 else None
-        seq = int.from_bytes(tcp[4:8], "big")
         if drop:
             handle.drop()
         elif stream is not None and not any(type(e) is MessageIn for e in events) and \
                 seq_lt(stream.next_seq, seq):  # out of order: held, as on IPv4
-            self._hold(fd.flow, seq, data_len, handle, now)  # type: ignore[union-attr]
+            self._hold(fd.flow, seq, data, handle, now)  # type: ignore[union-attr]
         else:
-            handle.accept()
             if self.holds and fd is not None and fd.flow.id in self.holds:
                 self._release(fd.flow)
+            handle.accept()
 
     def _tails(self, flow: Flow) -> tuple[StreamTail, StreamTail]:
         tails = self.tails.get(flow.id)
@@ -452,18 +471,18 @@ class TakeoverQueue:
         # Held by the stack (or a resend of held bytes): not for the server yet.
         return seq_lt(stream.next_seq, seq)
 
-    def _hold(self, flow: Flow, seq: int, n: int, handle: Handle, now: float) -> None:
+    def _hold(self, flow: Flow, seq: int, data: bytes, handle: Handle, now: float) -> None:
         """Keep an out-of-order client segment's verdict until its turn (point 3 of the
-        module docstring), or drop it past the bounds."""
+        module docstring); past the bounds, give up the flow's hole."""
         hold = self.holds.get(flow.id)
         if hold is None:
-            hold = self.holds[flow.id] = Hold([])
-        if len(hold.packets) >= HOLD_PACKETS or self._held >= HOLD_TOTAL or self._closing:
-            self.stats["ooo_dropped"] += 1
-            handle.drop()
-            return
-        hold.packets.append(Held(seq, seq_add(seq, n), handle, now))
+            hold = self.holds[flow.id] = Hold(flow, [])
+        hold.packets.append(Held(seq, seq_add(seq, len(data)), handle, now, data))
         self._held += 1
+        if len(hold.packets) > HOLD_PACKETS or self._held > HOLD_TOTAL or self._closing:
+            self.stats["ooo_dropped"] += len(hold.packets)
+            self._give_up(hold)
+            return
         self.stats["ooo_held"] += 1
         if len(hold.packets) > self.stats["held_max"]:  # the deepest a flow's hold has been
             self.stats["held_max"] = len(hold.packets)
@@ -472,9 +491,11 @@ class TakeoverQueue:
             self._loop.call_later(HOLD_TIMEOUT, self._expire, flow.id, hold)
 
     def _release(self, flow: Flow) -> None:
-        """Accept the held segments whose bytes have all been delivered (checked), in the
-        order that makes the server's kernel keep the same bytes as the stack did (Linux's
-        rule, ``node.stack.reassembly``): by start, the longer first, else as they came."""
+        """Accept the held segments whose bytes have all been delivered (checked), before the
+        packet that filled the hole and in the order they came: the server's kernel then meets
+        them as the stack did (out of order first, the filler last; a filler sent later, with
+        a newer timestamp, ahead of them would have the server's PAWS check discard them). A
+        held segment whose bytes differ from those the stack kept there is dropped."""
         hold = self.holds[flow.id]
         stream = flow.stream
         if stream is None:
@@ -487,13 +508,41 @@ class TakeoverQueue:
         self._held -= len(due)
         if not hold.packets and not hold.armed:
             del self.holds[flow.id]
-        due.sort(key=lambda h: (stream.offset(h.seq), -stream.offset(h.end)))
         for h in due:
-            h.handle.accept()
-        self.stats["ooo_released"] += len(due)
+            if self._rewrites(flow.id, h.seq, h.data):
+                h.handle.drop()
+            else:
+                h.handle.accept()
+                self.stats["ooo_released"] += 1
+
+    def _rewrites(self, flow_id: int, seq: int, data: bytes) -> bool:
+        """Whether client bytes at ``seq`` differ from those the node checked and passed there
+        (which the server has not acknowledged yet: the tail keeps them). TCP never sends
+        other bytes for a sequence number again, so this is evasion: a server that lost or
+        discarded the first copy would otherwise get the second unchecked, as a resend of
+        bytes already delivered. Dropped (counted ``rewrites_dropped``)."""
+        tails = self.tails.get(flow_id)
+        start = tails[0].start if tails is not None else None
+        if start is None:
+            return False
+        tail = tails[0].data  # type: ignore[index]
+        lo = seq_diff(seq, start)  # where ``data`` starts in the tail
+        a, b = max(lo, 0), min(lo + len(data), len(tail))
+        if a >= b or tail[a:b] == data[a - lo:b - lo]:
+            return False
+        self.stats["rewrites_dropped"] += 1
+        return True
+
+    def _give_up(self, hold: Hold) -> None:
+        """Drop a flow's held segments and make the stack forget the bytes it holds ahead of
+        the hole, so the client's resends are checked anew; else a resend with other bytes
+        would pass as a duplicate of bytes the server never got."""
+        self._drop_held(hold.flow.id)
+        if hold.flow.stream is not None:
+            hold.flow.stream.forget_held()
 
     def _drop_held(self, flow_id: int) -> None:
-        """Drop a flow's held segments (taken over, blocked, closed)."""
+        """Drop a flow's held segments (taken over, blocked, closed, given up)."""
         hold = self.holds.pop(flow_id, None)
         if hold is None:
             return
@@ -504,17 +553,14 @@ class TakeoverQueue:
 
     def _expire(self, flow_id: int, hold: Hold) -> None:
         """The hold timer (on the queue's scheduler, which serialises it with the packets):
-        segments held ``HOLD_TIMEOUT`` are dropped, the client resends them."""
+        a hole still open ``HOLD_TIMEOUT`` after a segment was held is given up (the client
+        resends)."""
         if self.holds.get(flow_id) is not hold:
             return  # dropped meanwhile (a later hold of the flow has a timer of its own)
-        now = self._time()
-        old = [h for h in hold.packets if now - h.since >= HOLD_TIMEOUT]
-        for h in old:
-            h.handle.drop()
-        hold.packets = [h for h in hold.packets if now - h.since < HOLD_TIMEOUT]
-        self._held -= len(old)
-        self.stats["ooo_expired"] += len(old)
-        if hold.packets and self._loop is not None:
+        if hold.packets and self._time() - hold.packets[0].since >= HOLD_TIMEOUT:
+            self.stats["ooo_expired"] += len(hold.packets)
+            self._give_up(hold)
+        elif hold.packets and self._loop is not None:
             self._loop.call_at(hold.packets[0].since + HOLD_TIMEOUT, self._expire, flow_id,
                                hold)
         else:
@@ -597,7 +643,7 @@ class TakeoverQueue:
 
 
 class ReaderClocks:
-    """The engine's scheduler when several reader threads share it: a callback goes on the
+    """The engine's scheduler when reader threads run the queue: a callback goes on the
     clock of the reader that schedules it (that reader wakes for it) and runs under the
     queue's lock, as packets do. Scheduled from another thread, it goes on the first's."""
 

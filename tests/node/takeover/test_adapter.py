@@ -89,6 +89,7 @@ class _Verdicts:
     per-packet decision; the kernel side is exercised in the namespace tests)."""
 
     indev = 0
+    source_mac = None
 
     def __init__(self) -> None:
         self.verdict = ""
@@ -172,10 +173,10 @@ def _segment(v6: bool, client: bool, seq: int, ack: int, flags: int, data: bytes
 
 @pytest.mark.parametrize("v6", [False, True])
 def test_out_of_order_client_segments_wait_and_go_on_in_stream_order(v6: bool) -> None:
-    """A client segment past a hole gets no verdict until the hole fills; then the filler
-    goes first and the held ones after it by start, the longer first (the server's kernel
-    then keeps the bytes the node checked). Past an exploit split by the hole, the held part
-    is dropped with the message."""
+    """A client segment past a hole gets no verdict until the hole fills; then the held ones
+    go on in the order they came and the filler last, as the stack met them (a filler sent
+    later, with a newer timestamp, ahead of them would have the server's PAWS check discard
+    them). Past an exploit split by the hole, the held part is dropped with the message."""
     import asyncio
 
     from node.takeover.adapter import TakeoverQueue
@@ -200,7 +201,7 @@ def test_out_of_order_client_segments_wait_and_go_on_in_stream_order(v6: bool) -
         assert send(True, 105, 501, ACK, b"bbbb") == ""  # held: 101-104 missing
         assert send(True, 105, 501, ACK, b"bbbbcc") == ""  # a longer resend of it, held too
         assert send(True, 101, 501, ACK, b"aaaa") == "accept"
-        assert log == [(b"aaaa", "accept"), (b"bbbbcc", "accept"), (b"bbbb", "accept")]
+        assert log == [(b"bbbb", "accept"), (b"bbbbcc", "accept"), (b"aaaa", "accept")]
         assert q.stats["ooo_held"] == q.stats["ooo_released"] == 2
         assert not any(h.packets for h in q.holds.values())
         log.clear()
@@ -215,8 +216,8 @@ def test_out_of_order_client_segments_wait_and_go_on_in_stream_order(v6: bool) -
 
 def test_a_hole_never_filled_has_its_held_segments_dropped_in_time(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The client resends what the node gave up on: a held segment is dropped after
-    ``HOLD_TIMEOUT``, and one held later waits its own time."""
+    """The client resends what the node gave up on: a hole still open ``HOLD_TIMEOUT`` after
+    its first segment was held is given up, with every segment held past it."""
     import asyncio
 
     from node.takeover import adapter
@@ -234,10 +235,120 @@ def test_a_hole_never_filled_has_its_held_segments_dropped_in_time(
         assert hs[3].verdict == ""
         loop.run_until_complete(asyncio.sleep(0.03))
         q._on_packet(_segment(False, True, 110, 501, ACK, b"later"), hs[4])  # type: ignore[arg-type]
+        assert (hs[3].verdict, hs[4].verdict) == ("", "")
         loop.run_until_complete(asyncio.sleep(0.04))
-        assert (hs[3].verdict, hs[4].verdict) == ("drop", "")
+        assert (hs[3].verdict, hs[4].verdict) == ("drop", "drop")
+        assert q.stats["ooo_expired"] == 2 and not q.holds
+    finally:
+        loop.close()
+
+
+def _queue(v6: bool, loop: object) -> tuple[object, list[tuple[bytes, str]], object]:
+    """A takeover queue watching port 8080 for ``EXPLOIT`` with a flow set up, its verdict
+    log, and ``send(client, seq, ack, flags, data)`` giving the verdict."""
+    from node.takeover.adapter import TakeoverQueue
+    from node.takeover.engine import TakeoverEngine
+    from node.takeover.harness import starts_with
+
+    q = TakeoverQueue(TakeoverEngine(), detect=starts_with(b"EXPLOIT"), ports={8080},
+                      loop=loop)  # type: ignore[arg-type]
+    log: list[tuple[bytes, str]] = []
+
+    def send(client: bool, seq: int, ack: int, flags: int, data: bytes = b"") -> str:
+        h = _Logged(log, data)
+        q._on_packet(_segment(v6, client, seq, ack, flags, data), h)  # type: ignore[arg-type]
+        return h.verdict
+
+    assert send(True, 100, 0, SYN) == "accept"
+    assert send(False, 500, 101, SYN | ACK) == "accept"
+    assert send(True, 101, 501, ACK) == "accept"
+    log.clear()
+    return q, log, send
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_other_bytes_sent_again_where_checked_bytes_went_are_dropped(v6: bool) -> None:
+    """TCP never sends other bytes for a sequence number again: a resend that differs from
+    bytes the node checked and passed (not yet acknowledged by the server, which may have lost
+    them) is dropped, else it would reach the server unchecked as a duplicate. The same bytes
+    again pass; once the server has acknowledged them nothing is compared."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        q, _, send = _queue(v6, loop)
+        assert send(True, 101, 501, ACK, b"GET /a\n") == "accept"
+        assert send(True, 101, 501, ACK, b"EXPLOIT") == "drop"
+        assert send(True, 105, 501, ACK, b"/a\n") == "accept"  # a true resend of a part
+        assert q.stats["rewrites_dropped"] == 1  # type: ignore[attr-defined]
+        assert send(False, 501, 108, ACK) == "accept"  # the server has them all
+        assert send(True, 101, 501, ACK, b"EXPLOI") == "accept"  # old: its kernel drops it
+        assert q.stats["rewrites_dropped"] == 1  # type: ignore[attr-defined]
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_held_segments_that_disagree_on_bytes_only_the_checked_ones_go_on(v6: bool) -> None:
+    """Two held segments carrying other bytes for the same sequence numbers: at release only
+    the one whose bytes the node checked goes on (the stack keeps the first, as Linux does),
+    the other is dropped."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        q, log, send = _queue(v6, loop)
+        assert send(True, 105, 501, ACK, b"bbbb") == ""
+        assert send(True, 105, 501, ACK, b"XPLO") == ""
+        assert send(True, 101, 501, ACK, b"aaaa") == "accept"
+        assert log == [(b"bbbb", "accept"), (b"XPLO", "drop"), (b"aaaa", "accept")]
+        assert q.stats["rewrites_dropped"] == 1  # type: ignore[attr-defined]
+    finally:
+        loop.close()
+
+
+def test_bytes_resent_after_their_hold_was_given_up_are_checked_anew(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node gives up a hole (its held segments are dropped): the stack forgets the bytes
+    it held past it, so a resend there, whatever it carries, is checked as new bytes (an
+    exploit in it is caught), not passed as a duplicate of bytes the server never got."""
+    import asyncio
+
+    from node.takeover import adapter
+
+    monkeypatch.setattr(adapter, "HOLD_TIMEOUT", 0.02)
+    loop = asyncio.new_event_loop()
+    try:
+        q, log, send = _queue(False, loop)
+        assert send(True, 105, 501, ACK, b"late") == ""
         loop.run_until_complete(asyncio.sleep(0.05))
-        assert hs[4].verdict == "drop" and q.stats["ooo_expired"] == 2 and not q.holds
+        assert log == [(b"late", "drop")]
+        assert send(True, 101, 501, ACK, b"aaaa") == "accept"
+        assert send(True, 105, 501, ACK, b"EXPLOIT now\n") == "drop"
+        assert q.stats["triggers"] == 1 and q.stats["rewrites_dropped"] == 0  # type: ignore[attr-defined]
+    finally:
+        loop.close()
+
+
+def test_past_its_bounds_a_flows_hold_is_given_up_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One segment more than ``HOLD_PACKETS`` past a hole: all of them are dropped (the client
+    resends), none waits alone for a hole the stack no longer remembers."""
+    import asyncio
+
+    from node.takeover import adapter
+
+    monkeypatch.setattr(adapter, "HOLD_PACKETS", 3)
+    loop = asyncio.new_event_loop()
+    try:
+        q, log, send = _queue(False, loop)
+        for i in range(4):
+            send(True, 105 + 4 * i, 501, ACK, b"%04d" % i)
+        assert [v for _, v in log] == ["drop"] * 4 and not q.holds  # type: ignore[attr-defined]
+        assert q.stats["ooo_dropped"] == 4  # type: ignore[attr-defined]
+        assert send(True, 101, 501, ACK, b"aaaa") == "accept"
+        assert send(True, 105, 501, ACK, b"EXPLOIT now\n") == "drop"  # checked anew
+        assert q.stats["triggers"] == 1  # type: ignore[attr-defined]
     finally:
         loop.close()
 
