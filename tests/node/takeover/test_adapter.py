@@ -173,10 +173,10 @@ def _segment(v6: bool, client: bool, seq: int, ack: int, flags: int, data: bytes
 
 @pytest.mark.parametrize("v6", [False, True])
 def test_out_of_order_client_segments_wait_and_go_on_in_stream_order(v6: bool) -> None:
-    """A client segment past a hole gets no verdict until the hole fills; then the held ones
-    go on in the order they came and the filler last, as the stack met them (a filler sent
-    later, with a newer timestamp, ahead of them would have the server's PAWS check discard
-    them). Past an exploit split by the hole, the held part is dropped with the message."""
+    """A client segment past a hole gets no verdict until the hole fills; then the filler
+    goes first and the held ones after it by start, the longer first (the server's kernel
+    then keeps the bytes the node checked). Past an exploit split by the hole, the held part
+    is dropped with the message."""
     import asyncio
 
     from node.takeover.adapter import TakeoverQueue
@@ -201,7 +201,7 @@ def test_out_of_order_client_segments_wait_and_go_on_in_stream_order(v6: bool) -
         assert send(True, 105, 501, ACK, b"bbbb") == ""  # held: 101-104 missing
         assert send(True, 105, 501, ACK, b"bbbbcc") == ""  # a longer resend of it, held too
         assert send(True, 101, 501, ACK, b"aaaa") == "accept"
-        assert log == [(b"bbbb", "accept"), (b"bbbbcc", "accept"), (b"aaaa", "accept")]
+        assert log == [(b"aaaa", "accept"), (b"bbbbcc", "accept"), (b"bbbb", "accept")]
         assert q.stats["ooo_held"] == q.stats["ooo_released"] == 2
         assert not any(h.packets for h in q.holds.values())
         log.clear()
@@ -301,7 +301,7 @@ def test_held_segments_that_disagree_on_bytes_only_the_checked_ones_go_on(v6: bo
         assert send(True, 105, 501, ACK, b"bbbb") == ""
         assert send(True, 105, 501, ACK, b"XPLO") == ""
         assert send(True, 101, 501, ACK, b"aaaa") == "accept"
-        assert log == [(b"bbbb", "accept"), (b"XPLO", "drop"), (b"aaaa", "accept")]
+        assert log == [(b"aaaa", "accept"), (b"bbbb", "accept"), (b"XPLO", "drop")]
         assert q.stats["rewrites_dropped"] == 1  # type: ignore[attr-defined]
     finally:
         loop.close()
