@@ -40,7 +40,10 @@ those groups are truly empty: no contact is known in them and no message is adde
 
 Distribution follows Vigilante's rules. An announcement is the alert id in a small datagram; a
 node that has not seen the id fetches the body (the signed envelope) from the announcer over a
-stream, and that fetch is its acknowledgement. Then, in this order: the body must parse and hash
+stream, and that fetch is its acknowledgement. A body small enough to ride in the announcement
+(``push_bytes``, within ``wire.MAX_DATAGRAM``: a Slammer-class alert) is pushed along instead;
+the receiver then acknowledges with an ACK and needs no fetch, which saves every hop a
+connection's round trips. Then, in this order: the body must parse and hash
 to the announced id, the signature must be good, the signing time recent, and the sandbox (the
 injected verifier) must verify the alert. Only then is the alert delivered and forwarded. What
 did not verify is never delivered or forwarded, and its id is remembered as refuted, so it costs
@@ -180,6 +183,8 @@ class BroadcastConfig:
     # the core then parses no alert at all, and ``Verify`` and ``Deliver`` carry none.
     alert_by_verifier: bool = False
     max_peers_tracked: int = 4096
+    # Bodies up to this size ride in the announcements (0: every body is fetched).
+    push_bytes: int = wire.MAX_DATAGRAM
 
 
 class PublishError(ValueError):
@@ -380,8 +385,9 @@ class BroadcastCore:
 
     # --- inputs ------------------------------------------------------------------------------
 
-    def on_datagram(self, addr: Addr, data: bytes, now: float) -> list[Action]:
-        """A broadcast datagram (first byte 0x10 or more) from ``addr``."""
+    def on_datagram(self, addr: Addr, data: bytes, now: float, wall: float) -> list[Action]:
+        """A broadcast datagram (first byte 0x10 or more) from ``addr``; ``wall`` judges the
+        signing time of a body pushed along."""
         ip = addr[0]
         if self.banned(ip, now):
             self.stats["drop_banned"] += 1
@@ -403,7 +409,7 @@ class BroadcastCore:
             return []
         if isinstance(msg, Announce):
             self.stats["rx_announce"] += 1
-            return self._on_announce(addr, msg, now)
+            return self._on_announce(addr, msg, now, wall)
         if isinstance(msg, Ack):
             self.stats["rx_ack"] += 1
             return self._on_ack(addr, msg, now)
@@ -444,14 +450,20 @@ class BroadcastCore:
         p = self._pending.get(alert_id)
         if p is None or p.verifying or p.current != addr:
             return []
-        p.tried.add(addr)
         if body is None:
+            p.tried.add(addr)
             self.stats["fetch_failed"] += 1
             if fault:
                 p.blamed.add(addr)
                 self._strike(addr[0], now, self.cfg.strikes_to_ban
                              if fault == wire.Fault.REFUSED else 1)
             return self._next_fetch(alert_id, p, now)
+        return self._got_body(alert_id, p, addr, body, now, wall)
+
+    def _got_body(self, alert_id: bytes, p: _Pending, addr: Addr, body: bytes, now: float,
+                  wall: float) -> list[Action]:
+        """A body from ``addr``, fetched or pushed: its checks, then the sandbox."""
+        p.tried.add(addr)
         checked = check_body(alert_id, body, wall, self.cfg)
         if checked.outcome is Outcome.FORGED:
             return self._forged(alert_id, p, addr, now)
@@ -556,7 +568,8 @@ class BroadcastCore:
         self._seq += 1
         heapq.heappush(self._timers, (when, self._seq, what, payload))
 
-    def _on_announce(self, addr: Addr, ann: Announce, now: float) -> list[Action]:
+    def _on_announce(self, addr: Addr, ann: Announce, now: float, wall: float
+                     ) -> list[Action]:
         aid = ann.alert_id
         replica = ann.replica % self.cfg.replicas
         held = self._good.get(aid, now)
@@ -579,10 +592,26 @@ class BroadcastCore:
             if (ann.uncovered or ann.refs) and len(p.masked) < MAX_MASKED:
                 p.masked.append((addr, ann))
             return [Send(addr, wire.encode(Ack(aid, AckStatus.TAKEN)))]
-        actions = self._start_fetch(aid, addr, {replica: ann.limit}, ann.hops)
+        if ann.body:
+            actions = self._start_pushed(aid, addr, {replica: ann.limit}, ann.hops)
+        else:
+            actions = self._start_fetch(aid, addr, {replica: ann.limit}, ann.hops)
         if actions and (ann.uncovered or ann.refs):
             self._pending[aid].masked.append((addr, ann))
+        if ann.body and actions:
+            self.stats["rx_pushed"] += 1
+            actions += self._got_body(aid, self._pending[aid], addr, ann.body, now, wall)
         return actions
+
+    def _start_pushed(self, aid: bytes, addr: Addr, roles: dict[int, int], hops: int
+                      ) -> list[Action]:
+        """An announcement that brought its body: acknowledged at once (no fetch will),
+        before the body's checks, as a fetch would be."""
+        if len(self._pending) >= self.cfg.max_pending:
+            self.stats["drop_busy"] += 1
+            return []
+        self._pending[aid] = _Pending(roles=roles, hops=hops, announcers=[addr], current=addr)
+        return [Send(addr, wire.encode(Ack(aid, AckStatus.TAKEN)))]
 
     def _start_fetch(self, aid: bytes, addr: Addr, roles: dict[int, int], hops: int
                      ) -> list[Action]:
@@ -798,6 +827,10 @@ class BroadcastCore:
         actions: list[Action] = []
         done = held.regions[replica]
         data = b""
+        body = self._good.body(aid, now) or b""
+        refs = tuple(left[:wire.MAX_REFS])
+        if len(body) > self.cfg.push_bytes or not wire.fits(len(body), len(refs)):
+            body = b""
         # Widest regions first, so a region inside one already handed over is skipped.
         for reg in sorted(chosen):
             n, v = reg
@@ -813,7 +846,7 @@ class BroadcastCore:
             rest = [c for i, c in enumerate(ranked) if i % r != replica]
             # The announcements of one call differ in their limit only: encoded once.
             data = (wire.with_limit(data, n) if data else wire.encode(Announce(
-                aid, n, held.hops + 1, replica, uncovered, tuple(left[:wire.MAX_REFS]))))
+                aid, n, held.hops + 1, replica, uncovered, refs, body)))
             actions += self._launch(_Delegation(aid, data, mine + rest), now)
         return actions
 

@@ -498,7 +498,7 @@ class Overlay:
     def _on_broadcast(self, data: bytes, addr: Addr) -> None:
         if self.core is None or self._loop is None:
             return
-        self._run(self.core.on_datagram(addr, data, self._loop.time()))
+        self._run(self.core.on_datagram(addr, data, self._loop.time(), time.time()))
 
     def _admit_fetch(self, ip: str) -> bool:
         return (self.core is not None and self._loop is not None

@@ -6,10 +6,11 @@ below, told apart by the first byte. Broadcast datagrams carry no msgpack: every
 fixed place and size, so a decoder checks the length first and cannot be made to do more work
 than reading a few bytes. All integers are big-endian.
 
-Datagrams (version byte 2)::
+Datagrams (version byte 3)::
 
     ANNOUNCE  0x10 | ver | alert id (32) | limit (1) | hops (1) | replica (1)
               | uncovered (20) | n (1) | n x (node id (20) | uncovered (20))   58 + 40n, n <= 4
+              [ | body length (2) | body ]                      in all at most 1,200 bytes
     ACK       0x11 | ver | alert id (32) | status (1)                       35 bytes
     IHAVE     0x12 | ver | flags (1) | n (1) | n alert ids (32 each)       4 + 32n, n <= 16
 
@@ -21,6 +22,11 @@ counted from the least significant, stands for group ``g``) of the sender's pref
 nobody covers as far as it knows; the ``n`` entries are older such masks, each relative to the
 node id it carries, whose groups neither the sender nor anyone before it could reach (see
 ``overlay.broadcast``: this is how an alert crosses a sparse routing table).
+
+An announcement may carry the body (the signed envelope) when the whole datagram stays within
+``MAX_DATAGRAM``: the receiver then needs no fetch, and acknowledges with an ACK instead. A
+Slammer-class alert (one datagram of a few hundred bytes) travels that way; larger ones are
+fetched.
 
 Fetch, over a TCP connection to the announcer's address and port (the UDP port number)::
 
@@ -37,7 +43,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-VERSION = 2
+VERSION = 3
 ID_LEN = 32
 MAX_IHAVE_IDS = 16
 MAX_LIMIT = 160  # a 160-bit id space: limit 160 means "nobody below me"
@@ -66,6 +72,9 @@ REF_LEN = 40
 MAX_REFS = 4
 MASK_BITS = 160
 MAX_REPLICA = 7
+# Larger datagrams fragment on a real network (FIELD-NOTES): a body that would take an
+# announcement past this is fetched instead.
+MAX_DATAGRAM = 1200
 ACK_LEN = 35
 IHAVE_HEAD = 4
 IHAVE_FLAG_REPLY = 0x01  # "tell me what I lack": the receiver answers with its own digest
@@ -104,6 +113,7 @@ class Announce:
     replica: int = 0
     uncovered: int = 0  # the sender's groups nobody covers, as a 160-bit mask
     refs: tuple[tuple[bytes, int], ...] = ()  # (node id, its uncovered mask), oldest last
+    body: bytes = b""  # the signed envelope, pushed along (b"": fetch it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +154,15 @@ def encode(msg: Datagram) -> bytes:
         for node_id, _ in msg.refs:
             if type(node_id) is not bytes or len(node_id) != 20:
                 raise WireError("a node id is 20 bytes")
+        body = msg.body
+        if body and not fits(len(body), len(msg.refs)):
+            raise WireError(f"a pushed body of {len(body)} bytes takes the announcement past "
+                            f"{MAX_DATAGRAM} bytes")
         return _ANNOUNCE.pack(Kind.ANNOUNCE, VERSION, msg.alert_id, msg.limit,
                               min(msg.hops, MAX_HOPS), msg.replica, _mask(msg.uncovered),
                               len(msg.refs)) + b"".join(
-            _REF.pack(node_id, _mask(m)) for node_id, m in msg.refs)
+            _REF.pack(node_id, _mask(m)) for node_id, m in msg.refs) + (
+            len(body).to_bytes(2, "big") + body if body else b"")
     if isinstance(msg, Ack):
         _check_id(msg.alert_id)
         if msg.status not in _ACK_STATUS:
@@ -161,6 +176,12 @@ def encode(msg: Datagram) -> bytes:
         flags = IHAVE_FLAG_REPLY if msg.reply else 0
         return _IHAVE.pack(Kind.IHAVE, VERSION, flags, len(msg.ids)) + b"".join(msg.ids)
     raise TypeError(f"not a broadcast datagram: {type(msg).__name__}")
+
+
+def fits(body_len: int, refs: int) -> bool:
+    """Whether a body of ``body_len`` bytes can ride in an announcement with ``refs`` older
+    masks."""
+    return ANNOUNCE_LEN + refs * REF_LEN + 2 + body_len <= MAX_DATAGRAM
 
 
 def with_limit(announce: bytes, limit: int) -> bytes:
@@ -183,15 +204,23 @@ def decode(data: bytes) -> Datagram:
         if n < ANNOUNCE_LEN:
             raise WireError(f"announce of {n} bytes, at least {ANNOUNCE_LEN}")
         _, _, alert_id, limit, hops, replica, mask, count = _ANNOUNCE.unpack_from(data)
-        if count > MAX_REFS or n != ANNOUNCE_LEN + count * REF_LEN:
+        end = ANNOUNCE_LEN + count * REF_LEN
+        if count > MAX_REFS or n < end:
             raise WireError(f"announce of {n} bytes does not hold {count} older masks")
+        body = b""
+        if n > end:
+            length = int.from_bytes(data[end:end + 2], "big")
+            if n > MAX_DATAGRAM or not length or n != end + 2 + length:
+                raise WireError(f"announce of {n} bytes does not hold a body of {length}")
+            body = bytes(data[end + 2:])
         if limit > MAX_LIMIT:
             raise WireError(f"limit {limit} outside 0..{MAX_LIMIT}")
         if replica > MAX_REPLICA:
             raise WireError(f"replica {replica} outside 0..{MAX_REPLICA}")
         refs = tuple((node_id, int.from_bytes(m, "big")) for node_id, m in
                      (_REF.unpack_from(data, ANNOUNCE_LEN + i * REF_LEN) for i in range(count)))
-        return Announce(alert_id, limit, hops, replica, int.from_bytes(mask, "big"), refs)
+        return Announce(alert_id, limit, hops, replica, int.from_bytes(mask, "big"), refs,
+                        body)
     if kind == Kind.ACK:
         if n != ACK_LEN:
             raise WireError(f"ack of {n} bytes, expected {ACK_LEN}")

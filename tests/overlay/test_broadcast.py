@@ -136,7 +136,7 @@ class Net:
         node = self.nodes.get(dst)
         if node is None or node.dead:
             return
-        self.run(node, node.core.on_datagram(src, data, self.now))
+        self.run(node, node.core.on_datagram(src, data, self.now, WALL + self.now))
 
     def fetch_arrives(self, requester: SimNode, server_addr: tuple[str, int],
                       alert_id: bytes) -> None:
@@ -255,7 +255,7 @@ def test_refuted_alert_is_never_forwarded_and_remembered() -> None:
     # Told again, a refuting node does not fetch again.
     victim = refuted[0]
     fetches = victim.core.stats["fetches"]
-    actions = victim.core.on_datagram(liar.addr, wire.encode(Announce(aid, 0)), net.now)
+    actions = victim.core.on_datagram(liar.addr, wire.encode(Announce(aid, 0)), net.now, WALL)
     assert victim.core.stats["fetches"] == fetches
     assert [wire.decode(a.data) for a in actions] == [Ack(aid, AckStatus.REFUTED)]
 
@@ -306,18 +306,18 @@ def test_wider_range_later_extends_forwarding() -> None:
     env = envelope(b"E")
     aid = aid_of(env)
     # First announced to `a` with a narrow range, then with the widest.
-    acts = a.core.on_datagram(("10.9.9.9", 1), wire.encode(Announce(aid, 158)), 0.0)
+    acts = a.core.on_datagram(("10.9.9.9", 1), wire.encode(Announce(aid, 158)), 0.0, WALL)
     assert isinstance(acts[0], Fetch)
     acts = a.core.on_fetched(aid, ("10.9.9.9", 1), env, 0.0, WALL)
     assert isinstance(acts[0], Verify)
     acts = a.core.on_verdict(aid, True, 0.0)
     narrow = [x for x in acts if isinstance(x, Send)]
-    acts = a.core.on_datagram(("10.9.9.8", 1), wire.encode(Announce(aid, 0)), 0.0)
+    acts = a.core.on_datagram(("10.9.9.8", 1), wire.encode(Announce(aid, 0)), 0.0, WALL)
     wide = [x for x in acts if isinstance(x, Send)]
     assert wire.decode(wide[0].data) == Ack(aid, AckStatus.TAKEN)
     assert len(wide) - 1 > len(narrow)
     # ...and a third time, nothing new.
-    acts = a.core.on_datagram(("10.9.9.7", 1), wire.encode(Announce(aid, 0)), 0.0)
+    acts = a.core.on_datagram(("10.9.9.7", 1), wire.encode(Announce(aid, 0)), 0.0, WALL)
     assert len(acts) == 1
 
 
@@ -326,9 +326,9 @@ def test_forged_body_strikes_the_announcer_not_the_id() -> None:
     env = envelope(b"F")
     aid = aid_of(env)
     bad_peer, good_peer = ("10.0.0.66", 1), ("10.0.0.7", 1)
-    assert core.on_datagram(bad_peer, wire.encode(Announce(aid, 0)), 0.0) == [
+    assert core.on_datagram(bad_peer, wire.encode(Announce(aid, 0)), 0.0, WALL) == [
         Fetch(bad_peer, aid)]
-    core.on_datagram(good_peer, wire.encode(Announce(aid, 0)), 0.0)
+    core.on_datagram(good_peer, wire.encode(Announce(aid, 0)), 0.0, WALL)
     forged = bytearray(env)
     forged[-5] ^= 1
     acts = core.on_fetched(aid, bad_peer, bytes(forged), 0.0, WALL)
@@ -338,6 +338,57 @@ def test_forged_body_strikes_the_announcer_not_the_id() -> None:
     assert isinstance(acts[0], Verify)
     acts = core.on_verdict(aid, True, 0.0)
     assert any(isinstance(a, Deliver) for a in acts)
+
+
+@pytest.mark.parametrize("size, push", [(40, True), (40, False), (1500, True)])
+def test_a_small_body_rides_in_the_announcement_and_is_acknowledged_not_fetched(
+        size: int, push: bool) -> None:
+    """A body that fits a datagram goes along with the announcement: the receiver
+    acknowledges at once and verifies, no fetch; a larger one, or with pushing off, is
+    fetched as before. Either way the sender counts the subtree as taken."""
+    cfg = BroadcastConfig(push_bytes=wire.MAX_DATAGRAM if push else 0)
+    sender_addr, receiver_addr = ("10.0.0.1", 1), ("10.0.0.2", 1)
+    receiver_id = b"\x80" + bytes(19)
+    sender = BroadcastCore(b"\x01" * 20, lambda: [Contact(receiver_id, receiver_addr)], cfg)
+    receiver = BroadcastCore(receiver_id, lambda: [], cfg)
+    env = seal(encode_alert(Alert(b"\x01" * 32, "svc", (Message(b"P" * size),),
+                                  ExecutionControl((ByteRef(0, 0), ByteRef(0, 1),
+                                                    ByteRef(0, 2))))),
+               NodeKey.generate(), WALL).encode()
+    aid, _ = sender.publish(env, 0.0, WALL)
+    sends = sender.on_verdict(aid, True, 0.0)
+    assert [(type(a), a.addr) for a in sends] == [(Send, receiver_addr)]
+    ann = wire.decode(sends[0].data)
+    pushed = push and size < 1000
+    assert isinstance(ann, Announce) and ann.body == (env if pushed else b"")
+    acts = receiver.on_datagram(sender_addr, sends[0].data, 0.01, WALL)
+    if pushed:
+        assert acts[0] == Send(sender_addr, wire.encode(Ack(aid, AckStatus.TAKEN)))
+        assert isinstance(acts[1], Verify) and acts[1].body == env and len(acts) == 2
+        sender.on_datagram(receiver_addr, acts[0].data, 0.02, WALL)
+    else:
+        assert acts == [Fetch(sender_addr, aid)]
+        reply = sender.serve_fetch(receiver_addr[0], wire.encode_fetch_request(aid, 1), 0.02)
+        assert reply == wire.encode_fetch_reply(env)
+        assert isinstance(receiver.on_fetched(aid, sender_addr, env, 0.02, WALL)[0], Verify)
+    assert sender.unsettled(aid, 0.03) == 0
+    assert any(isinstance(a, Deliver) for a in receiver.on_verdict(aid, True, 0.03))
+    assert receiver.stats["fetches"] == (0 if pushed else 1)
+
+
+def test_a_forged_pushed_body_strikes_its_announcer_and_an_honest_one_is_fetched() -> None:
+    core = BroadcastCore(b"\x01" * 20, lambda: [], BroadcastConfig())
+    env = envelope(b"Q")
+    aid = aid_of(env)
+    liar, honest = ("10.0.0.66", 1), ("10.0.0.7", 1)
+    forged = bytearray(env)
+    forged[env.find(decode_envelope(env).signature) + 5] ^= 1
+    acts = core.on_datagram(liar, wire.encode(Announce(aid, 0, body=bytes(forged))), 0.0, WALL)
+    assert acts == [Send(liar, wire.encode(Ack(aid, AckStatus.TAKEN)))]  # nothing to verify
+    assert core.stats["forged"] == 1 and core.stats["strikes"] == 1
+    assert core.status(aid, 0.0) is None  # the id is not condemned for the liar's body
+    assert core.on_datagram(honest, wire.encode(Announce(aid, 0)), 0.1, WALL) == [
+        Fetch(honest, aid)]
 
 
 def test_a_verifier_that_checks_signatures_gets_the_body_and_blames_the_announcer() -> None:
@@ -350,8 +401,8 @@ def test_a_verifier_that_checks_signatures_gets_the_body_and_blames_the_announce
     env = envelope(b"S")
     aid = aid_of(env)
     bad_peer, good_peer = ("10.0.0.66", 1), ("10.0.0.7", 1)
-    core.on_datagram(bad_peer, wire.encode(Announce(aid, 0)), 0.0)
-    core.on_datagram(good_peer, wire.encode(Announce(aid, 0)), 0.0)
+    core.on_datagram(bad_peer, wire.encode(Announce(aid, 0)), 0.0, WALL)
+    core.on_datagram(good_peer, wire.encode(Announce(aid, 0)), 0.0, WALL)
     forged = bytearray(env)
     forged[env.find(decode_envelope(env).signature) + 5] ^= 1  # the core does not look there
     assert check_body(aid, bytes(forged), WALL, BroadcastConfig()).outcome is Outcome.FORGED
@@ -385,7 +436,7 @@ def test_a_verifier_that_parses_alerts_refutes_a_signed_body_that_is_none() -> N
         aid, peer = aid_of(env), ("10.0.0.7", 1)
         assert check_body(aid, env, WALL + cfg.max_age_s + 1, cfg).outcome is Outcome.STALE
         assert check_body(b"\x00" * 32, env, WALL, cfg).outcome is Outcome.FORGED
-        core.on_datagram(peer, wire.encode(Announce(aid, 0)), 0.0)
+        core.on_datagram(peer, wire.encode(Announce(aid, 0)), 0.0, WALL)
         acts = core.on_fetched(aid, peer, env, 0.0, WALL)
         assert [type(a) for a in acts] == [Verify] and acts[0].alert is None
         acts = core.on_verdict(aid, verdict, 0.0)
@@ -409,13 +460,14 @@ def test_liar_is_banned_after_three_strikes_and_rate_limited() -> None:
     for i in range(cfg.strikes_to_ban):
         env = envelope(bytes([0x41 + i]))
         aid = aid_of(env)
-        assert core.on_datagram(liar, wire.encode(Announce(aid, 0)), now) == [Fetch(liar, aid)]
+        assert core.on_datagram(liar, wire.encode(Announce(aid, 0)), now, WALL) == [
+            Fetch(liar, aid)]
         core.on_fetched(aid, liar, env, now, WALL)
         acts = core.on_verdict(aid, False, now)
         assert [wire.decode(a.data) for a in acts] == [Ack(aid, AckStatus.REFUTED)]
         assert core.status(aid, now) is Outcome.REFUTED
     assert core.banned(liar[0], now)
-    assert core.on_datagram(liar, wire.encode(Announce(b"\x07" * 32, 0)), now) == []
+    assert core.on_datagram(liar, wire.encode(Announce(b"\x07" * 32, 0)), now, WALL) == []
     assert not core.admit_fetch(liar[0], now)
     assert core.stats["drop_banned"] == 1
     # The ban ends.
@@ -428,7 +480,7 @@ def test_announcement_flood_is_rate_limited_before_parsing() -> None:
     flooder = ("10.0.0.99", 7)
     fetches = 0
     for i in range(1000):
-        acts = core.on_datagram(flooder, wire.encode(Announce(i.to_bytes(32, "big"), 0)), 0.0)
+        acts = core.on_datagram(flooder, wire.encode(Announce(i.to_bytes(32, "big"), 0)), 0.0, WALL)
         fetches += sum(isinstance(a, Fetch) for a in acts)
     # The burst, bounded by the pending limit too; the rest dropped before parsing.
     assert fetches <= min(cfg.announce_rate.burst, cfg.max_pending)
@@ -437,13 +489,13 @@ def test_announcement_flood_is_rate_limited_before_parsing() -> None:
     # Junk costs more than a well-formed datagram, and three of them are a ban.
     other = ("10.0.0.98", 7)
     for _ in range(10):
-        core.on_datagram(other, b"\x10" + bytes((wire.VERSION,)) + b"junk", 10.0)
+        core.on_datagram(other, b"\x10" + bytes((wire.VERSION,)) + b"junk", 10.0, WALL)
     assert core.stats["drop_malformed"] == 1  # one is enough: an honest node never sends it
     assert core.banned(other[0], 10.0) and core.stats["drop_banned"] == 9
     # A version this node does not speak is dropped without a strike (a newer honest node).
     newer = ("10.0.0.97", 7)
     for _ in range(10):
-        core.on_datagram(newer, bytes((0x10, wire.VERSION + 1)) + bytes(56), 20.0)
+        core.on_datagram(newer, bytes((0x10, wire.VERSION + 1)) + bytes(56), 20.0, WALL)
     assert not core.banned(newer[0], 20.0)
 
 
@@ -453,7 +505,7 @@ def test_acknowledging_made_up_ids_is_a_strike() -> None:
     core = BroadcastCore(b"\x05" * 20, lambda: [], BroadcastConfig())
     liar = ("10.0.0.77", 1)
     for i in range(3):
-        core.on_datagram(liar, wire.encode(Ack(bytes([i]) * 32, AckStatus.TAKEN)), 1.0)
+        core.on_datagram(liar, wire.encode(Ack(bytes([i]) * 32, AckStatus.TAKEN)), 1.0, WALL)
     assert core.stats["ack_unknown"] == 3
     assert core.banned(liar[0], 1.0)
 
@@ -466,7 +518,7 @@ def test_hostile_datagrams_never_raise() -> None:
         n = rng.choice([0, 1, 2, 3, 33, 34, 35, 56, 57, 96, 97, 4 + 32 * 3, 600])
         data = bytes([rng.choice([0x10, 0x11, 0x12, rng.randrange(256)]), wire.VERSION]
                      ) + rng.randbytes(n)
-        core.on_datagram((f"10.1.{i % 200}.1", 1), data[: n + 2], float(i))
+        core.on_datagram((f"10.1.{i % 200}.1", 1), data[: n + 2], float(i), WALL)
     assert core.stats["drop_malformed"] > 0
 
 
@@ -490,7 +542,7 @@ def test_fetch_serving_and_acks() -> None:
     third = [a for a in acts if isinstance(a, Send)]
     assert len(third) == 1 and third[0].addr not in (first, second)
     # The fetcher that took it then says it cannot verify: its slot goes to a fourth.
-    acts = core.on_datagram(first, wire.encode(Ack(aid, AckStatus.CANNOT_VERIFY)), 0.7)
+    acts = core.on_datagram(first, wire.encode(Ack(aid, AckStatus.CANNOT_VERIFY)), 0.7, WALL)
     fourth = [a for a in acts if isinstance(a, Send)]
     assert len(fourth) == 1 and fourth[0].addr not in (first, second, third[0].addr)
 
@@ -505,10 +557,10 @@ def test_unsettled_counts_announcements_not_yet_fetched_or_acknowledged() -> Non
     core.serve_fetch(first[0], wire.encode_fetch_request(aid, first[1]), 0.1)
     assert core.unsettled(aid, 0.1) == 1  # the fetch took it
     # A refusal passes the subtree on: the next candidate is waited for in its place.
-    acts = core.on_datagram(second, wire.encode(Ack(aid, AckStatus.CANNOT_VERIFY)), 0.2)
+    acts = core.on_datagram(second, wire.encode(Ack(aid, AckStatus.CANNOT_VERIFY)), 0.2, WALL)
     nxt = [a.addr for a in acts if isinstance(a, Send)]
     assert len(nxt) == 1 and core.unsettled(aid, 0.2) == 1
-    core.on_datagram(nxt[0], wire.encode(Ack(aid, AckStatus.TAKEN)), 0.3)
+    core.on_datagram(nxt[0], wire.encode(Ack(aid, AckStatus.TAKEN)), 0.3, WALL)
     assert core.unsettled(aid, 0.3) == 0
     # Announced to nobody (no contacts): settled at once.
     lonely = BroadcastCore(b"\x01" * 20, lambda: [], BroadcastConfig())
@@ -557,13 +609,13 @@ def test_anti_entropy_digest_exchange() -> None:
     digests = [wire.decode(a.data) for a in acts if isinstance(a, Send)]
     assert IHave((aid,), True) in digests
     # A peer that lacks nothing gets no answer; one that lacks it gets a digest back.
-    assert core.on_datagram(("10.0.0.8", 1), wire.encode(IHave((aid,), True)), 2.0) == []
-    acts = core.on_datagram(("10.0.0.9", 1), wire.encode(IHave((), True)), 2.0)
+    assert core.on_datagram(("10.0.0.8", 1), wire.encode(IHave((aid,), True)), 2.0, WALL) == []
+    acts = core.on_datagram(("10.0.0.9", 1), wire.encode(IHave((), True)), 2.0, WALL)
     assert [wire.decode(a.data) for a in acts] == [IHave((aid,), False)]
     # An unknown id in a digest is fetched from the peer, and an asking digest that claims
     # one is not answered until the peer has shown it holds what it claims.
     other = b"\x09" * 32
-    acts = core.on_datagram(("10.0.0.10", 1), wire.encode(IHave((other,), True)), 2.0)
+    acts = core.on_datagram(("10.0.0.10", 1), wire.encode(IHave((other,), True)), 2.0, WALL)
     assert acts == [Fetch(("10.0.0.10", 1), other)]
 
 
@@ -578,7 +630,7 @@ def test_ack_timeout_adapts_to_slow_peers() -> None:
         sends = [a for a in core.on_verdict(aid, True, now) if isinstance(a, Send)]
         now += 0.8
         for s in sends:
-            core.on_datagram(s.addr, wire.encode(Ack(aid, AckStatus.TAKEN)), now)
+            core.on_datagram(s.addr, wire.encode(Ack(aid, AckStatus.TAKEN)), now, WALL)
         core.tick(now)
     assert 0.8 < core.ack_wait() <= 2.0
     # A slow peer is no longer taken for a dead one: no timeouts after warming up.
@@ -593,10 +645,10 @@ def test_a_node_that_cannot_get_the_body_hands_the_subtree_back() -> None:
     core = BroadcastCore(b"\x07" * 20, lambda: [], BroadcastConfig())
     aid = b"\x33" * 32
     p1, p2, liar = ("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)
-    assert core.on_datagram(p1, wire.encode(Announce(aid, 5)), 0.0) == [Fetch(p1, aid)]
-    acts = core.on_datagram(p2, wire.encode(Announce(aid, 5)), 0.0)
+    assert core.on_datagram(p1, wire.encode(Announce(aid, 5)), 0.0, WALL) == [Fetch(p1, aid)]
+    acts = core.on_datagram(p2, wire.encode(Announce(aid, 5)), 0.0, WALL)
     assert [wire.decode(a.data) for a in acts] == [Ack(aid, AckStatus.TAKEN)]
-    core.on_datagram(liar, wire.encode(Announce(aid, 5)), 0.0)
+    core.on_datagram(liar, wire.encode(Announce(aid, 5)), 0.0, WALL)
     assert core.on_fetched(aid, p1, None, 0.1, WALL) == [Fetch(p2, aid)]  # a timeout
     assert core.on_fetched(aid, p2, None, 0.2, WALL) == [Fetch(liar, aid)]
     acts = core.on_fetched(aid, liar, None, 0.3, WALL, wire.Fault.REFUSED)
@@ -643,7 +695,7 @@ def test_uncovered_groups_are_read_relative_to_the_authenticated_sender() -> Non
         # Limit 160: nothing of ours in range; the mask says the sender's group 0 (our
         # group 0 too) has nobody in it as far as the sender knows.
         ann = Announce(aid, 160, 1, 0, uncovered=1)
-        assert isinstance(core.on_datagram(addr, wire.encode(ann), 0.0)[0], Fetch)
+        assert isinstance(core.on_datagram(addr, wire.encode(ann), 0.0, WALL)[0], Fetch)
         assert isinstance(core.on_fetched(aid, addr, env, 0.0, WALL)[0], Verify)
         return [a for a in core.on_verdict(aid, True, 0.0) if isinstance(a, Send)]
 

@@ -651,22 +651,31 @@ def test_a_strict_chain_carries_the_alert_to_its_end(prefix, alerts, verifier, r
     assert trouble.errors() == []
 
 
+@pytest.mark.parametrize("push", [True, False])
 def test_handed_over_waits_for_the_fetches_it_invited(prefix, alerts, verifier, run,
-                                                       trouble) -> None:
+                                                       trouble, push: bool) -> None:
     """``handed_over`` returns once every contact the alert was announced to has fetched it
-    (or answered), and gives up at its timeout on a contact that never answers."""
+    (or taken the body pushed along, or answered), and gives up at its timeout on a contact
+    that never answers."""
     async def main() -> None:
-        net = Net(prefix, 3, verifier)
+        cfg = OverlayConfig(broadcast=BroadcastConfig(
+            push_bytes=BroadcastConfig().push_bytes if push else 0))
+        net = Net(prefix, 3, verifier, config=cfg)
         await net.start()
         try:
             origin = net.nodes[0]
-            aid = await origin.publish(seal(alerts[0], origin.key, time.time()).encode())
+            env = seal(alerts[0], origin.key, time.time()).encode()
+            assert len(env) < wire.MAX_DATAGRAM - 300  # small enough to ride along
+            aid = await origin.publish(env)
             assert await origin.handed_over(aid, 5.0) is True
             assert not origin._handoffs  # nothing left waiting
-            announced = origin.stats()["bcast.tx_announce"]
+            stats = origin.stats()
+            announced = stats["bcast.tx_announce"]
             assert announced >= 1
-            # Every announcement was fetched by the time it returned (nobody had it before).
-            assert origin.stats().get("bcast.fetch_served", 0) == announced
+            # Every announcement was taken by the time it returned (nobody had it before):
+            # its body fetched, or acknowledged when it rode along.
+            assert stats.get("bcast.fetch_served", 0) == (0 if push else announced)
+            assert stats.get("bcast.rx_ack", 0) == (announced if push else 0)
             # A contact that drops our datagrams unread: no fetch, no answer, no ICMP.
             mute = net.nodes[2].server.protocol
             assert mute is not None

@@ -47,6 +47,27 @@ def test_wire_roundtrip() -> None:
         wire.with_limit(wire.encode(ann), 161)
 
 
+def test_a_body_rides_in_an_announcement_only_within_a_datagram() -> None:
+    aid = bytes(range(32))
+    masks = ((bytes(range(20)), 5),) * 4
+    room = wire.MAX_DATAGRAM - wire.ANNOUNCE_LEN - 2
+    for refs, n in (((), 1), ((), room), (masks, room - 160)):
+        msg = wire.Announce(aid, 3, 1, 0, 9, refs, b"b" * n)
+        data = wire.encode(msg)
+        assert wire.decode(data) == msg and len(data) <= wire.MAX_DATAGRAM
+        assert wire.fits(n, len(refs))
+        assert wire.decode(wire.with_limit(data, 7)) == dataclasses.replace(msg, limit=7)
+        if n > 1:  # the most that fits
+            assert not wire.fits(n + 1, len(refs))
+            with pytest.raises(wire.WireError):
+                wire.encode(dataclasses.replace(msg, body=b"b" * (n + 1)))
+    head = wire.encode(wire.Announce(aid, 3))
+    for tail in (b"\x00", b"\x00\x00", b"\x00\x02x", b"\x00\x01xy",
+                 (room + 1).to_bytes(2, "big") + bytes(room + 1)):
+        with pytest.raises(wire.WireError):
+            wire.decode(head + tail)
+
+
 V = bytes((wire.VERSION,))
 
 
