@@ -61,11 +61,18 @@ def node_run(config_path: Path | None, state_dir: Path | None, verbose: bool) ->
     import asyncio
     import logging
 
+    from node.daemon import realtime
     from node.daemon.node import Node
 
     cfg = node_config(config_path, state_dir)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="herdwall: %(name)s: %(message)s")
+    # This thread runs the node's event loop (Node itself leaves scheduling alone: a test or
+    # a tool that embeds one keeps its own).
+    why = realtime.enter(cfg.verifier.realtime_priority)
+    if why is not None:
+        print_error(f"real-time scheduling unavailable ({why}): the node runs at normal "
+                    "priority ([verifier] realtime_priority = 0 silences this)")
     n = Node(cfg)
     console = stdout_console()
     if verbose:
@@ -94,7 +101,9 @@ def _status_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
                                     f"{nd['uptime_s']:.0f} s, herdwall {nd['version']}"),
             ("state dir", nd["state_dir"]), ("config", nd["config"] or "(built-in defaults)"),
             ("control socket", nd["socket"]), ("event log", nd["event_log"] or "off"),
-            ("metrics", nd["metrics"] or "off")]
+            ("metrics", nd["metrics"] or "off"),
+            ("scheduling", f"real-time (SCHED_FIFO {nd['realtime_priority']}) for the alert path"
+             if nd.get("realtime_priority") else "normal")]
     k = s["kernel"]
     rows.append(("kernel", "off" if not k["enabled"] else
                  "ok" if k["ok"] else f"unavailable: {k['error']}"))

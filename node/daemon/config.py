@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.daemon import realtime
 from sca.keys import default_state_dir
 
 CONFIG_ENV = "HERDWALL_CONFIG"
@@ -48,6 +49,10 @@ job_timeout_s = 10.0   # a replay that takes longer is abandoned (the sandbox ha
 
 [verifier]
 workers = 1            # sandbox processes for verifying received alerts (the fast lane)
+realtime_priority = 4  # the daemon's event loop and these workers run SCHED_FIFO at this
+                       # priority (1-49): woken by an alert, they run at once instead of after
+                       # other tasks' time slices. 0: normal scheduling. Taint replay and filter
+                       # generation always run at normal priority
 
 [filters]
 general = true         # also derive the general (vulnerability) filter, not only the specific
@@ -139,6 +144,7 @@ class DetectorConfig:
 @dataclass(frozen=True)
 class VerifierConfig:
     workers: int = 1
+    realtime_priority: int = realtime.PRIORITY
 
 
 @dataclass(frozen=True)
@@ -431,7 +437,8 @@ _SCHEMA: dict[str, dict[str, Checker]] = {
     "services": {"manifests": _list(_manifest, 64)},
     "detector": {"enabled": _bool, "workers": _int(1, 64), "queue_size": _int(1, 100_000),
                  "job_timeout_s": _number(0, 3600, lo_open=True)},
-    "verifier": {"workers": _int(1, 64)},
+    "verifier": {"workers": _int(1, 64),
+                 "realtime_priority": _int(0, realtime.MAX_PRIORITY)},
     "filters": {"general": _bool, "expire_after_s": _number(0, 10 * 365 * 86400),
                 "workers": _int(1, 64), "tcp_action": _choice("drop", "reject", "takeover"),
                 "general_delay_ms": _number(0, 60_000)},

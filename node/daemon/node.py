@@ -35,6 +35,7 @@ from typing import Any
 from sca.emu.image import ManifestError, ServiceImage, load_image
 from sca.keys import KEY_FILE, KeyFileError, NodeKey
 
+from . import realtime
 from .components import (
     Component,
     ComponentFactory,
@@ -233,7 +234,8 @@ class Node:
         await self.filters.reconcile()
         self.pools = Pools(cfg.services.manifests, fast_workers=cfg.verifier.workers,
                            detect_workers=cfg.detector.workers,
-                           filter_workers=cfg.filters.workers, detectors=cfg.detector.enabled)
+                           filter_workers=cfg.filters.workers, detectors=cfg.detector.enabled,
+                           fast_priority=cfg.verifier.realtime_priority)
         await self.pools.warm()
         self.pipeline = Pipeline(
             key=self.key, images=self.images, pools=self.pools, db=self.db, bus=self.bus,
@@ -421,6 +423,7 @@ class Node:
                 "event_log": str(self.config.events.log) if self.config.events.log else None,
                 "metrics": _addr(self.config.metrics.listen),
                 "overlay_bind": _addr(self.config.overlay.bind),
+                "realtime_priority": realtime.current(),  # the loop's: 0 normal scheduling
                 "bootstrap": [_addr(b) for b in self.config.overlay.bootstrap],
             },
             "kernel": dict(self.kernel),

@@ -107,10 +107,10 @@ class _Worker:
 
 class Lane:
     def __init__(self, name: str, workers: int, manifests: list[str], detectors: bool,
-                 nice: int = 0) -> None:
+                 nice: int = 0, priority: int = 0) -> None:
         self.name = name
         self.workers = workers
-        self._args = (manifests, detectors, nice)
+        self._args = (manifests, detectors, nice, priority)
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
         self._waiting: deque[asyncio.Future[_Worker]] = deque()
@@ -245,9 +245,10 @@ class Lane:
 class Pools:
     def __init__(self, manifests: Sequence[Path | str], *, fast_workers: int = 1,
                  detect_workers: int = 1, filter_workers: int = 1,
-                 detectors: bool = False) -> None:
+                 detectors: bool = False, fast_priority: int = 0) -> None:
         paths = [str(m) for m in manifests]
-        self.fast = Lane("fast", fast_workers, paths, False)
+        # ``fast_priority``: the verification workers' SCHED_FIFO priority (``realtime``).
+        self.fast = Lane("fast", fast_workers, paths, False, priority=fast_priority)
         self.detect = Lane("detect", detect_workers, paths, True) if detectors else None
         self.filters = Lane("filters", filter_workers, paths, False, nice=FILTERS_NICE)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.daemon import realtime
 from sca.alert import Alert, Message
 from sca.codec import FormatError, decode_alert, encode_alert, encoding_id_hex
 from sca.emu.image import ServiceImage, load_image
@@ -119,12 +120,14 @@ def lower_priority(nice: int) -> None:
         f.write(str(nice))
 
 
-def init(manifests: list[str], detectors: bool, nice: int = 0) -> None:
-    """Pool initializer: lower the process's CPU priority by ``nice``, load the images, boot
-    the verifier's clones (and the detectors' in the detection pool)."""
+def init(manifests: list[str], detectors: bool, nice: int = 0, priority: int = 0) -> None:
+    """Pool initializer: lower the process's CPU priority by ``nice`` (or raise it to
+    ``SCHED_FIFO`` at ``priority``, ``node.daemon.realtime``), load the images, boot the
+    verifier's clones (and the detectors' in the detection pool)."""
     global _state
     if nice:
         lower_priority(nice)
+    realtime.enter(priority)  # where refused, the daemon's own attempt has said so
     _state = _State(manifests)
     for img in _state.images.values():
         try:
@@ -143,12 +146,12 @@ def init(manifests: list[str], detectors: bool, nice: int = 0) -> None:
             pass  # the job that needs it reports the error
 
 
-def serve(conn: Any, manifests: list[str], detectors: bool, nice: int) -> None:
+def serve(conn: Any, manifests: list[str], detectors: bool, nice: int, priority: int) -> None:
     """A pool worker's life (``node.daemon.pools``): boot, then answer jobs from the pipe,
     ``(fn, args)`` -> ``("ok", result)`` or ``("err", exception)``, until it closes."""
     global _conn
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the daemon: it stops us
-    init(manifests, detectors, nice)
+    init(manifests, detectors, nice, priority)
     _conn = conn
     while True:
         try:
