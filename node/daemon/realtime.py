@@ -5,8 +5,9 @@ wakes a verification worker, the verdict wakes the daemon again, which forwards 
 On a host whose CPUs are shared (or halted while idle), each woken process may wait for
 another task's time slice before it runs; over the four relays of bench_e2e's strict chain
 those waits were most of the spread of its samples. Run ``SCHED_FIFO`` at a low real-time
-priority, a woken loop or verifier preempts ordinary tasks at once (interleaved runs of the
-chain, 12 samples each: p50 23-32 ms at normal priority, 19-21 ms with this).
+priority, a woken loop or verifier preempts ordinary tasks at once (bench_e2e's strict chain,
+interleaved: e2e_udp p50 26.0 / 33.6 ms at normal priority, 21.0 / 23.2 with this; per hop
+4.2-6.6 against 3.2-3.9 ms).
 
 Only that path: the loop's own thread (threads and processes it starts later begin at normal
 priority, ``SCHED_RESET_ON_FORK``) and the verification lane, whose jobs are short and come at
