@@ -4,7 +4,9 @@ in one call byte for byte as the general builder builds it."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 
 from node.stack.conntrack import Flow
 from node.stack.packet import ACK, SYN
-from node.takeover.adapter import tcp_header, tcp_tsval
+from node.takeover.adapter import TakeoverQueue, tcp_header, tcp_tsval
 from node.takeover.seed import first_ack
 from node.takeover.tcp import Segment
 from node.takeover.wire import build, parse
@@ -113,7 +115,6 @@ def _v6(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flag
 def test_ipv6_flows_are_checked_and_a_match_blocked_not_taken_over() -> None:
     """The engines speak IPv4 only: on IPv6 the exploit is dropped and the flow's later client
     data with it; benign bytes before it pass."""
-    import asyncio
 
     from node.takeover.adapter import TakeoverQueue
     from node.takeover.engine import TakeoverEngine
@@ -171,33 +172,38 @@ def _segment(v6: bool, client: bool, seq: int, ack: int, flags: int, data: bytes
     return build(src, dst, sport, dport, Segment(seq, ack, flags, 65535, data, None, None))
 
 
+def _queue(v6: bool, loop: asyncio.AbstractEventLoop
+           ) -> tuple[TakeoverQueue, list[tuple[bytes, str]], Callable[..., str]]:
+    """A takeover queue watching port 8080 for ``EXPLOIT`` with a flow set up, its verdict
+    log, and ``send(client, seq, ack, flags, data)`` giving the verdict."""
+    from node.takeover.engine import TakeoverEngine
+    from node.takeover.harness import starts_with
+
+    q = TakeoverQueue(TakeoverEngine(), detect=starts_with(b"EXPLOIT"), ports={8080},
+                      loop=loop)
+    log: list[tuple[bytes, str]] = []
+
+    def send(client: bool, seq: int, ack: int, flags: int, data: bytes = b"") -> str:
+        h = _Logged(log, data)
+        q._on_packet(_segment(v6, client, seq, ack, flags, data), h)  # type: ignore[arg-type]
+        return h.verdict
+
+    assert send(True, 100, 0, SYN) == "accept"
+    assert send(False, 500, 101, SYN | ACK) == "accept"
+    assert send(True, 101, 501, ACK) == "accept"
+    log.clear()
+    return q, log, send
+
+
 @pytest.mark.parametrize("v6", [False, True])
 def test_out_of_order_client_segments_wait_and_go_on_in_stream_order(v6: bool) -> None:
     """A client segment past a hole gets no verdict until the hole fills; then the filler
     goes first and the held ones after it by start, the longer first (the server's kernel
     then keeps the bytes the node checked). Past an exploit split by the hole, the held part
     is dropped with the message."""
-    import asyncio
-
-    from node.takeover.adapter import TakeoverQueue
-    from node.takeover.engine import TakeoverEngine
-    from node.takeover.harness import starts_with
-
     loop = asyncio.new_event_loop()
     try:
-        q = TakeoverQueue(TakeoverEngine(), detect=starts_with(b"EXPLOIT"), ports={8080},
-                          loop=loop)
-        log: list[tuple[bytes, str]] = []
-
-        def send(client: bool, seq: int, ack: int, flags: int, data: bytes = b"") -> str:
-            h = _Logged(log, data)
-            q._on_packet(_segment(v6, client, seq, ack, flags, data), h)  # type: ignore[arg-type]
-            return h.verdict
-
-        assert send(True, 100, 0, SYN) == "accept"
-        assert send(False, 500, 101, SYN | ACK) == "accept"
-        assert send(True, 101, 501, ACK) == "accept"
-        log.clear()
+        q, log, send = _queue(v6, loop)
         assert send(True, 105, 501, ACK, b"bbbb") == ""  # held: 101-104 missing
         assert send(True, 105, 501, ACK, b"bbbbcc") == ""  # a longer resend of it, held too
         assert send(True, 101, 501, ACK, b"aaaa") == "accept"
@@ -218,7 +224,6 @@ def test_a_hole_never_filled_has_its_held_segments_dropped_in_time(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The client resends what the node gave up on: a hole still open ``HOLD_TIMEOUT`` after
     its first segment was held is given up, with every segment held past it."""
-    import asyncio
 
     from node.takeover import adapter
     from node.takeover.engine import TakeoverEngine
@@ -243,47 +248,22 @@ def test_a_hole_never_filled_has_its_held_segments_dropped_in_time(
         loop.close()
 
 
-def _queue(v6: bool, loop: object) -> tuple[object, list[tuple[bytes, str]], object]:
-    """A takeover queue watching port 8080 for ``EXPLOIT`` with a flow set up, its verdict
-    log, and ``send(client, seq, ack, flags, data)`` giving the verdict."""
-    from node.takeover.adapter import TakeoverQueue
-    from node.takeover.engine import TakeoverEngine
-    from node.takeover.harness import starts_with
-
-    q = TakeoverQueue(TakeoverEngine(), detect=starts_with(b"EXPLOIT"), ports={8080},
-                      loop=loop)  # type: ignore[arg-type]
-    log: list[tuple[bytes, str]] = []
-
-    def send(client: bool, seq: int, ack: int, flags: int, data: bytes = b"") -> str:
-        h = _Logged(log, data)
-        q._on_packet(_segment(v6, client, seq, ack, flags, data), h)  # type: ignore[arg-type]
-        return h.verdict
-
-    assert send(True, 100, 0, SYN) == "accept"
-    assert send(False, 500, 101, SYN | ACK) == "accept"
-    assert send(True, 101, 501, ACK) == "accept"
-    log.clear()
-    return q, log, send
-
-
 @pytest.mark.parametrize("v6", [False, True])
 def test_other_bytes_sent_again_where_checked_bytes_went_are_dropped(v6: bool) -> None:
     """TCP never sends other bytes for a sequence number again: a resend that differs from
     bytes the node checked and passed (not yet acknowledged by the server, which may have lost
     them) is dropped, else it would reach the server unchecked as a duplicate. The same bytes
     again pass; once the server has acknowledged them nothing is compared."""
-    import asyncio
-
     loop = asyncio.new_event_loop()
     try:
         q, _, send = _queue(v6, loop)
         assert send(True, 101, 501, ACK, b"GET /a\n") == "accept"
         assert send(True, 101, 501, ACK, b"EXPLOIT") == "drop"
         assert send(True, 105, 501, ACK, b"/a\n") == "accept"  # a true resend of a part
-        assert q.stats["rewrites_dropped"] == 1  # type: ignore[attr-defined]
+        assert q.stats["rewrites_dropped"] == 1
         assert send(False, 501, 108, ACK) == "accept"  # the server has them all
         assert send(True, 101, 501, ACK, b"EXPLOI") == "accept"  # old: its kernel drops it
-        assert q.stats["rewrites_dropped"] == 1  # type: ignore[attr-defined]
+        assert q.stats["rewrites_dropped"] == 1
     finally:
         loop.close()
 
@@ -293,8 +273,6 @@ def test_held_segments_that_disagree_on_bytes_only_the_checked_ones_go_on(v6: bo
     """Two held segments carrying other bytes for the same sequence numbers: at release only
     the one whose bytes the node checked goes on (the stack keeps the first, as Linux does),
     the other is dropped."""
-    import asyncio
-
     loop = asyncio.new_event_loop()
     try:
         q, log, send = _queue(v6, loop)
@@ -302,7 +280,7 @@ def test_held_segments_that_disagree_on_bytes_only_the_checked_ones_go_on(v6: bo
         assert send(True, 105, 501, ACK, b"XPLO") == ""
         assert send(True, 101, 501, ACK, b"aaaa") == "accept"
         assert log == [(b"aaaa", "accept"), (b"bbbb", "accept"), (b"XPLO", "drop")]
-        assert q.stats["rewrites_dropped"] == 1  # type: ignore[attr-defined]
+        assert q.stats["rewrites_dropped"] == 1
     finally:
         loop.close()
 
@@ -312,7 +290,6 @@ def test_bytes_resent_after_their_hold_was_given_up_are_checked_anew(
     """The node gives up a hole (its held segments are dropped): the stack forgets the bytes
     it held past it, so a resend there, whatever it carries, is checked as new bytes (an
     exploit in it is caught), not passed as a duplicate of bytes the server never got."""
-    import asyncio
 
     from node.takeover import adapter
 
@@ -325,7 +302,7 @@ def test_bytes_resent_after_their_hold_was_given_up_are_checked_anew(
         assert log == [(b"late", "drop")]
         assert send(True, 101, 501, ACK, b"aaaa") == "accept"
         assert send(True, 105, 501, ACK, b"EXPLOIT now\n") == "drop"
-        assert q.stats["triggers"] == 1 and q.stats["rewrites_dropped"] == 0  # type: ignore[attr-defined]
+        assert q.stats["triggers"] == 1 and q.stats["rewrites_dropped"] == 0
     finally:
         loop.close()
 
@@ -334,7 +311,6 @@ def test_past_its_bounds_a_flows_hold_is_given_up_whole(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """One segment more than ``HOLD_PACKETS`` past a hole: all of them are dropped (the client
     resends), none waits alone for a hole the stack no longer remembers."""
-    import asyncio
 
     from node.takeover import adapter
 
@@ -344,11 +320,11 @@ def test_past_its_bounds_a_flows_hold_is_given_up_whole(
         q, log, send = _queue(False, loop)
         for i in range(4):
             send(True, 105 + 4 * i, 501, ACK, b"%04d" % i)
-        assert [v for _, v in log] == ["drop"] * 4 and not q.holds  # type: ignore[attr-defined]
-        assert q.stats["ooo_dropped"] == 4  # type: ignore[attr-defined]
+        assert [v for _, v in log] == ["drop"] * 4 and not q.holds
+        assert q.stats["ooo_dropped"] == 4
         assert send(True, 101, 501, ACK, b"aaaa") == "accept"
         assert send(True, 105, 501, ACK, b"EXPLOIT now\n") == "drop"  # checked anew
-        assert q.stats["triggers"] == 1  # type: ignore[attr-defined]
+        assert q.stats["triggers"] == 1
     finally:
         loop.close()
 
@@ -361,7 +337,6 @@ def test_past_its_bounds_a_flows_hold_is_given_up_whole(
               st.sampled_from([0x02, 0x10, 0x11, 0x18, 0x04]), st.binary(max_size=40))),
     max_size=20))
 def test_any_packet_gets_a_verdict_and_nothing_raises(packets: list[bytes]) -> None:
-    import asyncio
 
     from node.takeover.adapter import TakeoverQueue
     from node.takeover.engine import TakeoverEngine
