@@ -228,7 +228,7 @@ def parse_ipv6(buf: Buffer) -> IPv6:
         raise PacketError("IPv6 payload length")
     off = 40
     fragment = False
-    for _ in range(_MAX_IPV6_EXT):
+    for _ in range(_MAX_IPV6_EXT + 1):  # up to _MAX_IPV6_EXT headers, then the transport's
         if nh not in _IPV6_EXT:
             break
         if off + 8 > end:

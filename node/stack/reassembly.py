@@ -139,6 +139,15 @@ class Reassembler:
         insort(held, (start, end, bytes(data)))
         return HELD, b""
 
+    def rewind(self, seq: int) -> None:
+        """Count the bytes from ``seq`` on as never delivered and forget what is held: a node
+        that dropped them checks their resend as new bytes."""
+        back = self.pos - self.offset(seq)
+        if 0 < back <= self.pos:
+            self.pos -= back
+            self.delivered -= back
+        self.forget_held()
+
     def forget_held(self) -> None:
         """Drop every out-of-order byte held: the sender has to send them again (a node in
         the path that gave up their packets must not count them as delivered later)."""

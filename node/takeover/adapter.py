@@ -320,6 +320,9 @@ class TakeoverQueue:
                 handle.accept()
                 return
             key, ihl, seq, ack, flags, plen, tsval = hdr
+            if plen and flags & (SYN | ACK) == SYN:
+                self._syn_data(handle)
+                return
             if self.filters is not None:
                 self._watch_new(key[8:10], key[10:12])
             fd = self.stack.tcp.table.get(key)
@@ -343,6 +346,7 @@ class TakeoverQueue:
                 if stream is not None and not stream.held and stream.next_seq == seq:
                     checked = True
                     data = payload[len(payload) - plen:]
+                    history = self.streams.get(fd.flow.id)
                     early = self._check_chunk(fd.flow, data)
                     if early is not None and fd.flow.halves[1].next_seq is not None:
                         mac = handle.source_mac  # the way back: where the trigger came from
@@ -373,6 +377,11 @@ class TakeoverQueue:
             if drop:
                 self.stats["dropped"] += 1
                 handle.drop()
+                if checked:  # not delivered after all (PAWS, window): not in the stream either
+                    if history is None:
+                        self.streams.pop(fd.flow.id, None)  # type: ignore[union-attr]
+                    else:
+                        self.streams[fd.flow.id] = history  # type: ignore[union-attr]
             elif ahead:
                 self._hold(fd.flow, seq, payload[len(payload) - plen:], handle,  # type: ignore[union-attr]
                            now)
@@ -380,6 +389,13 @@ class TakeoverQueue:
                 handle.accept()
                 if self.holds and fd is not None and fd.flow.id in self.holds:
                     self._release(fd.flow)  # after this packet: it may have filled the hole
+
+    def _syn_data(self, handle: Handle) -> None:
+        """A client's SYN that carries data (TCP Fast Open): the stack checks a stream from
+        the handshake on, so these bytes would reach the server unchecked. Dropped: the
+        client's kernel sends the SYN again without them and the data after the handshake."""
+        self.stats["syn_data_dropped"] += 1
+        handle.drop()
 
     def _watch_new(self, *ports: bytes) -> None:
         """A filter installed since the queue started: its port's flows are tracked from now on
@@ -397,12 +413,19 @@ class TakeoverQueue:
         try:
             ip = parse_ipv6(payload)
         except PacketError:
-            ip = None
-        if ip is None or ip.proto != 6 or len(ip.payload) < 20:
+            # Queued because the kernel found TCP to a watched port in it: what our parser
+            # refuses (a hostile chain of extension headers) must not pass unchecked.
+            self.stats["malformed"] += 1
+            handle.drop()
+            return
+        if ip.proto != 6 or len(ip.payload) < 20:
             self.stats["not_tcp"] += 1
             handle.accept()
             return
         tcp = ip.payload
+        if tcp[13] & (SYN | ACK) == SYN and len(tcp) > (tcp[12] >> 4) * 4:
+            self._syn_data(handle)
+            return
         if self.filters is not None:
             self._watch_new(tcp[0:2], tcp[2:4])
         key = flow_key(ip.src, ip.dst, (tcp[0] << 8) | tcp[1], (tcp[2] << 8) | tcp[3])
@@ -430,7 +453,7 @@ class TakeoverQueue:
             if type(e) is MessageIn and fd is not None and fd.dir == 0:
                 if self._check_chunk(fd.flow, e.message.data) is not None:
                     self.stats["ipv6_blocked"] += 1
-                    self._block(fd.flow, handle)
+                    self._block(fd.flow, handle, e.seq)
                     return
                 self._tails(fd.flow)[0].add(e.seq, e.message.data)
             elif type(e) is Drop:
@@ -483,7 +506,15 @@ class TakeoverQueue:
             hold = self.holds[flow.id] = Hold(flow, [])
         hold.packets.append(Held(seq, seq_add(seq, len(data)), handle, now, data))
         self._held += 1
-        if len(hold.packets) > HOLD_PACKETS or self._held > HOLD_TOTAL or self._closing:
+        if self._held > HOLD_TOTAL:
+            # The flow that holds the most gives way (not whoever comes next: one client's
+            # flows filling the total must not cost everyone else their reordered segments).
+            most = max(self.holds.values(), key=lambda h: len(h.packets))
+            self.stats["ooo_dropped"] += len(most.packets)
+            self._give_up(most)
+            if most is hold:
+                return
+        if len(hold.packets) > HOLD_PACKETS or self._closing:
             self.stats["ooo_dropped"] += len(hold.packets)
             self._give_up(hold)
             return
@@ -613,7 +644,7 @@ class TakeoverQueue:
             # silent since): nothing seen of the server to speak for it with. The message is
             # dropped all the same and the flow blocked.
             self.stats["unseeded_drops"] += 1
-            self._block(flow, handle)
+            self._block(flow, handle, seq)
             return
         if flow.id in self.holds:  # their bytes are the trigger's: the engine has them now
             self._drop_held(flow.id)
@@ -633,12 +664,12 @@ class TakeoverQueue:
             # queue's fail-open default would forward it).
             self.stats["trigger_errors"] += 1
             log.exception("takeover of flow %d failed", flow.id)
-            self._block(flow, handle)
+            self._block(flow, handle, seq)
             return
         if self.on_trigger is not None:
             self.on_trigger(t)
 
-    def _block(self, flow: Flow, handle: Handle) -> None:
+    def _block(self, flow: Flow, handle: Handle, seq: int) -> None:
         """Drop the trigger and every later client segment with data: the stack has counted
         the message as delivered, so the client's resend of it would pass unchecked. The
         connection stalls (the server never acknowledges it) instead of carrying it."""
@@ -646,6 +677,10 @@ class TakeoverQueue:
         self.streams.pop(flow.id, None)
         if flow.id in self.holds:
             self._drop_held(flow.id)
+        if flow.stream is not None:
+            # Its bytes count as never delivered: should the flow's block be forgotten (a
+            # close, the bound below), a resend is checked again, not passed as a duplicate.
+            flow.stream.rewind(seq)
         self.blocked[flow.id] = None
         if len(self.blocked) > MAX_BLOCKED:  # flows that vanished without a close event
             self.blocked.pop(next(iter(self.blocked)))

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from node.stack.conntrack import Flow
-from node.stack.packet import ACK, SYN
+from node.stack.packet import ACK, RST, SYN
 from node.takeover.adapter import TakeoverQueue, tcp_header, tcp_tsval
 from node.takeover.seed import first_ack
 from node.takeover.tcp import Segment
@@ -379,3 +379,136 @@ def test_the_reader_threads_clock_runs_what_is_due_in_order_and_nothing_cancelle
     assert ran == ["later", "late", "next round"]
     delay = clock.delay()
     assert delay is not None and 50 < delay <= 60
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_a_blocked_message_sent_again_is_checked_again_whatever_became_of_the_block(
+        v6: bool) -> None:
+    """A match that cannot be taken over is dropped and its flow blocked; its bytes count as
+    never delivered, so a client RST past them does not close the flow (the server, still
+    waiting for them, would not take it either), and once the block is forgotten (the bound
+    on blocked flows) a resend is checked again and dropped again, not passed as a duplicate
+    of bytes the server never got."""
+    loop = asyncio.new_event_loop()
+    try:
+        q, _, send = _queue(v6, loop)
+        assert send(True, 101, 501, ACK, b"GET /a\n") == "accept"
+        if not v6:  # IPv4 blocks a flow whose server it has not heard since the handshake
+            q.stack.tcp.table[next(iter(q.stack.tcp.table))].flow.halves[1].next_seq = None
+        assert send(True, 108, 501, ACK, b"EXPLOIT now\n") == "drop"
+        assert send(True, 108, 501, ACK, b"EXPLOIT now\n") == "drop"  # blocked
+        send(True, 120, 501, RST | ACK)
+        assert send(True, 108, 501, ACK, b"EXPLOIT now\n") == "drop"
+        q.blocked.clear()  # as when MAX_BLOCKED later flows have pushed it out
+        assert send(True, 108, 501, ACK, b"EXPLOIT now\n") == "drop"  # checked again
+        assert q.stats["ipv6_blocked" if v6 else "unseeded_drops"] == 2
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_a_clients_syn_with_data_is_dropped_and_its_plain_resend_goes_on(v6: bool) -> None:
+    """TCP Fast Open: bytes in a SYN would reach the server before the stream the node checks
+    begins. The SYN is dropped; the client's kernel sends it again without them."""
+    loop = asyncio.new_event_loop()
+    try:
+        from node.takeover.adapter import TakeoverQueue
+        from node.takeover.engine import TakeoverEngine
+
+        q = TakeoverQueue(TakeoverEngine(), ports={8080}, loop=loop)
+        h = _Verdicts()
+        q._on_packet(_segment(v6, True, 100, 0, SYN, b"EXPLOIT"), h)  # type: ignore[arg-type]
+        assert h.verdict == "drop" and q.stats["syn_data_dropped"] == 1
+        h = _Verdicts()
+        q._on_packet(_segment(v6, True, 100, 0, SYN), h)  # type: ignore[arg-type]
+        assert h.verdict == "accept"
+    finally:
+        loop.close()
+
+
+def test_an_ipv6_packet_the_parser_refuses_is_dropped_not_passed() -> None:
+    from node.stack.packet import parse_ipv6
+    from node.takeover.adapter import TakeoverQueue
+    from node.takeover.engine import TakeoverEngine
+
+    def with_options(n: int) -> bytes:
+        tcp = struct.pack("!HHIIBBHHH", 40000, 8080, 1, 1, 5 << 4, ACK, 65535, 0, 0) + b"x"
+        ext = b"".join(bytes((60 if i < n - 1 else 6, 0)) + bytes(6) for i in range(n))
+        return struct.pack("!IHBB16s16s", 6 << 28, len(ext) + len(tcp), 60, 64, C6, S6) + \
+            ext + tcp
+
+    assert parse_ipv6(with_options(8)).proto == 6  # the most a packet may carry: parsed
+    loop = asyncio.new_event_loop()
+    try:
+        q = TakeoverQueue(TakeoverEngine(), ports={8080}, loop=loop)
+        h = _Verdicts()
+        q._on_packet(with_options(9), h)  # type: ignore[arg-type]
+        assert h.verdict == "drop" and q.stats["malformed"] == 1
+    finally:
+        loop.close()
+
+
+def test_past_the_total_bound_the_flow_holding_most_gives_way(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One client's flows filling the queue's total of held segments cost their own holds,
+    not the reordered segments of whoever comes next."""
+    from node.takeover import adapter
+    from node.takeover.engine import TakeoverEngine
+
+    monkeypatch.setattr(adapter, "HOLD_TOTAL", 4)
+    loop = asyncio.new_event_loop()
+    try:
+        q = adapter.TakeoverQueue(TakeoverEngine(), ports={8080}, loop=loop)
+
+        def send(cport: int, seq: int, flags: int, data: bytes = b"",
+                 client: bool = True) -> _Verdicts:
+            h = _Verdicts()
+            src, dst, sp, dp = (SRC, DST, cport, 8080) if client else (DST, SRC, 8080, cport)
+            ack = 501 if client else 101
+            q._on_packet(build(src, dst, sp, dp, Segment(seq, ack if flags != SYN else 0, flags,
+                                                         65535, data, None, None)), h)  # type: ignore[arg-type]
+            return h
+
+        for cport in (40001, 40002):
+            send(cport, 100, SYN)
+            send(cport, 500, SYN | ACK, client=False)
+            send(cport, 101, ACK)
+        hog = [send(40001, 105 + 2 * i, ACK, b"h") for i in range(4)]  # holes at 101-104
+        assert all(h.verdict == "" for h in hog)
+        benign = send(40002, 105, ACK, b"late")  # the fifth held: over the total
+        assert [h.verdict for h in hog] == ["drop"] * 4 and benign.verdict == ""
+        assert send(40002, 101, ACK, b"aaaa").verdict == "accept" and benign.verdict == "accept"
+    finally:
+        loop.close()
+
+
+def test_a_segment_the_stack_refuses_leaves_no_trace_in_the_stream_it_checks() -> None:
+    """A chunk checked early and then refused by the stack (PAWS: an old timestamp) never
+    reaches the server: it must not sit in the stream history between the real bytes, where
+    it would split a pattern the server does receive whole."""
+    from node.takeover.adapter import TakeoverQueue
+    from node.takeover.engine import TakeoverEngine
+
+    loop = asyncio.new_event_loop()
+    try:
+        q = TakeoverQueue(TakeoverEngine(), ports={8080}, loop=loop,
+                          detect=lambda flow, chunk, stream: "hit" if b"EXPLOIT" in stream
+                          else None)
+
+        def send(client: bool, seq: int, ack: int, flags: int, data: bytes,
+                 ts: tuple[int, int]) -> str:
+            seg = Segment(seq, ack, flags, 65535, data, *ts)
+            h = _Verdicts()
+            q._on_packet(build(SRC, DST, 40000, 8080, seg) if client else  # type: ignore[arg-type]
+                         build(DST, SRC, 8080, 40000, seg), h)
+            return h.verdict
+
+        send(True, 100, 0, SYN, b"", (1000, 0))
+        send(False, 500, 101, SYN | ACK, b"", (7000, 1000))
+        send(True, 101, 501, ACK, b"", (1001, 7000))
+        assert send(True, 101, 501, ACK, b"EXPL", (1002, 7000)) == "accept"
+        assert send(True, 105, 501, ACK, b"zzzz", (900, 7000)) == "drop"  # PAWS
+        assert send(True, 105, 501, ACK, b"OIT now", (1003, 7000)) == "drop"  # caught whole
+        assert q.stats["triggers"] == 1
+    finally:
+        loop.close()
