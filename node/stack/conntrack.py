@@ -24,6 +24,7 @@ import contextlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from node.stack.reassembly import Reassembler
 
@@ -100,7 +101,7 @@ class Flow:
     responder. ``stream`` reassembles originator-to-responder data when the responder's port
     is protected (the messages a service receives)."""
 
-    __slots__ = ("created", "deadline", "dirs", "halves", "id", "in_closing", "keys",
+    __slots__ = ("created", "deadline", "dirs", "ext", "halves", "id", "in_closing", "keys",
                  "last_seen", "orig", "picked_up", "proto", "resp", "state", "stream",
                  "synack_ts", "ts_recent")
 
@@ -122,6 +123,9 @@ class Flow:
         self.keys: tuple[bytes, bytes] = (b"", b"")
         self.dirs: tuple[FlowDir, FlowDir] | None = None
         self.in_closing = False
+        # What a user of the stack keeps with the flow: it lives exactly as long as the flow
+        # is tracked (a close event may come while packets still do), and goes with it.
+        self.ext: Any = None
 
     @property
     def window_scaling(self) -> bool:

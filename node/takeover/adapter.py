@@ -240,12 +240,12 @@ class TakeoverQueue:
         self.stack = Stack(StackConfig(protected_tcp=ports, verify_checksums=False,
                                        max_held_bytes=HOLD_BYTES))
         self.tail_limit = tail_limit
-        self.tails: dict[int, tuple[StreamTail, StreamTail]] = {}
         self.streams: dict[int, bytes] = {}
         self.blocked: dict[int, None] = {}  # flows whose trigger was dropped, not taken over
         self.holds: dict[int, Hold] = {}  # flow id -> its out-of-order client segments
         self._held = 0  # packets in self.holds
         self._closing = False
+        self._next_expiry = 0.0
         self.stats: Counter[str] = Counter()
         self.triggers: list[Trigger] = []
         self.netns = netns
@@ -305,6 +305,10 @@ class TakeoverQueue:
         # next to nothing; the engine's timers take it too).
         with self._lock:
             now = self._time()
+            if now >= self._next_expiry:  # flows idle past their timeout, closed ones past
+                self._next_expiry = now + 1.0  # their grace: forgotten with what they keep
+                for e in self.stack.expire(now):
+                    self._closed(e.flow_id)  # type: ignore[attr-defined]
             hdr = tcp_header(payload)
             owned = self._owned
             # An engine that files its flows by this key is offered only its own packets.
@@ -333,7 +337,7 @@ class TakeoverQueue:
                     return
                 stream = fd.flow.stream
                 if stream is not None and seq_lt(seq, stream.next_seq) and \
-                        self._rewrites(fd.flow.id, seq, payload[len(payload) - plen:]):
+                        self._rewrites(fd.flow, seq, payload[len(payload) - plen:]):
                     handle.drop()
                     return
             # The next in-order chunk of a client's stream is checked before the stack takes the
@@ -367,11 +371,7 @@ class TakeoverQueue:
                 elif type(e) is Drop:
                     drop = True
                 elif type(e) is FlowClosed:
-                    self.tails.pop(e.flow_id, None)
-                    self.streams.pop(e.flow_id, None)
-                    self.blocked.pop(e.flow_id, None)
-                    if e.flow_id in self.holds:
-                        self._drop_held(e.flow_id)
+                    self._closed(e.flow_id)
             ahead = fd is not None and self._track(fd.dir, fd.flow, payload, ihl, seq, ack,
                                                    flags, plen, events)
             if drop:
@@ -396,6 +396,12 @@ class TakeoverQueue:
         client's kernel sends the SYN again without them and the data after the handshake."""
         self.stats["syn_data_dropped"] += 1
         handle.drop()
+
+    def _closed(self, flow_id: int) -> None:
+        self.streams.pop(flow_id, None)
+        self.blocked.pop(flow_id, None)
+        if flow_id in self.holds:
+            self._drop_held(flow_id)
 
     def _watch_new(self, *ports: bytes) -> None:
         """A filter installed since the queue started: its port's flows are tracked from now on
@@ -440,7 +446,7 @@ class TakeoverQueue:
                 return
             stream = fd.flow.stream
             if stream is not None and seq_lt(seq, stream.next_seq) and \
-                    self._rewrites(fd.flow.id, seq, data):
+                    self._rewrites(fd.flow, seq, data):
                 handle.drop()
                 return
         events = self.stack.handle(payload, now)
@@ -459,10 +465,7 @@ class TakeoverQueue:
             elif type(e) is Drop:
                 drop = True
             elif type(e) is FlowClosed:
-                self.streams.pop(e.flow_id, None)
-                self.blocked.pop(e.flow_id, None)
-                if e.flow_id in self.holds:
-                    self._drop_held(e.flow_id)
+                self._closed(e.flow_id)
         stream = fd.flow.stream if fd is not None and fd.dir == 0 and data_len > 0 else None
         if drop:
             handle.drop()
@@ -475,10 +478,12 @@ class TakeoverQueue:
                 self._release(fd.flow)
 
     def _tails(self, flow: Flow) -> tuple[StreamTail, StreamTail]:
-        tails = self.tails.get(flow.id)
+        """The flow's c2s and s2c tails, kept on the flow (``Flow.ext``): they last while the
+        stack tracks it, through a close the server may not have taken (a client RST past
+        bytes it lost), and go with it."""
+        tails = flow.ext
         if tails is None:
-            tails = self.tails[flow.id] = (StreamTail(self.tail_limit),
-                                           StreamTail(self.tail_limit))
+            tails = flow.ext = (StreamTail(self.tail_limit), StreamTail(self.tail_limit))
         return tails
 
     def _track(self, direction: int, flow: Flow, payload: bytes, ihl: int, seq: int, ack: int,
@@ -549,19 +554,19 @@ class TakeoverQueue:
             del self.holds[flow.id]
         due.sort(key=lambda h: (stream.offset(h.seq), -stream.offset(h.end)))
         for h in due:
-            if self._rewrites(flow.id, h.seq, h.data):
+            if self._rewrites(flow, h.seq, h.data):
                 h.handle.drop()
             else:
                 h.handle.accept()
                 self.stats["ooo_released"] += 1
 
-    def _rewrites(self, flow_id: int, seq: int, data: bytes) -> bool:
+    def _rewrites(self, flow: Flow, seq: int, data: bytes) -> bool:
         """Whether client bytes at ``seq`` differ from those the node checked and passed there
         (which the server has not acknowledged yet: the tail keeps them). TCP never sends
         other bytes for a sequence number again, so this is evasion: a server that lost or
         discarded the first copy would otherwise get the second unchecked, as a resend of
         bytes already delivered. Dropped (counted ``rewrites_dropped``)."""
-        tails = self.tails.get(flow_id)
+        tails = flow.ext
         start = tails[0].start if tails is not None else None
         if start is None:
             return False

@@ -512,3 +512,21 @@ def test_a_segment_the_stack_refuses_leaves_no_trace_in_the_stream_it_checks() -
         assert q.stats["triggers"] == 1
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_a_close_the_server_may_not_take_keeps_the_bytes_to_compare(v6: bool) -> None:
+    """Bytes the node passed that the server lost: a client RST at the node's next sequence
+    number closes the flow here, but the server (still waiting for the lost bytes) answers it
+    with a challenge ACK and keeps the connection. Other bytes sent over the lost ones are
+    still compared and dropped: what the node checked lives as long as the flow is tracked."""
+    loop = asyncio.new_event_loop()
+    try:
+        q, _, send = _queue(v6, loop)
+        assert send(True, 101, 501, ACK, b"GET /a b c\n") == "accept"  # lost past the node
+        assert send(True, 101, 501, ACK, b"EXPLOIT now") == "drop"
+        assert send(True, 112, 501, RST | ACK) == "accept"
+        assert send(True, 101, 501, ACK, b"EXPLOIT now") == "drop"
+        assert q.stats["rewrites_dropped"] == 2
+    finally:
+        loop.close()
