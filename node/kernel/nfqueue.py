@@ -10,7 +10,8 @@ without a verdict when ``on_packet`` returns is ``retain()``ed and held by the k
 (a held SYN is not retransmitted). Held packets count against the queue's ``max_len``.
 
 If ``on_packet`` raises, the packet gets the default verdict (accept when ``fail_open``, the
-default, else drop) and ``errors`` counts it: a bug in a callback never stalls the queue.
+default, else drop; always drop with ``drop_on_error``, for a queue that checks what it passes)
+and ``errors`` counts it: a bug in a callback never stalls the queue.
 ``close()`` gives every held packet the default verdict before unbinding, since the kernel would
 otherwise drop them when the reader goes.
 
@@ -214,12 +215,14 @@ class QueueAdapter:
     def __init__(self, queue_num: int, on_packet: OnPacket, *, netns: str | None = None,
                  loop: asyncio.AbstractEventLoop | None = None, max_len: int = 1024,
                  fail_open: bool = True, thread: bool = False,
-                 priority: int | None = None, cpus: set[int] | None = None) -> None:
+                 priority: int | None = None, cpus: set[int] | None = None,
+                 drop_on_error: bool = False) -> None:
         self.queue_num = queue_num
         self.on_packet = on_packet
         self.netns = netns
         self.max_len = max_len
         self.fail_open = fail_open
+        self.drop_on_error = drop_on_error
         self._loop = loop
         self._q: Any = None
         self._fd = -1
@@ -403,7 +406,10 @@ class QueueAdapter:
         except Exception:
             self.errors += 1
             log.exception("nfqueue %d: on_packet failed", self.queue_num)
-            self._default(h)
+            if self.drop_on_error:
+                h.drop()
+            else:
+                self._default(h)
             return
         if not h.done:
             pkt.retain()  # the kernel holds it; we keep the handle for a later verdict

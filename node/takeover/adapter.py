@@ -257,6 +257,7 @@ class TakeoverQueue:
         self._lock = threading.Lock()
         self.queues = [QueueAdapter(queue_num + i, self._on_packet, netns=netns, loop=loop,
                                     fail_open=fail_open, max_len=max_len, thread=thread,
+                                    drop_on_error=True,  # what it could not check must not pass
                                     priority=priority if thread else None,
                                     cpus={c for c in cpus if c % n == i} if n > 1 else None)
                        for i in range(n)]
@@ -573,10 +574,18 @@ class TakeoverQueue:
         tail = tails[0].data  # type: ignore[index]
         lo = seq_diff(seq, start)  # where ``data`` starts in the tail
         a, b = max(lo, 0), min(lo + len(data), len(tail))
-        if a >= b or tail[a:b] == data[a - lo:b - lo]:
-            return False
-        self.stats["rewrites_dropped"] += 1
-        return True
+        if a < b and tail[a:b] != data[a - lo:b - lo]:
+            self.stats["rewrites_dropped"] += 1
+            return True
+        acked = flow.halves[1].ack
+        if lo < 0 and acked is not None and seq_lt(acked, start) and \
+                seq_lt(acked, seq_add(seq, len(data))) and \
+                self._matches(flow, data, data) is not None:
+            # Bytes the server has not acknowledged but the tail no longer holds (more than
+            # its limit in flight): they cannot be compared, so they are checked on their own.
+            self.stats["rewrites_dropped"] += 1
+            return True
+        return False
 
     def _give_up(self, hold: Hold) -> None:
         """Drop a flow's held segments and make the stack forget the bytes it holds ahead of
@@ -626,6 +635,9 @@ class TakeoverQueue:
         """The check of a client's new chunk, and of its stream so far (64 KiB at most)."""
         stream = (self.streams.get(flow.id, b"") + data)[-MAX_STREAM:]
         self.streams[flow.id] = stream
+        return self._matches(flow, data, stream)
+
+    def _matches(self, flow: Flow, data: bytes, stream: bytes) -> Any:
         if self.detect is not None:
             hit = self.detect(flow, data, stream)
             if hit is not None:

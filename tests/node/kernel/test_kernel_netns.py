@@ -173,7 +173,11 @@ def test_retained_packet_gets_its_verdict_later_with_a_mark(bed: Testbed) -> Non
         nft.teardown()
 
 
-def test_callback_errors_fall_back_to_the_default_verdict(bed: Testbed) -> None:
+@pytest.mark.parametrize("drop_on_error", [False, True])
+def test_callback_errors_fall_back_to_the_default_verdict(bed: Testbed,
+                                                          drop_on_error: bool) -> None:
+    """A callback that raises: its packet gets the default verdict (fail-open: it passes),
+    or with ``drop_on_error`` (a queue that checks what it passes) it is dropped."""
     nft, rules = _kernel(bed)
     nft.protect("udp", 5004)
 
@@ -181,13 +185,16 @@ def test_callback_errors_fall_back_to_the_default_verdict(bed: Testbed) -> None:
         raise ValueError("bug")
 
     async def main() -> tuple[list[bytes], int]:
-        async with QueueAdapter(Q_STACK, broken, netns=bed[0].name) as q:
+        async with QueueAdapter(Q_STACK, broken, netns=bed[0].name,
+                                drop_on_error=drop_on_error) as q:
             got = await asyncio.to_thread(_udp_exchange, bed, 5004, [b"x", b"y"])
             return got, q.errors
 
     try:
         got, errors = asyncio.run(main())
-        assert got == [b"x", b"y"] and errors == 2
+        # The exchange stops at the first datagram that does not arrive.
+        assert got == ([] if drop_on_error else [b"x", b"y"])
+        assert errors == (1 if drop_on_error else 2)
     finally:
         rules.remove()
         nft.teardown()

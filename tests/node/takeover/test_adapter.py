@@ -530,3 +530,32 @@ def test_a_close_the_server_may_not_take_keeps_the_bytes_to_compare(v6: bool) ->
         assert q.stats["rewrites_dropped"] == 2
     finally:
         loop.close()
+
+
+def test_unacknowledged_bytes_past_the_tails_reach_are_checked_on_their_own() -> None:
+    """More unacknowledged bytes in flight than the tail keeps: a resend over the oldest of
+    them cannot be compared, so it is checked on its own (an exploit in it is dropped; the
+    true bytes again pass)."""
+    from node.takeover.engine import TakeoverEngine
+    from node.takeover.harness import starts_with
+
+    loop = asyncio.new_event_loop()
+    try:
+        q = TakeoverQueue(TakeoverEngine(), detect=starts_with(b"EXPLOIT"), ports={8080},
+                          loop=loop, tail_limit=16)
+
+        def send(client: bool, seq: int, ack: int, flags: int, data: bytes = b"") -> str:
+            h = _Verdicts()
+            q._on_packet(_segment(False, client, seq, ack, flags, data), h)  # type: ignore[arg-type]
+            return h.verdict
+
+        send(True, 100, 0, SYN)
+        send(False, 500, 101, SYN | ACK)
+        send(True, 101, 501, ACK)
+        for i in range(3):  # 30 bytes the server has not acknowledged; the tail keeps 16
+            assert send(True, 101 + 10 * i, 501, ACK, b"benign %03d" % i) == "accept"
+        assert send(True, 101, 501, ACK, b"EXPLOIT!!!") == "drop"
+        assert send(True, 101, 501, ACK, b"benign 000") == "accept"
+        assert q.stats["rewrites_dropped"] == 1
+    finally:
+        loop.close()
