@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from filters.userspace import UserspaceFilters
 from node.stack.events import Event, FlowClosed, MessageIn
+from node.stack.stack import Stack
 
 MAX_STREAM = 64 * 1024  # a filter's condition lies within the alert's 64 KiB
 
@@ -36,6 +37,10 @@ class FilterGate:
     # TCP connections (tcp_key) to drop, oldest first: bounded, the oldest forgotten first.
     blocked: dict[bytes, None] = field(default_factory=dict)
     hits: int = 0
+    # The stack whose events these are: a matched message's bytes count there as never
+    # delivered, so once the bound below has forgotten its connection a resend is checked
+    # again instead of passing as a duplicate.
+    stack: Stack | None = None
 
     def __call__(self, packet: bytes, events: list[Event]) -> bool:
         key = tcp_key(packet)
@@ -62,6 +67,9 @@ class FilterGate:
         self.hits += 1
         if proto == "tcp":
             self.streams.pop(e.flow_id, None)
+            fd = self.stack.tcp.table.get(key) if self.stack and key is not None else None
+            if fd is not None and fd.flow.stream is not None:
+                fd.flow.stream.rewind(e.seq)
             if key is not None:
                 self.blocked[key] = None
                 if len(self.blocked) > MAX_BLOCKED:

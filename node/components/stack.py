@@ -55,6 +55,7 @@ class StackComponent:
         for image in node.images:
             node.nft.protect(image.proto, image.port)
         stack = Stack(StackConfig(protected_tcp=tcp, protected_udp=udp, verify_checksums=False))
+        self.gate.stack = stack
         detect = node.config.detector.enabled
         self.queue = StackQueue(
             stack, gate=self.gate, inline_ports=node.filters.userspace,

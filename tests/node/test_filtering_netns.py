@@ -185,3 +185,31 @@ def test_installs_list_the_table_once_and_recover_when_it_changes_behind_them(
     assert [c.filter.filter_id for c in table.install([gen])] == [gen.filter_id]
     assert len(listings) == n + 1
     assert {i.filter_id for i in table.list()} == {spec.filter_id, gen.filter_id}
+
+
+def test_a_blocked_request_sent_again_is_checked_again_once_its_block_is_forgotten(
+        httpd_filter) -> None:  # type: ignore[no-untyped-def]
+    """The gate's bound on blocked connections forgets the oldest: the matched request's
+    bytes count as never delivered, so its resend is checked and dropped again (the stack's
+    own decision on crafted packets; no kernel needed)."""
+    from node.stack.packet import ACK, SYN
+    from node.takeover.tcp import Segment
+    from node.takeover.wire import build
+
+    stack = Stack(StackConfig(protected_tcp={PORT}, verify_checksums=False))
+    gate = FilterGate(UserspaceFilters([httpd_filter]), stack=stack)
+    cli, srv = bytes([10, 77, 1, 2]), bytes([10, 77, 0, 1])
+    exploit = b"".join(m.data for m in traffic("httpd").exploit(random.Random(3)))
+
+    def send(client: bool, seq: int, ack: int, flags: int, data: bytes = b"") -> bool:
+        seg = Segment(seq, ack, flags, 65535, data, None, None)
+        p = build(cli, srv, 40000, PORT, seg) if client else build(srv, cli, PORT, 40000, seg)
+        return gate(p, stack.handle(p, 0.0))  # True: dropped
+
+    assert not send(True, 100, 0, SYN)
+    assert not send(False, 500, 101, SYN | ACK)
+    assert not send(True, 101, 501, ACK)
+    assert send(True, 101, 501, ACK, exploit)
+    gate.blocked.clear()  # as when MAX_BLOCKED later connections have pushed it out
+    assert send(True, 101, 501, ACK, exploit)  # checked again, not a duplicate
+    assert gate.hits == 2

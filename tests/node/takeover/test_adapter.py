@@ -559,3 +559,28 @@ def test_unacknowledged_bytes_past_the_tails_reach_are_checked_on_their_own() ->
         assert q.stats["rewrites_dropped"] == 1
     finally:
         loop.close()
+
+
+def test_the_daemons_gate_checks_a_message_again_once_its_failed_takeover_is_forgotten() -> None:
+    """``TakeoverGate`` on the stack's own queue: a takeover that fails at the trigger blocks
+    the flow, and the message's bytes count as never delivered, so once the block is
+    forgotten a resend is flagged again instead of passing as a duplicate."""
+    from node.stack.stack import Stack, StackConfig
+    from node.takeover.engine import TakeoverEngine, TakeoverGate
+
+    stack = Stack(StackConfig(protected_tcp={8080}, verify_checksums=False))
+    gate = TakeoverGate(TakeoverEngine(), stack,  # not started: its takeovers fail
+                        lambda flow, e, stream: "scrub" if b"EXPLOIT" in stream else None)
+
+    def send(client: bool, seq: int, ack: int, flags: int, data: bytes = b"") -> bool:
+        p = _segment(False, client, seq, ack, flags, data)
+        return gate(p, stack.handle(p, 0.0))  # True: dropped
+
+    assert not send(True, 100, 0, SYN)
+    assert not send(False, 500, 101, SYN | ACK)
+    assert not send(True, 101, 501, ACK)
+    assert send(True, 101, 501, ACK, b"EXPLOIT now")
+    assert gate.stats["errors"] == 1
+    gate.blocked.clear()  # as when MAX_BLOCKED later flows have pushed it out
+    assert send(True, 101, 501, ACK, b"EXPLOIT now")
+    assert gate.stats["errors"] == 2
