@@ -306,10 +306,6 @@ class TakeoverQueue:
         # next to nothing; the engine's timers take it too).
         with self._lock:
             now = self._time()
-            if now >= self._next_expiry:  # flows idle past their timeout, closed ones past
-                self._next_expiry = now + 1.0  # their grace: forgotten with what they keep
-                for e in self.stack.expire(now):
-                    self._closed(e.flow_id)  # type: ignore[attr-defined]
             hdr = tcp_header(payload)
             owned = self._owned
             # An engine that files its flows by this key is offered only its own packets.
@@ -325,6 +321,8 @@ class TakeoverQueue:
                 handle.accept()
                 return
             key, ihl, seq, ack, flags, plen, tsval = hdr
+            if not plen and now >= self._next_expiry:  # never on a trigger's path
+                self._expire_flows(now)
             if plen and flags & (SYN | ACK) == SYN:
                 self._syn_data(handle)
                 return
@@ -398,6 +396,13 @@ class TakeoverQueue:
         self.stats["syn_data_dropped"] += 1
         handle.drop()
 
+    def _expire_flows(self, now: float) -> None:
+        """Once a second, on a packet without data: flows idle past their timeout and closed
+        ones past their grace are forgotten, with what they keep (``Flow.ext``)."""
+        self._next_expiry = now + 1.0
+        for e in self.stack.expire(now):
+            self._closed(e.flow_id)  # type: ignore[attr-defined]
+
     def _closed(self, flow_id: int) -> None:
         self.streams.pop(flow_id, None)
         self.blocked.pop(flow_id, None)
@@ -439,6 +444,8 @@ class TakeoverQueue:
         data_len = len(tcp) - (tcp[12] >> 4) * 4
         data = tcp[len(tcp) - data_len:] if data_len > 0 else b""
         seq = int.from_bytes(tcp[4:8], "big")
+        if not data_len and now >= self._next_expiry:
+            self._expire_flows(now)
         fd = self.stack.tcp.table.get(key)
         if data_len > 0 and fd is not None and fd.dir == 0:
             if fd.flow.id in self.blocked:

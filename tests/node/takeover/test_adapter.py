@@ -584,3 +584,24 @@ def test_the_daemons_gate_checks_a_message_again_once_its_failed_takeover_is_for
     gate.blocked.clear()  # as when MAX_BLOCKED later flows have pushed it out
     assert send(True, 101, 501, ACK, b"EXPLOIT now")
     assert gate.stats["errors"] == 2
+
+
+def test_closed_flows_are_forgotten_after_their_grace_with_what_they_keep() -> None:
+    """The queue's stack expires flows (once a second, on a packet without data): a flow
+    closed by a RST is still tracked for its grace (its bytes still compared), then gone."""
+    loop = asyncio.new_event_loop()
+    try:
+        q, _, send = _queue(False, loop)
+        clock = [q._time()]
+        q._time = lambda: clock[0]
+        assert send(True, 101, 501, ACK, b"GET /a\n") == "accept"
+        assert send(True, 108, 501, RST | ACK) == "accept"
+        assert len(q.stack.tcp.table) == 2  # both directions of the closed flow, in grace
+        clock[0] += 11.0  # past the closed state's 10 s
+        h = _Verdicts()
+        q._on_packet(build(SRC, DST, 40001, 8080, Segment(7, 0, SYN, 65535, b"", None, None)),
+                     h)  # type: ignore[arg-type]
+        assert h.verdict == "accept"
+        assert all(fd.flow.orig[1] == 40001 for fd in q.stack.tcp.table.values())
+    finally:
+        loop.close()
