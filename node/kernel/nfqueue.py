@@ -61,12 +61,13 @@ class Handle:
     False."""
 
     __slots__ = ("_adapter", "_pkt", "done", "hook", "id", "indev", "mark", "outdev",
-                 "source_mac")
+                 "rewrite", "source_mac")
 
     def __init__(self, adapter: QueueAdapter, pkt: Any) -> None:
         self._adapter = adapter
         self._pkt = pkt
         self.done = False
+        self.rewrite: bytes | None = None  # what accept() sends on instead, when set
         self.id: int = pkt.id
         self.mark: int = pkt.mark  # the mark the packet arrived with
         self.hook: int = pkt.hook  # netfilter hook number (1 input, 2 forward, 3 output)
@@ -86,6 +87,8 @@ class Handle:
             return False
         if mark is not None:
             self._pkt.set_mark(with_mark(self.mark, mark))
+        if payload is None:
+            payload = self.rewrite
         if payload is not None:
             self._pkt.set_payload(payload)
         return self._verdict(self._pkt.accept)

@@ -605,3 +605,33 @@ def test_closed_flows_are_forgotten_after_their_grace_with_what_they_keep() -> N
         assert all(fd.flow.orig[1] == 40001 for fd in q.stack.tcp.table.values())
     finally:
         loop.close()
+
+
+def test_an_urgent_segment_goes_on_not_urgent_with_a_checksum_that_holds() -> None:
+    """A client's urgent byte: the server application (no SO_OOBINLINE) would take it out of
+    the stream the node checked. The segment goes on with URG and the urgent pointer cleared
+    and its checksum updated: the kernel's full check of the rewritten segment holds."""
+    from node.stack.checksum import ones_sum, pseudo_header_sum, verify
+    from node.stack.packet import URG
+    from node.takeover.adapter import without_urgent
+
+    pkt = bytearray(build(SRC, DST, 40000, 8080,
+                          Segment(101, 501, ACK | URG, 65535, b"EXPLXOIT", None, None)))
+    tcp = 20
+    pkt[tcp + 18:tcp + 20] = (5).to_bytes(2, "big")  # the urgent pointer: after the "X"
+    pkt[tcp + 16:tcp + 18] = b"\0\0"
+    pseudo = pseudo_header_sum(SRC, DST, 6, len(pkt) - tcp)
+    pkt[tcp + 16:tcp + 18] = (~ones_sum(pkt[tcp:], pseudo) & 0xFFFF).to_bytes(2, "big")
+    assert verify(pkt[tcp:], pseudo)
+    out = without_urgent(bytes(pkt), tcp)
+    assert not out[tcp + 13] & URG and out[tcp + 18:tcp + 20] == b"\0\0"
+    assert out[tcp + 20:] == b"EXPLXOIT" and verify(out[tcp:], pseudo)
+
+    loop = asyncio.new_event_loop()
+    try:
+        q = _queue(False, loop)[0]
+        h = _Verdicts()
+        q._on_packet(bytes(pkt), h)  # type: ignore[arg-type]
+        assert h.verdict == "accept" and h.rewrite == out  # type: ignore[attr-defined]
+    finally:
+        loop.close()

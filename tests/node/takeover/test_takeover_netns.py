@@ -519,3 +519,32 @@ def test_daemon_path_stack_queue_gate_then_takeover_queue() -> None:
     assert got == b"ok 1\nok 2\n" and bytes(conn.received) == BEFORE + AFTER
     assert gate.stats["taken_over"] == 1
     assert owned > 0  # after the flow's set elements, its packets come to the takeover queue
+
+
+def test_an_urgent_byte_stays_in_the_stream_the_node_checked() -> None:
+    """A client hides an urgent byte inside the exploit: a server that does not read urgent
+    data inline (the default) would take it out and get "EXPLOIT" whole, which the node never
+    saw. The node sends the segment on not urgent: the server gets exactly the bytes the node
+    checked, inline, and its kernel accepts the rewritten segment (no resend)."""
+    with PathTopo("tku") as t:
+        engine = TakeoverEngine(netns=t.node.name, nft=rules.NftText(t.node.name))
+        node = Node(t.node, engine, PORT, detect=starts_with(b"EXPLOIT"))
+        srv = LineServer(t.server, t.server_addr, PORT)
+        before = tcp_counters(t.client)
+        try:
+            c = _client(t)
+            c.sendall(b"EXPL")
+            time.sleep(0.05)
+            c.send(b"X", socket.MSG_OOB)
+            time.sleep(0.05)
+            c.sendall(b"OIT now\n")
+            got = recv_until(c, b"ok 1\n", 3)
+            c.close()
+            conn = srv.wait(1, 10)[0]
+            retx = delta(tcp_counters(t.client), before, "RetransSegs")["RetransSegs"]
+            stats = node.call(lambda: Counter(node.queue.stats))
+        finally:
+            node.close()
+            srv.close()
+    assert bytes(conn.received) == b"EXPLXOIT now\n" and got == b"ok 1\n"
+    assert engine.stats["taken_over"] == 0 and retx == 0, (retx, stats)
