@@ -24,11 +24,23 @@ from collections.abc import Callable, Container
 from node.kernel.marks import Q_STACK
 from node.kernel.nfqueue import Handle, QueueAdapter
 from node.stack.events import Drop, Event
+from node.stack.packet import URG, clear_urgent
 from node.stack.stack import Stack
 
 OnEvents = Callable[[list[Event]], None]
 Gate = Callable[[bytes, list[Event]], bool]  # (packet, its events) -> True: drop it
 OnPacketEvents = Callable[[bytes, list[Event]], None]
+
+
+def urgent_at(p: bytes) -> int | None:
+    """Where the TCP header of an urgent IPv4/IPv6 segment starts, else None."""
+    if len(p) >= 40 and p[0] >> 4 == 4 and p[9] == 6:
+        at = (p[0] & 0x0F) * 4
+    elif len(p) >= 60 and p[0] >> 4 == 6 and p[6] == 6:
+        at = 40
+    else:
+        return None
+    return at if len(p) >= at + 20 and p[at + 13] & URG else None
 
 
 def dest_port(p: bytes) -> tuple[int, int] | None:
@@ -79,6 +91,11 @@ class StackQueue:
         self.close()
 
     def _on_packet(self, payload: bytes, handle: Handle) -> None:
+        at = urgent_at(payload)
+        if at is not None:
+            # Not urgent on the way on: the service keeps every byte the stack (and with it
+            # the gate and the detector) sees (``node.stack.packet.clear_urgent``).
+            payload = handle.rewrite = clear_urgent(payload, at)
         inline = self.inline_ports is None or dest_port(payload) in self.inline_ports
         if not inline:
             handle.accept()

@@ -450,3 +450,24 @@ def icmp_packet(src: bytes, dst: bytes, type: int, code: int, rest: int = 0,
     proto = IPPROTO_ICMPV6 if len(src) == 16 else IPPROTO_ICMP
     msg = build_icmp(type, code, rest, payload, src=src, dst=dst)
     return _ip_wrap(src, dst, proto, msg, ttl=ttl)
+
+
+def clear_urgent(packet: bytes, at: int) -> bytes:
+    """``packet`` with its TCP segment (at offset ``at``) no longer urgent: URG and the urgent
+    pointer cleared, the checksum updated for the two changed words (RFC 1624). A server
+    application that does not read urgent data inline (no SO_OOBINLINE, the default) takes the
+    urgent byte out of the stream, which splits what the node checked ("EXPL" + urgent "X" +
+    "OIT" reaches it as "EXPLOIT"); not urgent, every byte stays in the stream the node checks.
+    Urgent data has no other use left (RFC 6093). Used by both queues that pass protected TCP
+    traffic (``node.kernel.inline``, ``node.takeover.adapter``)."""
+    b = bytearray(packet)
+    w1, w2 = (b[at + 12] << 8) | b[at + 13], (b[at + 18] << 8) | b[at + 19]
+    b[at + 13] &= ~URG & 0xFF
+    b[at + 18] = b[at + 19] = 0
+    s = (~((b[at + 16] << 8) | b[at + 17]) & 0xFFFF) + (~w1 & 0xFFFF) + \
+        ((b[at + 12] << 8) | b[at + 13]) + (~w2 & 0xFFFF)
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    s = ~s & 0xFFFF
+    b[at + 16], b[at + 17] = s >> 8, s & 0xFF
+    return bytes(b)

@@ -62,7 +62,7 @@ from node.kernel.nfqueue import Handle, QueueAdapter, Scheduler, ThreadClock
 from node.kernel.sockets import mark_socket
 from node.stack.conntrack import Flow, flow_key
 from node.stack.events import Drop, FlowClosed, MessageIn
-from node.stack.packet import ACK, FIN, RST, SYN, URG, PacketError, parse_ipv6
+from node.stack.packet import ACK, FIN, RST, SYN, URG, PacketError, clear_urgent, parse_ipv6
 from node.stack.stack import Stack, StackConfig
 from node.takeover import rules
 from node.takeover.seed import StreamTail
@@ -322,7 +322,7 @@ class TakeoverQueue:
                 return
             key, ihl, seq, ack, flags, plen, tsval = hdr
             if flags & URG:
-                payload = handle.rewrite = without_urgent(payload, ihl)
+                payload = handle.rewrite = clear_urgent(payload, ihl)
                 flags &= ~URG
             if not plen and now >= self._next_expiry:  # never on a trigger's path
                 self._expire_flows(now)
@@ -439,7 +439,7 @@ class TakeoverQueue:
             return
         tcp = ip.payload
         if tcp[13] & URG:
-            payload = handle.rewrite = without_urgent(payload, len(payload) - len(tcp))
+            payload = handle.rewrite = clear_urgent(payload, len(payload) - len(tcp))
             tcp = memoryview(payload)[len(payload) - len(tcp):]
         if tcp[13] & (SYN | ACK) == SYN and len(tcp) > (tcp[12] >> 4) * 4:
             self._syn_data(handle)
@@ -754,26 +754,6 @@ class ReaderClocks:
 
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Any:
         return self.call_at(time.monotonic() + delay, callback, *args)
-
-
-def without_urgent(packet: bytes, at: int) -> bytes:
-    """``packet`` with its TCP segment (at offset ``at``) no longer urgent: URG and the urgent
-    pointer cleared, the checksum updated for the two changed words (RFC 1624). A server
-    application that does not read urgent data inline (no SO_OOBINLINE, the default) takes the
-    urgent byte out of the stream, which splits what the node checked ("EXPL" + urgent "X" +
-    "OIT" reaches it as "EXPLOIT"); not urgent, every byte stays in the stream the node checks.
-    Urgent data has no other use left (RFC 6093)."""
-    b = bytearray(packet)
-    w1, w2 = (b[at + 12] << 8) | b[at + 13], (b[at + 18] << 8) | b[at + 19]
-    b[at + 13] &= ~URG & 0xFF
-    b[at + 18] = b[at + 19] = 0
-    s = (~((b[at + 16] << 8) | b[at + 17]) & 0xFFFF) + (~w1 & 0xFFFF) + \
-        ((b[at + 12] << 8) | b[at + 13]) + (~w2 & 0xFFFF)
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    s = ~s & 0xFFFF
-    b[at + 16], b[at + 17] = s >> 8, s & 0xFF
-    return bytes(b)
 
 
 def check_filters(filters: Any, port: int, data: bytes) -> Any:

@@ -261,3 +261,56 @@ def test_teardown_leaves_nothing(bed: Testbed) -> None:
     assert "herdwall" not in bed[0].ns.run(["nft", "list", "tables"]).stdout
     for tool in ("iptables", "ip6tables"):
         assert "NFQUEUE" not in bed[0].ns.run([tool, "-t", "mangle", "-S"]).stdout
+
+
+def test_an_urgent_byte_reaches_the_service_inline_as_the_stack_saw_it(bed: Testbed) -> None:
+    """A client's urgent byte inside a request: a service that does not read urgent data
+    inline (the default) would take it out of the stream the stack (and the gate, and the
+    detector's replay) saw. Through the stack's queue the segment goes on not urgent: the
+    service gets exactly the bytes the stack delivered, and its kernel accepts the rewritten
+    segment."""
+    import time
+
+    nft, rules = _kernel(bed)
+    nft.protect("tcp", 5006)
+    stack = Stack(StackConfig(protected_tcp={5006}, verify_checksums=False))
+    events: list = []
+    got: list[bytes] = []
+    ls = bed[0].ns.call(socket.create_server, (SERVER, 5006))
+
+    def serve() -> None:
+        ls.settimeout(5)
+        conn, _ = ls.accept()
+        with conn:
+            conn.settimeout(5)
+            buf = b""
+            while not buf.endswith(b"\n") and (d := conn.recv(100)):
+                buf += d
+            got.append(buf)
+
+    def client() -> None:
+        c = bed[1].ns.call(socket.create_connection, (SERVER, 5006), 5)
+        with c:
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c.sendall(b"EXPL")
+            time.sleep(0.05)
+            c.send(b"X", socket.MSG_OOB)
+            time.sleep(0.05)
+            c.sendall(b"OIT now\n")
+            time.sleep(0.3)
+
+    async def main() -> None:
+        async with StackQueue(stack, events.extend, netns=bed[0].name):
+            t = threading.Thread(target=serve, daemon=True)
+            t.start()
+            await asyncio.to_thread(client)
+            await asyncio.to_thread(t.join, 5)
+
+    try:
+        asyncio.run(main())
+        delivered = b"".join(e.message.data for e in events if isinstance(e, MessageIn))
+        assert got == [b"EXPLXOIT now\n"] and delivered == b"EXPLXOIT now\n"
+    finally:
+        ls.close()
+        rules.remove()
+        nft.teardown()

@@ -612,8 +612,7 @@ def test_an_urgent_segment_goes_on_not_urgent_with_a_checksum_that_holds() -> No
     the stream the node checked. The segment goes on with URG and the urgent pointer cleared
     and its checksum updated: the kernel's full check of the rewritten segment holds."""
     from node.stack.checksum import ones_sum, pseudo_header_sum, verify
-    from node.stack.packet import URG
-    from node.takeover.adapter import without_urgent
+    from node.stack.packet import URG, clear_urgent
 
     pkt = bytearray(build(SRC, DST, 40000, 8080,
                           Segment(101, 501, ACK | URG, 65535, b"EXPLXOIT", None, None)))
@@ -623,7 +622,7 @@ def test_an_urgent_segment_goes_on_not_urgent_with_a_checksum_that_holds() -> No
     pseudo = pseudo_header_sum(SRC, DST, 6, len(pkt) - tcp)
     pkt[tcp + 16:tcp + 18] = (~ones_sum(pkt[tcp:], pseudo) & 0xFFFF).to_bytes(2, "big")
     assert verify(pkt[tcp:], pseudo)
-    out = without_urgent(bytes(pkt), tcp)
+    out = clear_urgent(bytes(pkt), tcp)
     assert not out[tcp + 13] & URG and out[tcp + 18:tcp + 20] == b"\0\0"
     assert out[tcp + 20:] == b"EXPLXOIT" and verify(out[tcp:], pseudo)
 
