@@ -67,7 +67,8 @@ class FilterGate:
         self.hits += 1
         if proto == "tcp":
             self.streams.pop(e.flow_id, None)
-            fd = self.stack.tcp.table.get(key) if self.stack and key is not None else None
+            fd = (self.stack.tcp.table.get(key) if self.stack is not None and key is not None
+                  else None)
             if fd is not None and fd.flow.stream is not None:
                 fd.flow.stream.rewind(e.seq)
             if key is not None:
