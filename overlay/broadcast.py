@@ -600,7 +600,10 @@ class BroadcastCore:
             self._pending[aid].masked.append((addr, ann))
         if ann.body and actions:
             self.stats["rx_pushed"] += 1
-            actions += self._got_body(aid, self._pending[aid], addr, ann.body, now, wall)
+            got = self._got_body(aid, self._pending[aid], addr, ann.body, now, wall)
+            # The sandbox's run before the acknowledgement: on every hop of a chain, the
+            # verifier's job goes out first. A bad body's answers come after it, as after a fetch.
+            actions = got + actions if got and type(got[0]) is Verify else actions + got
         return actions
 
     def _start_pushed(self, aid: bytes, addr: Addr, roles: dict[int, int], hops: int

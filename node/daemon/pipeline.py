@@ -49,7 +49,7 @@ from typing import Any
 
 from overlay.broadcast import Outcome
 from sca.alert import Alert, Message
-from sca.codec import FormatError, decode_alert, encode_alert, encoding_id_hex
+from sca.codec import FormatError, decode_alert, encoding_id_hex
 from sca.emu.image import ServiceImage
 from sca.envelope import MAX_ENVELOPE_BYTES, Envelope, SignatureError, decode_envelope, seal
 from sca.keys import NodeKey
@@ -346,19 +346,23 @@ class Pipeline:
             self.bus.emit("alert.detected_again", alert_id=aid, service=job.service)
             return
         alert = decode_alert(out.alert)
-        envelope = seal(out.alert, self.key, self.clock()).encode()
+        signed_at = self.clock()
+        envelope = seal(out.alert, self.key, signed_at).encode()
         self._sealed[envelope] = aid
         while len(self._sealed) > 16:  # only its publication needs it
             del self._sealed[next(iter(self._sealed))]
-        packets = _packets_for(alert, job)
         self.dstats.alerts += 1
         self._remember(aid, "verified", out.verify_detail)
-        write = functools.partial(
-            self.db.store.record_alert, alert_id=aid, service_id=alert.service_id.hex(),
-            service=alert.service_name, type=alert.type.value, alert=out.alert,
-            origin="detected", state="verified", reason=out.verify_detail, envelope=envelope,
-            signer=self.node_id, signed_at=self.clock(), packets=packets,
-            verification=(True, "verified", out.verify_detail, out.verify_ms))
+        packets = functools.cache(lambda: _packets_for(alert, job))
+
+        def write() -> Any:  # in the store's thread: the packets are picked there, off the path
+            return self.db.store.record_alert(
+                alert_id=aid, service_id=alert.service_id.hex(), service=alert.service_name,
+                type=alert.type.value, alert=out.alert, origin="detected", state="verified",
+                reason=out.verify_detail, envelope=envelope, signer=self.node_id,
+                signed_at=signed_at, packets=packets(),
+                verification=(True, "verified", out.verify_detail, out.verify_ms))
+
         own = self._own_work(aid, write, out.specific, held=self.broadcast is not None)
         detected_at = self.clock()  # the event may wait for the hand-off: it says when
 
@@ -367,25 +371,34 @@ class Pipeline:
             self.bus.emit("alert.detected", alert_id=aid, service=alert.service_name,
                           type=alert.type.value, detail=out.detail,
                           detect_ms=round(out.elapsed_ms, 3), candidates=out.tried,
-                          packets=len(packets), messages=len(alert.messages),
+                          packets=len(packets()), messages=len(alert.messages),
                           detected_at_s=round(detected_at, 6))
 
-        await asyncio.gather(self._broadcast(aid, envelope), settled())
+        # Published here and now, not from a task (that would start on the loop's next round).
+        if await self._publish(aid, envelope):
+            await asyncio.gather(self._forwarded(aid, origin="detected"), settled())
+        else:
+            await settled()
         if self.general_filters:
             self._spawn(self._general(aid, out.alert), f"filters-{aid[:8]}")
 
     async def _broadcast(self, aid: str, envelope: bytes) -> None:
+        if await self._publish(aid, envelope):
+            await self._forwarded(aid, origin="detected")
+
+    async def _publish(self, aid: str, envelope: bytes) -> bool:
+        """Our own alert out to the overlay; False if it is not (an event says why)."""
         if self.broadcast is None:
             self.bus.emit("alert.not_broadcast", alert_id=aid, reason="no overlay wired")
-            return
+            return False
         try:
             r = self.broadcast(envelope)
             if inspect.isawaitable(r):
                 await r
         except Exception as e:
             self.bus.emit("alert.broadcast_error", alert_id=aid, error=repr(e))
-            return
-        await self._forwarded(aid, origin="detected")
+            return False
+        return True
 
     async def _general(self, aid: str, alert_bytes: bytes) -> None:
         # Hundreds of milliseconds of sandbox runs: started once the alert's burst here is
@@ -411,37 +424,43 @@ class Pipeline:
 
     # --- receiving --------------------------------------------------------------------------
 
-    async def _verify(self, alert_bytes: bytes, aid: str) -> VerifyOutcome:
-        """Our own sandbox's verdict, once per alert even when copies arrive together."""
+    def _verify(self, alert_bytes: bytes, aid: str) -> asyncio.Future[VerifyOutcome]:
+        """Our own sandbox's verdict, once per alert even when copies arrive together. Its job
+        goes out now, before the caller does anything else (``Lane.submit``)."""
         fut = self._inflight.get(aid)
-        if fut is not None:
+        if fut is not None and not fut.done():
             self.vstats.cached += 1
-            return await asyncio.shield(fut)
+            return asyncio.shield(fut)  # a copy's caller giving up leaves it to the others
         fut = asyncio.get_running_loop().create_future()
         self._inflight[aid] = fut
-        try:
-            try:
-                out: VerifyOutcome = await self.pools.fast.run(
-                    worker.verify, alert_bytes, timeout=self.verify_timeout_s)
-            except JobFailed as e:
-                out = VerifyOutcome(aid, False, "timeout", str(e), 0.0, error=str(e))
-            fut.set_result(out)
-            self.vstats.runs += 1
-            self.vstats.last_ms = out.elapsed_ms
-            self.vstats.total_ms += out.elapsed_ms
-            if out.verified:
-                self.vstats.verified += 1
-            elif out.reason != "unknown-service":
-                self.vstats.refuted += 1
-            self.bus.count("verifier.runs")
-            return out
-        except BaseException as e:
-            if not fut.done():
-                fut.set_exception(e)
-                fut.exception()  # retrieved: no "never retrieved" warning
-            raise
-        finally:
-            self._inflight.pop(aid, None)
+        job = self.pools.fast.submit(worker.verify, alert_bytes, timeout=self.verify_timeout_s)
+        job.add_done_callback(functools.partial(self._verified, aid, fut))
+        return fut
+
+    def _verified(self, aid: str, fut: asyncio.Future[VerifyOutcome],
+                  job: asyncio.Future[VerifyOutcome]) -> None:
+        if self._inflight.get(aid) is fut:
+            del self._inflight[aid]
+        e = None if job.cancelled() else job.exception()  # retrieved, even if nobody waits
+        if fut.done():  # its first caller gave up
+            return
+        if job.cancelled():
+            fut.cancel()
+            return
+        if e is not None and not isinstance(e, JobFailed):
+            fut.set_exception(e)
+            return
+        out = (VerifyOutcome(aid, False, "timeout", str(e), 0.0, error=str(e))
+               if e is not None else job.result())
+        self.vstats.runs += 1
+        self.vstats.last_ms = out.elapsed_ms
+        self.vstats.total_ms += out.elapsed_ms
+        if out.verified:
+            self.vstats.verified += 1
+        elif out.reason != "unknown-service":
+            self.vstats.refuted += 1
+        self.bus.count("verifier.runs")
+        fut.set_result(out)
 
     async def _known(self, aid: str) -> tuple[str, str] | None:
         """A verdict that stands for this alert: (state, reason), or None to verify it."""
@@ -510,40 +529,38 @@ class Pipeline:
                       claimed_signer=envelope.node_id.hex())
         return Decision(aid, "refuted", False, "bad-signature")
 
-    async def _receive(self, aid: str, alert: Alert, envelope: Envelope | None,
+    async def _receive(self, aid: str, alert: Alert | None, envelope: Envelope,
                        peer: str | None, origin: str = "overlay",
                        envelope_bytes: bytes | None = None,
                        verifying: asyncio.Future[VerifyOutcome] | None = None) -> Decision:
-        """``verifying``: our sandbox's run on it, already started."""
-        alert_bytes = envelope.alert_bytes if envelope is not None else encode_alert(alert)
+        """``verifying``: our sandbox's run on it, already started. ``alert`` None: not parsed
+        here yet (the worker parses it for its run): parsed for the row and the events, once
+        the verdict is out."""
+        alert_bytes = envelope.alert_bytes
         # The sandbox starts while the store looks for a standing verdict: both are on the path
         # of every hop, and an alert met before is rare here (the overlay drops repeats), so a
         # wasted run costs less than waiting for the store first.
         known = self._verdicts.get(aid)  # reached or read by this process: no wait
         if known is None:
-            if verifying is None and alert.service_id in self.by_id:
-                verifying = asyncio.ensure_future(self._verify(alert_bytes, aid))
+            if verifying is None and alert is not None and alert.service_id in self.by_id:
+                verifying = self._verify(alert_bytes, aid)
             try:
                 known = await self._known(aid)
             except BaseException:
                 _abandon(verifying)
                 raise
-        env_fields: dict[str, Any] = {}
-        if envelope is not None:
-            # decode_envelope accepted only the canonical encoding: the bytes as received are
-            # the envelope's encoding, no need to make it again.
-            env_fields = {"envelope": envelope_bytes or envelope.encode(),
-                          "signer": envelope.node_id.hex(), "signed_at": envelope.signed_at_s}
-        common = {"alert_id": aid, "service_id": alert.service_id.hex(),
-                  "service": alert.service_name, "type": alert.type.value,
-                  "alert": alert_bytes, "origin": origin, "from_peer": peer}
+        # decode_envelope accepted only the canonical encoding: the bytes as received are the
+        # envelope's encoding, no need to make it again.
+        env_fields = {"envelope": envelope_bytes or envelope.encode(),
+                      "signer": envelope.node_id.hex(), "signed_at": envelope.signed_at_s}
+        fields = functools.cache(lambda: _row_fields(aid, alert_bytes, alert, origin, peer))
         if known is not None:
             _abandon(verifying)
             state, reason = known
             self.vstats.cached += 1
             await self._after_row(aid)  # a copy's row after the first one's
             state, reason = self._verdicts.get(aid, known)  # it may be forwarded by now
-            await self.db(self.db.store.record_alert, state=state, reason=reason, **common,
+            await self.db(self.db.store.record_alert, state=state, reason=reason, **fields(),
                           **env_fields)
             self.bus.emit("alert.duplicate", alert_id=aid, state=state, from_peer=peer)
             return Decision(aid, "verified" if state == "forwarded" else state, False, reason,
@@ -552,29 +569,35 @@ class Pipeline:
             out = await verifying
         else:  # not a service of ours: no sandbox can tell, no need to ask the pool
             out = VerifyOutcome(aid, False, "unknown-service", "not protected here", 0.0)
+        if out.reason == "malformed":  # signed, and no alert: nothing worth a row
+            self.bus.emit("alert.malformed", signer=envelope.node_id.hex(), error=out.detail)
+            return Decision(aid, "refuted", False, out.reason)
         if out.reason == "unknown-service":
             await self.db(self.db.store.record_alert, state="received", reason=out.reason,
-                          **common, **env_fields)
-            self.bus.emit("alert.received", alert_id=aid, service=alert.service_name,
+                          **fields(), **env_fields)
+            self.bus.emit("alert.received", alert_id=aid, service=fields()["service"],
                           from_peer=peer, reason="no such service here: cannot verify")
             return Decision(aid, "received", False, out.reason)
         state = "verified" if out.verified else "refuted"
         self._remember(aid, state, out.reason)
-        write = functools.partial(
-            self.db.store.record_alert, state=state, reason=out.reason, **common, **env_fields,
-            verification=(out.verified, out.reason, out.detail, out.elapsed_ms))
+        verdict_at = self.clock()  # the event may wait for the hand-off: it says when
+
+        def write() -> Any:  # in the store's thread: the alert is parsed there, off the path
+            return self.db.store.record_alert(
+                state=state, reason=out.reason, **fields(), **env_fields,
+                verification=(out.verified, out.reason, out.detail, out.elapsed_ms))
+
         # Verified from the overlay: after the hand-off (the store's one thread took 1 ms p50
         # of every hop when it wrote the row on the path). Anything else: queued now.
         own = (self._own_work(aid, write, out.specific, held=origin == "overlay")
                if out.verified else self.db.submit(write))
-        verdict_at = self.clock()  # the event may wait for the hand-off: it says when
 
         async def store() -> None:
             await own
-            self.bus.emit(f"alert.{state}", alert_id=aid, service=alert.service_name,
-                          type=alert.type.value, reason=out.reason, detail=out.detail,
+            self.bus.emit(f"alert.{state}", alert_id=aid, service=fields()["service"],
+                          type=fields()["type"], reason=out.reason, detail=out.detail,
                           verify_ms=round(out.elapsed_ms, 3), from_peer=peer,
-                          signer=env_fields.get("signer"), verdict_at_s=round(verdict_at, 6))
+                          signer=env_fields["signer"], verdict_at_s=round(verdict_at, 6))
 
         self._spawn(store(), f"verdict-{aid[:8]}")
         if not out.verified:
@@ -652,13 +675,15 @@ class Pipeline:
 
     # --- the overlay.Overlay hooks ----------------------------------------------------------
 
-    async def overlay_verify_body(self, envelope_bytes: bytes) -> VerifyOutcome | Outcome:
+    def overlay_verify_body(self, envelope_bytes: bytes
+                            ) -> VerifyOutcome | Outcome | Awaitable[VerifyOutcome]:
         """``Overlay(verify_body=...)``: the overlay has checked the envelope's form, its hash to
-        the announced id and its age; the rest is done here. The alert is parsed (a signed
-        body that is no alert is refuted: the overlay remembers it so), our sandbox's run
-        starts, and the signature is checked while it runs (a bad one is ``Outcome.FORGED``:
-        the overlay blames the announcer and asks another). The verdict is stored once, with
-        the envelope."""
+        the announced id and its age; the rest is done here. Our sandbox's run starts first,
+        from the overlay's own callback; the signature is checked while it runs (a bad one is
+        ``Outcome.FORGED``: the overlay blames the announcer and asks another). The worker
+        parses the alert (a signed body that is no alert is refuted: the overlay remembers it
+        so); this process parses it for the row and the events, after the verdict. The verdict
+        is stored once, with the envelope."""
         own = self._sealed.get(envelope_bytes)
         mine = self._verdicts.get(own) if own is not None else None
         if own is not None and mine is not None:
@@ -670,22 +695,14 @@ class Pipeline:
         except FormatError:
             return self._forged()
         aid = encoding_id_hex(envelope.alert_bytes)
-        try:
-            # Parsed before the worker is asked, not while it runs: on a busy host the worker
-            # would often wait for this process's CPU (an A/B showed no gain from the overlap).
-            alert = decode_alert(envelope.alert_bytes)
-        except FormatError as e:
-            self.bus.emit("alert.malformed", signer=envelope.node_id.hex(), error=str(e))
-            return VerifyOutcome(aid, False, "malformed", str(e), 0.0)
         known = self._verdicts.get(aid)
-        verifying = None
-        if known is None and alert.service_id in self.by_id:
-            # The sandbox starts first and the signature is checked (~0.2 ms) while it runs.
-            # A forged envelope costs one sandbox run, as a well signed false alert would.
-            verifying = asyncio.ensure_future(self._verify(envelope.alert_bytes, aid))
+        # Traced on a relay, the worker waited about 0.5 ms for this process to parse the alert
+        # and check the signature before its job went out. Now it goes first: a forged
+        # envelope, a body that is no alert or an alert for a service not protected here costs
+        # one worker run (the last two end at the parse), as a well signed false alert would.
+        verifying = (self._verify(envelope.alert_bytes, aid)
+                     if known is None and self.by_id else None)
         try:
-            if verifying is not None:
-                await asyncio.sleep(0)  # its job goes out to the worker
             envelope.check()
         except SignatureError:
             _abandon(verifying)
@@ -696,7 +713,11 @@ class Pipeline:
         if known is not None:
             self.vstats.cached += 1
             return VerifyOutcome(aid, known[0] != "refuted", known[1], "stored verdict", 0.0)
-        d = await self._receive(aid, alert, envelope, None, "overlay", envelope_bytes,
+        return self._body_verdict(aid, envelope, envelope_bytes, verifying)
+
+    async def _body_verdict(self, aid: str, envelope: Envelope, envelope_bytes: bytes,
+                            verifying: asyncio.Future[VerifyOutcome] | None) -> VerifyOutcome:
+        d = await self._receive(aid, None, envelope, None, "overlay", envelope_bytes,
                                 verifying=verifying)
         return VerifyOutcome(aid, d.state == "verified",
                              "unknown-service" if d.state == "received" else d.reason, "", 0.0)
@@ -743,6 +764,21 @@ class Pipeline:
             "services": [{"name": i.name, "proto": i.proto, "port": i.port,
                           "service_id": i.service_id.hex()} for i in self.images.values()],
         }
+
+
+def _row_fields(aid: str, alert_bytes: bytes, alert: Alert | None, origin: str,
+                peer: str | None) -> dict[str, Any]:
+    """An alert's columns in the store (``alert`` None: parsed from ``alert_bytes`` now; bytes
+    our worker could not parse never get this far, so a failure only blanks the columns)."""
+    if alert is None:
+        try:
+            alert = decode_alert(alert_bytes)
+        except FormatError:
+            return {"alert_id": aid, "service_id": "", "service": "", "type": "",
+                    "alert": alert_bytes, "origin": origin, "from_peer": peer}
+    return {"alert_id": aid, "service_id": alert.service_id.hex(),
+            "service": alert.service_name, "type": alert.type.value, "alert": alert_bytes,
+            "origin": origin, "from_peer": peer}
 
 
 def _abandon(task: asyncio.Future[Any] | None) -> None:

@@ -44,14 +44,26 @@ class JobFailed(RuntimeError):
     """A pool job did not finish: its worker died or it ran past its timeout."""
 
 
-class _Died(Exception):
-    pass
-
-
 def _context() -> Any:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["node.daemon.worker"])
     return ctx
+
+
+class _Job:
+    """One job: what to run, and the future its caller holds."""
+
+    __slots__ = ("args", "counted", "fn", "key", "result", "timeout", "timer")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float | None,
+                 key: object, result: asyncio.Future[Any]) -> None:
+        self.fn = fn
+        self.args = args
+        self.timeout = timeout
+        self.key = key
+        self.result = result
+        self.timer: asyncio.TimerHandle | None = None
+        self.counted = False  # in the lane's ``busy``: sent, and its caller waits
 
 
 class _Worker:
@@ -64,37 +76,22 @@ class _Worker:
                                 name=f"herdwall-{lane}")
         self.proc.start()
         child.close()
-        self.answer: asyncio.Future[Any] | None = None
-        self.stale = False  # its caller gave up: the next answer is thrown away
+        # The job sent and not answered yet (its caller may have given up on it since: the
+        # answer then only frees the worker).
+        self.job: _Job | None = None
         self.watching: asyncio.AbstractEventLoop | None = None
 
     def watch(self, lane: Lane) -> None:
         """Have the running loop read the answer (registered per job: a pool outlives loops
         in tools and tests)."""
         self.watching = asyncio.get_running_loop()
-        self.watching.add_reader(self.conn.fileno(), self.readable, lane)
+        self.watching.add_reader(self.conn.fileno(), lane.readable, self)
 
     def unwatch(self) -> None:
         if self.watching is not None:
             with contextlib.suppress(Exception):
                 self.watching.remove_reader(self.conn.fileno())
             self.watching = None
-
-    def readable(self, lane: Lane) -> None:
-        self.unwatch()
-        try:
-            kind, value = self.conn.recv()
-        except (EOFError, OSError, pickle.UnpicklingError) as e:
-            lane.detach(self)
-            if self.answer is not None and not self.answer.done():
-                self.answer.set_exception(_Died(repr(e)))
-            return
-        if self.stale:
-            self.stale = False
-            lane.release(self)
-            return
-        if self.answer is not None and not self.answer.done():
-            self.answer.set_result((kind, value))
 
     def kill(self) -> None:
         with contextlib.suppress(Exception):
@@ -113,9 +110,9 @@ class Lane:
         self._args = (manifests, detectors, nice, priority)
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
-        self._waiting: deque[asyncio.Future[_Worker]] = deque()
-        self._running: dict[object, _Worker] = {}  # key given to run() -> its worker
-        self.busy = 0
+        self._queue: deque[_Job] = deque()  # jobs waiting for a worker, in order
+        self._running: dict[object, _Worker] = {}  # key given to submit() -> its worker
+        self.busy = 0  # jobs sent whose callers wait for them
         self.done = 0
         self.failures = 0
         self.restarts = 0
@@ -128,11 +125,11 @@ class Lane:
         self.release(w)
 
     def release(self, w: _Worker) -> None:
-        """``w`` is free: hand it to the longest waiting job, else keep it idle."""
-        while self._waiting:
-            fut = self._waiting.popleft()
-            if not fut.done():
-                fut.set_result(w)
+        """``w`` is free: give it the longest waiting job, else keep it idle."""
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.result.done():  # not given up while it waited
+                self._send(w, job)
                 return
         self._idle.append(w)
 
@@ -148,65 +145,109 @@ class Lane:
         self.restarts += 1
         self._spawn()
 
-    async def _acquire(self) -> _Worker:
-        if self._idle:
-            return self._idle.pop()
-        # A worker whose abandoned job was left to a loop that has ended since (a tool or test
-        # running one loop after another) is read from this one instead.
+    def submit(self, fn: Callable[..., T], *args: Any, timeout: float | None = None,
+               key: object = None) -> asyncio.Future[T]:
+        """``fn(*args)`` in a worker: a future of what it returns (or raises; ``JobFailed`` when
+        its worker died or it ran past ``timeout`` and its worker was stopped). The job goes
+        out now when a worker is free, not a round of the loop later as from a task (a hop
+        of an alert is a few of those rounds); else when one frees up, in order. ``key``: a
+        name ``interrupt`` can stop the job by. Cancelling the future gives up on the job:
+        one still waiting is dropped, one running runs to its end and its worker takes the
+        next job once that stale answer is read."""
         loop = asyncio.get_running_loop()
-        for w in self._all:
-            if w.stale and w.watching is not loop:
-                w.watch(self)
-        fut: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
-        self._waiting.append(fut)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release(fut.result())  # handed over just as we gave up: pass it on
-            raise
+        job = _Job(fn, args, timeout, key, loop.create_future())
+        if self._idle:
+            self._send(self._idle.pop(), job)
+        else:
+            # A worker whose abandoned job was left to a loop that has ended since (a tool or
+            # test running one loop after another) is read from this one instead.
+            for w in self._all:
+                if w.job is not None and w.watching is not loop:
+                    w.watch(self)
+            self._queue.append(job)
+        return job.result
 
     async def run(self, fn: Callable[..., T], *args: Any, timeout: float | None = None,
                   key: object = None) -> T:
-        """``fn(*args)`` in a worker. ``key``: a name ``interrupt`` can stop the job by."""
-        w = await self._acquire()
-        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        w.answer = answer
+        """``submit``, awaited."""
+        return await self.submit(fn, *args, timeout=timeout, key=key)
+
+    def _send(self, w: _Worker, job: _Job) -> None:
+        w.job = job
+        job.counted = True
         self.busy += 1
-        if key is not None:
-            self._running[key] = w
+        if job.key is not None:
+            self._running[job.key] = w
+        job.result.add_done_callback(lambda f: self._uncount(job) if f.cancelled() else None)
         try:
-            try:
-                w.watch(self)
-                w.conn.send((fn, args))
-                kind, value = await asyncio.wait_for(answer, timeout)
-            except TimeoutError:
-                self.failures += 1
-                self.detach(w)
-                raise JobFailed(f"{self.name} lane: job ran past {timeout} s; "
-                                "its worker was stopped") from None
-            except (_Died, OSError, ValueError):
-                self.failures += 1
-                self.detach(w)
-                raise JobFailed(f"{self.name} lane: a sandbox worker died; "
-                                "it was replaced") from None
-            except asyncio.CancelledError:
-                if w in self._all:
-                    w.stale = True  # it is still working: its answer frees it
-                raise
-            self.done += 1
+            w.watch(self)
+            w.conn.send((job.fn, job.args))
+        except (OSError, ValueError):
+            self._failed(w, job, "a sandbox worker died; it was replaced")
+            return
+        except Exception as e:  # the job itself cannot be sent (pickling): the worker is fine
+            w.unwatch()
+            self._finished(w, job)
             self.release(w)
-            if kind != "ok":
-                raise value  # what the job itself raised, in the worker
-            return value  # type: ignore[no-any-return]
-        finally:
+            job.result.set_exception(e)
+            return
+        if job.timeout is not None:
+            job.timer = asyncio.get_running_loop().call_later(job.timeout, self._timed_out, w,
+                                                              job)
+
+    def readable(self, w: _Worker) -> None:
+        """The answer to ``w``'s job (or its end) is there."""
+        w.unwatch()
+        job = w.job
+        try:
+            kind, value = w.conn.recv()
+        except (EOFError, OSError, pickle.UnpicklingError):
+            if job is not None:
+                self._failed(w, job, "a sandbox worker died; it was replaced")
+            else:
+                self.detach(w)
+            return
+        if job is None:  # an answer nobody asked for: a worker out of step is replaced
+            self.detach(w)
+            return
+        self._finished(w, job)
+        self.done += 1
+        self.release(w)
+        if job.result.done():  # its caller gave up
+            return
+        if kind != "ok":
+            job.result.set_exception(value)  # what the job itself raised, in the worker
+        else:
+            job.result.set_result(value)
+
+    def _finished(self, w: _Worker, job: _Job) -> None:
+        w.job = None
+        if job.timer is not None:
+            job.timer.cancel()
+        self._uncount(job)
+        if job.key is not None and self._running.get(job.key) is w:
+            del self._running[job.key]
+
+    def _failed(self, w: _Worker, job: _Job, why: str) -> None:
+        self._finished(w, job)
+        self.failures += 1
+        self.detach(w)
+        if not job.result.done():
+            job.result.set_exception(JobFailed(f"{self.name} lane: {why}"))
+
+    def _timed_out(self, w: _Worker, job: _Job) -> None:
+        if w.job is job:
+            self._failed(w, job, f"job ran past {job.timeout} s; its worker was stopped")
+
+    def _uncount(self, job: _Job) -> None:
+        # Answered, failed, or given up (a job still running then: its answer frees the
+        # worker, its timeout still stops a worker that never answers).
+        if job.counted:
+            job.counted = False
             self.busy -= 1
-            w.answer = None
-            if key is not None and self._running.get(key) is w:
-                del self._running[key]
 
     def interrupt(self, key: object) -> bool:
-        """Ask the worker running the job started with ``key`` to stop it early (a job that
+        """Ask the worker running the job submitted with ``key`` to stop it early (a job that
         polls for it, such as a taint replay, then answers with what it has; one that ended
         meanwhile leaves the request to be skipped). False if no such job runs."""
         w = self._running.get(key)
@@ -230,6 +271,8 @@ class Lane:
     def close(self) -> None:
         for w in list(self._all):
             w.unwatch()
+            if w.job is not None and w.job.timer is not None:
+                w.job.timer.cancel()
             with contextlib.suppress(Exception):
                 w.conn.send(None)  # asks it to exit
             with contextlib.suppress(Exception):

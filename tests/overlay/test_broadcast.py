@@ -362,10 +362,10 @@ def test_a_small_body_rides_in_the_announcement_and_is_acknowledged_not_fetched(
     pushed = push and size < 1000
     assert isinstance(ann, Announce) and ann.body == (env if pushed else b"")
     acts = receiver.on_datagram(sender_addr, sends[0].data, 0.01, WALL)
-    if pushed:
-        assert acts[0] == Send(sender_addr, wire.encode(Ack(aid, AckStatus.TAKEN)))
-        assert isinstance(acts[1], Verify) and acts[1].body == env and len(acts) == 2
-        sender.on_datagram(receiver_addr, acts[0].data, 0.02, WALL)
+    if pushed:  # the sandbox's job first, then the acknowledgement
+        assert isinstance(acts[0], Verify) and acts[0].body == env and len(acts) == 2
+        assert acts[1] == Send(sender_addr, wire.encode(Ack(aid, AckStatus.TAKEN)))
+        sender.on_datagram(receiver_addr, acts[1].data, 0.02, WALL)
     else:
         assert acts == [Fetch(sender_addr, aid)]
         reply = sender.serve_fetch(receiver_addr[0], wire.encode_fetch_request(aid, 1), 0.02)

@@ -4,6 +4,7 @@ real SQLite store; the kernel side is a recording FilterTable-like object."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import random
 import time
@@ -34,6 +35,12 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+async def body_verdict(p: Pipeline, envelope: bytes) -> Any:
+    """What the overlay's ``verify_body`` hook answers: at once, or once its work is done."""
+    r = p.overlay_verify_body(envelope)
+    return await r if inspect.isawaitable(r) else r
+
+
 def exploit_packets(messages: tuple) -> list[list[bytes]]:
     # Stand-ins for the IP packets that carried each message (the stack gives real ones).
     return [[b"\x45pkt" + m.data[:8]] for m in messages]
@@ -60,12 +67,12 @@ def test_detector_node_alerts_signs_stores_installs_broadcasts(
         # Its publication through the overlay: our own envelope needs no check, a tampered
         # copy of it is forged.
         own = decode_envelope(sent[0])
-        mine = await p.overlay_verify_body(sent[0])
+        mine = await body_verdict(p, sent[0])
         assert not isinstance(mine, Outcome)
         assert mine.verified and mine.detail == "stored verdict"
         tampered = bytearray(sent[0])
         tampered[sent[0].index(own.signature) + 5] ^= 0x01
-        assert await p.overlay_verify_body(bytes(tampered)) is Outcome.FORGED
+        assert await body_verdict(p, bytes(tampered)) is Outcome.FORGED
         await p.idle(60)
         await p.stop()
         return p
@@ -242,7 +249,7 @@ def test_a_relays_own_filter_and_row_wait_until_the_alert_is_handed_over(
                      detector=True, broadcast=sent.append)
         p.handoff = handoff
         await p.start()
-        verdict = await p.overlay_verify_body(env)
+        verdict = await body_verdict(p, env)
         assert verdict.verified
         forwarded = asyncio.ensure_future(p.overlay_on_alert(decode_envelope(env), alert))
         copy = asyncio.ensure_future(p.on_overlay_alert(env, ("10.77.0.9", 7400),
@@ -289,7 +296,7 @@ def test_a_stop_during_the_hand_off_loses_no_row(
 
         p = pipeline(parts, images, pools, serve_first_s=0.5, general_filters=False)
         p.handoff = handoff
-        assert (await p.overlay_verify_body(env)).verified
+        assert (await body_verdict(p, env)).verified
         await asyncio.sleep(0.05)
         await p.stop()
         assert await p.db(p.db.store.alert, aid) is not None
@@ -435,7 +442,7 @@ def test_unknown_service_cannot_be_verified(parts_factory: Any, envelopes: dict)
             from sca.emu.image import load_image
 
             p = pipeline(parts, [load_image(manifest_path("mgmtd"))], only_mgmtd)
-            return await p.on_overlay_alert(env, "p"), await p.overlay_verify_body(env)
+            return await p.on_overlay_alert(env, "p"), await body_verdict(p, env)
 
         d, v = run(main())
     finally:
@@ -483,13 +490,13 @@ def test_overlay_hooks(images: list, pools: Pools, parts_factory: Any,
 
     async def main() -> tuple:
         p = pipeline(parts, images, pools, general_filters=False)
-        bad = await p.overlay_verify_body(bytes(forged))
+        bad = await body_verdict(p, bytes(forged))
         assert parts.store.alert(alert_id_hex(env.alert_bytes)) is None
-        v = await p.overlay_verify_body(env_bytes)  # what the overlay asks
+        v = await body_verdict(p, env_bytes)  # what the overlay asks
         await p.overlay_on_alert(env, alert)  # then, before it forwards
-        again = await p.overlay_verify_body(env_bytes)
+        again = await body_verdict(p, env_bytes)
         cached = p.vstats.cached
-        bad_copy = await p.overlay_verify_body(bytes(forged))
+        bad_copy = await body_verdict(p, bytes(forged))
         assert p.vstats.cached == cached
         await p.idle(30)
         return bad, v, again, bad_copy, p
@@ -505,6 +512,31 @@ def test_overlay_hooks(images: list, pools: Pools, parts_factory: Any,
     assert len(parts.table.installed) == 1
     forwarded = [e for e in parts.events if e["event_type"] == "alert.forwarded"]
     assert [e.get("signer") for e in forwarded] == [env.node_id.hex()]
+
+
+def test_a_relays_sandbox_run_starts_before_its_own_checks(
+        images: list, pools: Pools, parts_factory: Any, envelopes: dict) -> None:
+    """On a relay the worker's job goes out first, from the overlay's own callback: when the
+    hook returns (the signature checked meanwhile, the alert not parsed here yet), the job is
+    with the worker already; the verdict, the row and the filter follow."""
+    parts = parts_factory()
+    env, alert = envelopes["resolver"]
+
+    async def main() -> Any:
+        p = pipeline(parts, images, pools, general_filters=False)
+        await p.start()
+        pending = p.overlay_verify_body(env)
+        assert inspect.isawaitable(pending) and pools.fast.busy == 1
+        v = await pending
+        await p.idle(30)
+        await p.stop()
+        return v
+
+    v = run(main())
+    assert v.verified
+    row = parts.store.alert(alert_id_hex(encode_alert(alert)))
+    assert row is not None and (row.state, row.service) == ("verified", "resolver")
+    assert len(parts.table.installed) == 1
 
 
 def test_sampling_under_load_keeps_the_queue_bounded(images: list, pools: Pools,
@@ -625,7 +657,7 @@ def test_overlay_hook_refutes_a_signed_body_that_is_no_alert(
 
     async def main() -> Any:
         p = pipeline(parts, images, pools, general_filters=False)
-        v = await p.overlay_verify_body(env)
+        v = await body_verdict(p, env)
         await p.idle(30)
         return v
 

@@ -79,6 +79,38 @@ def test_a_caller_that_gives_up_leaves_the_worker_usable() -> None:
         lane.close()
 
 
+def test_a_submitted_job_goes_out_before_the_loop_runs_again(lane: Lane) -> None:
+    """With a worker free, ``submit`` sends the job at once: it runs while the caller still
+    holds the loop (here: blocks it for 0.3 s), not a round of the loop later."""
+    async def main() -> None:
+        await lane.warm()
+        before = time.monotonic()
+        started = lane.submit(time.monotonic, timeout=30)
+        assert lane.busy == 1
+        time.sleep(0.3)  # the loop is held: a job sent from a task would not be out yet
+        assert before <= await started < before + 0.25
+
+    run(main())
+
+
+def test_a_job_given_up_while_it_waits_never_runs(lane: Lane, tmp_path: Path) -> None:
+    """Past the workers, jobs wait their turn; one cancelled meanwhile is dropped, and the
+    lane's count of busy work comes back to nothing."""
+    marker = tmp_path / "ran"
+
+    async def main() -> None:
+        await lane.warm()
+        slow = [lane.submit(time.sleep, 0.3, timeout=30) for _ in range(2)]
+        dropped = lane.submit(marker.write_text, "x", timeout=30)
+        dropped.cancel()
+        await asyncio.gather(*slow)
+        assert await lane.run(abs, -3, timeout=30) == 3
+
+    run(main())
+    assert not marker.exists()
+    assert lane.busy == 0 and lane.failures == 0 and lane.restarts == 0
+
+
 def test_what_a_job_raises_comes_back(lane: Lane) -> None:
     async def main() -> None:
         with pytest.raises(ZeroDivisionError):
