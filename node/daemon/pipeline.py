@@ -37,7 +37,6 @@ not remembered (it may pass when the node is less busy).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import random
@@ -150,9 +149,8 @@ class Pipeline:
         self.sampler = Sampler(queue_size, rng=rng)
         self.dstats = DetectorStats()
         self.vstats = VerifierStats()
-        self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._consumers: list[asyncio.Task[Any]] = []
+        self._detecting: set[asyncio.Task[Any]] = set()  # detection jobs out, and their ends
         self._inflight: dict[str, asyncio.Future[VerifyOutcome]] = {}
         self._queued: dict[str, asyncio.Future[None]] = {}  # the verdict's row is queued
         self._sealed: dict[bytes, str] = {}  # envelopes we signed -> alert id
@@ -160,7 +158,8 @@ class Pipeline:
         self._replaying: dict[tuple[str, object], Job] = {}  # (service, flow) -> its job
         self._verdicts: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._complete = False  # True: every standing verdict of the store is in _verdicts
-        self._active = 0
+        self._active = 0  # detection jobs taken and not finished
+        self._started = False
         self._closing = False
 
     # --- life cycle -----------------------------------------------------------------------
@@ -172,18 +171,18 @@ class Pipeline:
         for aid, state, reason in reversed(rows[:MAX_VERDICTS]):
             self._remember(aid, state, reason)
         self._complete = len(rows) <= MAX_VERDICTS
-        if self.detector_enabled:
-            self._consumers = [asyncio.create_task(self._consume(), name=f"detect-{i}")
-                               for i in range(self.detect_concurrency)]
+        if self.detector_enabled and self.pools.detect is None:
+            raise RuntimeError("detection needs a pool with a detect lane")
+        self._started = True
+        self._pump()  # what was submitted before
 
     async def stop(self) -> None:
         """Stop taking work; wait briefly for what is in flight (stores are committed)."""
         self._closing = True
-        for t in self._consumers:
+        detecting = list(self._detecting)
+        for t in detecting:
             t.cancel()
-        for t in self._consumers:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await asyncio.gather(*detecting, return_exceptions=True)
         # Held work stops waiting for its hand-off now (its row is queued as it ends).
         held = list(self._held)
         for t in held:
@@ -258,8 +257,6 @@ class Pipeline:
             self.bus.count("detector.duplicate")
         elif outcome == SUPERSEDED:
             self.bus.count("detector.superseded")
-        else:
-            self._wakeup.set()
         running = self._replaying.get((service, flow)) if flow is not None else None
         # The replay running for this connection's shorter history is wasted: the longer one
         # replays all of it. Stopped, it frees the lane for the longer one now (the two chunks
@@ -268,36 +265,48 @@ class Pipeline:
                 and self.pools.detect is not None
                 and self.pools.detect.interrupt((service, flow))):
             self.dstats.stops += 1
+        self._pump()  # after the stop: this job must not be taken for the one it replaces
         return outcome
 
-    async def _consume(self) -> None:
-        while True:
+    def _pump(self) -> None:
+        """Take jobs while fewer than ``detect_concurrency`` run. A job's replay goes out to
+        the worker from here, the caller's own callback (the stack's, for a packet), not a
+        round of the loop later."""
+        lane = self.pools.detect
+        while (self._started and not self._closing and lane is not None
+               and self._active < self.detect_concurrency):
             job = self.sampler.take()
             if job is None:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+                return
             self._active += 1  # taken but not finished: idle() must wait for it
-            try:
-                await self.detect_job(job)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                self.dstats.errors += 1
-                self.bus.emit("detector.error", service=job.service, error=repr(e))
-            finally:
-                self._active -= 1
+            key = (job.service, job.flow) if job.flow is not None else None
+            if key is not None:
+                self._replaying[key] = job
+            replay = lane.submit(worker.detect, job.service, job.messages,
+                                 timeout=self.job_timeout_s, key=key)
+            task = asyncio.ensure_future(self._detect_done(job, key, replay))
+            self._detecting.add(task)
+            task.add_done_callback(self._detecting.discard)
+            task.add_done_callback(lambda _, r=replay: r.cancel())  # a stop gives it up
 
-    async def detect_job(self, job: Job) -> DetectOutcome | None:
-        lane = self.pools.detect
-        if lane is None:
-            raise RuntimeError("detection needs a pool with a detect lane")
-        key = (job.service, job.flow) if job.flow is not None else None
-        if key is not None:
-            self._replaying[key] = job
+    async def _detect_done(self, job: Job, key: tuple[str, object] | None,
+                           replay: asyncio.Future[DetectOutcome]) -> None:
         try:
-            out: DetectOutcome = await lane.run(
-                worker.detect, job.service, job.messages, timeout=self.job_timeout_s, key=key)
+            await self._finish_detection(job, key, replay)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.dstats.errors += 1
+            self.bus.emit("detector.error", service=job.service, error=repr(e))
+        finally:
+            self._active -= 1
+            self._pump()
+
+    async def _finish_detection(self, job: Job, key: tuple[str, object] | None,
+                                replay: asyncio.Future[DetectOutcome]) -> DetectOutcome | None:
+        """The end of a detection job (``replay``: its run in the detect lane)."""
+        try:
+            out = await replay
         except JobFailed as e:
             self.dstats.errors += 1
             self.sampler.forget([job.digest])

@@ -61,6 +61,7 @@ def test_detector_node_alerts_signs_stores_installs_broadcasts(
         await p.start()
         t = traffic(service)
         assert p.submit_messages(service, tuple(t.benign(rng))) == "queued"
+        assert pools.detect is not None and pools.detect.busy == 1  # its replay is out now
         messages = tuple(t.exploit(rng))
         assert p.submit_messages(service, messages, exploit_packets(messages)) == "queued"
         await p.idle(60)
