@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
-import pickle
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -201,9 +200,11 @@ class Lane:
         job = w.job
         try:
             kind, value = w.conn.recv()
-        except (EOFError, OSError, pickle.UnpicklingError):
+            if kind != "ok" and not (kind == "err" and isinstance(value, Exception)):
+                raise ValueError(f"not an answer: {kind!r}")
+        except Exception:  # it died, or sent what is no answer (a sandbox gone wrong)
             if job is not None:
-                self._failed(w, job, "a sandbox worker died; it was replaced")
+                self._failed(w, job, "a sandbox worker died or sent no answer; it was replaced")
             else:
                 self.detach(w)
             return

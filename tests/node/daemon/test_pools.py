@@ -7,6 +7,8 @@ from __future__ import annotations
 import _thread
 import asyncio
 import os
+import pickle
+import struct
 import time
 from pathlib import Path
 
@@ -45,6 +47,24 @@ def test_a_dead_worker_is_replaced_and_its_job_fails(lane: Lane) -> None:
         # both workers still answer, the new one included
         pids = await asyncio.gather(*(lane.run(os.getpid, timeout=60) for _ in range(2)))
         assert len(set(pids)) == 2
+
+    run(main())
+    assert lane.restarts == 1 and lane.failures == 1
+
+
+def test_a_worker_that_answers_garbage_is_replaced_and_its_job_fails(lane: Lane) -> None:
+    """What comes back from a sandbox is not trusted: a message that is no answer (here a
+    pickled 7, written into the worker's own pipe by the job itself, ahead of its real
+    answer) fails the job with JobFailed at once and the worker is replaced."""
+    junk = pickle.dumps(7)
+
+    async def main() -> None:
+        await lane.warm()
+        fd = await lane.run(eval, "__import__('node.daemon.worker').daemon.worker._conn.fileno()",
+                            timeout=30)
+        with pytest.raises(JobFailed, match="sent no answer"):
+            await lane.run(os.write, fd, struct.pack("!i", len(junk)) + junk, timeout=30)
+        assert await lane.run(abs, -5, timeout=30) == 5
 
     run(main())
     assert lane.restarts == 1 and lane.failures == 1
