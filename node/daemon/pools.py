@@ -15,8 +15,10 @@ pickled message out and one back, about 0.1 ms, where ``concurrent.futures``' pr
 0.5-1 ms through its feeder and manager threads, on every hop of every alert. Each worker boots
 its sandboxes once in ``worker.init`` and keeps them.
 
-A worker that dies (a crash in the emulator on hostile input) is replaced and its job reported
-as failed. A job past its timeout is abandoned and its worker killed and replaced: the sandbox
+A worker that dies (a crash in the emulator on hostile input), or sends back what is no
+answer, is replaced and its job reported as failed; answers are unpickled with their own types
+and the built-in exceptions only (``_Answer``), so a sandbox gone wrong cannot make the daemon
+call anything. A job past its timeout is abandoned and its worker killed and replaced: the sandbox
 has its own budgets, so this is the last line. A job whose caller gave up (cancelled) runs to
 its end; its worker takes the next job once the stale answer is read.
 """
@@ -24,9 +26,12 @@ its end; its worker takes the next job once the stale answer is read.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
+import io
 import multiprocessing
 import multiprocessing.connection
+import pickle
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +52,26 @@ def _context() -> Any:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["node.daemon.worker"])
     return ctx
+
+
+_ANSWER_TYPES = {("node.daemon.worker", t.__name__): t
+                 for t in (worker.DetectOutcome, worker.VerifyOutcome, worker.FiltersOutcome)}
+
+
+class _Answer(pickle.Unpickler):
+    """A worker's answer, unpickled with nothing but the answers' own types and the built-in
+    exceptions: a sandbox process runs hostile input, and a pickle from one gone wrong could
+    otherwise make the daemon call any function it names."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _ANSWER_TYPES.get((module, name))
+        if found is None and module == "builtins":
+            found = getattr(builtins, name, None)
+            if not (isinstance(found, type) and issubclass(found, Exception)):
+                found = None
+        if found is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not in an answer")
+        return found
 
 
 class _Job:
@@ -199,7 +224,7 @@ class Lane:
         w.unwatch()
         job = w.job
         try:
-            kind, value = w.conn.recv()
+            kind, value = _Answer(io.BytesIO(w.conn.recv_bytes())).load()
             if kind != "ok" and not (kind == "err" and isinstance(value, Exception)):
                 raise ValueError(f"not an answer: {kind!r}")
         except Exception:  # it died, or sent what is no answer (a sandbox gone wrong)

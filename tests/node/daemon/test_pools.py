@@ -11,6 +11,7 @@ import pickle
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,11 +53,25 @@ def test_a_dead_worker_is_replaced_and_its_job_fails(lane: Lane) -> None:
     assert lane.restarts == 1 and lane.failures == 1
 
 
-def test_a_worker_that_answers_garbage_is_replaced_and_its_job_fails(lane: Lane) -> None:
-    """What comes back from a sandbox is not trusted: a message that is no answer (here a
-    pickled 7, written into the worker's own pipe by the job itself, ahead of its real
-    answer) fails the job with JobFailed at once and the worker is replaced."""
-    junk = pickle.dumps(7)
+class _Calls:
+    """Pickles as a call of ``fn(*args)``: what a sandbox gone wrong could send back."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self.call = (fn, args)
+
+    def __reduce__(self) -> Any:
+        return self.call
+
+
+@pytest.mark.parametrize("what", ["no pair", "a call"])
+def test_a_worker_that_answers_garbage_is_replaced_and_its_job_fails(
+        lane: Lane, tmp_path: Path, what: str) -> None:
+    """What comes back from a sandbox is not trusted: a message that is no answer (a pickled
+    7), or a pickle that would call a function in the daemon (here: make a directory), written
+    into the worker's own pipe by the job itself ahead of its real answer, fails the job with
+    JobFailed at once, calls nothing, and the worker is replaced."""
+    made = tmp_path / "made"
+    junk = pickle.dumps(7 if what == "no pair" else ("ok", _Calls(os.mkdir, str(made))))
 
     async def main() -> None:
         await lane.warm()
@@ -67,6 +82,7 @@ def test_a_worker_that_answers_garbage_is_replaced_and_its_job_fails(lane: Lane)
         assert await lane.run(abs, -5, timeout=30) == 5
 
     run(main())
+    assert not made.exists()
     assert lane.restarts == 1 and lane.failures == 1
 
 
