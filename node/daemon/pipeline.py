@@ -151,7 +151,7 @@ class Pipeline:
         self.vstats = VerifierStats()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._detecting: set[asyncio.Task[Any]] = set()  # detection jobs out, and their ends
-        self._inflight: dict[str, asyncio.Future[VerifyOutcome]] = {}
+        self._inflight: dict[str, list[asyncio.Future[VerifyOutcome]]] = {}  # by alert id
         self._queued: dict[str, asyncio.Future[None]] = {}  # the verdict's row is queued
         self._sealed: dict[bytes, str] = {}  # envelopes we signed -> alert id
         self._held: set[asyncio.Task[Any]] = set()  # own work waiting for its hand-off
@@ -286,8 +286,17 @@ class Pipeline:
                                  timeout=self.job_timeout_s, key=key)
             task = asyncio.ensure_future(self._detect_done(job, key, replay))
             self._detecting.add(task)
-            task.add_done_callback(self._detecting.discard)
-            task.add_done_callback(lambda _, r=replay: r.cancel())  # a stop gives it up
+            # Also for a task cancelled before it ran (a stop): its count, its replay.
+            task.add_done_callback(functools.partial(self._detection_ended, job, key, replay))
+
+    def _detection_ended(self, job: Job, key: tuple[str, object] | None,
+                         replay: asyncio.Future[DetectOutcome], task: asyncio.Task[Any]) -> None:
+        self._detecting.discard(task)
+        replay.cancel()  # given up if it still runs
+        if key is not None and self._replaying.get(key) is job:
+            del self._replaying[key]
+        self._active -= 1
+        self._pump()
 
     async def _detect_done(self, job: Job, key: tuple[str, object] | None,
                            replay: asyncio.Future[DetectOutcome]) -> None:
@@ -298,9 +307,6 @@ class Pipeline:
         except Exception as e:
             self.dstats.errors += 1
             self.bus.emit("detector.error", service=job.service, error=repr(e))
-        finally:
-            self._active -= 1
-            self._pump()
 
     async def _finish_detection(self, job: Job, key: tuple[str, object] | None,
                                 replay: asyncio.Future[DetectOutcome]) -> DetectOutcome | None:
@@ -434,42 +440,46 @@ class Pipeline:
     # --- receiving --------------------------------------------------------------------------
 
     def _verify(self, alert_bytes: bytes, aid: str) -> asyncio.Future[VerifyOutcome]:
-        """Our own sandbox's verdict, once per alert even when copies arrive together. Its job
-        goes out now, before the caller does anything else (``Lane.submit``)."""
-        fut = self._inflight.get(aid)
-        if fut is not None and not fut.done():
+        """Our own sandbox's verdict, once per alert even when copies arrive together: each
+        caller gets a future of its own (one that gives up leaves the others theirs), resolved
+        as the job answers. The job goes out now, before the caller does anything else
+        (``Lane.submit``)."""
+        mine: asyncio.Future[VerifyOutcome] = asyncio.get_running_loop().create_future()
+        waiters = self._inflight.get(aid)
+        if waiters is not None:
             self.vstats.cached += 1
-            return asyncio.shield(fut)  # a copy's caller giving up leaves it to the others
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[aid] = fut
+            waiters.append(mine)
+            return mine
+        self._inflight[aid] = [mine]
         job = self.pools.fast.submit(worker.verify, alert_bytes, timeout=self.verify_timeout_s)
-        job.add_done_callback(functools.partial(self._verified, aid, fut))
-        return fut
+        job.add_done_callback(functools.partial(self._verified, aid))
+        return mine
 
-    def _verified(self, aid: str, fut: asyncio.Future[VerifyOutcome],
-                  job: asyncio.Future[VerifyOutcome]) -> None:
-        if self._inflight.get(aid) is fut:
-            del self._inflight[aid]
-        e = None if job.cancelled() else job.exception()  # retrieved, even if nobody waits
-        if fut.done():  # its first caller gave up
-            return
+    def _verified(self, aid: str, job: asyncio.Future[Any]) -> None:
+        waiters = self._inflight.pop(aid, [])
         if job.cancelled():
-            fut.cancel()
-            return
-        if e is not None and not isinstance(e, JobFailed):
-            fut.set_exception(e)
-            return
-        out = (VerifyOutcome(aid, False, "timeout", str(e), 0.0, error=str(e))
-               if e is not None else job.result())
-        self.vstats.runs += 1
-        self.vstats.last_ms = out.elapsed_ms
-        self.vstats.total_ms += out.elapsed_ms
-        if out.verified:
-            self.vstats.verified += 1
-        elif out.reason != "unknown-service":
-            self.vstats.refuted += 1
-        self.bus.count("verifier.runs")
-        fut.set_result(out)
+            out = VerifyOutcome(aid, False, "error", "verification cancelled", 0.0,
+                                error="cancelled")
+        else:
+            e, out = job.exception(), None
+            if e is None:
+                out = job.result()
+            if not isinstance(out, VerifyOutcome):  # a failed job, or a worker gone wrong
+                why = str(e) if e is not None else f"not a verdict: {type(out).__name__}"
+                out = VerifyOutcome(aid, False, "timeout" if isinstance(e, JobFailed)
+                                    else "error", why, 0.0, error=why)
+        if out.reason not in ("malformed", "unknown-service"):  # no verdict on an alert here
+            self.vstats.runs += 1
+            self.vstats.last_ms = out.elapsed_ms
+            self.vstats.total_ms += out.elapsed_ms
+            if out.verified:
+                self.vstats.verified += 1
+            else:
+                self.vstats.refuted += 1
+            self.bus.count("verifier.runs")
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(out)
 
     async def _known(self, aid: str) -> tuple[str, str] | None:
         """A verdict that stands for this alert: (state, reason), or None to verify it."""
@@ -578,6 +588,13 @@ class Pipeline:
             out = await verifying
         else:  # not a service of ours: no sandbox can tell, no need to ask the pool
             out = VerifyOutcome(aid, False, "unknown-service", "not protected here", 0.0)
+        if alert is None and not out.verified:
+            # Not forwarded, so parsed here now (a verified alert the worker parsed: its row's
+            # columns are parsed off the path).
+            try:
+                alert = decode_alert(alert_bytes)
+            except FormatError as e:
+                out = VerifyOutcome(aid, False, "malformed", str(e), 0.0)
         if out.reason == "malformed":  # signed, and no alert: nothing worth a row
             self.bus.emit("alert.malformed", signer=envelope.node_id.hex(), error=out.detail)
             return Decision(aid, "refuted", False, out.reason)
@@ -777,8 +794,9 @@ class Pipeline:
 
 def _row_fields(aid: str, alert_bytes: bytes, alert: Alert | None, origin: str,
                 peer: str | None) -> dict[str, Any]:
-    """An alert's columns in the store (``alert`` None: parsed from ``alert_bytes`` now; bytes
-    our worker could not parse never get this far, so a failure only blanks the columns)."""
+    """An alert's columns in the store (``alert`` None: parsed from ``alert_bytes`` now; only a
+    verified alert comes without, and our worker parsed it, so a failure here only blanks
+    the columns)."""
     if alert is None:
         try:
             alert = decode_alert(alert_bytes)

@@ -42,6 +42,7 @@ from . import worker
 T = TypeVar("T")
 
 FILTERS_NICE = 10  # general-filter workers yield the CPU to detection and verification
+MAX_ANSWER_BYTES = 16 << 20  # an answer is a few KiB; a worker sending more is replaced
 
 
 class JobFailed(RuntimeError):
@@ -224,9 +225,11 @@ class Lane:
         w.unwatch()
         job = w.job
         try:
-            kind, value = _Answer(io.BytesIO(w.conn.recv_bytes())).load()
+            kind, value = _Answer(io.BytesIO(w.conn.recv_bytes(MAX_ANSWER_BYTES))).load()
             if kind != "ok" and not (kind == "err" and isinstance(value, Exception)):
                 raise ValueError(f"not an answer: {kind!r}")
+            if isinstance(value, StopIteration | StopAsyncIteration):
+                value = RuntimeError(f"the job raised {value!r}")  # no future can hold these
         except Exception:  # it died, or sent what is no answer (a sandbox gone wrong)
             if job is not None:
                 self._failed(w, job, "a sandbox worker died or sent no answer; it was replaced")

@@ -540,6 +540,50 @@ def test_a_relays_sandbox_run_starts_before_its_own_checks(
     assert len(parts.table.installed) == 1
 
 
+def test_a_copy_giving_up_leaves_the_verification_to_the_others(
+        images: list, pools: Pools, parts_factory: Any, envelopes: dict) -> None:
+    """One sandbox run serves every copy of an alert that arrives while it runs; the first
+    copy's caller giving up (an operator's import whose request went away) leaves the
+    overlay's copy its verdict."""
+    parts = parts_factory()
+    env, alert = envelopes["resolver"]
+
+    async def main() -> Any:
+        p = pipeline(parts, images, pools, general_filters=False)
+        await p.start()
+        first = asyncio.ensure_future(p.on_overlay_alert(env, "operator", origin="import"))
+        await asyncio.sleep(0)  # its job is out
+        copy = asyncio.ensure_future(body_verdict(p, env))
+        await asyncio.sleep(0)
+        first.cancel()
+        v = await copy
+        await p.idle(30)
+        await p.stop()
+        return v, p.vstats.runs
+
+    v, runs = run(main())
+    assert v.verified and runs == 1
+    row = parts.store.alert(alert_id_hex(encode_alert(alert)))
+    assert row is not None and row.state == "verified"
+
+
+def test_a_stop_right_after_a_submission_leaves_nothing_running(
+        images: list, pools: Pools, parts_factory: Any, rng: random.Random) -> None:
+    """A detection taken and stopped before it ran (the node stopping as a packet came) is
+    given up whole: its replay, its place among the running ones."""
+    parts = parts_factory()
+
+    async def main() -> None:
+        p = pipeline(parts, images, pools, detector=True)
+        await p.start()
+        messages = tuple(traffic("resolver").exploit(rng))
+        assert p.submit_messages("resolver", messages) == "queued"
+        await p.stop()
+        await p.idle(5)  # nothing is left counted as running
+
+    run(main())
+
+
 def test_sampling_under_load_keeps_the_queue_bounded(images: list, pools: Pools,
                                                     parts_factory: Any,
                                                     rng: random.Random) -> None:
@@ -641,10 +685,12 @@ def test_exploit_is_not_held_back_behind_a_benign_replay(
     assert analysed_at_alert == [1]  # the benign replay had not finished
 
 
+@pytest.mark.parametrize("protects", [True, False])
 def test_overlay_hook_refutes_a_signed_body_that_is_no_alert(
-        images: list, pools: Pools, parts_factory: Any) -> None:
+        images: list, pools: Pools, parts_factory: Any, protects: bool) -> None:
     """The overlay parses no alert (``verify_body``): a well signed envelope around bytes that
-    are no alert is refuted here (the overlay remembers it so) and stores nothing; the pool
+    are no alert is refuted here (the overlay remembers it so) and stores nothing, by the
+    worker's parse or, on a node that protects no service (no job), by its own; the pool
     goes on working."""
     from sca.envelope import Envelope, signed_message
 
@@ -657,7 +703,7 @@ def test_overlay_hook_refutes_a_signed_body_that_is_no_alert(
     decode_envelope(env).check()  # the signature is good
 
     async def main() -> Any:
-        p = pipeline(parts, images, pools, general_filters=False)
+        p = pipeline(parts, images if protects else [], pools, general_filters=False)
         v = await body_verdict(p, env)
         await p.idle(30)
         return v

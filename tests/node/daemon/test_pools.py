@@ -151,6 +151,8 @@ def test_what_a_job_raises_comes_back(lane: Lane) -> None:
     async def main() -> None:
         with pytest.raises(ZeroDivisionError):
             await lane.run(divmod, 1, 0, timeout=30)
+        with pytest.raises(RuntimeError, match="StopIteration"):  # no future can hold one
+            await lane.run(next, iter(()), timeout=30)
         with pytest.raises(RuntimeError, match="cannot be sent back"):
             await lane.run(_thread.allocate_lock, timeout=30)  # a lock does not pickle
         assert await lane.run(abs, -4, timeout=30) == 4
