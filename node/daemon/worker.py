@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filters import generate as filter_generation
 from node.daemon import realtime
 from sca.alert import Alert, Message
 from sca.codec import FormatError, decode_alert, encode_alert, encoding_id_hex
@@ -190,9 +191,7 @@ def specific_filter(alert: Alert, image: ServiceImage) -> dict[str, Any]:
     """The specific filter (the exploit's bytes at the alert's offsets) without the oracle
     runs that the general one needs: cheap enough to install right after verification."""
     # The same function generate_filters uses: the same filter id for the same alert.
-    from filters import generate
-
-    return generate.specific_filter(alert, image).to_json()
+    return filter_generation.specific_filter(alert, image).to_json()
 
 
 def detect(service: str, messages: tuple[Message, ...]) -> DetectOutcome:
@@ -256,8 +255,6 @@ def verify(alert_bytes: bytes) -> VerifyOutcome:
 def filters(alert_bytes: bytes) -> FiltersOutcome:
     """Both filters of a verified alert (the general one takes tens to hundreds of sandbox
     replays: this is the slow lane's job)."""
-    from filters.generate import generate_filters
-
     start = time.perf_counter()
     aid = ""
     try:
@@ -267,7 +264,7 @@ def filters(alert_bytes: bytes) -> FiltersOutcome:
         image = st.by_id.get(alert.service_id)
         if image is None:
             return FiltersOutcome(aid, (), (), 0.0, error="no such service here")
-        gen = generate_filters(alert, image, detector=st.detector(image.name),
+        gen = filter_generation.generate_filters(alert, image, detector=st.detector(image.name),
                                verifier=st.verifier)
         fs = tuple(f.to_json() for f in (gen.specific, gen.general) if f is not None)
         return FiltersOutcome(aid, fs, tuple(gen.notes), (time.perf_counter() - start) * 1000,
