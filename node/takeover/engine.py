@@ -302,12 +302,13 @@ class TakeoverEngine:
         keys = self._keys.pop(id(proxy), None)
         if keys is None:
             return
-        for k in keys:
-            self.proxies.pop(k, None)
         t = self._timers.pop(id(proxy), None)
         if t is not None:
             t[1].cancel()
+        # The kernel's mark goes first: a flow ``owned()`` no longer lists is undone there too.
         self._unmark(proxy)
+        for k in keys:
+            self.proxies.pop(k, None)
         self._addrs.pop(id(proxy), None)
         self.finished.append(proxy)
         del self.finished[:-256]

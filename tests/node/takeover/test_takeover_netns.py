@@ -373,8 +373,9 @@ def test_compile_takeover_refuses_udp() -> None:
 
 def test_flow_elements_come_and_go() -> None:
     with PathTopo("tke") as t:
+        # A libnftables context serves one thread: the engine's is used by the queue's reader.
         nft = rules.NftText(t.node.name)
-        engine = TakeoverEngine(netns=t.node.name, nft=nft,
+        engine = TakeoverEngine(netns=t.node.name, nft=rules.NftText(t.node.name),
                                 config=Config(time_wait=0.2))
         node = Node(t.node, engine, PORT, detect=starts_with(b"EXPLOIT"))
         srv = LineServer(t.server, t.server_addr, PORT)
