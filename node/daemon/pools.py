@@ -46,7 +46,8 @@ MAX_ANSWER_BYTES = 16 << 20  # an answer is a few KiB; a worker sending more is 
 
 
 class JobFailed(RuntimeError):
-    """A pool job did not finish: its worker died or it ran past its timeout."""
+    """A pool job did not finish: its worker died, it ran past its timeout, or its lane was
+    closed."""
 
 
 def _context() -> Any:
@@ -141,6 +142,7 @@ class Lane:
         self.done = 0
         self.failures = 0
         self.restarts = 0
+        self.closed = False
         for _ in range(workers):
             self._spawn()
 
@@ -181,7 +183,9 @@ class Lane:
         next job once that stale answer is read."""
         loop = asyncio.get_running_loop()
         job = _Job(fn, args, timeout, key, loop.create_future())
-        if self._idle:
+        if self.closed:
+            job.result.set_exception(JobFailed(f"{self.name} lane: closed"))
+        elif self._idle:
             self._send(self._idle.pop(), job)
         else:
             # A worker whose abandoned job was left to a loop that has ended since (a tool or
@@ -298,6 +302,12 @@ class Lane:
                 "failures": self.failures, "restarts": self.restarts}
 
     def close(self) -> None:
+        """Stop the workers. Jobs still waiting or running fail with ``JobFailed`` (their
+        callers would wait forever otherwise), as does any submitted later. May be called from
+        another thread than the jobs' loop (the daemon closes its pools in one)."""
+        self.closed = True
+        left = [*self._queue, *(w.job for w in self._all if w.job is not None)]
+        self._queue.clear()
         for w in list(self._all):
             w.unwatch()
             if w.job is not None and w.job.timer is not None:
@@ -312,6 +322,18 @@ class Lane:
                 w.kill()
         self._all.clear()
         self._idle.clear()
+        for job in left:
+            _fail_soon(job.result, f"{self.name} lane: closed")
+
+
+def _fail_soon(result: asyncio.Future[Any], why: str) -> None:
+    """Fail ``result`` with ``JobFailed`` on its own loop, from whichever thread."""
+    def fail() -> None:
+        if not result.done():
+            result.set_exception(JobFailed(why))
+
+    with contextlib.suppress(RuntimeError):  # its loop has ended: nobody awaits it any more
+        result.get_loop().call_soon_threadsafe(fail)
 
 
 class Pools:

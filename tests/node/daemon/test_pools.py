@@ -147,6 +147,26 @@ def test_a_job_given_up_while_it_waits_never_runs(lane: Lane, tmp_path: Path) ->
     assert lane.busy == 0 and lane.failures == 0 and lane.restarts == 0
 
 
+def test_closing_a_lane_fails_its_jobs_instead_of_leaving_them_waiting() -> None:
+    lane = Lane("test", 1, [], False)
+
+    async def main() -> None:
+        await lane.warm()
+        running = lane.submit(time.sleep, 30, timeout=60)
+        waiting = lane.submit(pow, 2, 3, timeout=60)  # no worker free for it
+        await asyncio.to_thread(lane.close)  # from a thread, as the daemon's stop does
+        for job in (running, waiting):
+            with pytest.raises(JobFailed, match="closed"):
+                await asyncio.wait_for(job, 5)
+        with pytest.raises(JobFailed, match="closed"):
+            await lane.run(pow, 2, 3, timeout=5)
+
+    try:
+        run(main())
+    finally:
+        lane.close()
+
+
 def test_what_a_job_raises_comes_back(lane: Lane) -> None:
     async def main() -> None:
         with pytest.raises(ZeroDivisionError):
