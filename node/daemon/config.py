@@ -16,7 +16,7 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -511,8 +511,8 @@ def parse_config(doc: dict[str, Any], *, base: Path, source: Path | None = None,
     log = sections["events"].pop("log", None)
     built = {name: _SECTIONS[name](**values) for name, values in sections.items()}
     if log != "off":
-        built["events"] = EventsConfig(log=log or chosen / "events.jsonl",
-                                       keep=built["events"].keep)
+        built["events"] = replace(built["events"],
+                                  log=log or chosen / "events.jsonl")
     return Config(state_dir=Path(chosen), source=source, **built)
 
 

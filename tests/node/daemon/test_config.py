@@ -70,6 +70,15 @@ def test_a_full_config(tmp_path: Path) -> None:
     assert cfg.to_json()["overlay"]["bootstrap"] == ["10.77.0.1:7400", "node.example:1"]
 
 
+def test_the_event_log_keeps_its_rotation_settings(tmp_path: Path) -> None:
+    for events in ({"log_max_bytes": 0, "log_backups": 1},
+                   {"log": "ev.jsonl", "log_max_bytes": 300, "log_backups": 2, "keep": 7}):
+        cfg = parse({"state_dir": "st", "events": events}, tmp_path)
+        want = {k: v for k, v in events.items() if k != "log"}
+        assert {k: getattr(cfg.events, k) for k in want} == want
+        assert cfg.events.log == tmp_path / events.get("log", "st/events.jsonl")
+
+
 def test_command_line_state_dir_wins(tmp_path: Path) -> None:
     cfg = parse_config({"state_dir": "/elsewhere"}, base=tmp_path, state_dir=tmp_path / "cli")
     assert cfg.state_dir == tmp_path / "cli"
