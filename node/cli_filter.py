@@ -18,12 +18,21 @@ from .cli_sca import BAD_INPUT, MessageSpecError, parse_message_args
 from .kernel.marks import MASK, QUEUE_STACK
 
 
-def _load(manifest: str, alert_path: str):  # type: ignore[no-untyped-def]
+def _load(manifest: str, alert_path: str, *, verify: bool = False):  # type: ignore[no-untyped-def]
+    """The service and the filters generated from ALERT, read once; with ``verify``, only for
+    an alert that verifies here (else exit 1)."""
     from filters.generate import FilterGenerationError, generate_filters
+    from sca.verify import Verifier
 
     try:
         image: ServiceImage = load_image(Path(manifest))
         alert, _ = load_alert_or_envelope(read_input(alert_path, MAX_ENVELOPE_BYTES))
+        if verify:
+            verdict = Verifier([image]).verify(alert)
+            if not verdict.verified:
+                print_error(f"not installing filters for an alert that does not verify: "
+                            f"{verdict}")
+                raise click.exceptions.Exit(1)
         return image, generate_filters(alert, image)
     except (ManifestError, FormatError, SandboxError, OSError, FilterGenerationError) as e:
         print_error(str(e))
@@ -110,15 +119,7 @@ def _table():  # type: ignore[no-untyped-def]
 def install(manifest: str, alert_path: str) -> None:
     """Verify ALERT here, derive its filters and install them in table inet herdwall (root;
     in a namespace: ip netns exec NS herdwall filter install ...). One atomic batch."""
-    from sca.verify import Verifier
-
-    image = load_image(Path(manifest))
-    alert, _ = load_alert_or_envelope(read_input(alert_path, MAX_ENVELOPE_BYTES))
-    verdict = Verifier([image]).verify(alert)
-    if not verdict.verified:
-        print_error(f"not installing filters for an alert that does not verify: {verdict}")
-        raise click.exceptions.Exit(1)
-    _, gen = _load(manifest, alert_path)
+    _, gen = _load(manifest, alert_path, verify=True)
     compiled = _table().install(_filters(gen))
     console = stdout_console()
     for c in compiled:

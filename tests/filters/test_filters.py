@@ -177,10 +177,12 @@ def test_a_failed_batch_leaves_the_ruleset_as_it_was(netns, made) -> None:  # ty
     assert out == {"failed": True, "same": True}
 
 
-def _herdwall(*args: str, netns: str | None = None) -> subprocess.CompletedProcess[str]:
+def _herdwall(*args: str, netns: str | None = None,
+              stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
     exe = str(Path(sys.executable).with_name("herdwall"))
     argv = ([*("ip", "netns", "exec", netns)] if netns else []) + [exe, *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(argv, capture_output=True, timeout=120, input=stdin)
+    return subprocess.CompletedProcess(argv, r.returncode, r.stdout.decode(), r.stderr.decode())
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +225,24 @@ def test_cli_filter_install_list_remove_in_a_namespace(netns, resolver_alert) ->
     assert [f["id"] for f in left] == [listed[1]["id"]]
     bad = _herdwall("filter", "remove", "0000", netns=netns.name)
     assert bad.returncode == 1 and "no installed filter" in bad.stderr
+
+
+@pytest.mark.netns
+def test_cli_filter_install_reads_the_alert_once(netns, resolver_alert) -> None:  # type: ignore[no-untyped-def]
+    """What is verified is what is installed: the alert is read once, so it can come on
+    standard input."""
+    alert, _ = resolver_alert
+    netns.ip("link", "set", "lo", "up")
+    r = _herdwall("filter", "install", str(manifest_path("resolver")), "-", netns=netns.name,
+                  stdin=alert.read_bytes())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("installed") == 2
+    listed = json.loads(_herdwall("filter", "list", "--json", netns=netns.name).stdout)
+    assert len(listed) == 2
+
+
+def test_cli_filter_install_of_a_missing_service_is_bad_input(resolver_alert) -> None:  # type: ignore[no-untyped-def]
+    alert, d = resolver_alert
+    r = _herdwall("filter", "install", str(d / "no-such-service.toml"), str(alert))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "ManifestError" not in r.stderr
+    assert "no such manifest" in r.stderr
