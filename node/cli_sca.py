@@ -9,6 +9,7 @@ import click
 from rich.text import Text
 
 from sca.alert import MAX_MESSAGES, MAX_TOTAL_BYTES, Message
+from sca.atomic_file import check_writable, write_atomic
 from sca.codec import FormatError, alert_id, encode_alert
 from sca.emu.image import ManifestError, ServiceImage, load_image
 from sca.emu.sandbox import SandboxError
@@ -81,19 +82,29 @@ def detect(manifest: str, msgfiles: tuple[str, ...], output: Path | None, sign: 
     every file is one whole connection, in order; write FILE@N to make a file the next chunk of
     connection N, so `req1@0 req2@0 other@1` is two chunks of one connection, then another.
 
-    Exit status: 0 an exploit was caught (and the alert written with -o), 1 none was, 2 bad input.
+    Exit status: 0 an exploit was caught (and the alert written with -o), 1 none was, 2 bad input
+    or the alert could not be written.
     """
     from sca.generate import Detector
+    from sca.keys import KeyFileError, NodeKey
     from sca.verify import Verifier
 
+    if sign and output is None:
+        raise click.UsageError("--sign writes a signed envelope: give -o FILE")
     console = stdout_console()
     try:
         image = _image(manifest)
         messages = parse_message_args(msgfiles, image.proto)
         detector = Detector(image)
-    except (ManifestError, MessageSpecError, FormatError, SandboxError, OSError) as e:
-        print_error(str(e))
-        raise click.exceptions.Exit(BAD_INPUT) from None
+        key = NodeKey.load(state_dir) if sign else None
+        # Where the alert goes is checked before the replay, not after it.
+        problem = check_writable(output) if output is not None else None
+    except (ManifestError, MessageSpecError, FormatError, SandboxError, OSError,
+            KeyFileError) as e:
+        problem = str(e)
+    if problem:
+        print_error(problem)
+        raise click.exceptions.Exit(BAD_INPUT)
     start = time.perf_counter()
     run = detector.inspect(messages)
     elapsed = (time.perf_counter() - start) * 1000
@@ -113,14 +124,12 @@ def detect(manifest: str, msgfiles: tuple[str, ...], output: Path | None, sign: 
     console.print(Text(f"alert {alert_id(generated.alert).hex()} verified locally "
                        f"({generated.verdict.detail}; {generated.tried} candidate(s) tried)"))
     if output is not None:
-        blob = encoded
-        if sign:
-            from sca.keys import NodeKey
-
-            blob = seal(encoded, NodeKey.load(state_dir), time.time()).encode()
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_bytes(blob)
-        tmp.replace(output)
+        blob = encoded if key is None else seal(encoded, key, time.time()).encode()
+        try:
+            write_atomic(output, blob)
+        except OSError as e:
+            print_error(f"cannot write {output}: {e.strerror or e}")
+            raise click.exceptions.Exit(BAD_INPUT) from None
         console.print(Text(f"wrote {output} ({len(blob)} bytes{', signed' if sign else ''})"))
 
 

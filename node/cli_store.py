@@ -26,6 +26,7 @@ from rich.text import Text
 
 from node.daemon.config import Config, load_config
 from node.daemon.control import ControlClient, ControlError, NoNode
+from sca.atomic_file import write_atomic
 
 from .cli import alert, print_error, stdout_console
 
@@ -39,9 +40,9 @@ STATE_OPTION = click.option(
 
 
 def plain_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Errors that already say what is wrong and what to do (a bad config or store, no node)
-    become one red line and exit 1, without the exception's type name; --debug still shows
-    the traceback."""
+    """Errors that already say what is wrong and what to do (a bad config or store, no node,
+    the command's own) become one red line and exit 1, without the exception's type name;
+    --debug still shows the traceback. Usage errors stay click's (with the usage line)."""
     from node.daemon.config import ConfigError
     from node.daemon.control import AlreadyRunning
     from node.daemon.store import StoreError
@@ -52,10 +53,12 @@ def plain_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except plain as e:
+        except click.UsageError:
+            raise
+        except (*plain, click.ClickException) as e:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
-            print_error(str(e))
+            print_error(e.format_message() if isinstance(e, click.ClickException) else str(e))
             raise click.exceptions.Exit(1) from None
     return wrapper
 
@@ -133,7 +136,10 @@ class View:
         from node.daemon.node import alert_detail
 
         store = self._store()
-        row = store.find_alert(alert_id)
+        try:
+            row = store.find_alert(alert_id)
+        except ValueError as e:  # not hex, or ambiguous: the message says which
+            raise click.ClickException(str(e)) from None
         if row is None:
             raise click.ClickException(f"no alert {alert_id} in {self.cfg.store_path}")
         return alert_detail(store, row)
@@ -273,7 +279,10 @@ def alert_export(alert_id: str, output: Path | None, bare: bool, as_pcap: bool,
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
     else:
-        output.write_bytes(data)
+        try:
+            write_atomic(output, data)
+        except OSError as e:
+            raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
         stdout_console().print(Text(f"wrote {output} ({len(data)} bytes)"))
 
 

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sca.atomic_file import write_atomic
+
 log = logging.getLogger(__name__)
 
 FILE_NAME = "neighbours.json"
@@ -51,17 +53,7 @@ def save(state_dir: Path, node_id: bytes, neighbours: list[Neighbour]) -> Path:
         "neighbours": [{"id": n.node_id.hex(), "host": n.host, "port": n.port}
                        for n in neighbours[:MAX_NEIGHBOURS]],
     }
-    tmp = state_dir / f".{FILE_NAME}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(doc, indent=1).encode(), 0o600)
     return path
 
 

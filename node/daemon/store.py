@@ -242,6 +242,11 @@ class Store:
             os.chmod(self.path, 0o600)
         try:
             self._setup(create, check)
+        except sqlite3.OperationalError as e:
+            # An I/O error, a full disk, a lock held too long: the file may be fine, so no
+            # advice to discard it.
+            self._db.close()
+            raise StoreError(f"cannot use store {self.path}: {e}") from None
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise StoreError(f"store {self.path} is corrupt or not a herdwall store ({e}); "

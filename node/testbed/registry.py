@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from node.testbed.netns import PREFIX, leftovers
+from sca.atomic_file import write_atomic
 
 _MAKER = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
 _NAME = re.compile(r"^[a-z0-9]{1,8}$")
@@ -57,7 +58,8 @@ class Record:
         d = registry_dir()
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = d / f"{self.name}.json"
-        path.write_text(json.dumps(self.__dict__, indent=1), encoding="utf-8")
+        # Whole or not at all: a record that cannot be read back is a testbed forgotten.
+        write_atomic(path, json.dumps(self.__dict__, indent=1).encode(), 0o600)
         return path
 
     @classmethod

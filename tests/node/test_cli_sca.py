@@ -76,3 +76,39 @@ def test_bad_input_exits_2_with_one_line(args: tuple[str, ...]) -> None:
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_where_the_alert_goes_is_checked_before_the_replay(tmp_path: Path) -> None:
+    specs = write_messages(tmp_path, "resolver", traffic("resolver").exploit())
+    m = manifest_path("resolver")
+    cases = [
+        (("-o", tmp_path / "no-such-folder" / "a.cbor"), "no folder"),
+        (("-o", tmp_path / "a.cbor", "--sign", "--state-dir", tmp_path / "nokey"), "no node key"),
+        (("--sign",), "give -o"),
+    ]
+    for extra, message in cases:
+        r = herdwall("alert", "detect", m, *specs, *extra)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert message in r.stderr and "replayed" not in r.stdout, r.stdout + r.stderr
+    assert list(tmp_path.glob("*.cbor")) == []
+
+
+def test_a_failed_write_keeps_the_old_alert_and_leaves_no_temporary(tmp_path: Path) -> None:
+    import resource
+    import signal
+
+    def limit() -> None:  # files past 100 bytes cannot be written (as on a full disk)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+    specs = write_messages(tmp_path, "resolver", traffic("resolver").exploit())
+    out = tmp_path / "out" / "alert.cbor"
+    out.parent.mkdir()
+    out.write_bytes(b"the old alert")
+    r = subprocess.run([HERDWALL, "alert", "detect", str(manifest_path("resolver")), *specs,
+                        "-o", str(out)], capture_output=True, text=True, timeout=120,
+                       preexec_fn=limit)
+    assert r.returncode == 2 and "exploit detected" in r.stdout, r.stdout + r.stderr
+    assert f"cannot write {out}" in r.stderr and ".tmp" not in r.stderr
+    assert out.read_bytes() == b"the old alert"
+    assert [p.name for p in out.parent.iterdir()] == ["alert.cbor"]

@@ -211,6 +211,47 @@ def test_cli_reports_a_corrupt_store_in_one_line(tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_cli_names_an_ambiguous_prefix_and_writes_exports_whole(tmp_path: Path) -> None:
+    state = tmp_path / "st"
+    with Store(state / "herdwall.db") as s:
+        alert(s, "abcd" + "0" * 60)
+        alert(s, "abcd" + "1" * 60)
+    herdwall = str(Path(sys.executable).parent / "herdwall")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([herdwall, "alert", *args, "--state-dir", str(state)],
+                              capture_output=True, text=True, timeout=60)
+
+    r = run("show", "abcd")
+    assert r.returncode == 1
+    assert r.stderr.strip() == "error: alert id prefix abcd is ambiguous"
+    missing = tmp_path / "no-such-folder" / "a.cbor"
+    r = run("export", "abcd0", "--alert", "-o", str(missing))
+    assert r.returncode == 1 and r.stderr.startswith(f"error: cannot write {missing}: ")
+    out = tmp_path / "a.cbor"
+    out.write_bytes(b"older")
+    assert run("export", "abcd0", "--alert", "-o", str(out)).returncode == 0
+    assert out.read_bytes() == b"\xa6cbor"
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["a.cbor"]
+
+
+def test_an_io_error_is_not_called_corruption(tmp_path: Path) -> None:
+    """A store that cannot be written (here: files limited to 200 bytes, as on a full disk)
+    is reported as such, without the advice to discard it that a corrupt one gets."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    code = ("import sys\nfrom node.daemon.store import Store, StoreError\n"
+            "try:\n    Store(sys.argv[1])\nexcept StoreError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.db")], text=True,
+                       capture_output=True, timeout=60, preexec_fn=limit)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("cannot use store ") and "corrupt" not in r.stdout, r.stdout
+
+
 # --- kill -9 -------------------------------------------------------------------------------
 
 WRITER = """
