@@ -197,12 +197,16 @@ def node_teardown(force: bool, config_path: Path | None, state_dir: Path | None)
 @STATE_OPTION
 def node_config_cmd(check: bool, defaults: bool, config_path: Path | None,
                     state_dir: Path | None) -> None:
-    """Validate a config and print the effective settings (JSON)."""
+    """Validate a config (its service manifests loaded, as the node would) and print the
+    effective settings (JSON)."""
+    from node.daemon.node import load_images
+
     if defaults:
         click.echo(DEFAULTS_TOML, nl=False)
         return
     try:
         cfg = node_config(config_path, state_dir)
+        load_images(cfg)
     except ConfigError as e:
         print_error(str(e))
         raise click.exceptions.Exit(2) from None

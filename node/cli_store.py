@@ -154,7 +154,8 @@ class View:
 @alert.command("list")
 @click.option("--state", type=click.Choice(["received", "verified", "refuted", "forwarded"]),
               help="Only alerts in this state.")
-@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True,
+              help="Show at most this many, the newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @CONFIG_OPTION
 @STATE_OPTION

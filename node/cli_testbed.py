@@ -142,8 +142,10 @@ def _proc_text(p: dict[str, Any] | None) -> str:
 
 
 @testbed.command("worm")
-@click.option("--vulnerable", type=click.IntRange(2, 200), default=16, show_default=True)
-@click.option("--detectors", type=click.IntRange(1, 20), default=2, show_default=True)
+@click.option("--vulnerable", type=click.IntRange(2, 200), default=16, show_default=True,
+              help="Hosts running the vulnerable service (the worm's targets).")
+@click.option("--detectors", type=click.IntRange(1, 20), default=2, show_default=True,
+              help="Hosts that run the detector on the same service (with herdwall).")
 @click.option("--rate", type=click.FloatRange(1, 1000), default=20.0, show_default=True,
               help="Exploit datagrams per second per infected host.")
 @click.option("--with-herdwall/--without-only", default=True, show_default=True,

@@ -138,7 +138,8 @@ def _render(console: Any, alert_id: str, n: int, total: int, g: AttackGraph) -> 
 @click.option("--timeout", type=click.FloatRange(0.01, 10), default=0.05, show_default=True,
               help="Seconds to wait for an answer the first time (doubling on each retry; a "
                    "router that has not met this client answers the first retry).")
-@click.option("--tries", type=click.IntRange(1, 10), default=6, show_default=True)
+@click.option("--tries", type=click.IntRange(1, 10), default=6, show_default=True,
+              help="Times a router is asked before it counts as not answering.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @CONFIG_OPTION
 @STATE_OPTION

@@ -184,3 +184,16 @@ def test_node_config_command(tmp_path: Path) -> None:
     r = subprocess.run([herdwall, "node", "config", "--defaults"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == DEFAULTS_TOML
+    # What the node would refuse at its start, the check refuses too: a missing manifest, two
+    # services on one port.
+    from sca.services import manifest_path
+
+    twice = str(manifest_path("resolver"))
+    for manifests, message in ((["/nonexistent/service.toml"], "services.manifests[0]"),
+                               ([twice, twice], "clashes with")):
+        cfg = tmp_path / "svc.toml"
+        cfg.write_text(f"[services]\nmanifests = {manifests!r}\n".replace("'", '"'))
+        r = subprocess.run([herdwall, "node", "config", "--check", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
