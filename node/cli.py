@@ -80,11 +80,14 @@ def stdout_console() -> Console:
 def read_input(path: str, limit: int) -> bytes:
     """Read a file given on the command line (``-`` for stdin), refusing more than ``limit``
     bytes without reading them all."""
-    if path == "-":
-        data = sys.stdin.buffer.read(limit + 1)
-    else:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)
+    except OSError as e:  # one plain line for the person who typed the path
+        raise OSError(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) > limit:
         raise FormatError(f"{path} is larger than {limit} bytes")
     return data

@@ -31,6 +31,8 @@ def parse_message_args(specs: tuple[str, ...], proto: str) -> tuple[Message, ...
         raise MessageSpecError("give at least one message file")
     if len(specs) > MAX_MESSAGES:
         raise MessageSpecError(f"at most {MAX_MESSAGES} message files")
+    if sum(s == "-" or s.startswith("-@") for s in specs) > 1:
+        raise MessageSpecError("- (standard input) can be given once: it is read to its end")
     explicit = {int(s.rsplit("@", 1)[1]) for s in specs if _conn_of(s) is not None}
     next_conn = max(explicit, default=-1) + 1
     out: list[Message] = []
