@@ -24,6 +24,9 @@ bulk upload through a taken-over connection (``proxy_down_mbps`` the other way);
 their turn); ``forward_mbps`` the same transfer forwarded by the kernel with no node, for
 scale. ``--readers``: the node's queue readers (one per CPU's queue).
 
+``cold_call_us``: one empty Python call on this machine after 0.1 ms and after 10 ms asleep, for
+scale: every step of the idle node's path runs that much colder than the loaded node's.
+
 The JSON's ``takeover_us``, ``tcp_repair_us`` and ``speedup`` are the idle node's; the
 ``*_loaded_*`` fields the busy node's; ``stages_us`` splits both paths' p50s into stages (see the
 table's notes).
@@ -294,6 +297,22 @@ def _row(name: str, r: dict[str, Any]) -> str:
             f"{r['client_resets']:>8}{r['retrans_client']:>6}/{r['retrans_server']:<4}")
 
 
+def _nothing() -> None:
+    pass
+
+
+def cold_call_us(gap_s: float, n: int = 40) -> float:
+    """p50 of one empty Python call after ``gap_s`` asleep, on this machine: what being idle
+    does to every step of an idle node's path (the idle condition's quiet gap is 10 ms)."""
+    times = []
+    for _ in range(n):
+        time.sleep(gap_s)
+        t0 = time.perf_counter_ns()
+        _nothing()
+        times.append((time.perf_counter_ns() - t0) / 1e3)
+    return round(statistics.median(times), 2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=40, help="timed takeovers per path and condition")
@@ -361,6 +380,9 @@ def main() -> None:
               f"by the stack {watch['dropped']});\nthe same upload forwarded by the kernel with "
               f"no node: {fwd['mbps']:.1f} Mbit/s")
     print(f"node: {args.readers} queue reader(s)")
+    cold = {"0.1ms": cold_call_us(0.0001), "10ms": cold_call_us(0.01)}
+    print(f"this machine: an empty Python call takes {cold['0.1ms']} µs after 0.1 ms asleep, "
+          f"{cold['10ms']} µs after 10 ms (the idle node's gap before the trigger)")
 
     def r1(x: float | None) -> float | None:
         return None if x is None else round(x, 1)
@@ -402,7 +424,7 @@ def main() -> None:
         + watch["dropped"] if watch else None,
         "watch_held": watch["ooo_held"] if watch else None,
         "watch_retrans": watch["retrans_client"] if watch else None,
-        "readers": args.readers,
+        "readers": args.readers, "cold_call_us": cold,
         "takeover_server_clean": sum(lat[b]["takeover"]["server_clean"] for b in conditions),
         "tcp_repair_server_clean": sum(lat[b]["tcp_repair"]["server_clean"]
                                        for b in conditions),
