@@ -49,7 +49,9 @@ injected verifier) must verify the alert. Only then is the alert delivered and f
 did not verify is never delivered or forwarded, and its id is remembered as refuted, so it costs
 nothing when it comes again. A body that does not match its id or its signature is the
 announcer's fault, not the id's: the node tries another announcer, and strikes the one that
-served it; three strikes ban an address for ``ban_s``.
+served it over a fetch stream (what arrives in a datagram, a pushed body, "not here" for an
+announcement, may have been forged in another's name: no strike); three strikes ban an address
+for ``ban_s``.
 
 A node whose verifier has no image for the alert's service (it does not run that service)
 cannot verify it, so it does not forward it either; it answers ``CANNOT_VERIFY`` and the sender
@@ -208,6 +210,7 @@ class _Pending:
     local: bool = False
     masked: list[tuple[Addr, Announce]] = field(default_factory=list)  # with uncovered groups
     body: bytes | None = None
+    served: bool = False  # the body came over a fetch stream to ``current`` (not pushed)
     envelope: Envelope | None = None
     alert: Alert | None = None
 
@@ -400,12 +403,10 @@ class BroadcastCore:
         try:
             msg = wire.decode(data)
         except WireError:
+            # Costly for the sender's bucket, never a strike: a datagram's source address can
+            # be forged, and one forged datagram must not ban an honest peer.
             self.stats["drop_malformed"] += 1
             self._announce_buckets.charge(ip, now, self.cfg.malformed_cost)
-            # A version this node does not speak may be a newer honest node: just dropped.
-            # A bad datagram in our own version no honest node sends: a ban at once.
-            if len(data) >= 2 and data[1] == wire.VERSION:
-                self._strike(ip, now, self.cfg.strikes_to_ban)
             return []
         if isinstance(msg, Announce):
             self.stats["rx_announce"] += 1
@@ -442,10 +443,10 @@ class BroadcastCore:
     def on_fetched(self, alert_id: bytes, addr: Addr, body: bytes | None, now: float,
                    wall: float, fault: int = wire.Fault.NONE) -> list[Action]:
         """The result of a ``Fetch``: the body, or None if it failed, and whose fault that was
-        (``wire.Fault``). Nobody listening where the announcement came from is a ban at once
-        (spoofed or lying; an honest announcer that died since is no loss for ``ban_s``);
-        "not here" for an id it announced, or a malformed reply, is a strike; a timeout is
-        nobody's fault."""
+        (``wire.Fault``). Strikes are for what a peer did on the stream this node opened to it
+        (a malformed reply, a forged or refuted body), which nobody else can do in its name;
+        nobody listening, or "not here", may answer an announcement forged in its name, so
+        that announcer is only passed over for this alert; a timeout is nobody's fault."""
         self._fetch_done(addr[0])
         p = self._pending.get(alert_id)
         if p is None or p.verifying or p.current != addr:
@@ -455,20 +456,22 @@ class BroadcastCore:
             self.stats["fetch_failed"] += 1
             if fault:
                 p.blamed.add(addr)
-                self._strike(addr[0], now, self.cfg.strikes_to_ban
-                             if fault == wire.Fault.REFUSED else 1)
+                if fault == wire.Fault.MALFORMED:
+                    self._strike(addr[0], now)
             return self._next_fetch(alert_id, p, now)
-        return self._got_body(alert_id, p, addr, body, now, wall)
+        return self._got_body(alert_id, p, addr, body, now, wall, served=True)
 
     def _got_body(self, alert_id: bytes, p: _Pending, addr: Addr, body: bytes, now: float,
-                  wall: float) -> list[Action]:
-        """A body from ``addr``, fetched or pushed: its checks, then the sandbox."""
+                  wall: float, served: bool) -> list[Action]:
+        """A body from ``addr``, ``served`` over a fetch stream or pushed in a datagram (whose
+        source may be forged: no strike for what it brings): its checks, then the sandbox."""
         p.tried.add(addr)
+        p.served = served
         checked = check_body(alert_id, body, wall, self.cfg)
         if checked.outcome is Outcome.FORGED:
             return self._forged(alert_id, p, addr, now)
         if checked.outcome is not None:
-            if checked.outcome is Outcome.REFUTED:
+            if checked.outcome is Outcome.REFUTED and served:
                 self._strike(addr[0], now)
             return self._settle_bad(alert_id, p, checked.outcome, now)
         assert checked.envelope is not None
@@ -477,10 +480,11 @@ class BroadcastCore:
         return [Verify(alert_id, checked.envelope, checked.alert, body)]
 
     def _forged(self, alert_id: bytes, p: _Pending, addr: Addr, now: float) -> list[Action]:
-        # The announcer's fault, not the id's: strike it and ask another.
+        # The announcer's fault, not the id's: ask another (and strike it, if it served it).
         self.stats["forged"] += 1
         p.blamed.add(addr)
-        self._strike(addr[0], now)
+        if p.served:
+            self._strike(addr[0], now)
         return self._next_fetch(alert_id, p, now)
 
     def on_verdict(self, alert_id: bytes, verified: bool | None, now: float,
@@ -501,7 +505,7 @@ class BroadcastCore:
             return self._forged(alert_id, p, p.current, now)
         if verified is not True:
             outcome = Outcome.CANNOT_VERIFY if verified is None else Outcome.REFUTED
-            if outcome is Outcome.REFUTED and p.current is not None:
+            if outcome is Outcome.REFUTED and p.current is not None and p.served:
                 self._strike(p.current[0], now)
             return self._settle_bad(alert_id, p, outcome, now)
         del self._pending[alert_id]
@@ -600,7 +604,8 @@ class BroadcastCore:
             self._pending[aid].masked.append((addr, ann))
         if ann.body and actions:
             self.stats["rx_pushed"] += 1
-            got = self._got_body(aid, self._pending[aid], addr, ann.body, now, wall)
+            got = self._got_body(aid, self._pending[aid], addr, ann.body, now, wall,
+                                 served=False)
             # The sandbox's run before the acknowledgement: on every hop of a chain, the
             # verifier's job goes out first. A bad body's answers come after it, as after a fetch.
             actions = got + actions if got and type(got[0]) is Verify else actions + got
@@ -670,9 +675,9 @@ class BroadcastCore:
         if (aid not in self._delegations and aid not in self._pending
                 and self._good.get(aid, now) is None and self._bad.get(aid, now) is None):
             # Nodes acknowledge only what we announced, and we hold what we announce for
-            # ``seen_ttl``: an acknowledgement of an id we never heard of is made up.
+            # ``seen_ttl``: an acknowledgement of an id we never heard of is made up (by
+            # whom, a datagram cannot say: dropped, no strike).
             self.stats["ack_unknown"] += 1
-            self._strike(addr[0], now)
             return []
         if ack.status is AckStatus.TAKEN:
             self._taken(ack.alert_id, addr, now)

@@ -94,8 +94,10 @@ class DhtConfig:
     datagram_rate: Rate = _DEFAULT_DATAGRAM_RATE  # every datagram, per source IP
     hello_rate: Rate = _DEFAULT_HELLO_RATE  # hellos this node starts, per target IP
     malformed_cost: float = 20.0
-    abuse_drops: int = 200  # datagrams over the rate before an address is reported for a ban
-    malformed_to_ban: int = 3  # malformed datagrams before an address is reported for a ban
+    # An address is reported for a ban after this many datagrams over its rate, or this many
+    # malformed ones (never an authenticated peer's address: anyone can forge a source).
+    abuse_drops: int = 200
+    malformed_to_ban: int = 3
     max_hellos_inflight: int = 256
     rcvbuf: int = 4 << 20
     socket_mark: int | None = None  # SO_MARK on the node's sockets (the host's firewall exempts it)
@@ -137,6 +139,10 @@ class PeerBook:
     def by_addr(self, addr: Addr) -> Peer | None:
         node_id = self._by_addr.get(addr)
         return None if node_id is None else self._by_id.get(node_id)
+
+    def has_ip(self, ip: str) -> bool:
+        """Is some authenticated peer at this address?"""
+        return ip in self._per_ip
 
     def room_for(self, node_id: bytes, addr: Addr) -> bool:
         old = self._by_id.get(node_id)
@@ -426,9 +432,8 @@ class HardenedProtocol(KademliaProtocol):
         self.stats["drop_malformed"] += 1
         self._dgram_buckets.charge(ip, now, self.config.malformed_cost)
         n = self._bad_frames.pop(ip, 0) + 1
-        if n >= self.config.malformed_to_ban and self.on_abuse is not None:
-            self.stats["abusers"] += 1
-            self.on_abuse(ip)
+        if n >= self.config.malformed_to_ban:
+            self._abuse(ip)
             return
         self._bad_frames[ip] = n
         while len(self._bad_frames) > self.config.max_peers:
@@ -437,13 +442,23 @@ class HardenedProtocol(KademliaProtocol):
     def _note_over_rate(self, ip: str) -> None:
         # No honest peer comes near the datagram rate; one that keeps exceeding it is flooding.
         n = self._over_rate.pop(ip, 0) + 1
-        if n >= self.config.abuse_drops and self.on_abuse is not None:
-            self.stats["abusers"] += 1
-            self.on_abuse(ip)
+        if n >= self.config.abuse_drops:
+            self._abuse(ip)
             return
         self._over_rate[ip] = n
         while len(self._over_rate) > self.config.max_peers:
             self._over_rate.popitem(last=False)
+
+    def _abuse(self, ip: str) -> None:
+        # A datagram's source address can be forged: junk or a flood in an authenticated
+        # peer's name is only dropped (its rate limit holds), never reported for a ban, or
+        # anyone could cut a node off from its peers.
+        if self.peers.has_ip(ip):
+            self.stats["abuse_spared"] += 1
+            return
+        self.stats["abusers"] += 1
+        if self.on_abuse is not None:
+            self.on_abuse(ip)
 
     def _rpc_datagram(self, kind: int, data: bytes, addr: Addr) -> bool:
         if len(data) <= _HEAD:
@@ -702,8 +717,11 @@ class HardenedProtocol(KademliaProtocol):
             ok, raw = await self.hello(addr, nonce)
             if not ok:
                 self.stats["hello_timeout"] += 1
-                if expected_id is not None:
-                    self.note_miss(expected_id)
+                known = None if expected_id is None else self.peers.get(expected_id)
+                # A miss for the contact only where it is: anyone can claim its id from
+                # elsewhere (a ping in its name) and leave our hello there unanswered.
+                if known is not None and known.addr == addr:
+                    self.note_miss(expected_id)  # type: ignore[arg-type]
                 return None
             if not self.nonces.redeem(nonce, time.monotonic()):
                 self.stats["hello_stale"] += 1

@@ -399,15 +399,15 @@ class Fetching:
                 length = wire.decode_fetch_reply_head(bytes(self.buf[:wire.FETCH_REPLY_HEAD]),
                                                       self.max_body)
                 if length is None:
-                    self.finish(None, Fault.LIED)  # "not here", for an id it announced
+                    self.finish(None, Fault.NOT_HERE)
                     return
                 self.need = wire.FETCH_REPLY_HEAD + length
             if len(self.buf) > self.need:
-                self.finish(None, Fault.LIED)  # trailing bytes: not a reply we accept
+                self.finish(None, Fault.MALFORMED)  # trailing bytes: not a reply we accept
             elif len(self.buf) == self.need:
                 self.finish(bytes(self.buf[wire.FETCH_REPLY_HEAD:]), Fault.NONE)
         except wire.WireError:
-            self.finish(None, Fault.LIED)
+            self.finish(None, Fault.MALFORMED)
 
     def finish(self, body: bytes | None, fault: Fault) -> None:
         if self.over:
@@ -437,8 +437,9 @@ def start_fetch(addr: Addr, alert_id: bytes, my_port: int,
                 loop: asyncio.AbstractEventLoop | None = None) -> Fetching:
     """Fetch what ``addr`` serves for ``alert_id``: ``done(body, fault)`` gets the envelope
     bytes, or None for any failure and whether the failure was the peer's doing
-    (``Fault.REFUSED``: nobody listens where it announced from; ``Fault.LIED``: "not here",
-    a malformed reply) rather than the network's (``Fault.NONE``).
+    (``Fault.REFUSED``: nobody listens where it announced from; ``Fault.NOT_HERE``: it has no
+    such alert; ``Fault.MALFORMED``: a reply that is none) rather than the network's
+    (``Fault.NONE``).
 
     Callbacks, not a coroutine: a task and a future per fetch were a good part of its cost
     with a thousand nodes in one process."""

@@ -97,8 +97,9 @@ class Fault(IntEnum):
     """Why a fetch failed, as far as the announcer is concerned."""
 
     NONE = 0  # the network's doing, or ours (timeout, reset, out of descriptors)
-    LIED = 1  # "not here" for an id it announced, or a malformed reply
+    MALFORMED = 1  # a reply that is not one: the peer's own doing, over its own stream
     REFUSED = 2  # nobody listens where the announcement came from
+    NOT_HERE = 3  # "not here" for the id announced from there (if that announcement was its)
 
 
 class WireError(ValueError):

@@ -264,7 +264,12 @@ def test_bogus_and_forged_alerts_are_refuted_never_forwarded(prefix, alerts, ver
         forged = bytearray(good)
         forged[good.find(decode_envelope(good).signature) + 3] ^= 0x40  # inside the signature
         good_id = aid_of(alerts[2])
-        hostile = Hostile(f"127.{prefix}.9.9", {bogus_id: bogus, good_id: bytes(forged)})
+        other = seal(alerts[1], liar_key, time.time()).encode()
+        forged_other = bytearray(other)
+        forged_other[other.find(decode_envelope(other).signature) + 3] ^= 0x40
+        other_id = aid_of(alerts[1])
+        hostile = Hostile(f"127.{prefix}.9.9", {bogus_id: bogus, good_id: bytes(forged),
+                                                 other_id: bytes(forged_other)})
         await hostile.start()
         try:
             honest = net.live()
@@ -290,9 +295,16 @@ def test_bogus_and_forged_alerts_are_refuted_never_forwarded(prefix, alerts, ver
             assert net.stat("bcast.forged") == len(honest)
             assert not any(good_id in g for g in net.got)
             assert all(net.nodes[i].status(good_id) is None for i in honest)
-            # One more lie (a "not here" for an id it announced) and the liar is banned.
+            # "Not here" for an id announced from its address is no strike: the announcement
+            # may have been forged in its name.
+            strikes = net.stat("bcast.strikes")
             for n in net.nodes:
                 hostile.send(wire.encode(wire.Announce(b"\x55" * 32, 0)), n.address)
+            await asyncio.sleep(0.5)
+            assert net.stat("bcast.strikes") == strikes and net.stat("bcast.bans") == 0
+            # One more forged body that it serves itself, and the liar is banned.
+            for n in net.nodes:
+                hostile.send(wire.encode(wire.Announce(other_id, 0)), n.address)
             await asyncio.sleep(0.5)
             assert net.stat("bcast.bans") == len(honest)
             # From now on its datagrams are dropped before parsing, and it cannot fetch.
@@ -517,6 +529,46 @@ def test_hostile_replies_never_raise_out_of_join(prefix, verifier, run, trouble)
             await newcomer.stop()
         finally:
             transport.close()
+            await net.stop()
+    run(main())
+    assert trouble.errors() == []
+
+
+def test_datagrams_forged_in_a_peers_name_neither_ban_nor_evict_it(prefix, alerts, verifier,
+                                                                     run, trouble) -> None:
+    """Anyone can put a peer's address on a datagram (here: a socket on the peer's own IP, the
+    same to the receiver as a forged source): junk in its name, a flood, and pings claiming
+    its id from elsewhere whose hellos go unanswered cost the peer nothing; its next alert
+    arrives."""
+    async def main() -> None:
+        net = Net(prefix, 2, verifier)
+        await net.start()
+        a, b = net.nodes
+        spoof = _udp((a.address[0], 0))  # a's IP, another port
+        elsewhere = [_udp((f"127.{prefix}.7.7", 9300 + k)) for k in range(3)]
+        try:
+            await asyncio.sleep(0.2)
+            assert [p.node_id for p in b.peers()] == [a.key.node_id]
+            for k in range(5):
+                spoof.sendto(bytes((0x10, wire.VERSION)) + b"junk" * k, b.address)
+                spoof.sendto(b"\x00" + bytes(20) + b"\xc1", b.address)  # a bad RPC frame
+            for _ in range(300):
+                spoof.sendto(b"\x00" + bytes(20) + mpack.packb(["ping", [b"\x07" * 20]]),
+                             b.address)
+            for k, sock in enumerate(elsewhere):  # a's id claimed from three other addresses
+                sock.sendto(b"\x00" + bytes([k]) * 20 + mpack.packb(["ping", [a.key.node_id]]),
+                            b.address)
+            await asyncio.sleep(2.5)  # the hellos to "elsewhere" time out
+            stats = b.stats()
+            assert stats.get("bcast.bans", 0) == 0 and stats.get("dht.abusers", 0) == 0
+            assert stats.get("dht.abuse_spared", 0) >= 1 and stats["dht.hello_timeout"] >= 1
+            assert [p.node_id for p in b.peers()] == [a.key.node_id]
+            aid = await a.publish(seal(alerts[0], a.key, time.time()).encode())
+            await net.wait_all(aid, 0, timeout=5)
+            assert aid in net.got[1]
+        finally:
+            for sock in (spoof, *elsewhere):
+                sock.close()
             await net.stop()
     run(main())
     assert trouble.errors() == []

@@ -327,3 +327,36 @@ def test_fetch_gives_up_at_its_deadline_and_ends_once() -> None:
         await server.close()
 
     asyncio.run(main())
+
+
+def test_a_fetch_tells_not_here_from_a_reply_that_is_none() -> None:
+    """"Not here" may answer an announcement forged in the peer's name; a malformed reply is
+    the peer's own doing: the broadcast core strikes only the second."""
+    import asyncio
+    import socket
+
+    from overlay.fetch import FetchServer, start_fetch
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        empty = FetchServer(lambda ip: True, lambda ip, req: wire.encode_fetch_reply(None))
+        await empty.start("127.9.79.1", 0)
+        garbage = socket.socket()
+        garbage.bind(("127.9.79.2", 0))
+        garbage.listen(8)
+        garbage.setblocking(False)
+        got: dict[str, list[wire.Fault]] = {"empty": [], "garbage": []}
+        assert empty.sock is not None
+        for name, where in (("empty", empty.sock.getsockname()),
+                            ("garbage", garbage.getsockname())):
+            start_fetch(where, b"a" * 32, 7400, lambda b, f, name=name: got[name].append(f),
+                        local_ip="127.9.79.3", max_body=1000, timeout=1.0, loop=loop)
+        conn, _ = await loop.sock_accept(garbage)
+        await loop.sock_sendall(conn, b"\x07" * 16)  # no fetch reply starts like this
+        await asyncio.sleep(0.3)
+        assert got == {"empty": [wire.Fault.NOT_HERE], "garbage": [wire.Fault.MALFORMED]}
+        conn.close()
+        garbage.close()
+        await empty.close()
+
+    asyncio.run(main())
