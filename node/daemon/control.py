@@ -16,8 +16,11 @@ past ones, until the client closes. A client too slow to read loses the oldest e
 
 Everything on the socket is hostile input: a line is at most 64 KiB, must be a JSON object with
 a string ``cmd``; anything else gets an error response, and after 16 errors (or an overlong
-line) the connection is closed. At most 32 clients at a time. No request can crash the node:
-a handler's exception becomes an error response and a ``control.error`` event.
+line) the connection is closed. At most 32 clients at a time, so a client that holds one
+without a whole request for 60 s (half a line, or nothing), or does not read its responses for
+10 s, is closed: stalled clients cannot lock the operator out. No request can crash the node:
+a handler's exception becomes an error response and a ``control.error`` event (JSON nested too
+deep to parse is bad input like any other).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from .events import EventBus
 MAX_LINE = 64 * 1024
 MAX_CLIENTS = 32
 MAX_ERRORS = 16
+IDLE_S = 60.0  # a connection's wait for its next whole request (the monitor asks every second)
+WRITE_S = 10.0  # for a client to take a response off the socket
 MAX_RESPONSE = 64 * 1024 * 1024  # a client refuses a longer line (10,000 filters fit easily)
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
@@ -62,13 +67,19 @@ def _dumps(obj: Any) -> bytes:
     return (json.dumps(obj, separators=(",", ":"), default=str) + "\n").encode()
 
 
+async def _send(writer: asyncio.StreamWriter, obj: Any) -> None:
+    writer.write(_dumps(obj))
+    await asyncio.wait_for(writer.drain(), WRITE_S)
+
+
 class ControlServer:
     def __init__(self, path: Path, handler: Handler, bus: EventBus, *,
-                 max_clients: int = MAX_CLIENTS) -> None:
+                 max_clients: int = MAX_CLIENTS, idle_s: float = IDLE_S) -> None:
         self.path = Path(path)
         self.handler = handler
         self.bus = bus
         self.max_clients = max_clients
+        self.idle_s = idle_s
         self.clients = 0
         self.requests = 0
         self.errors = 0
@@ -132,11 +143,11 @@ class ControlServer:
         self.clients += 1
         try:
             if self.clients > self.max_clients:
-                writer.write(_dumps({"id": None, "ok": False, "error": "too many clients"}))
-                await writer.drain()
+                await _send(writer, {"id": None, "ok": False, "error": "too many clients"})
                 return
             await self._session(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError,
+                TimeoutError):  # TimeoutError: idle past idle_s, or not reading its responses
             pass
         except Exception as e:  # never let a client take the node down
             self.bus.emit("control.error", error=repr(e))
@@ -152,11 +163,10 @@ class ControlServer:
         errors = 0
         while True:
             try:
-                line = await reader.readuntil(b"\n")
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.idle_s)
             except asyncio.LimitOverrunError:
-                writer.write(_dumps({"id": None, "ok": False,
-                                     "error": f"request line longer than {MAX_LINE} bytes"}))
-                await writer.drain()
+                await _send(writer, {"id": None, "ok": False,
+                                     "error": f"request line longer than {MAX_LINE} bytes"})
                 return
             except asyncio.IncompleteReadError:
                 return  # the client closed (a partial last line is dropped)
@@ -179,27 +189,26 @@ class ControlServer:
                     raise CommandError("args must be an object")
                 self.requests += 1
                 if cmd == "subscribe":
-                    writer.write(_dumps({"id": rid, "ok": True, "result": "subscribed"}))
-                    await writer.drain()
-                    await self._stream(args, reader, writer)
+                    await self._stream(rid, args, reader, writer)
                     return
                 result = await self.handler(cmd, args)
                 reply = {"id": rid, "ok": True, "result": result}
             except (ValueError, UnicodeDecodeError) as e:  # bad JSON, CommandError
                 reply = {"id": rid, "ok": False, "error": str(e)[:500]}
+            except RecursionError:  # JSON nested deeper than the parser goes
+                reply = {"id": rid, "ok": False, "error": "request nested too deeply"}
             except Exception as e:
                 self.bus.emit("control.error", error=repr(e)[:500])
                 reply = {"id": rid, "ok": False, "error": f"internal error: {e!r}"[:500]}
             if not reply["ok"]:
                 self.errors += 1
                 errors += 1
-            writer.write(_dumps(reply))
-            await writer.drain()
+            await _send(writer, reply)
             if errors >= MAX_ERRORS:
                 return
 
-    async def _stream(self, args: dict[str, Any], reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+    async def _stream(self, rid: int | str | None, args: dict[str, Any],
+                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         types = args.get("types")
         if not (isinstance(types, list) and all(isinstance(t, str) for t in types)):
             types = None
@@ -210,12 +219,13 @@ class ControlServer:
             return types is None or any(str(rec.get("event_type", "")).startswith(t)
                                         for t in types)
 
-        stream = self.bus.stream()
+        stream = self.bus.stream()  # before the answer: no event after it is missed
         try:
+            await _send(writer, {"id": rid, "ok": True, "result": "subscribed"})
             for rec in list(self.bus.recent)[-max(0, min(recent, 1000)):] if recent else []:
                 if wanted(rec):
                     writer.write(_dumps({"event": rec}))
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), WRITE_S)
             closed = asyncio.ensure_future(reader.read(1))  # EOF (or anything) ends it
             get: asyncio.Future[Any] | None = None
             dropped = 0
@@ -232,7 +242,7 @@ class ControlServer:
                         dropped = stream.dropped
                     if wanted(rec):
                         writer.write(_dumps({"event": rec}))
-                        await asyncio.wait_for(writer.drain(), 10)
+                        await asyncio.wait_for(writer.drain(), WRITE_S)
             finally:
                 # Both helpers end with the stream (also when the server stops and cancels it),
                 # not later on a loop that may be closed by then.

@@ -70,17 +70,19 @@ class EventFollower(threading.Thread):
                 client._sock.shutdown(2)  # wakes the blocked recv
 
 
-def poll(socket: Path, client: ControlClient | None) -> tuple[dict[str, Any] | None, str,
+def poll(socket: Path, client: ControlClient | None) -> tuple[dict[str, Any] | None, str, bool,
                                                               ControlClient | None]:
-    """One status request, reusing the connection; (status or None, error, client)."""
+    """One status request, reusing the connection; (status or None, error, whether a node
+    answered (with the error), client)."""
     try:
         if client is None:
             client = ControlClient(socket, timeout=5).connect()
-        return client.request("status"), "", client
+        return client.request("status"), "", False, client
     except (NoNode, ControlError, OSError) as e:
         if client is not None:
             client.close()
-        return None, str(e) if not isinstance(e, NoNode) else "", None
+        return None, str(e) if not isinstance(e, NoNode) else "", isinstance(e, ControlError), \
+            None
 
 
 @contextlib.contextmanager
@@ -116,12 +118,12 @@ def wait_key(timeout: float, keys: bool) -> str | None:
 def run_monitor(socket: Path, *, interval: float = 1.0, once: bool = False,
                 console: Console | None = None) -> int:
     console = console or Console()
-    if once:
-        status, error, client = poll(socket, None)
+    if once or not console.is_terminal:  # piped: one frame, not an endless silent wait
+        status, error, busy, client = poll(socket, None)
         if client is not None:
             client.close()
-        console.print(render(Snapshot(socket, status, error, now=time.time(),
-                                      interval=interval, width=console.width)))
+        console.print(render(Snapshot(socket, status, error, busy, now=time.time(),
+                                      interval=interval, width=console.width, live=False)))
         return 0 if status is not None else NOT_RUNNING
     follower = EventFollower(socket)
     follower.start()
@@ -131,9 +133,9 @@ def run_monitor(socket: Path, *, interval: float = 1.0, once: bool = False,
                                     screen=console.is_terminal, transient=False,
                                     redirect_stdout=False, redirect_stderr=False) as live:
             while True:
-                status, error, client = poll(socket, client)
+                status, error, busy, client = poll(socket, client)
                 events = list(follower.events) if follower.connected else []
-                live.update(render(Snapshot(socket, status, error, events, time.time(),
+                live.update(render(Snapshot(socket, status, error, busy, events, time.time(),
                                             interval, console.width)), refresh=True)
                 deadline = time.monotonic() + interval
                 while (left := deadline - time.monotonic()) > 0:

@@ -26,10 +26,12 @@ class Snapshot:
     socket: Path
     status: dict[str, Any] | None = None  # None: no node answers
     error: str = ""
+    busy: bool = False  # with no status: a node is there but gave ``error`` (too many clients)
     events: Sequence[dict[str, Any]] = field(default_factory=list)
     now: float = 0.0
     interval: float = 1.0
     width: int = 160  # the terminal's: below NARROW the panels stack instead of pairing
+    live: bool = True  # refreshed every ``interval`` (False: one frame, --once)
 
 
 NARROW = 110
@@ -258,13 +260,20 @@ def _pair(left: RenderableType, right: RenderableType, width: int) -> Renderable
 
 
 def render(snap: Snapshot) -> RenderableType:
-    footer = Text(f"q quit · refresh every {snap.interval:g} s · {snap.socket}", style="dim")
+    footer = Text(f"q quit · refresh every {snap.interval:g} s · {snap.socket}"
+                  if snap.live else str(snap.socket), style="dim")
     if snap.status is None:
-        msg = Text("No herdwall node is running", style="bold yellow")
-        msg.append(f": nothing answers on {snap.socket}", style="")
-        if snap.error:
-            msg.append(f"\n({snap.error})", style="dim")
-        msg.append("\nStart one with: herdwall node run   (retrying every second)")
+        retry = f"   (retrying every {snap.interval:g} s)" if snap.live else ""
+        if snap.busy:
+            msg = Text("The herdwall node is there but did not give its status",
+                       style="bold yellow")
+            msg.append(f": {snap.error}{retry}", style="")
+        else:
+            msg = Text("No herdwall node is running", style="bold yellow")
+            msg.append(f": nothing answers on {snap.socket}", style="")
+            if snap.error:
+                msg.append(f"\n({snap.error})", style="dim")
+            msg.append(f"\nStart one with: herdwall node run{retry}")
         return Group(Panel(msg, title="herdwall monitor", title_align="left"), footer)
     s = snap.status
     nd = s.get("node", {})

@@ -55,7 +55,8 @@ class Server:
 
     def start(self) -> Server:
         async def go() -> None:
-            self.server = ControlServer(self.path, self.handle, self.bus, max_clients=4)
+            self.server = ControlServer(self.path, self.handle, self.bus, max_clients=4,
+                                        idle_s=1.0)
             await self.server.start()
         self.call(go())
         return self
@@ -160,6 +161,31 @@ def test_binary_flood_and_abrupt_close(server: Server) -> None:
             assert "too many clients" in str(e)
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_stalled_clients_are_closed_and_cannot_lock_the_operator_out(server: Server) -> None:
+    stalled = []
+    for _ in range(4):  # the whole client limit, each with half a request
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(str(server.path))
+        s.sendall(b'{"id": 1,')
+        stalled.append(s)
+    time.sleep(0.2)
+    with pytest.raises((ControlError, NoNode), match=r"too many clients|closed"):
+        ping(server.path)
+    time.sleep(1.2)  # past the server's idle time (1 s here, 60 s by default)
+    assert all(s.recv(100) == b"" for s in stalled)  # closed by the node
+    assert ping(server.path) == "pong"
+    for s in stalled:
+        s.close()
+
+
+def test_json_nested_too_deep_is_bad_input_not_an_internal_error(server: Server) -> None:
+    replies = raw(server.path, b"[" * 50_000 + b"\n" + b'{"id": 2, "cmd": "ping"}\n')
+    assert replies[0] == {"id": None, "ok": False, "error": "request nested too deeply"}
+    assert replies[1]["result"] == "pong"
+    assert not [r for r in server.bus.recent if r.get("event_type") == "control.error"]
 
 
 def test_client_limit(server: Server) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -88,6 +89,15 @@ def test_no_node_says_so_plainly() -> None:
     assert "herdwall node run" in text
 
 
+def test_a_busy_node_is_not_called_absent_and_one_frame_promises_no_retry() -> None:
+    text = frame(Snapshot(Path("/x/control.sock"), None, "too many clients", busy=True,
+                          now=NOW))
+    assert "did not give its status: too many clients" in text and "No herdwall" not in text
+    once = frame(Snapshot(Path("/x/control.sock"), None, now=NOW, live=False))
+    assert "No herdwall node is running" in once
+    assert "retrying" not in once and "q quit" not in once
+
+
 def test_quiet_node_and_missing_parts() -> None:
     s = status(peers=[], components=[], rates={}, events=[],
                throttle={"wired": False, "flags": []},
@@ -158,7 +168,7 @@ def test_run_once_with_no_node(tmp_path: Path) -> None:
 
 def test_live_loop_refreshes_and_stops_on_ctrl_c(fake_node: FakeNode,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """No terminal: the loop redraws every interval; a KeyboardInterrupt ends it cleanly."""
+    """The loop redraws every interval; a KeyboardInterrupt ends it cleanly."""
     import node.monitor.app as app
 
     frames = []
@@ -171,9 +181,19 @@ def test_live_loop_refreshes_and_stops_on_ctrl_c(fake_node: FakeNode,
         return real_render(snap)
 
     monkeypatch.setattr(app, "render", counting)
-    console = Console(record=True, width=150, file=open("/dev/null", "w"))  # noqa: SIM115
+    console = Console(record=True, width=150, force_terminal=True,
+                      file=open("/dev/null", "w"))  # noqa: SIM115
     assert run_monitor(fake_node.path, interval=0.2, console=console) == 0
     assert len(frames) == 3 and frames[2] - frames[0] < 2.0
+
+
+def test_no_terminal_gets_one_frame_not_an_endless_silent_wait(fake_node: FakeNode) -> None:
+    console = Console(record=True, width=150, file=io.StringIO())
+    start = time.monotonic()
+    assert run_monitor(fake_node.path, interval=0.2, console=console) == 0
+    assert time.monotonic() - start < 5
+    text = console.export_text()
+    assert "q quit" not in text and str(fake_node.path) in text
 
 
 def test_narrow_terminal_stacks_the_panels() -> None:
