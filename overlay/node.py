@@ -81,6 +81,7 @@ VerifyFn = Callable[[Alert], Any]
 VerifyEnvelopeFn = Callable[[bytes, Alert], Any]
 VerifyBodyFn = Callable[[bytes], Any]
 OnAlert = Callable[[Envelope, Alert | None], Any]
+OnBan = Callable[[str, float], None]  # an address banned now, for this many seconds
 
 __all__ = ["Overlay", "OverlayConfig", "Peer", "PublishError", "parse_peer"]
 
@@ -197,7 +198,7 @@ class Overlay:
                  verify: VerifyFn | None = None,
                  verify_envelope: VerifyEnvelopeFn | None = None,
                  verify_body: VerifyBodyFn | None = None,
-                 on_alert: OnAlert | None = None,
+                 on_alert: OnAlert | None = None, on_ban: OnBan | None = None,
                  state_dir: Path | str | None = None, super_peer: bool = False,
                  config: OverlayConfig | None = None) -> None:
         cfg = config or OverlayConfig()
@@ -217,6 +218,8 @@ class Overlay:
         self._verify_envelope = verify_envelope
         self._verify_body = verify_body
         self._on_alert = on_alert
+        self._on_ban = on_ban
+        self._banned: set[str] = set()  # as last told to the kernel filter (and to on_ban)
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.server = HardenedServer(key, cfg.dht, on_broadcast=self._on_broadcast)
         self.core: BroadcastCore | None = None
@@ -656,6 +659,11 @@ class Overlay:
         ips = self.core.banned_ips(self._loop.time())
         self._ban_epoch = self.core.ban_epoch
         self.server.set_banned([ip for ip in ips if ":" not in ip])
+        new = [ip for ip in ips if ip not in self._banned]
+        self._banned = set(ips)
+        if self._on_ban is not None:
+            for ip in new:  # an operator should hear of a peer cut off, not find a counter
+                self._on_ban(ip, self.core.cfg.ban_s)
 
     def _arm(self) -> None:
         core = self.core

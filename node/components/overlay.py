@@ -26,6 +26,8 @@ class OverlayComponent:
         self.overlay = Overlay(node.key, cfg.bind, list(cfg.bootstrap),
                                verify_body=node.pipeline.overlay_verify_body,
                                on_alert=node.pipeline.overlay_on_alert,
+                               on_ban=lambda ip, s: node.bus.emit("overlay.ban", address=ip,
+                                                                  seconds=s),
                                state_dir=node.config.state_dir,
                                # Its own sockets carry PASS: never queued or throttled here.
                                config=OverlayConfig(dht=DhtConfig(socket_mark=PASS)))

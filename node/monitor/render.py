@@ -224,7 +224,8 @@ def _throttle(s: dict[str, Any]) -> Panel:
 _EVENT_STYLE = {"alert.verified": "green", "alert.detected": "bold red",
                 "alert.refuted": "yellow", "alert.malformed": "yellow",
                 "filter.installed": "cyan", "throttle.flagged": "bold red",
-                "filter.error": "red", "kernel.error": "red", "component.error": "red"}
+                "filter.error": "red", "kernel.error": "red", "component.error": "red",
+                "overlay.ban": "yellow"}
 
 
 def _events(events: Sequence[dict[str, Any]]) -> Panel:

@@ -255,7 +255,9 @@ def test_bogus_and_forged_alerts_are_refuted_never_forwarded(prefix, alerts, ver
                                                              trouble,
                                                              signature_by_verifier) -> None:
     async def main() -> None:
-        net = Net(prefix, 12, verifier, signature_by_verifier)
+        told: list[tuple[str, float]] = []  # every node's on_ban
+        net = Net(prefix, 12, verifier, signature_by_verifier,
+                  on_ban=lambda ip, s: told.append((ip, s)))
         await net.start()
         liar_key = NodeKey.generate()
         bogus = seal(dressed_up(alerts[0]), liar_key, time.time()).encode()
@@ -307,6 +309,7 @@ def test_bogus_and_forged_alerts_are_refuted_never_forwarded(prefix, alerts, ver
                 hostile.send(wire.encode(wire.Announce(other_id, 0)), n.address)
             await asyncio.sleep(0.5)
             assert net.stat("bcast.bans") == len(honest)
+            assert told == [(hostile.host, BroadcastConfig().ban_s)] * len(honest)
             # From now on its datagrams are dropped before parsing, and it cannot fetch.
             received = net.stat("bcast.rx_announce")
             for k in range(200):
