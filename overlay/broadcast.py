@@ -49,9 +49,11 @@ injected verifier) must verify the alert. Only then is the alert delivered and f
 did not verify is never delivered or forwarded, and its id is remembered as refuted, so it costs
 nothing when it comes again. A body that does not match its id or its signature is the
 announcer's fault, not the id's: the node tries another announcer, and strikes the one that
-served it over a fetch stream (what arrives in a datagram, a pushed body, "not here" for an
-announcement, may have been forged in another's name: no strike); three strikes ban an address
-for ``ban_s``.
+served it over a fetch stream; three strikes ban an address for ``ban_s``. Nothing that a
+datagram's forged source can bring about is a strike: a malformed datagram, a failed fetch
+("not here", nobody listening, another service's garbage where a forged announcement pointed),
+a pushed body (which only stops that address's pushes being taken for ``ban_s``: they are
+fetched, where a lie is the announcer's own).
 
 A node whose verifier has no image for the alert's service (it does not run that service)
 cannot verify it, so it does not forward it either; it answers ``CANNOT_VERIFY`` and the sender
@@ -267,6 +269,7 @@ class Checked:
     reason: str
     envelope: Envelope | None = None
     alert: Alert | None = None
+    enveloped: bool = True  # it decoded as an envelope: only herdwall speaks that
 
 
 def check_body(alert_id: bytes, body: bytes, wall: float, cfg: BroadcastConfig) -> Checked:
@@ -276,7 +279,7 @@ def check_body(alert_id: bytes, body: bytes, wall: float, cfg: BroadcastConfig) 
     try:
         envelope = decode_envelope(body)
     except FormatError as exc:
-        return Checked(Outcome.FORGED, str(exc))
+        return Checked(Outcome.FORGED, str(exc), enveloped=False)
     if hashlib.sha256(envelope.alert_bytes).digest() != alert_id:
         return Checked(Outcome.FORGED, "body does not hash to the announced id")
     if not cfg.signature_by_verifier:
@@ -333,6 +336,7 @@ class BroadcastCore:
         self._by_addr: dict[Addr, Contact] = {}
         self._strikes: OrderedDict[str, int] = OrderedDict()
         self._banned: OrderedDict[str, float] = OrderedDict()
+        self._push_distrust: OrderedDict[str, float] = OrderedDict()  # ip -> until (_blame)
         self.ae = AntiEntropy(cfg.ae_interval, cfg.ae_window, self.rng, now)
         self.ban_epoch = 0  # bumped whenever the set of banned addresses changes
         self.stats: Counter[str] = Counter()
@@ -359,6 +363,7 @@ class BroadcastCore:
             return False
         if until <= now:
             del self._banned[ip]
+            self.ban_epoch += 1  # the kernel filter follows
             return False
         return True
 
@@ -456,36 +461,52 @@ class BroadcastCore:
             self.stats["fetch_failed"] += 1
             if fault:
                 p.blamed.add(addr)
-                if fault == wire.Fault.MALFORMED:
-                    self._strike(addr[0], now)
+                self.stats[f"fetch_{fault.name.lower()}"] += 1
             return self._next_fetch(alert_id, p, now)
         return self._got_body(alert_id, p, addr, body, now, wall, served=True)
 
     def _got_body(self, alert_id: bytes, p: _Pending, addr: Addr, body: bytes, now: float,
                   wall: float, served: bool) -> list[Action]:
-        """A body from ``addr``, ``served`` over a fetch stream or pushed in a datagram (whose
-        source may be forged: no strike for what it brings): its checks, then the sandbox."""
+        """A body from ``addr``, ``served`` over a fetch stream or pushed in a datagram: its
+        checks, then the sandbox. A forged or refuted envelope is held against the address
+        only as ``_blame`` says."""
         p.tried.add(addr)
         p.served = served
         checked = check_body(alert_id, body, wall, self.cfg)
         if checked.outcome is Outcome.FORGED:
-            return self._forged(alert_id, p, addr, now)
+            return self._forged(alert_id, p, addr, now, checked.enveloped)
         if checked.outcome is not None:
-            if checked.outcome is Outcome.REFUTED and served:
-                self._strike(addr[0], now)
+            if checked.outcome is Outcome.REFUTED:
+                self._blame(p, addr[0], now)
             return self._settle_bad(alert_id, p, checked.outcome, now)
         assert checked.envelope is not None
         p.verifying = True
         p.body, p.envelope, p.alert = body, checked.envelope, checked.alert
         return [Verify(alert_id, checked.envelope, checked.alert, body)]
 
-    def _forged(self, alert_id: bytes, p: _Pending, addr: Addr, now: float) -> list[Action]:
-        # The announcer's fault, not the id's: ask another (and strike it, if it served it).
+    def _forged(self, alert_id: bytes, p: _Pending, addr: Addr, now: float,
+                enveloped: bool = True) -> list[Action]:
+        # The announcer's fault, not the id's: ask another. Bytes that are no envelope at all
+        # may come from another service where the announcement (forged) pointed: no blame.
         self.stats["forged"] += 1
         p.blamed.add(addr)
-        if p.served:
-            self._strike(addr[0], now)
+        if enveloped:
+            self._blame(p, addr[0], now)
         return self._next_fetch(alert_id, p, now)
+
+    def _blame(self, p: _Pending, ip: str, now: float) -> None:
+        """A forged or refuted envelope from ``ip``. Served over a stream this node opened,
+        nobody but a herdwall node there could have sent it: a strike. Pushed in a datagram,
+        its source may be forged: no strike, but that address's pushed bodies are not taken
+        for ``ban_s`` (its announcements are fetched instead, where a lie is its own)."""
+        if p.served:
+            self._strike(ip, now)
+            return
+        self._push_distrust.pop(ip, None)
+        self._push_distrust[ip] = now + self.cfg.ban_s
+        while len(self._push_distrust) > self.cfg.max_peers_tracked:
+            self._push_distrust.popitem(last=False)
+        self.stats["push_distrusted"] += 1
 
     def on_verdict(self, alert_id: bytes, verified: bool | None, now: float,
                    forged: bool = False) -> list[Action]:
@@ -505,8 +526,8 @@ class BroadcastCore:
             return self._forged(alert_id, p, p.current, now)
         if verified is not True:
             outcome = Outcome.CANNOT_VERIFY if verified is None else Outcome.REFUTED
-            if outcome is Outcome.REFUTED and p.current is not None and p.served:
-                self._strike(p.current[0], now)
+            if outcome is Outcome.REFUTED and p.current is not None:
+                self._blame(p, p.current[0], now)
             return self._settle_bad(alert_id, p, outcome, now)
         del self._pending[alert_id]
         assert p.envelope is not None
@@ -596,16 +617,21 @@ class BroadcastCore:
             if (ann.uncovered or ann.refs) and len(p.masked) < MAX_MASKED:
                 p.masked.append((addr, ann))
             return [Send(addr, wire.encode(Ack(aid, AckStatus.TAKEN)))]
-        if ann.body:
+        body = ann.body
+        if body:
+            until = self._push_distrust.get(addr[0])
+            if until is not None and until > now:
+                self.stats["push_ignored"] += 1
+                body = b""  # fetched from it instead
+        if body:
             actions = self._start_pushed(aid, addr, {replica: ann.limit}, ann.hops)
         else:
             actions = self._start_fetch(aid, addr, {replica: ann.limit}, ann.hops)
         if actions and (ann.uncovered or ann.refs):
             self._pending[aid].masked.append((addr, ann))
-        if ann.body and actions:
+        if body and actions:
             self.stats["rx_pushed"] += 1
-            got = self._got_body(aid, self._pending[aid], addr, ann.body, now, wall,
-                                 served=False)
+            got = self._got_body(aid, self._pending[aid], addr, body, now, wall, served=False)
             # The sandbox's run before the acknowledgement: on every hop of a chain, the
             # verifier's job goes out first. A bad body's answers come after it, as after a fetch.
             actions = got + actions if got and type(got[0]) is Verify else actions + got

@@ -412,7 +412,10 @@ class HardenedProtocol(KademliaProtocol):
             self.stats["drop_banned"] += 1
             return
         now = time.monotonic()
-        if not self._dgram_buckets.take(addr[0], now):
+        # A reply to a request of ours (its 20-byte id nobody else can guess) is not charged:
+        # a flood forged in a peer's name must not drown the peer's answers to this node.
+        if not (n > _HEAD and data[0] == RPC_RESPONSE and self._answers(data, addr)) and \
+                not self._dgram_buckets.take(addr[0], now):
             self.stats["drop_rate"] += 1
             self._note_over_rate(addr[0])
             return
@@ -426,11 +429,17 @@ class HardenedProtocol(KademliaProtocol):
         else:
             self._malformed(addr[0], now)
 
+    def _answers(self, data: bytes, addr: Addr) -> bool:
+        expected = self._expected.get(data[1:_HEAD])
+        return expected is not None and expected[0] == addr
+
     def _malformed(self, ip: str, now: float) -> None:
         # Costly for the sender's bucket, and an honest node never sends one: a few of them
-        # and the address is reported for a ban (then the kernel drops what it sends).
+        # and the address is reported for a ban (then the kernel drops what it sends). Not in
+        # an authenticated peer's name (anyone can forge that): there it costs one datagram.
         self.stats["drop_malformed"] += 1
-        self._dgram_buckets.charge(ip, now, self.config.malformed_cost)
+        if not self.peers.has_ip(ip):
+            self._dgram_buckets.charge(ip, now, self.config.malformed_cost)
         n = self._bad_frames.pop(ip, 0) + 1
         if n >= self.config.malformed_to_ban:
             self._abuse(ip)

@@ -663,19 +663,64 @@ def test_a_node_that_cannot_get_the_body_hands_the_subtree_back() -> None:
 
 
 @pytest.mark.parametrize("fault", list(wire.Fault))
-def test_only_a_malformed_fetch_reply_counts_against_the_announcer(fault: wire.Fault) -> None:
-    """"Not here" or nobody listening may answer an announcement forged in the address's
-    name: the announcer is passed over, not struck. A reply that is no reply came over the
-    stream this node opened to it: three of those are a ban."""
+def test_a_failed_fetch_never_counts_against_the_announcer(fault: wire.Fault) -> None:
+    """The announcement may have been forged in the address's name, and whatever listens
+    there ("not here", nobody, another service's banner) says nothing about it: the announcer
+    is passed over, never struck."""
     core = BroadcastCore(b"\x07" * 20, lambda: [], BroadcastConfig())
-    peer = ("10.0.0.9", 1)
-    for i in range(3):
+    peer = ("10.0.0.9", 22)
+    for i in range(5):
         aid = bytes([i + 1]) * 32
         assert core.on_datagram(peer, wire.encode(Announce(aid, 5)), i, WALL) == [
             Fetch(peer, aid)]
         core.on_fetched(aid, peer, None, i + 0.1, WALL, fault)
-    assert core.banned(peer[0], 3.0) == (fault is wire.Fault.MALFORMED)
-    assert core.stats["strikes"] == (3 if fault is wire.Fault.MALFORMED else 0)
+    assert not core.banned(peer[0], 5.0) and core.stats["strikes"] == 0
+
+
+def test_served_bytes_that_are_no_envelope_are_no_strike_a_served_forgery_is() -> None:
+    core = BroadcastCore(b"\x07" * 20, lambda: [], BroadcastConfig())
+    peer = ("10.0.0.9", 22)
+    env = envelope(b"N")
+    aid = aid_of(env)
+    core.on_datagram(peer, wire.encode(Announce(aid, 5)), 0.0, WALL)
+    core.on_fetched(aid, peer, b"SSH-2.0-OpenSSH_9.2\r\n", 0.1, WALL)
+    assert core.stats["forged"] == 1 and core.stats["strikes"] == 0
+    forged = bytearray(env)
+    forged[env.find(decode_envelope(env).signature) + 5] ^= 1
+    other = ("10.0.0.10", 7400)
+    core.on_datagram(other, wire.encode(Announce(aid, 5)), 1.0, WALL)
+    core.on_fetched(aid, other, bytes(forged), 1.1, WALL)
+    assert core.stats["forged"] == 2 and core.stats["strikes"] == 1
+
+
+def test_a_pushed_lie_stops_that_address_pushing_and_its_next_lie_is_its_own() -> None:
+    """A pushed body's source may be forged, so a refuted one is no strike; but that
+    address's bodies are then fetched, not taken from datagrams, and a lie it serves over the
+    stream this node opened is a strike: a liar cannot make the sandbox run for free."""
+    core = BroadcastCore(b"\x07" * 20, lambda: [], BroadcastConfig())
+    liar = ("10.0.0.66", 7400)
+    envs = [envelope(bytes([0x61 + i])) for i in range(4)]
+    first = aid_of(envs[0])
+    acts = core.on_datagram(liar, wire.encode(Announce(first, 5, body=envs[0])), 0.0, WALL)
+    assert any(isinstance(a, Verify) for a in acts)
+    core.on_verdict(first, False, 0.1)  # refuted by the sandbox
+    assert core.stats["strikes"] == 0 and core.stats["push_distrusted"] == 1
+    for i, env in enumerate(envs[1:], 1):
+        aid = aid_of(env)
+        acts = core.on_datagram(liar, wire.encode(Announce(aid, 5, body=env)), i, WALL)
+        assert acts == [Fetch(liar, aid)]  # not verified from the datagram: fetched
+        acts = core.on_fetched(aid, liar, env, i + 0.1, WALL)
+        assert any(isinstance(a, Verify) for a in acts)
+        core.on_verdict(aid, False, i + 0.2)
+    assert core.stats["push_ignored"] == 3 and core.banned(liar[0], 4.0)
+
+
+def test_a_ban_that_ran_out_is_seen_by_the_kernel_filter() -> None:
+    core = BroadcastCore(b"\x07" * 20, lambda: [], BroadcastConfig(ban_s=10.0))
+    core.ban("10.0.0.5", 0.0)
+    epoch = core.ban_epoch
+    assert not core.banned("10.0.0.5", 11.0)  # expired on a lookup (a fetch, a datagram)
+    assert core.ban_epoch > epoch and core.banned_ips(11.0) == []
 
 
 def strict_chain(n: int, seed: int) -> tuple[Net, list[SimNode]]:

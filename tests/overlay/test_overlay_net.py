@@ -566,9 +566,23 @@ def test_datagrams_forged_in_a_peers_name_neither_ban_nor_evict_it(prefix, alert
             assert stats.get("bcast.bans", 0) == 0 and stats.get("dht.abusers", 0) == 0
             assert stats.get("dht.abuse_spared", 0) >= 1 and stats["dht.hello_timeout"] >= 1
             assert [p.node_id for p in b.peers()] == [a.key.node_id]
-            aid = await a.publish(seal(alerts[0], a.key, time.time()).encode())
-            await net.wait_all(aid, 0, timeout=5)
-            assert aid in net.got[1]
+
+            async def trickle() -> None:  # junk in a's name all along, 50 a second
+                while True:
+                    spoof.sendto(b"\x00" + bytes(20) + b"\xc1", b.address)
+                    await asyncio.sleep(0.02)
+            junk = asyncio.ensure_future(trickle())
+            try:
+                await asyncio.sleep(1.0)
+                aid = await a.publish(seal(alerts[0], a.key, time.time()).encode())
+                await net.wait_all(aid, 0, timeout=5)
+                assert aid in net.got[1]
+                assert [p.node_id for p in b.peers()] == [a.key.node_id]
+                # Junk in a peer's name costs a datagram each, not a surcharge: nothing of a's
+                # own traffic was dropped as over its rate.
+                assert b.stats().get("dht.drop_rate", 0) == 0
+            finally:
+                junk.cancel()
         finally:
             for sock in (spoof, *elsewhere):
                 sock.close()
