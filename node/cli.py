@@ -77,6 +77,14 @@ def stdout_console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
+class InputFileError(OSError):
+    """A file named on the command line that cannot be read: its message is one plain line
+    (``str`` and ``strerror`` alike, no errno prefix)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def read_input(path: str, limit: int) -> bytes:
     """Read a file given on the command line (``-`` for stdin), refusing more than ``limit``
     bytes without reading them all."""
@@ -87,7 +95,7 @@ def read_input(path: str, limit: int) -> bytes:
             with open(path, "rb") as f:
                 data = f.read(limit + 1)
     except OSError as e:  # one plain line for the person who typed the path
-        raise OSError(f"cannot read {path}: {e.strerror or e}") from None
+        raise InputFileError(e.errno, f"cannot read {path}: {e.strerror or e}") from None
     if len(data) > limit:
         raise FormatError(f"{path} is larger than {limit} bytes")
     return data

@@ -219,10 +219,13 @@ class ControlServer:
             return types is None or any(str(rec.get("event_type", "")).startswith(t)
                                         for t in types)
 
-        stream = self.bus.stream()  # before the answer: no event after it is missed
+        # The stream and the past it starts with, in one step before the answer: no event
+        # after the answer is missed, none is sent twice.
+        stream = self.bus.stream()
+        past = list(self.bus.recent)[-max(0, min(recent, 1000)):] if recent else []
         try:
             await _send(writer, {"id": rid, "ok": True, "result": "subscribed"})
-            for rec in list(self.bus.recent)[-max(0, min(recent, 1000)):] if recent else []:
+            for rec in past:
                 if wanted(rec):
                     writer.write(_dumps({"event": rec}))
             await asyncio.wait_for(writer.drain(), WRITE_S)

@@ -298,6 +298,7 @@ class Node:
         if self.control is not None:
             await self.control.stop()
         if self.pools is not None:
+            self.pools.shutdown()  # here, on the loop: no job can slip past it
             await asyncio.to_thread(self.pools.close)
         self.bus.emit("node.stopped")
         await self._flush()

@@ -161,7 +161,8 @@ class Lane:
         self._idle.append(w)
 
     def detach(self, w: _Worker) -> None:
-        """``w`` is gone (died or killed): stop watching it and start another in its place."""
+        """``w`` is gone (died or killed): stop watching it and start another in its place
+        (none once the lane is shut down)."""
         if w not in self._all:
             return
         self._all.discard(w)
@@ -169,6 +170,8 @@ class Lane:
             self._idle.remove(w)
         w.unwatch()
         w.kill()
+        if self.closed:
+            return
         self.restarts += 1
         self._spawn()
 
@@ -301,13 +304,20 @@ class Lane:
         return {"workers": self.workers, "busy": self.busy, "done": self.done,
                 "failures": self.failures, "restarts": self.restarts}
 
-    def close(self) -> None:
-        """Stop the workers. Jobs still waiting or running fail with ``JobFailed`` (their
-        callers would wait forever otherwise), as does any submitted later. May be called from
-        another thread than the jobs' loop (the daemon closes its pools in one)."""
+    def shutdown(self) -> None:
+        """Stop taking jobs: those waiting or running fail with ``JobFailed`` (their callers
+        would wait forever otherwise), as does any submitted later, and the workers are asked
+        to exit. On the jobs' loop, this is one step no submit or answer can cut into (the
+        daemon calls it there, then ``close`` in a thread); from elsewhere, each job is failed
+        on its own loop."""
+        if self.closed:
+            return
         self.closed = True
         left = [*self._queue, *(w.job for w in self._all if w.job is not None)]
         self._queue.clear()
+        for job in left:
+            self._uncount(job)
+            _fail_soon(job.result, f"{self.name} lane: closed")
         for w in list(self._all):
             w.unwatch()
             if w.job is not None and w.job.timer is not None:
@@ -316,14 +326,16 @@ class Lane:
                 w.conn.send(None)  # asks it to exit
             with contextlib.suppress(Exception):
                 w.conn.close()
+
+    def close(self) -> None:
+        """``shutdown``, then wait for the workers to exit (killed after 5 s): blocking."""
+        self.shutdown()
         for w in list(self._all):
             w.proc.join(5)
             if w.proc.is_alive():
                 w.kill()
         self._all.clear()
         self._idle.clear()
-        for job in left:
-            _fail_soon(job.result, f"{self.name} lane: closed")
 
 
 def _fail_soon(result: asyncio.Future[Any], why: str) -> None:
@@ -358,6 +370,11 @@ class Pools:
 
     def status(self) -> dict[str, Any]:
         return {lane.name: lane.status() for lane in self.lanes()}
+
+    def shutdown(self) -> None:
+        """Every lane's ``shutdown``: on the loop, before ``close`` in a thread."""
+        for lane in self.lanes():
+            lane.shutdown()
 
     def close(self) -> None:
         for lane in self.lanes():

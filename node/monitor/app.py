@@ -27,7 +27,7 @@ from node.daemon.control import ControlClient, ControlError, NoNode
 
 from .render import Snapshot, render
 
-NOT_RUNNING = 3
+NOT_RUNNING = 3  # --once exit status with no node (1: a node there gave no status)
 
 
 class EventFollower(threading.Thread):
@@ -124,7 +124,7 @@ def run_monitor(socket: Path, *, interval: float = 1.0, once: bool = False,
             client.close()
         console.print(render(Snapshot(socket, status, error, busy, now=time.time(),
                                       interval=interval, width=console.width, live=False)))
-        return 0 if status is not None else NOT_RUNNING
+        return 0 if status is not None else 1 if busy else NOT_RUNNING
     follower = EventFollower(socket)
     follower.start()
     client: ControlClient | None = None

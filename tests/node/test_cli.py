@@ -208,6 +208,7 @@ def test_alert_show_missing_file(tmp_path: Path) -> None:
     result = run("alert", "show", str(tmp_path / "nope"))
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "No such file", "nope")
+    assert "Error:" not in result.stderr and "--debug" not in result.stderr
 
 
 def test_debug_lets_the_traceback_through(files: dict[str, Path]) -> None:

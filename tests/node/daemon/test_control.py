@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -216,6 +217,31 @@ def test_event_stream(server: Server) -> None:
         server.emit("x.y")
         assert next(events)["event_type"] == "x.y"
     assert ping(server.path) == "pong"
+
+
+def test_an_event_while_subscribing_comes_once(server: Server) -> None:
+    """An event emitted while the node answers a subscription is in the recent past it sends
+    or in the stream after it, not in both."""
+    import node.daemon.control as control
+
+    real_send = control._send
+
+    async def send_then_emit(writer: Any, obj: Any) -> None:
+        await real_send(writer, obj)
+        if obj.get("result") == "subscribed":
+            server.bus.emit("t.during")
+
+    control._send = send_then_emit  # type: ignore[assignment]
+    try:
+        with ControlClient(server.path) as c:
+            events = c.events(recent=10, timeout=1)
+            got = []
+            with contextlib.suppress(TimeoutError):
+                for e in events:
+                    got.append(e["event_type"])
+    finally:
+        control._send = real_send  # type: ignore[assignment]
+    assert got == ["t.during"]
 
 
 def test_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None:

@@ -160,6 +160,7 @@ def test_closing_a_lane_fails_its_jobs_instead_of_leaving_them_waiting() -> None
                 await asyncio.wait_for(job, 5)
         with pytest.raises(JobFailed, match="closed"):
             await lane.run(pow, 2, 3, timeout=5)
+        assert lane.busy == 0  # nothing left counted: a stopping pipeline is idle
 
     try:
         run(main())
