@@ -152,6 +152,7 @@ class Outcome(StrEnum):
 DEFAULT_ANNOUNCE_RATE = Rate(10.0, 20.0)
 DEFAULT_FETCH_RATE = Rate(10.0, 20.0)
 DEFAULT_DIGEST_REPLY_RATE = Rate(0.2, 2.0)
+DEFAULT_STRANGER_PUSH_RATE = Rate(5.0, 20.0)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,9 @@ class BroadcastConfig:
     announce_rate: Rate = DEFAULT_ANNOUNCE_RATE  # announcements + digests, per peer address
     fetch_rate: Rate = DEFAULT_FETCH_RATE  # fetch requests served, per peer address
     digest_reply_rate: Rate = DEFAULT_DIGEST_REPLY_RATE  # answers to digests, per peer
+    # Pushed bodies the sandbox takes from addresses that are no contact's, all together (a
+    # forged source costs one run each: this bounds them; the rest are fetched).
+    stranger_push_rate: Rate = DEFAULT_STRANGER_PUSH_RATE
     malformed_cost: float = 5.0  # tokens a malformed datagram costs its sender
     strikes_to_ban: int = 3
     ban_s: float = 600.0
@@ -337,6 +341,10 @@ class BroadcastCore:
         self._strikes: OrderedDict[str, int] = OrderedDict()
         self._banned: OrderedDict[str, float] = OrderedDict()
         self._push_distrust: OrderedDict[str, float] = OrderedDict()  # ip -> until (_blame)
+        self._pushes: Counter[str] = Counter()  # pushed bodies in the sandbox, per address
+        self._stranger_pushes = KeyedBuckets(cfg.stranger_push_rate, 1)
+        self._ports_for: object = None  # the contact list ``_ports`` was built from
+        self._ports: dict[str, set[int]] = {}
         self.ae = AntiEntropy(cfg.ae_interval, cfg.ae_window, self.rng, now)
         self.ban_epoch = 0  # bumped whenever the set of banned addresses changes
         self.stats: Counter[str] = Counter()
@@ -408,10 +416,14 @@ class BroadcastCore:
         try:
             msg = wire.decode(data)
         except WireError:
-            # Costly for the sender's bucket, never a strike: a datagram's source address can
-            # be forged, and one forged datagram must not ban an honest peer.
             self.stats["drop_malformed"] += 1
-            self._announce_buckets.charge(ip, now, self.cfg.malformed_cost)
+            # A datagram's source can be forged: in a contact's name, junk costs only itself
+            # (the contact's own datagrams must not be crowded out). From anyone else it is
+            # costly, and junk in our own version, which no honest node sends, a ban at once.
+            if ip not in self._contact_ports():
+                self._announce_buckets.charge(ip, now, self.cfg.malformed_cost)
+                if len(data) >= 2 and data[1] == wire.VERSION:
+                    self._strike(ip, now, self.cfg.strikes_to_ban)
             return []
         if isinstance(msg, Announce):
             self.stats["rx_announce"] += 1
@@ -448,10 +460,11 @@ class BroadcastCore:
     def on_fetched(self, alert_id: bytes, addr: Addr, body: bytes | None, now: float,
                    wall: float, fault: int = wire.Fault.NONE) -> list[Action]:
         """The result of a ``Fetch``: the body, or None if it failed, and whose fault that was
-        (``wire.Fault``). Strikes are for what a peer did on the stream this node opened to it
-        (a malformed reply, a forged or refuted body), which nobody else can do in its name;
-        nobody listening, or "not here", may answer an announcement forged in its name, so
-        that announcer is only passed over for this alert; a timeout is nobody's fault."""
+        (``wire.Fault``). The announcement that sent us there may have been forged, so what
+        answers (or not) counts against the address only as ``_answerable`` allows: nobody
+        listening is a ban at once; "not here" a strike, from a stranger only (a contact's
+        exact address is easily forged on an announcement, and the contact truthfully has no
+        such alert); a reply that is none, or a timeout, nobody's provable fault."""
         self._fetch_done(addr[0])
         p = self._pending.get(alert_id)
         if p is None or p.verifying or p.current != addr:
@@ -461,52 +474,89 @@ class BroadcastCore:
             self.stats["fetch_failed"] += 1
             if fault:
                 p.blamed.add(addr)
-                self.stats[f"fetch_{fault.name.lower()}"] += 1
+                self.stats[f"fetch_failed_{fault.name.lower()}"] += 1
+                if fault == wire.Fault.REFUSED and self._answerable(addr):
+                    self._strike(addr[0], now, self.cfg.strikes_to_ban)
+                elif fault == wire.Fault.NOT_HERE and addr[0] not in self._contact_ports():
+                    self._strike(addr[0], now)
             return self._next_fetch(alert_id, p, now)
         return self._got_body(alert_id, p, addr, body, now, wall, served=True)
 
     def _got_body(self, alert_id: bytes, p: _Pending, addr: Addr, body: bytes, now: float,
                   wall: float, served: bool) -> list[Action]:
         """A body from ``addr``, ``served`` over a fetch stream or pushed in a datagram: its
-        checks, then the sandbox. A forged or refuted envelope is held against the address
-        only as ``_blame`` says."""
+        checks, then the sandbox. What fails is held against the address as ``_blame`` says."""
         p.tried.add(addr)
         p.served = served
         checked = check_body(alert_id, body, wall, self.cfg)
         if checked.outcome is Outcome.FORGED:
-            return self._forged(alert_id, p, addr, now, checked.enveloped)
+            # Cheap checks: a pushed failure cost nothing, a served one is blamed if it is
+            # an envelope at all (anything else may be another service where a forged
+            # announcement pointed).
+            return self._forged(alert_id, p, addr, now, blame=served and checked.enveloped)
         if checked.outcome is not None:
-            if checked.outcome is Outcome.REFUTED:
-                self._blame(p, addr[0], now)
+            if checked.outcome is Outcome.REFUTED and served:
+                self._blame(p, addr, now)
             return self._settle_bad(alert_id, p, checked.outcome, now)
         assert checked.envelope is not None
         p.verifying = True
         p.body, p.envelope, p.alert = body, checked.envelope, checked.alert
+        if not served:
+            self._pushes[addr[0]] += 1
         return [Verify(alert_id, checked.envelope, checked.alert, body)]
 
     def _forged(self, alert_id: bytes, p: _Pending, addr: Addr, now: float,
-                enveloped: bool = True) -> list[Action]:
-        # The announcer's fault, not the id's: ask another. Bytes that are no envelope at all
-        # may come from another service where the announcement (forged) pointed: no blame.
+                blame: bool = True) -> list[Action]:
+        # The announcer's fault, not the id's: ask another.
         self.stats["forged"] += 1
         p.blamed.add(addr)
-        if enveloped:
-            self._blame(p, addr[0], now)
+        if blame:
+            self._blame(p, addr, now)
         return self._next_fetch(alert_id, p, now)
 
-    def _blame(self, p: _Pending, ip: str, now: float) -> None:
-        """A forged or refuted envelope from ``ip``. Served over a stream this node opened,
-        nobody but a herdwall node there could have sent it: a strike. Pushed in a datagram,
-        its source may be forged: no strike, but that address's pushed bodies are not taken
-        for ``ban_s`` (its announcements are fetched instead, where a lie is its own)."""
+    def _blame(self, p: _Pending, addr: Addr, now: float) -> None:
+        """A forged or refuted envelope from ``addr``. Served over a stream this node opened:
+        a strike (``_answerable``). Pushed, after the sandbox (or the verifier's signature
+        check) ran on it: its source may be forged, so no strike, but that address's pushed
+        bodies are not taken for ``ban_s``: fetched instead, where a lie is its own."""
         if p.served:
-            self._strike(ip, now)
+            if self._answerable(addr):
+                self._strike(addr[0], now)
             return
-        self._push_distrust.pop(ip, None)
-        self._push_distrust[ip] = now + self.cfg.ban_s
+        self._push_distrust.pop(addr[0], None)
+        self._push_distrust[addr[0]] = now + self.cfg.ban_s
         while len(self._push_distrust) > self.cfg.max_peers_tracked:
             self._push_distrust.popitem(last=False)
         self.stats["push_distrusted"] += 1
+
+    def _contact_ports(self) -> dict[str, set[int]]:
+        """The authenticated contacts' ports by IP (rebuilt when the contact list changes)."""
+        contacts = self._contacts()
+        if contacts is not self._ports_for:
+            ports: dict[str, set[int]] = {}
+            for c in contacts:
+                ports.setdefault(c.addr[0], set()).add(c.addr[1])
+            self._ports_for, self._ports = contacts, ports
+        return self._ports
+
+    def _answerable(self, addr: Addr) -> bool:
+        """May what ``addr`` did on a stream this node opened count against its IP? Not when
+        the IP is a contact's and the port is not the contact's: the announcement that
+        pointed there was forged in its name (or another program answered)."""
+        ports = self._contact_ports().get(addr[0])
+        return ports is None or addr[1] in ports
+
+    def _takes_push(self, addr: Addr, now: float) -> bool:
+        """Run the sandbox on a body pushed from ``addr``? Not from an address whose push
+        failed there lately, a few at a time per address, and from addresses that are no
+        contact's exactly (a forged source costs a run) within ``stranger_push_rate``. What
+        it does not take is fetched, where a lie is the announcer's own."""
+        until = self._push_distrust.get(addr[0])
+        if (until is not None and until > now) or \
+                self._pushes[addr[0]] >= self.cfg.max_fetches_per_peer:
+            return False
+        return addr[1] in self._contact_ports().get(addr[0], ()) or \
+            self._stranger_pushes.take(None, now)
 
     def on_verdict(self, alert_id: bytes, verified: bool | None, now: float,
                    forged: bool = False) -> list[Action]:
@@ -516,6 +566,11 @@ class BroadcastCore:
         p = self._pending.get(alert_id)
         if p is None or not p.verifying:
             return []
+        if not p.served and not p.local and p.current is not None:  # a push's run is over
+            ip = p.current[0]
+            self._pushes[ip] -= 1
+            if self._pushes[ip] <= 0:
+                del self._pushes[ip]
         if forged:
             p.verifying = False
             if p.local:  # our own envelope: nobody to blame, nothing to send
@@ -527,7 +582,7 @@ class BroadcastCore:
         if verified is not True:
             outcome = Outcome.CANNOT_VERIFY if verified is None else Outcome.REFUTED
             if outcome is Outcome.REFUTED and p.current is not None:
-                self._blame(p, p.current[0], now)
+                self._blame(p, p.current, now)
             return self._settle_bad(alert_id, p, outcome, now)
         del self._pending[alert_id]
         assert p.envelope is not None
@@ -618,11 +673,9 @@ class BroadcastCore:
                 p.masked.append((addr, ann))
             return [Send(addr, wire.encode(Ack(aid, AckStatus.TAKEN)))]
         body = ann.body
-        if body:
-            until = self._push_distrust.get(addr[0])
-            if until is not None and until > now:
-                self.stats["push_ignored"] += 1
-                body = b""  # fetched from it instead
+        if body and not self._takes_push(addr, now):
+            self.stats["push_ignored"] += 1
+            body = b""  # fetched from it instead
         if body:
             actions = self._start_pushed(aid, addr, {replica: ann.limit}, ann.hops)
         else:

@@ -95,7 +95,7 @@ class DhtConfig:
     hello_rate: Rate = _DEFAULT_HELLO_RATE  # hellos this node starts, per target IP
     malformed_cost: float = 20.0
     # An address is reported for a ban after this many datagrams over its rate, or this many
-    # malformed ones (never an authenticated peer's address: anyone can forge a source).
+    # malformed ones (not an authenticated peer's address: junk is cheap to forge).
     abuse_drops: int = 200
     malformed_to_ban: int = 3
     max_hellos_inflight: int = 256
@@ -414,8 +414,8 @@ class HardenedProtocol(KademliaProtocol):
         now = time.monotonic()
         # A reply to a request of ours (its 20-byte id nobody else can guess) is not charged:
         # a flood forged in a peer's name must not drown the peer's answers to this node.
-        if not (n > _HEAD and data[0] == RPC_RESPONSE and self._answers(data, addr)) and \
-                not self._dgram_buckets.take(addr[0], now):
+        answer = n > _HEAD and data[0] == RPC_RESPONSE and self._answers(data, addr)
+        if not answer and not self._dgram_buckets.take(addr[0], now):
             self.stats["drop_rate"] += 1
             self._note_over_rate(addr[0])
             return
@@ -423,6 +423,8 @@ class HardenedProtocol(KademliaProtocol):
         kind = data[0] if n else -1
         if kind in (RPC_REQUEST, RPC_RESPONSE):
             if not self._rpc_datagram(kind, data, addr):
+                if answer:  # the request's one free reply is spent: later ones are charged
+                    self._expected.pop(data[1:_HEAD], None)
                 self._malformed(addr[0], now)
         elif kind >= 0x10 and self.on_broadcast is not None:
             self.on_broadcast(data, addr)
@@ -442,7 +444,14 @@ class HardenedProtocol(KademliaProtocol):
             self._dgram_buckets.charge(ip, now, self.config.malformed_cost)
         n = self._bad_frames.pop(ip, 0) + 1
         if n >= self.config.malformed_to_ban:
-            self._abuse(ip)
+            # Junk is cheap to forge: never a ban of an authenticated peer's address, or
+            # anyone could cut a node off from its peers (its rate limit still holds).
+            if self.peers.has_ip(ip):
+                self.stats["abuse_spared"] += 1
+            else:
+                self.stats["abusers"] += 1
+                if self.on_abuse is not None:
+                    self.on_abuse(ip)
             return
         self._bad_frames[ip] = n
         while len(self._bad_frames) > self.config.max_peers:
@@ -450,24 +459,17 @@ class HardenedProtocol(KademliaProtocol):
 
     def _note_over_rate(self, ip: str) -> None:
         # No honest peer comes near the datagram rate; one that keeps exceeding it is flooding.
+        # Reported whoever it is: a flood forged in a peer's name takes a sustained 200+
+        # datagrams a second, and a real flood must not be spared for being a peer's.
         n = self._over_rate.pop(ip, 0) + 1
         if n >= self.config.abuse_drops:
-            self._abuse(ip)
+            self.stats["abusers"] += 1
+            if self.on_abuse is not None:
+                self.on_abuse(ip)
             return
         self._over_rate[ip] = n
         while len(self._over_rate) > self.config.max_peers:
             self._over_rate.popitem(last=False)
-
-    def _abuse(self, ip: str) -> None:
-        # A datagram's source address can be forged: junk or a flood in an authenticated
-        # peer's name is only dropped (its rate limit holds), never reported for a ban, or
-        # anyone could cut a node off from its peers.
-        if self.peers.has_ip(ip):
-            self.stats["abuse_spared"] += 1
-            return
-        self.stats["abusers"] += 1
-        if self.on_abuse is not None:
-            self.on_abuse(ip)
 
     def _rpc_datagram(self, kind: int, data: bytes, addr: Addr) -> bool:
         if len(data) <= _HEAD:

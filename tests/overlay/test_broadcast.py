@@ -488,18 +488,31 @@ def test_announcement_flood_is_rate_limited_before_parsing() -> None:
     assert fetches <= min(cfg.announce_rate.burst, cfg.max_pending)
     assert core.stats["drop_rate"] >= 1000 - cfg.announce_rate.burst
     assert core.stats["drop_rate"] >= 1000 - 20
-    # Junk costs more than a well-formed datagram (fewer get parsed), but is no strike: its
-    # source address may be forged, and one forged datagram must not ban an honest peer.
+    # Junk in our version from a stranger, which no honest node sends: a ban at once.
     other = ("10.0.0.98", 7)
-    for _ in range(50):
+    for _ in range(10):
         core.on_datagram(other, b"\x10" + bytes((wire.VERSION,)) + b"junk", 10.0, WALL)
-    assert core.stats["drop_malformed"] <= cfg.announce_rate.burst / (1 + cfg.malformed_cost) + 1
-    assert not core.banned(other[0], 10.0) and core.stats["strikes"] == 0
+    assert core.stats["drop_malformed"] == 1 and core.stats["drop_banned"] == 9
+    assert core.banned(other[0], 10.0)
     # A version this node does not speak is dropped without a strike (a newer honest node).
     newer = ("10.0.0.97", 7)
     for _ in range(10):
         core.on_datagram(newer, bytes((0x10, wire.VERSION + 1)) + bytes(56), 20.0, WALL)
     assert not core.banned(newer[0], 20.0)
+
+
+def test_junk_in_a_contacts_name_costs_only_itself() -> None:
+    """A datagram's source can be forged: junk in a contact's name is no strike and no
+    surcharge on its rate, so a trickle of it neither bans the contact nor crowds out its own
+    announcements."""
+    contact = Contact(b"\x42" * 20, ("10.0.0.50", 7400))
+    core = BroadcastCore(b"\x03" * 20, lambda: [contact], BroadcastConfig())
+    for k in range(40):  # two a second for 20 s
+        core.on_datagram(contact.addr, b"\x10" + bytes((wire.VERSION,)) + b"junk", k / 2, WALL)
+    assert not core.banned(contact.addr[0], 20.0) and core.stats["strikes"] == 0
+    aid = b"\x09" * 32
+    assert core.on_datagram(contact.addr, wire.encode(Announce(aid, 5)), 20.0, WALL) == [
+        Fetch(contact.addr, aid)]
 
 
 def test_acknowledgements_of_made_up_ids_are_dropped_without_a_strike() -> None:
@@ -662,19 +675,35 @@ def test_a_node_that_cannot_get_the_body_hands_the_subtree_back() -> None:
     assert core.status(aid, 0.3) is None  # not held against the id: it may come again
 
 
-@pytest.mark.parametrize("fault", list(wire.Fault))
-def test_a_failed_fetch_never_counts_against_the_announcer(fault: wire.Fault) -> None:
-    """The announcement may have been forged in the address's name, and whatever listens
-    there ("not here", nobody, another service's banner) says nothing about it: the announcer
-    is passed over, never struck."""
-    core = BroadcastCore(b"\x07" * 20, lambda: [], BroadcastConfig())
-    peer = ("10.0.0.9", 22)
-    for i in range(5):
+CONTACT = Contact(b"\x42" * 20, ("10.0.0.9", 7400))
+
+
+@pytest.mark.parametrize(("fault", "where", "banned"), [
+    (wire.Fault.NONE, "stranger", False),
+    (wire.Fault.MALFORMED, "stranger", False),  # another service where it pointed
+    (wire.Fault.NOT_HERE, "stranger", True),  # three strikes
+    (wire.Fault.REFUSED, "stranger", True),  # at once
+    (wire.Fault.NOT_HERE, "contact", False),  # its exact address is easily forged
+    (wire.Fault.REFUSED, "contact", True),  # its own fetch server is not there
+    (wire.Fault.NOT_HERE, "contact's IP", False),  # another port: forged in its name
+    (wire.Fault.REFUSED, "contact's IP", False),
+    (wire.Fault.MALFORMED, "contact's IP", False),  # its sshd's banner, say
+])
+def test_what_a_failed_fetch_counts_against_the_announcer(fault: wire.Fault, where: str,
+                                                          banned: bool) -> None:
+    """The announcement that sent the node there may have been forged: a failed fetch counts
+    against an address only where nobody else could have caused it."""
+    core = BroadcastCore(b"\x07" * 20, lambda: [CONTACT], BroadcastConfig())
+    peer = {"stranger": ("10.0.0.8", 7400), "contact": CONTACT.addr,
+            "contact's IP": (CONTACT.addr[0], 22)}[where]
+    for i in range(3):
+        if core.banned(peer[0], i):
+            break
         aid = bytes([i + 1]) * 32
         assert core.on_datagram(peer, wire.encode(Announce(aid, 5)), i, WALL) == [
             Fetch(peer, aid)]
         core.on_fetched(aid, peer, None, i + 0.1, WALL, fault)
-    assert not core.banned(peer[0], 5.0) and core.stats["strikes"] == 0
+    assert core.banned(peer[0], 3.0) == banned
 
 
 def test_served_bytes_that_are_no_envelope_are_no_strike_a_served_forgery_is() -> None:
@@ -713,6 +742,21 @@ def test_a_pushed_lie_stops_that_address_pushing_and_its_next_lie_is_its_own() -
         assert any(isinstance(a, Verify) for a in acts)
         core.on_verdict(aid, False, i + 0.2)
     assert core.stats["push_ignored"] == 3 and core.banned(liar[0], 4.0)
+
+
+def test_pushed_bodies_cannot_make_the_sandbox_run_without_bound() -> None:
+    """A few pushes at a time per address, and all strangers' pushes together within
+    ``stranger_push_rate`` (forged sources are free): the rest are fetched."""
+    cfg = BroadcastConfig()
+    core = BroadcastCore(b"\x07" * 20, lambda: [], cfg)
+    envs = [envelope(bytes([i % 250 + 1, i // 250 + 1])) for i in range(120)]
+    runs = sum(isinstance(a, Verify) for env in envs[:20] for a in core.on_datagram(
+        ("10.0.0.66", 7400), wire.encode(Announce(aid_of(env), 5, body=env)), 0.0, WALL))
+    assert runs == cfg.max_fetches_per_peer
+    runs = sum(isinstance(a, Verify) for i, env in enumerate(envs[20:]) for a in core.on_datagram(
+        (f"10.1.{i // 250}.{i % 250 + 1}", 7400), wire.encode(Announce(aid_of(env), 5, body=env)),
+        0.0, WALL))
+    assert runs <= cfg.stranger_push_rate.burst
 
 
 def test_a_ban_that_ran_out_is_seen_by_the_kernel_filter() -> None:

@@ -266,12 +266,7 @@ def test_bogus_and_forged_alerts_are_refuted_never_forwarded(prefix, alerts, ver
         forged = bytearray(good)
         forged[good.find(decode_envelope(good).signature) + 3] ^= 0x40  # inside the signature
         good_id = aid_of(alerts[2])
-        other = seal(alerts[1], liar_key, time.time()).encode()
-        forged_other = bytearray(other)
-        forged_other[other.find(decode_envelope(other).signature) + 3] ^= 0x40
-        other_id = aid_of(alerts[1])
-        hostile = Hostile(f"127.{prefix}.9.9", {bogus_id: bogus, good_id: bytes(forged),
-                                                 other_id: bytes(forged_other)})
+        hostile = Hostile(f"127.{prefix}.9.9", {bogus_id: bogus, good_id: bytes(forged)})
         await hostile.start()
         try:
             honest = net.live()
@@ -297,16 +292,10 @@ def test_bogus_and_forged_alerts_are_refuted_never_forwarded(prefix, alerts, ver
             assert net.stat("bcast.forged") == len(honest)
             assert not any(good_id in g for g in net.got)
             assert all(net.nodes[i].status(good_id) is None for i in honest)
-            # "Not here" for an id announced from its address is no strike: the announcement
-            # may have been forged in its name.
-            strikes = net.stat("bcast.strikes")
+            # One more lie (a "not here" for an id it announced: it is no contact of theirs,
+            # so the lie is its own) and the liar is banned.
             for n in net.nodes:
                 hostile.send(wire.encode(wire.Announce(b"\x55" * 32, 0)), n.address)
-            await asyncio.sleep(0.5)
-            assert net.stat("bcast.strikes") == strikes and net.stat("bcast.bans") == 0
-            # One more forged body that it serves itself, and the liar is banned.
-            for n in net.nodes:
-                hostile.send(wire.encode(wire.Announce(other_id, 0)), n.address)
             await asyncio.sleep(0.5)
             assert net.stat("bcast.bans") == len(honest)
             assert told == [(hostile.host, BroadcastConfig().ban_s)] * len(honest)
