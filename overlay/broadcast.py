@@ -462,7 +462,8 @@ class BroadcastCore:
         """The result of a ``Fetch``: the body, or None if it failed, and whose fault that was
         (``wire.Fault``). The announcement that sent us there may have been forged, so what
         answers (or not) counts against the address only as ``_answerable`` allows: nobody
-        listening is a ban at once; "not here" a strike, from a stranger only (a contact's
+        listening is a ban at once for a stranger, a strike for a contact at its own address
+        (it may be restarting); "not here" a strike, from a stranger only (a contact's
         exact address is easily forged on an announcement, and the contact truthfully has no
         such alert); a reply that is none, or a timeout, nobody's provable fault."""
         self._fetch_done(addr[0])
@@ -476,7 +477,9 @@ class BroadcastCore:
                 p.blamed.add(addr)
                 self.stats[f"fetch_failed_{fault.name.lower()}"] += 1
                 if fault == wire.Fault.REFUSED and self._answerable(addr):
-                    self._strike(addr[0], now, self.cfg.strikes_to_ban)
+                    # A contact's fetch server may be restarting: a strike, not a ban.
+                    stranger = addr[0] not in self._contact_ports()
+                    self._strike(addr[0], now, self.cfg.strikes_to_ban if stranger else 1)
                 elif fault == wire.Fault.NOT_HERE and addr[0] not in self._contact_ports():
                     self._strike(addr[0], now)
             return self._next_fetch(alert_id, p, now)
@@ -529,6 +532,16 @@ class BroadcastCore:
             self._push_distrust.popitem(last=False)
         self.stats["push_distrusted"] += 1
 
+    def _push_over(self, p: _Pending) -> None:
+        """``p``'s sandbox run is over (or forgotten): if it was a push, its address may push
+        again (``_takes_push``)."""
+        if p.served or p.local or p.current is None:
+            return
+        ip = p.current[0]
+        self._pushes[ip] -= 1
+        if self._pushes[ip] <= 0:
+            del self._pushes[ip]
+
     def _contact_ports(self) -> dict[str, set[int]]:
         """The authenticated contacts' ports by IP (rebuilt when the contact list changes)."""
         contacts = self._contacts()
@@ -566,11 +579,7 @@ class BroadcastCore:
         p = self._pending.get(alert_id)
         if p is None or not p.verifying:
             return []
-        if not p.served and not p.local and p.current is not None:  # a push's run is over
-            ip = p.current[0]
-            self._pushes[ip] -= 1
-            if self._pushes[ip] <= 0:
-                del self._pushes[ip]
+        self._push_over(p)
         if forged:
             p.verifying = False
             if p.local:  # our own envelope: nobody to blame, nothing to send
@@ -617,6 +626,8 @@ class BroadcastCore:
             return alert_id, []  # already out
         self._bad.discard(alert_id)  # our own sandbox gets the last word on our own alert
         old = self._pending.pop(alert_id, None)
+        if old is not None and old.verifying:
+            self._push_over(old)  # its verdict will find our own pending instead
         roles = dict.fromkeys(range(self.cfg.replicas), 0)  # every copy of everything
         p = _Pending(roles=roles, hops=0, announcers=old.announcers if old else [], local=True,
                      verifying=True, body=envelope_bytes, envelope=checked.envelope,

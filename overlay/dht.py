@@ -69,6 +69,7 @@ Addr = tuple[str, int]
 # find_node reply with 20 IPv6 contacts (~1.3 KB).
 MAX_DATAGRAM = 1400
 _HEAD = 21  # rpcudp: kind byte + 20-byte message id
+ABUSE_WINDOW_S = 30.0  # over-rate drops further apart than this are separate episodes
 _NO_REPLY = object()
 _TX_KEYS = [f"tx_{kind:#04x}" for kind in range(256)]  # stats keys per first byte
 _DEFAULT_DATAGRAM_RATE = Rate(200.0, 400.0)
@@ -97,6 +98,7 @@ class DhtConfig:
     # An address is reported for a ban after this many datagrams over its rate, or this many
     # malformed ones (not an authenticated peer's address: junk is cheap to forge).
     abuse_drops: int = 200
+    abuse_sustained_s: float = 3.0  # ... over the rate for this long at least
     malformed_to_ban: int = 3
     max_hellos_inflight: int = 256
     rcvbuf: int = 4 << 20
@@ -299,7 +301,7 @@ class HardenedProtocol(KademliaProtocol):
         self.banned: Callable[[str], bool] | None = None
         # Called with an address that keeps sending over its rate: the owner bans it.
         self.on_abuse: Callable[[str], None] | None = None
-        self._over_rate: OrderedDict[str, int] = OrderedDict()
+        self._over_rate: OrderedDict[str, tuple[int, float]] = OrderedDict()  # n, since
         self._bad_frames: OrderedDict[str, int] = OrderedDict()
         self.peers = PeerBook(config.max_ids_per_ip, config.max_peers)
         self.misses: OrderedDict[bytes, int] = OrderedDict()
@@ -417,7 +419,7 @@ class HardenedProtocol(KademliaProtocol):
         answer = n > _HEAD and data[0] == RPC_RESPONSE and self._answers(data, addr)
         if not answer and not self._dgram_buckets.take(addr[0], now):
             self.stats["drop_rate"] += 1
-            self._note_over_rate(addr[0])
+            self._note_over_rate(addr[0], now)
             return
         self.stats["rx"] += 1
         kind = data[0] if n else -1
@@ -457,17 +459,20 @@ class HardenedProtocol(KademliaProtocol):
         while len(self._bad_frames) > self.config.max_peers:
             self._bad_frames.popitem(last=False)
 
-    def _note_over_rate(self, ip: str) -> None:
-        # No honest peer comes near the datagram rate; one that keeps exceeding it is flooding.
-        # Reported whoever it is: a flood forged in a peer's name takes a sustained 200+
-        # datagrams a second, and a real flood must not be spared for being a peer's.
-        n = self._over_rate.pop(ip, 0) + 1
-        if n >= self.config.abuse_drops:
+    def _note_over_rate(self, ip: str, now: float) -> None:
+        # No honest peer comes near the datagram rate; one that keeps exceeding it is flooding,
+        # and is reported whoever it is. "Keeps": over the rate for ``abuse_sustained_s`` at
+        # least, so a forged burst in a peer's name (600 datagrams take 2 ms) bans nobody.
+        n, since = self._over_rate.pop(ip, (0, now))
+        if now - since > ABUSE_WINDOW_S:
+            n, since = 0, now  # an old episode: counted afresh
+        n += 1
+        if n >= self.config.abuse_drops and now - since >= self.config.abuse_sustained_s:
             self.stats["abusers"] += 1
             if self.on_abuse is not None:
                 self.on_abuse(ip)
             return
-        self._over_rate[ip] = n
+        self._over_rate[ip] = (n, since)
         while len(self._over_rate) > self.config.max_peers:
             self._over_rate.popitem(last=False)
 

@@ -759,6 +759,19 @@ def test_pushed_bodies_cannot_make_the_sandbox_run_without_bound() -> None:
     assert runs <= cfg.stranger_push_rate.burst
 
 
+def test_publishing_over_a_pushed_alert_in_the_sandbox_frees_its_pusher() -> None:
+    core = BroadcastCore(b"\x07" * 20, lambda: [], BroadcastConfig())
+    pusher = ("10.0.0.66", 7400)
+    for i in range(3):  # more than max_fetches_per_peer times over
+        env = envelope(bytes([0x70 + i]))
+        aid = aid_of(env)
+        acts = core.on_datagram(pusher, wire.encode(Announce(aid, 5, body=env)), i, WALL)
+        assert any(isinstance(a, Verify) for a in acts)  # taken from the datagram
+        core.publish(env, i + 0.1, WALL)  # our own detection of the same alert, meanwhile
+        core.on_verdict(aid, True, i + 0.2)
+    assert core.stats["push_ignored"] == 0
+
+
 def test_a_ban_that_ran_out_is_seen_by_the_kernel_filter() -> None:
     core = BroadcastCore(b"\x07" * 20, lambda: [], BroadcastConfig(ban_s=10.0))
     core.ban("10.0.0.5", 0.0)

@@ -360,3 +360,34 @@ def test_a_fetch_tells_not_here_from_a_reply_that_is_none() -> None:
         await empty.close()
 
     asyncio.run(main())
+
+
+def test_only_a_sustained_flood_is_reported_for_a_ban(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst over the datagram rate, forged in a peer's name, takes milliseconds: nobody is
+    reported for it. A flood that keeps over the rate for abuse_sustained_s is."""
+    import asyncio
+
+    from kademlia.node import Node
+
+    import overlay.dht as dht
+
+    clock = [100.0]
+    monkeypatch.setattr(dht.time, "monotonic", lambda: clock[0])
+    key = NodeKey.generate()
+    reported: list[str] = []
+
+    async def main() -> None:
+        proto = dht.HardenedProtocol(Node(key.node_id), None, 20, key=key,
+                                     config=dht.DhtConfig())
+        proto.on_abuse = reported.append
+        junk = b"\x00" + bytes(20) + mpack.packb(["ping", [b"\x07" * 20]])
+        for _ in range(1000):  # a burst: 600 over the rate, all at one moment
+            proto._datagram(junk, ("10.0.0.5", 7400))
+        assert reported == [] and proto.stats["drop_rate"] >= 200
+        for _ in range(5 * 50):  # then 1000 a second for 5 s
+            clock[0] += 0.02
+            for _ in range(20):
+                proto._datagram(junk, ("10.0.0.5", 7400))
+        assert reported == ["10.0.0.5"]
+
+    asyncio.run(main())
