@@ -77,6 +77,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from operator import attrgetter
+from typing import Protocol
 
 from overlay import wire
 from overlay.antientropy import AntiEntropy
@@ -304,6 +305,13 @@ def check_body(alert_id: bytes, body: bytes, wall: float, cfg: BroadcastConfig) 
     return Checked(None, "", envelope, alert)
 
 
+class PeerLookup(Protocol):
+    """Authenticated peers by address (``overlay.dht.PeerBook``)."""
+
+    def has_ip(self, ip: str) -> bool: ...
+    def by_addr(self, addr: Addr) -> object | None: ...
+
+
 _ACK_STATUS = {Outcome.REFUTED: AckStatus.REFUTED, Outcome.STALE: AckStatus.REFUTED,
                Outcome.CANNOT_VERIFY: AckStatus.CANNOT_VERIFY}
 
@@ -311,7 +319,9 @@ _ACK_STATUS = {Outcome.REFUTED: AckStatus.REFUTED, Outcome.STALE: AckStatus.REFU
 class BroadcastCore:
     def __init__(self, node_id: bytes, contacts: Callable[[], Sequence[Contact]],
                  config: BroadcastConfig | None = None, rng: random.Random | None = None,
-                 now: float = 0.0) -> None:
+                 now: float = 0.0, peers: PeerLookup | None = None) -> None:
+        """``peers``: the authenticated peers, asked by address for every push and junk
+        datagram (the DHT's ``PeerBook``); without it, the contacts are."""
         if type(node_id) is not bytes or len(node_id) != NODE_ID_LEN:
             raise ValueError(f"node id must be {NODE_ID_LEN} bytes")
         self.node_id = node_id
@@ -343,6 +353,7 @@ class BroadcastCore:
         self._push_distrust: OrderedDict[str, float] = OrderedDict()  # ip -> until (_blame)
         self._pushes: Counter[str] = Counter()  # pushed bodies in the sandbox, per address
         self._stranger_pushes = KeyedBuckets(cfg.stranger_push_rate, 1)
+        self._peers = peers
         self._ports_for: object = None  # the contact list ``_ports`` was built from
         self._ports: dict[str, set[int]] = {}
         self.ae = AntiEntropy(cfg.ae_interval, cfg.ae_window, self.rng, now)
@@ -420,7 +431,7 @@ class BroadcastCore:
             # A datagram's source can be forged: in a contact's name, junk costs only itself
             # (the contact's own datagrams must not be crowded out). From anyone else it is
             # costly, and junk in our own version, which no honest node sends, a ban at once.
-            if ip not in self._contact_ports():
+            if not self._contact_ip(ip):
                 self._announce_buckets.charge(ip, now, self.cfg.malformed_cost)
                 if len(data) >= 2 and data[1] == wire.VERSION:
                     self._strike(ip, now, self.cfg.strikes_to_ban)
@@ -478,9 +489,9 @@ class BroadcastCore:
                 self.stats[f"fetch_failed_{fault.name.lower()}"] += 1
                 if fault == wire.Fault.REFUSED and self._answerable(addr):
                     # A contact's fetch server may be restarting: a strike, not a ban.
-                    stranger = addr[0] not in self._contact_ports()
+                    stranger = not self._contact_ip(addr[0])
                     self._strike(addr[0], now, self.cfg.strikes_to_ban if stranger else 1)
-                elif fault == wire.Fault.NOT_HERE and addr[0] not in self._contact_ports():
+                elif fault == wire.Fault.NOT_HERE and not self._contact_ip(addr[0]):
                     self._strike(addr[0], now)
             return self._next_fetch(alert_id, p, now)
         return self._got_body(alert_id, p, addr, body, now, wall, served=True)
@@ -542,6 +553,16 @@ class BroadcastCore:
         if self._pushes[ip] <= 0:
             del self._pushes[ip]
 
+    def _contact_ip(self, ip: str) -> bool:
+        if self._peers is not None:
+            return self._peers.has_ip(ip)
+        return ip in self._contact_ports()
+
+    def _contact_at(self, addr: Addr) -> bool:
+        if self._peers is not None:
+            return self._peers.by_addr(addr) is not None
+        return addr[1] in self._contact_ports().get(addr[0], ())
+
     def _contact_ports(self) -> dict[str, set[int]]:
         """The authenticated contacts' ports by IP (rebuilt when the contact list changes)."""
         contacts = self._contacts()
@@ -556,8 +577,7 @@ class BroadcastCore:
         """May what ``addr`` did on a stream this node opened count against its IP? Not when
         the IP is a contact's and the port is not the contact's: the announcement that
         pointed there was forged in its name (or another program answered)."""
-        ports = self._contact_ports().get(addr[0])
-        return ports is None or addr[1] in ports
+        return not self._contact_ip(addr[0]) or self._contact_at(addr)
 
     def _takes_push(self, addr: Addr, now: float) -> bool:
         """Run the sandbox on a body pushed from ``addr``? Not from an address whose push
@@ -568,8 +588,7 @@ class BroadcastCore:
         if (until is not None and until > now) or \
                 self._pushes[addr[0]] >= self.cfg.max_fetches_per_peer:
             return False
-        return addr[1] in self._contact_ports().get(addr[0], ()) or \
-            self._stranger_pushes.take(None, now)
+        return self._contact_at(addr) or self._stranger_pushes.take(None, now)
 
     def on_verdict(self, alert_id: bytes, verified: bool | None, now: float,
                    forged: bool = False) -> list[Action]:

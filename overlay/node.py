@@ -192,6 +192,22 @@ _wakeups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wakeups] = (
     weakref.WeakKeyDictionary())
 
 
+class _PeerBookOf:
+    """The server's authenticated peers (its protocol's ``PeerBook``, once it listens), for
+    the broadcast core's ``peers``."""
+
+    def __init__(self, server: HardenedServer) -> None:
+        self.server = server
+
+    def has_ip(self, ip: str) -> bool:
+        protocol = self.server.protocol
+        return protocol is not None and protocol.peers.has_ip(ip)
+
+    def by_addr(self, addr: Addr) -> object | None:
+        protocol = self.server.protocol
+        return None if protocol is None else protocol.peers.by_addr(addr)
+
+
 class Overlay:
     def __init__(self, key: NodeKey, bind: tuple[str, int] = ("0.0.0.0", 0),
                  bootstrap: Sequence[str | tuple[str, int]] = (), *,
@@ -251,7 +267,7 @@ class Overlay:
         wakeups.members += 1
         self._wakeups = wakeups
         self.core = BroadcastCore(self.key.node_id, self._contacts, self.config.broadcast,
-                                  now=loop.time())
+                                  now=loop.time(), peers=_PeerBookOf(self.server))
         host, port = self.bind
         await self.server.listen(port, host)
         assert self.server.transport is not None and self.server.protocol is not None
