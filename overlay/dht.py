@@ -451,13 +451,16 @@ class HardenedProtocol(KademliaProtocol):
             if self.peers.has_ip(ip):
                 self.stats["abuse_spared"] += 1
             else:
-                self.stats["abusers"] += 1
-                if self.on_abuse is not None:
-                    self.on_abuse(ip)
+                self._report(ip)
             return
         self._bad_frames[ip] = n
         while len(self._bad_frames) > self.config.max_peers:
             self._bad_frames.popitem(last=False)
+
+    def _report(self, ip: str) -> None:
+        self.stats["abusers"] += 1
+        if self.on_abuse is not None:
+            self.on_abuse(ip)  # the owner bans it, in the kernel too
 
     def _note_over_rate(self, ip: str, now: float) -> None:
         # No honest peer comes near the datagram rate; one that keeps exceeding it is flooding,
@@ -468,9 +471,7 @@ class HardenedProtocol(KademliaProtocol):
             n, since = 0, now  # an old episode: counted afresh
         n += 1
         if n >= self.config.abuse_drops and now - since >= self.config.abuse_sustained_s:
-            self.stats["abusers"] += 1
-            if self.on_abuse is not None:
-                self.on_abuse(ip)
+            self._report(ip)
             return
         self._over_rate[ip] = (n, since)
         while len(self._over_rate) > self.config.max_peers:
