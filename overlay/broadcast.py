@@ -43,7 +43,9 @@ node that has not seen the id fetches the body (the signed envelope) from the an
 stream, and that fetch is its acknowledgement. A body small enough to ride in the announcement
 (``push_bytes``, within ``wire.MAX_DATAGRAM``: a Slammer-class alert) is pushed along instead;
 the receiver then acknowledges with an ACK and needs no fetch, which saves every hop a
-connection's round trips. Then, in this order: the body must parse and hash
+connection's round trips. An ACK counts only with the token of the announcement it answers
+(``wire``): keyed by a secret of the sender's, per alert and receiver, so nobody else can
+answer in a contact's name. Then, in this order: the body must parse and hash
 to the announced id, the signature must be good, the signing time recent, and the sandbox (the
 injected verifier) must verify the alert. Only then is the alert delivered and forwarded. What
 did not verify is never delivered or forwarded, and its id is remembered as refuted, so it costs
@@ -70,6 +72,8 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import hmac
+import os
 import random
 from bisect import bisect_left
 from collections import Counter, OrderedDict
@@ -209,7 +213,7 @@ Region = tuple[int, int]
 class _Pending:
     roles: dict[int, int]  # replica index -> widest (smallest) limit asked of us
     hops: int
-    announcers: list[Addr]
+    announcers: dict[Addr, bytes | None]  # -> the token to answer with (None: a digest's)
     tried: set[Addr] = field(default_factory=set)
     blamed: set[Addr] = field(default_factory=set)
     current: Addr | None = None
@@ -235,6 +239,10 @@ MAX_MASKED = 8  # announcements with masks kept per pending alert
 _NOT_SUPER = 1 << 160  # added to the rank of a contact that is not a super-peer
 _ALL = (1 << wire.MASK_BITS) - 1
 _LONG_ID = attrgetter("long_id")
+
+
+def _ack(addr: Addr, alert_id: bytes, status: AckStatus, token: bytes) -> Send:
+    return Send(addr, wire.encode(Ack(alert_id, status, token)))
 
 
 def _bits(mask: int) -> list[int]:
@@ -319,9 +327,11 @@ _ACK_STATUS = {Outcome.REFUTED: AckStatus.REFUTED, Outcome.STALE: AckStatus.REFU
 class BroadcastCore:
     def __init__(self, node_id: bytes, contacts: Callable[[], Sequence[Contact]],
                  config: BroadcastConfig | None = None, rng: random.Random | None = None,
-                 now: float = 0.0, peers: PeerLookup | None = None) -> None:
+                 now: float = 0.0, peers: PeerLookup | None = None,
+                 secret: bytes | None = None) -> None:
         """``peers``: the authenticated peers, asked by address for every push and junk
-        datagram (the DHT's ``PeerBook``); without it, the contacts are."""
+        datagram (the DHT's ``PeerBook``); without it, the contacts are. ``secret`` keys the
+        announcements' tokens (default: 16 random bytes from the OS)."""
         if type(node_id) is not bytes or len(node_id) != NODE_ID_LEN:
             raise ValueError(f"node id must be {NODE_ID_LEN} bytes")
         self.node_id = node_id
@@ -329,6 +339,7 @@ class BroadcastCore:
         self._contacts = contacts
         self.cfg = cfg = config or BroadcastConfig()
         self.rng = rng or random.Random()
+        self._secret = secret if secret is not None else os.urandom(16)
         self._good: SeenCache[_Held] = SeenCache(cfg.seen_ttl, cfg.max_seen, cfg.max_body_bytes)
         self._bad: SeenCache[Outcome] = SeenCache(cfg.seen_ttl, cfg.max_refused, 0)
         self._pending: dict[bytes, _Pending] = {}
@@ -648,7 +659,7 @@ class BroadcastCore:
         if old is not None and old.verifying:
             self._push_over(old)  # its verdict will find our own pending instead
         roles = dict.fromkeys(range(self.cfg.replicas), 0)  # every copy of everything
-        p = _Pending(roles=roles, hops=0, announcers=old.announcers if old else [], local=True,
+        p = _Pending(roles=roles, hops=0, announcers=old.announcers if old else {}, local=True,
                      verifying=True, body=envelope_bytes, envelope=checked.envelope,
                      alert=checked.alert)
         self._pending[alert_id] = p
@@ -674,6 +685,12 @@ class BroadcastCore:
 
     # --- internals ---------------------------------------------------------------------------
 
+    def _token(self, alert_id: bytes, addr: Addr) -> bytes:
+        """The token of our announcements of ``alert_id`` to ``addr``: worked out again for
+        the answer, not kept."""
+        return hashlib.blake2b(f"{addr[0]}|{addr[1]}".encode() + alert_id, key=self._secret,
+                               digest_size=wire.TOKEN_LEN).digest()
+
     def _timer(self, when: float, what: str, payload: object) -> None:
         self._seq += 1
         heapq.heappush(self._timers, (when, self._seq, what, payload))
@@ -684,7 +701,7 @@ class BroadcastCore:
         replica = ann.replica % self.cfg.replicas
         held = self._good.get(aid, now)
         if held is not None:
-            actions: list[Action] = [Send(addr, wire.encode(Ack(aid, AckStatus.TAKEN)))]
+            actions: list[Action] = [_ack(addr, aid, AckStatus.TAKEN, ann.token)]
             if ann.limit < held.forwarded[replica] or ann.uncovered or ann.refs:
                 actions += self._forward(aid, held, replica, ann.limit, now,
                                          self._masks(addr, ann))
@@ -692,24 +709,27 @@ class BroadcastCore:
         bad = self._bad.get(aid, now)
         if bad is not None:
             self.stats["rx_announce_refused"] += 1
-            return [Send(addr, wire.encode(Ack(aid, _ACK_STATUS.get(bad, AckStatus.REFUTED))))]
+            return [_ack(addr, aid, _ACK_STATUS.get(bad, AckStatus.REFUTED), ann.token)]
         p = self._pending.get(aid)
         if p is not None:
             p.roles[replica] = min(p.roles.get(replica, NO_RANGE), ann.limit)
             p.hops = min(p.hops, ann.hops)
-            if addr not in p.announcers and len(p.announcers) < self.cfg.max_announcers:
-                p.announcers.append(addr)
+            if p.announcers.get(addr) is None and (
+                    addr in p.announcers or len(p.announcers) < self.cfg.max_announcers):
+                # The first token stays: a forged announcement in an announcer's name,
+                # after it, cannot make our later answers to it count for nothing.
+                p.announcers[addr] = ann.token
             if (ann.uncovered or ann.refs) and len(p.masked) < MAX_MASKED:
                 p.masked.append((addr, ann))
-            return [Send(addr, wire.encode(Ack(aid, AckStatus.TAKEN)))]
+            return [_ack(addr, aid, AckStatus.TAKEN, ann.token)]
         body = ann.body
         if body and not self._takes_push(addr, now):
             self.stats["push_ignored"] += 1
             body = b""  # fetched from it instead
         if body:
-            actions = self._start_pushed(aid, addr, {replica: ann.limit}, ann.hops)
+            actions = self._start_pushed(aid, addr, {replica: ann.limit}, ann.hops, ann.token)
         else:
-            actions = self._start_fetch(aid, addr, {replica: ann.limit}, ann.hops)
+            actions = self._start_fetch(aid, addr, {replica: ann.limit}, ann.hops, ann.token)
         if actions and (ann.uncovered or ann.refs):
             self._pending[aid].masked.append((addr, ann))
         if body and actions:
@@ -720,18 +740,19 @@ class BroadcastCore:
             actions = got + actions if got and type(got[0]) is Verify else actions + got
         return actions
 
-    def _start_pushed(self, aid: bytes, addr: Addr, roles: dict[int, int], hops: int
-                      ) -> list[Action]:
+    def _start_pushed(self, aid: bytes, addr: Addr, roles: dict[int, int], hops: int,
+                      token: bytes) -> list[Action]:
         """An announcement that brought its body: acknowledged at once (no fetch will),
         before the body's checks, as a fetch would be."""
         if len(self._pending) >= self.cfg.max_pending:
             self.stats["drop_busy"] += 1
             return []
-        self._pending[aid] = _Pending(roles=roles, hops=hops, announcers=[addr], current=addr)
-        return [Send(addr, wire.encode(Ack(aid, AckStatus.TAKEN)))]
+        self._pending[aid] = _Pending(roles=roles, hops=hops, announcers={addr: token},
+                                      current=addr)
+        return [_ack(addr, aid, AckStatus.TAKEN, token)]
 
-    def _start_fetch(self, aid: bytes, addr: Addr, roles: dict[int, int], hops: int
-                     ) -> list[Action]:
+    def _start_fetch(self, aid: bytes, addr: Addr, roles: dict[int, int], hops: int,
+                     token: bytes | None) -> list[Action]:
         # No acknowledgement when busy: the sender gives the subtree to someone else.
         if len(self._pending) >= self.cfg.max_pending:
             self.stats["drop_busy"] += 1
@@ -740,7 +761,8 @@ class BroadcastCore:
             # One peer cannot fill the pending table with ids it will never serve.
             self.stats["drop_busy_peer"] += 1
             return []
-        self._pending[aid] = _Pending(roles=roles, hops=hops, announcers=[addr], current=addr)
+        self._pending[aid] = _Pending(roles=roles, hops=hops, announcers={addr: token},
+                                      current=addr)
         return self._fetch(addr, aid)
 
     def _fetch(self, addr: Addr, aid: bytes) -> list[Action]:
@@ -767,8 +789,8 @@ class BroadcastCore:
             return []  # a digest's id: nobody handed us a subtree for it
         # Those told "taken" (and those whose fetch counted as that) must not count on us;
         # announcers caught lying get nothing.
-        return [Send(a, wire.encode(Ack(aid, AckStatus.FAILED))) for a in p.announcers
-                if a not in p.blamed and not self.banned(a[0], now)]
+        return [_ack(a, aid, AckStatus.FAILED, token) for a, token in p.announcers.items()
+                if token is not None and a not in p.blamed and not self.banned(a[0], now)]
 
     def _settle_bad(self, aid: bytes, p: _Pending, outcome: Outcome, now: float
                     ) -> list[Action]:
@@ -777,7 +799,8 @@ class BroadcastCore:
         self._bad.put(aid, outcome, now)
         status = _ACK_STATUS.get(outcome, AckStatus.REFUTED)
         # Tell every announcer, so an honest one gives the subtree to another contact.
-        return [Send(a, wire.encode(Ack(aid, status))) for a in p.announcers]
+        return [_ack(a, aid, status, token) for a, token in p.announcers.items()
+                if token is not None]
 
     def _on_ack(self, addr: Addr, ack: Ack, now: float) -> list[Action]:
         aid = ack.alert_id
@@ -787,6 +810,11 @@ class BroadcastCore:
             # ``seen_ttl``: an acknowledgement of an id we never heard of is made up (by
             # whom, a datagram cannot say: dropped, no strike).
             self.stats["ack_unknown"] += 1
+            return []
+        if not hmac.compare_digest(ack.token, self._token(aid, addr)):
+            # Not an answer to anything we sent there: made up by someone who knows the id
+            # (dropped, no strike: its source may be forged too).
+            self.stats["ack_forged"] += 1
             return []
         if ack.status is AckStatus.TAKEN:
             self._taken(ack.alert_id, addr, now)
@@ -1018,7 +1046,7 @@ class BroadcastCore:
             dels[c.addr] = d
             self._timer(now + self._wait, "ack", (d.alert_id, c.addr, token))
             self.stats["tx_announce"] += 1
-            return [Send(c.addr, d.data)]
+            return [Send(c.addr, wire.with_token(d.data, self._token(d.alert_id, c.addr)))]
         self.stats["group_exhausted"] += 1
         return []
 
@@ -1035,7 +1063,7 @@ class BroadcastCore:
                 self.stats["drop_rate"] += 1
                 break
             first = False
-            started = self._start_fetch(aid, addr, {}, wire.MAX_HOPS)
+            started = self._start_fetch(aid, addr, {}, wire.MAX_HOPS, None)
             self.stats["ae_repairs"] += bool(started)
             actions += started
         # At most one answer per peer per few seconds: an honest neighbour asks once an

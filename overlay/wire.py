@@ -6,14 +6,18 @@ below, told apart by the first byte. Broadcast datagrams carry no msgpack: every
 fixed place and size, so a decoder checks the length first and cannot be made to do more work
 than reading a few bytes. All integers are big-endian.
 
-Datagrams (version byte 3)::
+Datagrams (version byte 4)::
 
-    ANNOUNCE  0x10 | ver | alert id (32) | limit (1) | hops (1) | replica (1)
-              | uncovered (20) | n (1) | n x (node id (20) | uncovered (20))   58 + 40n, n <= 4
+    ANNOUNCE  0x10 | ver | alert id (32) | token (8) | limit (1) | hops (1) | replica (1)
+              | uncovered (20) | n (1) | n x (node id (20) | uncovered (20))   66 + 40n, n <= 4
               [ | body length (2) | body ]                      in all at most 1,200 bytes
-    ACK       0x11 | ver | alert id (32) | status (1)                       35 bytes
+    ACK       0x11 | ver | alert id (32) | token (8) | status (1)            43 bytes
     IHAVE     0x12 | ver | flags (1) | n (1) | n alert ids (32 each)       4 + 32n, n <= 16
 
+``token`` binds an acknowledgement to the announcement it answers: the sender makes one up for
+each (alert, receiver) pair and the receiver echoes it in its ACKs. A datagram's source can be
+forged, but not what was sent to that source: without the token, anyone who knows an alert id
+could say "taken" in a contact's name and leave that contact's subtree without the alert.
 ``limit`` is the announcement's range: the receiver is responsible for the nodes that share at
 least ``limit`` leading id bits with it (0: everyone). ``replica`` says which of the sender's
 copies of that subtree this is (0 or 1 with two replicas; see ``overlay.broadcast``). ``hops``
@@ -43,8 +47,10 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-VERSION = 3
+VERSION = 4
 ID_LEN = 32
+TOKEN_LEN = 8
+NO_TOKEN = bytes(TOKEN_LEN)  # for tests and tools that announce by hand
 MAX_IHAVE_IDS = 16
 MAX_LIMIT = 160  # a 160-bit id space: limit 160 means "nobody below me"
 MAX_HOPS = 255
@@ -67,7 +73,7 @@ class AckStatus(IntEnum):
 
 
 _ACK_STATUS = {int(s): s for s in AckStatus}  # a dict lookup, not an enum call per datagram
-ANNOUNCE_LEN = 58  # with no older masks
+ANNOUNCE_LEN = 66  # with no older masks
 REF_LEN = 40
 MAX_REFS = 4
 MASK_BITS = 160
@@ -75,7 +81,7 @@ MAX_REPLICA = 7
 # Larger datagrams fragment on a real network (FIELD-NOTES): a body that would take an
 # announcement past this is fetched instead.
 MAX_DATAGRAM = 1200
-ACK_LEN = 35
+ACK_LEN = 43
 IHAVE_HEAD = 4
 IHAVE_FLAG_REPLY = 0x01  # "tell me what I lack": the receiver answers with its own digest
 
@@ -85,10 +91,11 @@ FETCH_REPLY_HEAD = 5
 FETCH_FOUND = 0
 FETCH_NOT_HERE = 1
 
-_ANNOUNCE = struct.Struct(">BB32sBBB20sB")
-_LIMIT_AT = 34  # the limit's offset in an announcement
+_ANNOUNCE = struct.Struct(">BB32s8sBBB20sB")
+_TOKEN_AT = 34  # the token's offset in an announcement
+_LIMIT_AT = 42  # the limit's
 _REF = struct.Struct(">20s20s")
-_ACK = struct.Struct(">BB32sB")
+_ACK = struct.Struct(">BB32s8sB")
 _IHAVE = struct.Struct(">BBBB")
 _FETCH_REPLY = struct.Struct(">BI")
 
@@ -115,12 +122,14 @@ class Announce:
     uncovered: int = 0  # the sender's groups nobody covers, as a 160-bit mask
     refs: tuple[tuple[bytes, int], ...] = ()  # (node id, its uncovered mask), oldest last
     body: bytes = b""  # the signed envelope, pushed along (b"": fetch it)
+    token: bytes = NO_TOKEN  # echoed in the receiver's acknowledgements
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
     alert_id: bytes
     status: AckStatus
+    token: bytes = NO_TOKEN  # the answered announcement's
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +146,11 @@ def _check_id(alert_id: bytes) -> None:
         raise WireError(f"an alert id is {ID_LEN} bytes")
 
 
+def _check_token(token: bytes) -> None:
+    if type(token) is not bytes or len(token) != TOKEN_LEN:
+        raise WireError(f"a token is {TOKEN_LEN} bytes")
+
+
 def _mask(bits: int) -> bytes:
     if not 0 <= bits < 1 << MASK_BITS:
         raise WireError("a group mask is 160 bits")
@@ -146,6 +160,7 @@ def _mask(bits: int) -> bytes:
 def encode(msg: Datagram) -> bytes:
     if isinstance(msg, Announce):
         _check_id(msg.alert_id)
+        _check_token(msg.token)
         if not 0 <= msg.limit <= MAX_LIMIT:
             raise WireError(f"limit {msg.limit} outside 0..{MAX_LIMIT}")
         if not 0 <= msg.replica <= MAX_REPLICA:
@@ -159,16 +174,17 @@ def encode(msg: Datagram) -> bytes:
         if body and not fits(len(body), len(msg.refs)):
             raise WireError(f"a pushed body of {len(body)} bytes takes the announcement past "
                             f"{MAX_DATAGRAM} bytes")
-        return _ANNOUNCE.pack(Kind.ANNOUNCE, VERSION, msg.alert_id, msg.limit,
+        return _ANNOUNCE.pack(Kind.ANNOUNCE, VERSION, msg.alert_id, msg.token, msg.limit,
                               min(msg.hops, MAX_HOPS), msg.replica, _mask(msg.uncovered),
                               len(msg.refs)) + b"".join(
             _REF.pack(node_id, _mask(m)) for node_id, m in msg.refs) + (
             len(body).to_bytes(2, "big") + body if body else b"")
     if isinstance(msg, Ack):
         _check_id(msg.alert_id)
+        _check_token(msg.token)
         if msg.status not in _ACK_STATUS:
             raise WireError(f"unknown ack status {msg.status}")
-        return _ACK.pack(Kind.ACK, VERSION, msg.alert_id, msg.status)
+        return _ACK.pack(Kind.ACK, VERSION, msg.alert_id, msg.token, msg.status)
     if isinstance(msg, IHave):
         if len(msg.ids) > MAX_IHAVE_IDS:
             raise WireError(f"at most {MAX_IHAVE_IDS} ids in a digest")
@@ -193,6 +209,12 @@ def with_limit(announce: bytes, limit: int) -> bytes:
     return b"".join((announce[:_LIMIT_AT], bytes((limit,)), announce[_LIMIT_AT + 1:]))
 
 
+def with_token(announce: bytes, token: bytes) -> bytes:
+    """An encoded announcement with the token of the receiver it goes to."""
+    _check_token(token)
+    return b"".join((announce[:_TOKEN_AT], token, announce[_TOKEN_AT + TOKEN_LEN:]))
+
+
 def decode(data: bytes) -> Datagram:
     """Parse one broadcast datagram; ``WireError`` for anything else (never another error)."""
     n = len(data)
@@ -204,7 +226,7 @@ def decode(data: bytes) -> Datagram:
     if kind == Kind.ANNOUNCE:
         if n < ANNOUNCE_LEN:
             raise WireError(f"announce of {n} bytes, at least {ANNOUNCE_LEN}")
-        _, _, alert_id, limit, hops, replica, mask, count = _ANNOUNCE.unpack_from(data)
+        _, _, alert_id, token, limit, hops, replica, mask, count = _ANNOUNCE.unpack_from(data)
         end = ANNOUNCE_LEN + count * REF_LEN
         if count > MAX_REFS or n < end:
             raise WireError(f"announce of {n} bytes does not hold {count} older masks")
@@ -221,15 +243,15 @@ def decode(data: bytes) -> Datagram:
         refs = tuple((node_id, int.from_bytes(m, "big")) for node_id, m in
                      (_REF.unpack_from(data, ANNOUNCE_LEN + i * REF_LEN) for i in range(count)))
         return Announce(alert_id, limit, hops, replica, int.from_bytes(mask, "big"), refs,
-                        body)
+                        body, token)
     if kind == Kind.ACK:
         if n != ACK_LEN:
             raise WireError(f"ack of {n} bytes, expected {ACK_LEN}")
-        _, _, alert_id, status = _ACK.unpack(data)
+        _, _, alert_id, token, status = _ACK.unpack(data)
         found = _ACK_STATUS.get(status)
         if found is None:
             raise WireError(f"unknown ack status {status}")
-        return Ack(alert_id, found)
+        return Ack(alert_id, found, token)
     if kind == Kind.IHAVE:
         if n < IHAVE_HEAD:
             raise WireError("digest too short")

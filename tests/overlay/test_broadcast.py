@@ -51,6 +51,13 @@ def aid_of(env: bytes) -> bytes:
     return hashlib.sha256(decode_envelope(env).alert_bytes).digest()
 
 
+def answer(announcement: Send, status: AckStatus) -> bytes:
+    """The receiver's acknowledgement of an announcement we sent: its token echoed."""
+    ann = wire.decode(announcement.data)
+    assert isinstance(ann, Announce)
+    return wire.encode(Ack(ann.alert_id, status, ann.token))
+
+
 @dataclass
 class SimNode:
     core: BroadcastCore
@@ -364,7 +371,7 @@ def test_a_small_body_rides_in_the_announcement_and_is_acknowledged_not_fetched(
     acts = receiver.on_datagram(sender_addr, sends[0].data, 0.01, WALL)
     if pushed:  # the sandbox's job first, then the acknowledgement
         assert isinstance(acts[0], Verify) and acts[0].body == env and len(acts) == 2
-        assert acts[1] == Send(sender_addr, wire.encode(Ack(aid, AckStatus.TAKEN)))
+        assert acts[1] == Send(sender_addr, wire.encode(Ack(aid, AckStatus.TAKEN, ann.token)))
         sender.on_datagram(receiver_addr, acts[1].data, 0.02, WALL)
     else:
         assert acts == [Fetch(sender_addr, aid)]
@@ -559,7 +566,7 @@ def test_fetch_serving_and_acks() -> None:
     third = [a for a in acts if isinstance(a, Send)]
     assert len(third) == 1 and third[0].addr not in (first, second)
     # The fetcher that took it then says it cannot verify: its slot goes to a fourth.
-    acts = core.on_datagram(first, wire.encode(Ack(aid, AckStatus.CANNOT_VERIFY)), 0.7, WALL)
+    acts = core.on_datagram(first, answer(sends[0], AckStatus.CANNOT_VERIFY), 0.7, WALL)
     fourth = [a for a in acts if isinstance(a, Send)]
     assert len(fourth) == 1 and fourth[0].addr not in (first, second, third[0].addr)
 
@@ -569,15 +576,16 @@ def test_unsettled_counts_announcements_not_yet_fetched_or_acknowledged() -> Non
     core = BroadcastCore(b"\x00" * 20, lambda: contacts, BroadcastConfig(ack_timeout=0.5))
     aid, _ = core.publish(envelope(b"H"), 0.0, WALL)
     assert core.unsettled(aid, 0.0) is None  # not verified here yet: nothing handed out
-    first, second = (a.addr for a in core.on_verdict(aid, True, 0.0) if isinstance(a, Send))
+    one, two = (a for a in core.on_verdict(aid, True, 0.0) if isinstance(a, Send))
+    first, second = one.addr, two.addr
     assert core.unsettled(aid, 0.0) == 2
     core.serve_fetch(first[0], wire.encode_fetch_request(aid, first[1]), 0.1)
     assert core.unsettled(aid, 0.1) == 1  # the fetch took it
     # A refusal passes the subtree on: the next candidate is waited for in its place.
-    acts = core.on_datagram(second, wire.encode(Ack(aid, AckStatus.CANNOT_VERIFY)), 0.2, WALL)
-    nxt = [a.addr for a in acts if isinstance(a, Send)]
+    acts = core.on_datagram(second, answer(two, AckStatus.CANNOT_VERIFY), 0.2, WALL)
+    nxt = [a for a in acts if isinstance(a, Send)]
     assert len(nxt) == 1 and core.unsettled(aid, 0.2) == 1
-    core.on_datagram(nxt[0], wire.encode(Ack(aid, AckStatus.TAKEN)), 0.3, WALL)
+    core.on_datagram(nxt[0].addr, answer(nxt[0], AckStatus.TAKEN), 0.3, WALL)
     assert core.unsettled(aid, 0.3) == 0
     # Announced to nobody (no contacts): settled at once.
     lonely = BroadcastCore(b"\x01" * 20, lambda: [], BroadcastConfig())
@@ -636,6 +644,46 @@ def test_anti_entropy_digest_exchange() -> None:
     assert acts == [Fetch(("10.0.0.10", 1), other)]
 
 
+def test_an_acknowledgement_counts_only_with_the_token_of_its_announcement() -> None:
+    contacts = [Contact(bytes([0x80 | i]) + b"\x00" * 19, (f"10.0.0.{i}", 9)) for i in range(4)]
+    core = BroadcastCore(b"\x00" * 20, lambda: contacts, BroadcastConfig(ack_timeout=0.5))
+    aid, _ = core.publish(envelope(b"T"), 0.0, WALL)
+    one, two = (a for a in core.on_verdict(aid, True, 0.0) if isinstance(a, Send))
+    mine = wire.decode(one.data)
+    assert isinstance(mine, Announce) and mine.token != wire.decode(two.data).token
+    # Anyone who knows the id (here: the first receiver, with its own token) cannot say
+    # "taken" or "cannot verify" in the second's name.
+    for token in (wire.NO_TOKEN, mine.token):
+        for status in (AckStatus.TAKEN, AckStatus.CANNOT_VERIFY):
+            acts = core.on_datagram(two.addr, wire.encode(Ack(aid, status, token)), 0.1, WALL)
+            assert acts == []
+    assert core.stats["ack_forged"] == 4 and core.unsettled(aid, 0.1) == 2
+    # So the silent second is still passed over at its timeout, and its copy reaches a third.
+    acts = core.tick(0.6)
+    assert {a.contact.addr for a in acts if isinstance(a, Unresponsive)} == {two.addr, one.addr}
+    assert len([a for a in acts if isinstance(a, Send)]) == 2
+    # The genuine answer counts.
+    core.on_datagram(one.addr, answer(one, AckStatus.TAKEN), 0.7, WALL)
+    assert core.stats["ack_forged"] == 4 and core.unsettled(aid, 0.7) == 2
+
+
+def test_a_receiver_answers_each_announcer_with_its_own_first_token() -> None:
+    core = BroadcastCore(b"\x07" * 20, lambda: [], BroadcastConfig())
+    aid = b"\x34" * 32
+    p1, p2 = ("10.0.0.1", 1), ("10.0.0.2", 1)
+    t1, t2 = b"\x01" * 8, b"\x02" * 8
+    assert core.on_datagram(p1, wire.encode(Announce(aid, 5, token=t1)), 0.0, WALL) == [
+        Fetch(p1, aid)]
+    acts = core.on_datagram(p2, wire.encode(Announce(aid, 5, token=t2)), 0.0, WALL)
+    assert [wire.decode(a.data) for a in acts] == [Ack(aid, AckStatus.TAKEN, t2)]
+    # A forged announcement in p1's name, later, does not replace p1's token.
+    core.on_datagram(p1, wire.encode(Announce(aid, 5, token=b"\x66" * 8)), 0.0, WALL)
+    core.on_fetched(aid, p1, None, 0.1, WALL)
+    acts = core.on_fetched(aid, p2, None, 0.2, WALL)
+    assert {(a.addr, wire.decode(a.data)) for a in acts} == {
+        (p1, Ack(aid, AckStatus.FAILED, t1)), (p2, Ack(aid, AckStatus.FAILED, t2))}
+
+
 def test_ack_timeout_adapts_to_slow_peers() -> None:
     contacts = [Contact(bytes([0x80 | i]) + b"\x00" * 19, (f"10.0.0.{i}", 9)) for i in range(6)]
     cfg = BroadcastConfig(ack_timeout=0.3, max_ack_timeout=2.0)
@@ -647,7 +695,7 @@ def test_ack_timeout_adapts_to_slow_peers() -> None:
         sends = [a for a in core.on_verdict(aid, True, now) if isinstance(a, Send)]
         now += 0.8
         for s in sends:
-            core.on_datagram(s.addr, wire.encode(Ack(aid, AckStatus.TAKEN)), now, WALL)
+            core.on_datagram(s.addr, answer(s, AckStatus.TAKEN), now, WALL)
         core.tick(now)
     assert 0.8 < core.ack_wait() <= 2.0
     # A slow peer is no longer taken for a dead one: no timeouts after warming up.

@@ -28,23 +28,30 @@ def test_wire_roundtrip() -> None:
     masks = ((bytes(range(20)), 1 << 159 | 5), (b"\xff" * 20, 0))
     for msg in (wire.Announce(aid, 0), wire.Announce(aid, 160, 255, 1),
                 wire.Announce(aid, 7, 3, 1, (1 << 160) - 1, masks),
-                wire.Ack(aid, wire.AckStatus.CANNOT_VERIFY), wire.IHave(()),
+                wire.Announce(aid, 1, token=b"12345678"),
+                wire.Ack(aid, wire.AckStatus.CANNOT_VERIFY), wire.Ack(aid, 0, b"\xff" * 8),
+                wire.IHave(()),
                 wire.IHave((aid,) * 16, True)):
         assert wire.decode(wire.encode(msg)) == msg
     assert len(wire.encode(wire.Announce(aid, 3))) == wire.ANNOUNCE_LEN
     assert len(wire.encode(wire.Announce(aid, 3, refs=masks))) == wire.ANNOUNCE_LEN + 80
     for bad in (wire.Announce(aid, 3, uncovered=1 << 160), wire.Announce(aid, 3, refs=(
-            (bytes(19), 1),)), wire.Announce(aid, 3, refs=masks * 3)):
+            (bytes(19), 1),)), wire.Announce(aid, 3, refs=masks * 3),
+            wire.Announce(aid, 3, token=b"short"), wire.Ack(aid, 0, b"long" * 3)):
         with pytest.raises(wire.WireError):
             wire.encode(bad)
     assert wire.decode_fetch_request(wire.encode_fetch_request(aid, 7400)) == (aid, 7400)
-    # One announcement's encoding with other limits: everything else as it was.
-    ann = wire.Announce(aid, 7, 3, 1, 5, masks)
+    # One announcement's encoding with other limits and tokens: everything else as it was.
+    ann = wire.Announce(aid, 7, 3, 1, 5, masks, b"body", b"token..."[:8])
     for limit in (0, 8, 160):
         assert wire.decode(wire.with_limit(wire.encode(ann), limit)) == dataclasses.replace(
             ann, limit=limit)
+    assert wire.decode(wire.with_token(wire.encode(ann), b"\x01" * 8)) == dataclasses.replace(
+        ann, token=b"\x01" * 8)
     with pytest.raises(wire.WireError):
         wire.with_limit(wire.encode(ann), 161)
+    with pytest.raises(wire.WireError):
+        wire.with_token(wire.encode(ann), b"\x01" * 9)
 
 
 def test_a_body_rides_in_an_announcement_only_within_a_datagram() -> None:
@@ -72,12 +79,13 @@ V = bytes((wire.VERSION,))
 
 
 @pytest.mark.parametrize("data", [
-    b"", b"\x10", b"\x10\x09" + bytes(56), b"\x10" + V + bytes(55), b"\x10" + V + bytes(57),
-    b"\x10" + V + bytes(32) + b"\xa1\x00\x00" + bytes(21),
-    b"\x10" + V + bytes(32) + b"\x00\x00\x09" + bytes(21),
-    b"\x10" + V + bytes(55) + b"\x01",  # one older mask announced, none there
-    b"\x10" + V + bytes(55) + b"\x05" + bytes(200),  # more older masks than allowed
-    b"\x11" + V + bytes(32) + b"\x09", b"\x12" + V + b"\x00\x11" + bytes(32 * 17),
+    b"", b"\x10", b"\x10\x09" + bytes(64), b"\x10" + V + bytes(63), b"\x10" + V + bytes(65),
+    b"\x10" + V + bytes(40) + b"\xa1\x00\x00" + bytes(21),
+    b"\x10" + V + bytes(40) + b"\x00\x00\x09" + bytes(21),
+    b"\x10" + V + bytes(63) + b"\x01",  # one older mask announced, none there
+    b"\x10" + V + bytes(63) + b"\x05" + bytes(200),  # more older masks than allowed
+    b"\x11" + V + bytes(40) + b"\x09", b"\x11" + V + bytes(32) + b"\x00",  # no token
+    b"\x12" + V + b"\x00\x11" + bytes(32 * 17),
     b"\x12" + V + b"\x00\x02" + bytes(32), b"\x12" + V + b"\x80\x00", b"\x13" + V,
 ])
 def test_wire_refuses(data: bytes) -> None:
