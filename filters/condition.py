@@ -21,6 +21,11 @@ from functools import cached_property
 from typing import Literal
 
 MAX_REACH = 65536
+_FAIL, _MATCH, _UNDECIDED = 0, 1, 2
+
+
+def _as_bytes(values: tuple[int, ...]) -> list[bytes]:
+    return [bytes((v,)) for v in values]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +44,12 @@ class Field:
     delimiter: int | None = None
     occurrence: int = 1  # after the n-th delimiter from ``offset`` on
 
-    def start(self, m: bytes) -> int | None:
+    def start(self, m: bytes, base: int = 0) -> int | None:
+        """Where the field starts in ``m`` for a message that starts at ``base``."""
         if self.delimiter is None:
-            return self.offset
+            return base + self.offset
         needle = bytes([self.delimiter])
-        i = self.offset - 1
+        i = base + self.offset - 1
         for _ in range(self.occurrence):
             i = m.find(needle, i + 1)
             if i < 0:
@@ -75,40 +81,61 @@ class General:
     sliding: bool = False
 
     def matches(self, m: bytes) -> bool:
-        if not self.sliding:
-            return self._matches_at(m, 0)
-        if not self.pins:
-            return any(self._matches_at(m, b) for b in range(len(m)))
-        first = self.pins[0]
-        needle = bytes([first.value])
-        i = m.find(needle, first.offset)
-        while i >= 0:
-            if self._matches_at(m, i - first.offset):
-                return True
-            i = m.find(needle, i + 1)
-        return False
+        return self.scan(m)[0]
 
-    def _matches_at(self, m: bytes, base: int) -> bool:
+    def scan(self, m: bytes, resume: int = 0) -> tuple[bool, int]:
+        """Whether ``m`` matches, and where a later scan of ``m`` grown longer may resume.
+
+        A stream is scanned at each position where a message could start (from ``resume``
+        on): each position is decided once for good (match or not) or found undecided (it
+        needs bytes that have not come yet). Every later position needs later bytes still (the
+        pins, field and window only move right with it), so the scan stops at the first
+        undecided one and the next resumes there: a stream costs each position about once,
+        however it is segmented."""
+        if not self.sliding:
+            return self._at(m, 0) == _MATCH, 0
+        pins = self.pins
+        if not pins:
+            for b in range(resume, len(m)):
+                r = self._at(m, b)
+                if r != _FAIL:
+                    return r == _MATCH, b
+            return False, max(resume, len(m))
+        first = pins[0]
+        needle = bytes([first.value])
+        i = m.find(needle, max(first.offset, resume + first.offset))
+        while i >= 0:
+            b = i - first.offset
+            r = self._at(m, b)
+            if r != _FAIL:
+                return r == _MATCH, b
+            i = m.find(needle, i + 1)
+        return False, max(resume, len(m) - first.offset)
+
+    def _at(self, m: bytes, base: int) -> int:
+        """_MATCH, _FAIL or _UNDECIDED for a message starting at ``base``."""
+        n = len(m)
         for p in self.pins:
             at = base + p.offset
-            if at >= len(m) or m[at] != p.value:
-                return False
-        if base:
-            m = m[base:]
+            if at >= n:
+                return _UNDECIDED
+            if m[at] != p.value:
+                return _FAIL
         o = self.overflow
-        start = o.field.start(m)
+        start = o.field.start(m, base)
         if start is None:
-            return False
+            return _UNDECIDED  # the delimiter may come
         if o.kind == "terminated":
-            if start + o.reach > len(m):
-                return False
-            window = m[start:start + o.reach]
-            return not any(bytes([t]) in window for t in o.terminators)
-        if start + o.size > len(m):
-            return False
+            end = start + o.reach
+            seen = min(end, n)
+            if any(m.find(t, start, seen) >= 0 for t in _as_bytes(o.terminators)):
+                return _FAIL
+            return _MATCH if end <= n else _UNDECIDED
+        if start + o.size > n:
+            return _UNDECIDED
         raw = m[start:start + o.size]
         value = int.from_bytes(raw, "little" if o.little_endian else "big")
-        return value >= o.reach
+        return _MATCH if value >= o.reach else _FAIL
 
     def describe(self) -> list[str]:
         out = [f"byte {p.offset} is {p.value:#04x}" + (f" ({p.why})" if p.why else "")
@@ -142,6 +169,9 @@ class Specific:
 
     def matches(self, m: bytes) -> bool:
         return m[self.offset:self.offset + len(self.value)] == self.value
+
+    def scan(self, m: bytes, resume: int = 0) -> tuple[bool, int]:
+        return self.matches(m), 0
 
     def describe(self) -> list[str]:
         return [f"bytes {self.offset}..{self.offset + len(self.value) - 1} are "
@@ -178,6 +208,10 @@ class Filter:
 
     def matches(self, message: bytes) -> bool:
         return self.condition.matches(message)
+
+    def scan(self, stream: bytes, resume: int = 0) -> tuple[bool, int]:
+        """``matches`` for a stream that grows: see ``General.scan``."""
+        return self.condition.scan(stream, resume)
 
     def to_json(self) -> dict[str, object]:
         return {

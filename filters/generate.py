@@ -9,7 +9,10 @@ unpredictable traps): a byte is pinned only if changing it stops the exploit; a 
 kept only if putting it in the field stops the exploit; a field is anchored to a delimiter only
 if moving the delimiter moves the field. The result is a **general filter** over the vulnerable
 field (so mutated exploits are blocked too) and a **specific filter**: the exploit's exact bytes
-at the alert's offsets.
+at the alert's offsets and the ``SPECIFIC_BYTES`` before them (or from the message's start, if
+that is nearer). The bytes at the offsets alone are no filter: the verifier puts its own value
+there, so they are whatever the exploit's author chose, a single byte for code execution, and a
+hostile peer could make them match benign requests.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .condition import Field, Filter, General, Overflow, Pin, Specific
 SAFE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 SAMPLES = 20
 MOVE = 5  # bytes inserted before a delimiter to check that the field moves with it
+SPECIFIC_BYTES = 32  # the least a specific filter compares: ending with the alert's offsets
 
 
 class FilterGenerationError(ValueError):
@@ -45,7 +49,7 @@ class FilterGenerationError(ValueError):
 
 @dataclass
 class Generated:
-    specific: Filter
+    specific: Filter | None
     general: Filter | None
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -161,17 +165,27 @@ def _slot_offset(stream: _Stream, run: TaintRun, alert: Alert) -> int:
     return min(offs)
 
 
-def specific_filter(alert: Alert, image: ServiceImage) -> Filter:
+def specific_filter(alert: Alert, image: ServiceImage, benign: Iterable[Message] = ()) -> Filter:
     """The specific filter alone (the exploit's bytes at the alert's offsets): no sandbox work,
-    so a node can install it at once and the general one when it is ready."""
-    return _specific(alert, image, _stream_of(alert))
+    so a node can install it at once and the general one when it is ready.
+    ``FilterGenerationError`` when it matches the service's benign request (the manifest's
+    ``warmup``) or a message of ``benign``: a verified alert can still be made to do that."""
+    f = _specific(alert, image, _stream_of(alert))
+    known = [image.warmup] if image.warmup else []
+    if any(f.matches(m) for m in known + [m.data for m in benign]):
+        raise FilterGenerationError("the specific filter matches a benign request")
+    return f
 
 
 def _specific(alert: Alert, image: ServiceImage, stream: _Stream) -> Filter:
     offs = sorted(o for o in (stream.offset(r) for r in alert.refs()) if o is not None)
-    lo, hi = offs[0], offs[-1]
+    lo, end = offs[0], offs[-1] + 1
+    # The bytes that led up to the offsets, and all of the offsets; from the start of a short
+    # message on, its first SPECIFIC_BYTES (or all of it).
+    lo = max(0, min(lo, end - SPECIFIC_BYTES))
+    end = max(end, min(len(stream.data), lo + SPECIFIC_BYTES))
     return Filter(alert.service_id, image.name, image.proto, image.port,  # type: ignore[arg-type]
-                  Specific(lo, stream.data[lo:hi + 1]))
+                  Specific(lo, stream.data[lo:end]))
 
 
 def generate_filters(alert: Alert, image: ServiceImage, *, detector: Detector | None = None,
@@ -193,16 +207,20 @@ def generate_filters(alert: Alert, image: ServiceImage, *, detector: Detector | 
     run = detector.inspect(alert.messages)
     if run.detection is None:
         raise FilterGenerationError("the tainted re-run caught no exploit")
-    specific = _specific(alert, image, stream)
     notes: list[str] = []
+    try:
+        specific: Filter | None = specific_filter(alert, image, benign)
+    except FilterGenerationError as e:
+        specific = None
+        notes.append(f"no specific filter: {e}")
     slot = _slot_offset(stream, run, alert)
     compared = _compared_offsets(stream, run.conditions)
-    corpus = [m.data for m in benign]
+    corpus = [m.data for m in benign] + ([image.warmup] if image.warmup else [])
     general = (_terminated(stream, slot, compared, oracle, rng, notes, corpus)
                or _length(stream, run, slot, oracle, rng, notes))
     result = None
     if general is not None:
-        benign_hits = [m for m in benign if general.matches(m.data)]
+        benign_hits = [m for m in corpus if general.matches(m)]
         if benign_hits:
             notes.append(f"general filter dropped: it matches {len(benign_hits)} benign "
                          "message(s)")

@@ -1,11 +1,14 @@
 """Filters in the kernel: compile to nftables and install in table ``inet herdwall``.
 
-What nftables can say goes into the kernel: specific filters as elements of typed sets
-(``typeof udp dport . @ih,OFF,LEN``: 10,000 elements cost nothing on the fast path), general
-filters on datagrams as one rule of fixed-offset ``@ih`` comparisons. What it cannot say (a field
-after a delimiter, a length in little-endian, anything in a TCP stream past the first segment)
-is checked in user space: the filter's nft part marks the port's packets for the stack's queue,
-and ``filters.userspace`` applies the same condition there.
+What nftables can say goes into the kernel: specific filters on datagrams as elements of typed
+sets (``typeof udp dport . @ih,OFF,LEN``: 10,000 elements cost nothing on the fast path), general
+filters on datagrams as one rule of fixed-offset ``@ih`` comparisons. What it cannot say is
+checked in user space: the filter's nft part marks the port's packets for the stack's queue,
+and ``filters.userspace`` applies the same condition there. That is a field after a delimiter, a
+length in little-endian, a specific value longer than ``MAX_SET_BYTES`` (a longer set key
+aborts libnftables 1.0.6, in our process), and every TCP filter: ``@ih`` counts from each
+segment's payload, not from the stream's start, so a specific filter there would compare bytes
+at the wrong place of every later segment (and drop benign bulk data that happens to hold them).
 
 Every change is one libnftables batch, all-or-nothing. The batches are nft's text syntax: this
 libnftables (1.0.6) cannot express typeof sets over raw payload in its JSON input, and a text
@@ -24,6 +27,9 @@ RULES_CHAIN = "filters"
 QUEUE_CHAIN = "filter_queue"
 COMMENT_PREFIX = "hw:"
 MAX_RULE_COMPARISONS = 256  # beyond this a general filter is checked in user space
+# A set key is the port and the value, in nft's 64 bytes of registers; a longer one makes
+# libnftables abort (an assertion) instead of refusing the batch.
+MAX_SET_BYTES = 48
 # Before the stock filter hooks (0), so a drop here wins. The queue mark is set on input and
 # forward after the node's own mark chains (-160, where PASS is decided) and before iptables'
 # mangle table (-150), whose static NFQUEUE rules match marks.
@@ -82,7 +88,7 @@ def compile_filter(f: Filter, *, queue_mark: int, mark_mask: int = 0xFFFFFFFF,
         setup, rules = takeover(f)
         return Compiled(f, tuple(setup), tuple(rules), userspace=True)
     c = f.condition
-    if isinstance(c, Specific):
+    if isinstance(c, Specific) and f.proto == "udp" and 0 < len(c.value) <= MAX_SET_BYTES:
         name, off, length = specific_set(f)
         value = int.from_bytes(c.value, "big")
         setup = (
@@ -91,8 +97,7 @@ def compile_filter(f: Filter, *, queue_mark: int, mark_mask: int = 0xFFFFFFFF,
         element = f"{f.port} . {value:#x} {_comment(f)}"
         rules = (f"add element {TABLE} {name} {{ {element} }}",)
         return Compiled(f, setup, rules, userspace=False, element=(name, element))
-    assert isinstance(c, General)
-    exprs = _general_exprs(c)
+    exprs = _general_exprs(c) if isinstance(c, General) else None
     if f.proto == "udp" and exprs is not None:
         rule = (f"add rule {TABLE} {RULES_CHAIN} udp dport {f.port} {' '.join(exprs)} "
                 f"counter {_action(f, tcp_action)} {_comment(f)}")
@@ -348,6 +353,8 @@ def _entries(items: list[dict[str, object]], with_counters: bool = False
 
 
 def _nft_value(v: object) -> str:
+    if isinstance(v, int) and v < 0:
+        v += 1 << 64  # nft's JSON lists a 64-bit value with its top bit set as a signed one
     return f"{v:#x}" if isinstance(v, int) and v > 65535 else str(v)
 
 

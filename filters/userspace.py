@@ -33,10 +33,18 @@ class UserspaceFilters:
         proto, port = key
         return bool(self._by_port.get(("tcp" if proto == 6 else "udp", port)))
 
-    def check(self, proto: str, port: int, data: bytes) -> Filter | None:
-        """The first filter that ``data`` (a datagram, or a stream so far) matches."""
-        for f in self._by_port.get((proto, port), {}).values():
-            if f.matches(data):
+    def check(self, proto: str, port: int, data: bytes,
+              resume: dict[str, int] | None = None) -> Filter | None:
+        """The first filter that ``data`` (a datagram, or a stream so far) matches.
+        ``resume``: the stream's scan state, per filter id, kept by the caller from one check of
+        the growing stream to the next (``Filter.scan``), so no part is scanned again."""
+        for fid, f in self._by_port.get((proto, port), {}).items():
+            if resume is None:
+                if f.matches(data):
+                    return f
+                continue
+            hit, resume[fid] = f.scan(data, resume.get(fid, 0))
+            if hit:
                 return f
         return None
 

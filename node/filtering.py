@@ -34,6 +34,7 @@ def tcp_key(p: bytes) -> bytes | None:
 class FilterGate:
     filters: UserspaceFilters
     streams: dict[int, bytes] = field(default_factory=dict)
+    scans: dict[int, dict[str, int]] = field(default_factory=dict)  # per flow: where to resume
     # TCP connections (tcp_key) to drop, oldest first: bounded, the oldest forgotten first.
     blocked: dict[bytes, None] = field(default_factory=dict)
     hits: int = 0
@@ -52,21 +53,26 @@ class FilterGate:
                 drop |= self._message(e, key)
             elif type(e) is FlowClosed:
                 self.streams.pop(e.flow_id, None)
+                self.scans.pop(e.flow_id, None)
         return drop
 
     def _message(self, e: MessageIn, key: bytes | None) -> bool:
         proto = "udp" if e.message.connection is None else "tcp"
         if proto == "udp":
-            data = e.message.data
+            hit = self.filters.check(proto, e.dport, e.message.data)
         else:
-            data = (self.streams.get(e.flow_id, b"") + e.message.data)[:MAX_STREAM]
+            data = self.streams.get(e.flow_id, b"")
+            if len(data) >= MAX_STREAM:
+                return False  # at its bound: these very bytes were checked before
+            data = (data + e.message.data)[:MAX_STREAM]
             self.streams[e.flow_id] = data
-        hit = self.filters.check(proto, e.dport, data)
+            hit = self.filters.check(proto, e.dport, data, self.scans.setdefault(e.flow_id, {}))
         if hit is None:
             return False
         self.hits += 1
         if proto == "tcp":
             self.streams.pop(e.flow_id, None)
+            self.scans.pop(e.flow_id, None)
             fd = (self.stack.tcp.table.get(key) if self.stack is not None and key is not None
                   else None)
             if fd is not None and fd.flow.stream is not None:

@@ -187,11 +187,15 @@ def ping() -> int:
     return os.getpid()
 
 
-def specific_filter(alert: Alert, image: ServiceImage) -> dict[str, Any]:
+def specific_filter(alert: Alert, image: ServiceImage) -> dict[str, Any] | None:
     """The specific filter (the exploit's bytes at the alert's offsets) without the oracle
-    runs that the general one needs: cheap enough to install right after verification."""
+    runs that the general one needs: cheap enough to install right after verification. None
+    where it would match the service's benign request (the general one may still come)."""
     # The same function generate_filters uses: the same filter id for the same alert.
-    return filter_generation.specific_filter(alert, image).to_json()
+    try:
+        return filter_generation.specific_filter(alert, image).to_json()
+    except filter_generation.FilterGenerationError:
+        return None
 
 
 def detect(service: str, messages: tuple[Message, ...]) -> DetectOutcome:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from filters.condition import Filter, Specific
 from filters.generate import generate_filters
 from filters.nft import FilterTable, NftError
 from filters.userspace import UserspaceFilters
@@ -107,6 +108,60 @@ def test_tcp_exploit_is_stopped_in_user_space_and_benign_passes(testbed: Testbed
     # Nothing that completes the exploit reached the server: at most the segment before the
     # one that made the stream match.
     assert not any(httpd_filter.matches(r) or exploit in r for r in received)
+
+
+def test_a_tcp_specific_filter_is_checked_on_the_stream_not_on_each_segment(
+        testbed: Testbed) -> None:
+    """Installed the node's way (kernel part, then what needs user space): the exploit's
+    connection is stopped, and a benign upload whose second segment holds the specific bytes
+    at the same offset within that segment passes (nft's ``@ih`` would count from there)."""
+    bed = testbed
+    f = _filters_for("httpd").specific
+    spec = type(f)(f.service_id, f.service_name, f.proto, PORT, f.condition)
+    nft = NftTable(bed[0].name)
+    nft.ensure()
+    QueueRules(netns=bed[0].name).install()
+    nft.protect("tcp", PORT)  # a protected service's packets, both ways, as on a node
+    table = FilterTable(nft.apply_text, nft.query_text, queue_mark=QUEUE_STACK, mark_mask=MASK)
+    gate = FilterGate(UserspaceFilters(c.filter for c in table.install([spec]) if c.userspace))
+    stack = Stack(StackConfig(protected_tcp={PORT}, verify_checksums=False))
+    exploit = b"".join(m.data for m in traffic("httpd").exploit())
+    c = spec.condition
+    upload = [b"POST /upload HTTP/1.0\r\nContent-Length: 300\r\n\r\n",
+              b"x" * c.offset + c.value + b"y" * 20]
+    received: list[bytes] = []
+
+    async def main() -> list[str]:
+        ls = _server(bed, received)
+        async with StackQueue(stack, gate=gate, inline_ports={(6, PORT)}, netns=bed[0].name):
+            outcomes = [await asyncio.to_thread(_send, bed, chunks)
+                        for chunks in (upload, [exploit])]
+            await asyncio.sleep(0.3)
+        ls.close()
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert outcomes[0] == "closed" and b"".join(upload) in received
+    assert gate.hits == 1 and spec.matches(exploit)
+    assert not any(spec.matches(r) for r in received)  # the server got none of the exploit
+
+
+def test_specific_filters_with_any_value_are_removed(testbed: Testbed) -> None:
+    """nft lists a 64-bit set value with its top bit set as a negative number: the removal
+    made from that listing must still name the element. A value too long for a set key
+    (libnftables aborted on one) is installed and removed as well."""
+    nft = NftTable(testbed[0].name)
+    nft.ensure()
+    table = FilterTable(nft.apply_text, nft.query_text, queue_mark=QUEUE_STACK, mark_mask=MASK)
+    fs = [Filter(b"\x01" * 32, "svc", "udp", 1434, Specific(3, v))
+          for v in (b"\xff" * 8, b"\x7f" + b"\xff" * 7, b"\x80" + bytes(7), b"\xfe" * 16,
+                    b"\x01" * 61)]  # longer than a set key: checked in user space
+    table.install(fs)
+    assert {i.filter_id for i in table.list()} == {f.filter_id for f in fs}
+    table.remove([fs[0].filter_id, fs[1].filter_id])
+    assert {i.filter_id for i in table.list()} == {f.filter_id for f in fs[2:]}
+    table.sync([])
+    assert table.list() == []
 
 
 @pytest.fixture(scope="module")
