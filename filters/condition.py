@@ -21,6 +21,8 @@ from functools import cached_property
 from typing import Literal
 
 MAX_REACH = 65536
+MAX_TOKEN = 64
+NEVER = -1  # Field.start: the field cannot start there
 _FAIL, _MATCH, _UNDECIDED = 0, 1, 2
 
 
@@ -38,23 +40,39 @@ class Pin:
 @dataclass(frozen=True, slots=True)
 class Field:
     """Where the vulnerable field starts: ``offset``, or, with ``delimiter`` set, right after
-    the first ``delimiter`` byte at or after ``offset``."""
+    the first ``delimiter`` byte at or after ``offset``; with ``stops``, only if none of those
+    bytes comes before that delimiter (a request line's end, say), and with ``tokens``, only if
+    the token before it (from the previous delimiter, or ``offset``) is one of them (the
+    commands that reach the vulnerability)."""
 
     offset: int
     delimiter: int | None = None
     occurrence: int = 1  # after the n-th delimiter from ``offset`` on
+    stops: tuple[int, ...] = ()
+    tokens: tuple[bytes, ...] = ()
 
     def start(self, m: bytes, base: int = 0) -> int | None:
-        """Where the field starts in ``m`` for a message that starts at ``base``."""
+        """Where the field starts in ``m`` for a message that starts at ``base``: None while
+        its delimiter has not come, ``NEVER`` if it cannot start there whatever comes."""
         if self.delimiter is None:
             return base + self.offset
         needle = bytes([self.delimiter])
-        i = base + self.offset - 1
+        token = base + self.offset
+        i = token - 1
         for _ in range(self.occurrence):
-            i = m.find(needle, i + 1)
+            token = i + 1
+            i = m.find(needle, token)
+            stop = self._stop(m, token, len(m) if i < 0 else i)
+            if stop:
+                return NEVER
             if i < 0:
                 return None
+        if self.tokens and m[token:i] not in self.tokens:
+            return NEVER
         return i + 1
+
+    def _stop(self, m: bytes, start: int, end: int) -> bool:
+        return any(m.find(s, start, end) >= 0 for s in _as_bytes(self.stops))
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +143,8 @@ class General:
         start = o.field.start(m, base)
         if start is None:
             return _UNDECIDED  # the delimiter may come
+        if start == NEVER:
+            return _FAIL
         if o.kind == "terminated":
             end = start + o.reach
             seen = min(end, n)
@@ -145,9 +165,13 @@ class General:
         o = self.overflow
         nth = {1: "first", 2: "second", 3: "third"}.get(o.field.occurrence,
                                                       f"{o.field.occurrence}th")
-        where = (f"offset {o.field.offset}" if o.field.delimiter is None else
-                 f"just after the {nth} {o.field.delimiter:#04x} byte at or after offset "
-                 f"{o.field.offset}")
+        f = o.field
+        where = (f"offset {f.offset}" if f.delimiter is None else
+                 f"just after the {nth} {f.delimiter:#04x} byte at or after offset {f.offset}")
+        if f.delimiter is not None and f.stops:
+            where += f" (with none of {', '.join(f'{b:#04x}' for b in f.stops)} before it)"
+        if f.delimiter is not None and f.tokens:
+            where += f" after the token {' or '.join(repr(t) for t in f.tokens)}"
         if o.kind == "terminated":
             terms = ", ".join(f"{t:#04x}" for t in o.terminators)
             out.append(f"the {o.reach} bytes from {where} contain none of {terms} "
@@ -233,6 +257,13 @@ def _condition_json(c: Condition) -> dict[str, object]:
     for p in d["pins"]:
         p.pop("why", None)
     d["overflow"].pop("why", None)
+    f = d["overflow"]["field"]
+    # Absent when empty: a filter made before they existed keeps its id.
+    for key in ("stops", "tokens"):
+        if not f[key]:
+            del f[key]
+    if "tokens" in f:
+        f["tokens"] = [t.hex() for t in f["tokens"]]
     return {"general": d}
 
 
@@ -264,6 +295,17 @@ def condition_from_json(d: dict[str, object]) -> Condition:
             and (f.get("delimiter") is None or _byte(f.get("delimiter")))
             and _uint(f.get("occurrence", 1)) and 1 <= f.get("occurrence", 1) <= 64):
         raise ValueError("general: bad field")
+    stops, hexed = f.get("stops", []), f.get("tokens", [])
+    if not (isinstance(stops, list) and all(_byte(b) for b in stops)):
+        raise ValueError("general: bad stop bytes")
+    if not (isinstance(hexed, list) and all(isinstance(t, str) for t in hexed)):
+        raise ValueError("general: bad tokens")
+    try:
+        tokens = [bytes.fromhex(t) for t in hexed]
+    except ValueError:
+        raise ValueError("general: bad tokens") from None
+    if any(len(t) > MAX_TOKEN for t in tokens):
+        raise ValueError("general: bad tokens")
     terms = o.get("terminators", [])
     if not (isinstance(terms, list) and all(_byte(t) for t in terms)):
         raise ValueError("general: bad terminators")
@@ -271,7 +313,8 @@ def condition_from_json(d: dict[str, object]) -> Condition:
     if not (_uint(reach) and 0 < reach <= MAX_REACH and _uint(size) and size <= 8):  # type: ignore[operator]
         raise ValueError("general: bad reach or size")
     return General(tuple(pins), Overflow(
-        o["kind"], Field(f["offset"], f.get("delimiter"), f.get("occurrence", 1)), reach,  # type: ignore[arg-type]
+        o["kind"], Field(f["offset"], f.get("delimiter"), f.get("occurrence", 1),  # type: ignore[arg-type]
+                         tuple(stops), tuple(tokens)), reach,
         tuple(terms), size,
         bool(o.get("little_endian", True))), bool(body.get("sliding", False)))
 

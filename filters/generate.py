@@ -35,7 +35,7 @@ from sca.generate import Detector
 from sca.taint.engine import Condition, TaintRun
 from sca.verify import Verifier
 
-from .condition import Field, Filter, General, Overflow, Pin, Specific
+from .condition import MAX_TOKEN, Field, Filter, General, Overflow, Pin, Specific
 
 SAFE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 SAMPLES = 20
@@ -216,7 +216,8 @@ def generate_filters(alert: Alert, image: ServiceImage, *, detector: Detector | 
     slot = _slot_offset(stream, run, alert)
     compared = _compared_offsets(stream, run.conditions)
     corpus = [m.data for m in benign] + ([image.warmup] if image.warmup else [])
-    general = (_terminated(stream, slot, compared, oracle, rng, notes, corpus)
+    general = (_terminated(stream, slot, compared, _header_offsets(run, stream, slot), oracle,
+                           rng, notes, corpus)
                or _length(stream, run, slot, oracle, rng, notes))
     result = None
     if general is not None:
@@ -256,8 +257,13 @@ def _pins(stream: _Stream, upto: int, compared: dict[int, set[int]], oracle: _Or
     return pins
 
 
-def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]], oracle: _Oracle,
-                rng: random.Random, notes: list[str], benign: list[bytes]) -> General | None:
+def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]],
+                words: dict[int, set[int]], oracle: _Oracle, rng: random.Random,
+                notes: list[str], benign: list[bytes]) -> General | None:
+    """``compared``: offsets the service compared alone (pin candidates, and where a field's
+    delimiter is looked for from); ``words``: every offset it compared, words included
+    (strcmp and kin compare several bytes at once: a method, a command name), pinned where
+    they come before the field and any token that may take other values."""
     data = stream.data
     start = _field_start(stream, slot, oracle, rng)
     reach = slot - start
@@ -279,6 +285,7 @@ def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]], oracl
     fld = Field(start)
     delim = data[start - 1] if start > 0 else None
     pins = _pins(stream, start - 1 if delim is not None else start, compared, oracle, rng)
+    before = start - 1 if delim is not None else start  # where word pins may be
     # Anchor the field on its delimiter if the delimiter is scanned for (compared at several
     # earlier offsets) and the exploit still works with the field moved.
     if delim is not None and delim not in SAFE:
@@ -288,14 +295,41 @@ def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]], oracl
         # Lengthen the token before the delimiter, at its end or at its start: if the exploit
         # still works, the field's position is not what matters, its delimiter is.
         token_at = previous + 1 if previous >= 0 else scan_from
-        for moved, at, shift in _moves(data, token_at, start - 1, delim, nth, scan_from,
-                                       benign, rng):
-            if oracle.works(moved, shift_from=at, shift=shift):
-                fld = Field(scan_from, delim, nth)
+        own = data[token_at:start - 1]
+        alts = _benign_tokens(benign, scan_from, delim, nth, own)
+        tokens = {own}  # the tokens before the delimiter that keep the exploit working
+        free_at: int | None = None  # where filler may go: then any token does
+        anchored = False
+        for moved, at, shift, token in _moves(data, token_at, start - 1, alts, rng):
+            if not oracle.works(moved, shift_from=at, shift=shift):
+                continue
+            if not anchored:
                 notes.append(f"the field follows delimiter {delim:#04x} number {nth} after "
                              f"offset {scan_from}: moving it by {shift} bytes keeps the exploit "
                              "working")
+            anchored = True
+            if token is None:
+                free_at = at
                 break
+            tokens.add(token)
+        if anchored:
+            before = token_at
+        if free_at is not None:
+            # The bytes that, put before the delimiter, stop the exploit: the delimiter is
+            # looked for only up to them (the end of a request line, say).
+            fld = Field(scan_from, delim, nth, _stops(data, free_at, delim, oracle))
+            if fld.stops:
+                notes.append("the delimiter counts only before any of "
+                             f"{', '.join(hex(b) for b in fld.stops)}: put before it, each "
+                             "stops the exploit")
+        elif anchored and len(own) <= MAX_TOKEN:
+            # Tokens as long as the exploit's own prove nothing about the field's place, but
+            # may be the other commands that reach it.
+            tokens.update(t for t in alts if len(t) == len(own) and oracle.works(
+                data[:token_at] + t + data[start - 1:]))
+            fld = Field(scan_from, delim, nth, tokens=tuple(sorted(tokens)))
+            notes.append("only these tokens before the delimiter keep the exploit working: "
+                         f"{', '.join(repr(t) for t in fld.tokens)}")
         else:
             pins.append(Pin(start - 1, delim, "the field does not move with it"))
     elif delim is not None:
@@ -303,6 +337,7 @@ def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]], oracl
         patched[start - 1] = _other(delim, rng)
         if not oracle.works(bytes(patched)):
             pins.append(Pin(start - 1, delim, "changing it stops the exploit"))
+    pins += _pins(stream, before, words, oracle, rng, skip=[p.offset for p in pins])
     general = General(tuple(sorted(pins, key=lambda p: p.offset)),
                       Overflow("terminated", fld, reach, tuple(terminators),
                                why="every terminator confirmed by replay"),
@@ -311,25 +346,42 @@ def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]], oracl
     return general
 
 
-def _moves(data: bytes, token_at: int, delim_at: int, delim: int, nth: int, scan_from: int,
-           benign: list[bytes], rng: random.Random) -> Iterable[tuple[bytes, int, int]]:
-    """Copies of the exploit with the token before the delimiter longer or shorter: filler at
-    its end or its start, then the tokens benign messages have in that place (a service may
-    accept only some tokens there, such as command names)."""
-    for at in dict.fromkeys((delim_at, token_at)):
-        filler = bytes(rng.choice(SAFE) for _ in range(MOVE))
-        yield data[:at] + filler + data[at:], at, MOVE
-    old = data[token_at:delim_at]
-    tried: set[bytes] = set()
+def _stops(data: bytes, at: int, delim: int, oracle: _Oracle) -> tuple[int, ...]:
+    """Bytes that, inserted at ``at`` (where filler keeps the exploit working), stop it."""
+    return tuple(b for b in range(256) if b != delim and b not in SAFE
+                 and not oracle.works(data[:at] + bytes((b,)) + data[at:], shift_from=at,
+                                      shift=1))
+
+
+def _benign_tokens(benign: list[bytes], scan_from: int, delim: int, nth: int, own: bytes
+                   ) -> list[bytes]:
+    """The tokens benign messages have before the same delimiter (at most 8 others)."""
+    out: list[bytes] = []
     sep = bytes([delim])
     for b in benign:
         parts = b[scan_from:].split(sep)
         if len(parts) <= nth:
             continue
         alt = parts[nth - 1]
-        if alt and len(alt) != len(old) and alt not in tried and len(tried) < 8:
-            tried.add(alt)
-            yield data[:token_at] + alt + data[delim_at:], delim_at, len(alt) - len(old)
+        if alt and alt != own and alt not in out and len(alt) <= MAX_TOKEN:
+            out.append(alt)
+            if len(out) == 8:
+                break
+    return out
+
+
+def _moves(data: bytes, token_at: int, delim_at: int, alts: list[bytes], rng: random.Random
+           ) -> Iterable[tuple[bytes, int, int, bytes | None]]:
+    """Copies of the exploit with the token before the delimiter longer or shorter: filler at
+    its end or its start (token None), then the benign tokens ``alts`` of another length (a
+    service may accept only some tokens there, such as command names)."""
+    for at in dict.fromkeys((delim_at, token_at)):
+        filler = bytes(rng.choice(SAFE) for _ in range(MOVE))
+        yield data[:at] + filler + data[at:], at, MOVE, None
+    old = data[token_at:delim_at]
+    for alt in alts:
+        if len(alt) != len(old):
+            yield data[:token_at] + alt + data[delim_at:], delim_at, len(alt) - len(old), alt
 
 
 def _length(stream: _Stream, run: TaintRun, slot: int, oracle: _Oracle, rng: random.Random,

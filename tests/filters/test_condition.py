@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from filters.condition import Field, Filter, General, Overflow, Pin, Specific
+from filters.condition import (
+    Field,
+    Filter,
+    General,
+    Overflow,
+    Pin,
+    Specific,
+    condition_from_json,
+)
 from filters.userspace import UserspaceFilters
 
 ALPHABET = b"/?ab \x00"
@@ -16,7 +28,9 @@ def conditions(draw: st.DrawFn) -> General:
     pins = tuple(Pin(o, draw(st.sampled_from(ALPHABET)))
                  for o in sorted(draw(st.sets(st.integers(0, 4), max_size=2))))
     delimiter = draw(st.sampled_from([None, ord("?"), ord(" ")]))
-    fld = Field(draw(st.integers(0, 3)), delimiter, draw(st.integers(1, 2)))
+    stops = tuple(draw(st.sets(st.sampled_from(b"\x00 "), max_size=1)))
+    tokens = tuple(draw(st.sets(st.sampled_from([b"", b"a", b"ab", b"/"]), max_size=2)))
+    fld = Field(draw(st.integers(0, 3)), delimiter, draw(st.integers(1, 2)), stops, tokens)
     if draw(st.booleans()):
         over = Overflow("terminated", fld, draw(st.integers(1, 6)),
                         tuple(draw(st.sets(st.sampled_from(ALPHABET), min_size=1, max_size=2))))
@@ -81,3 +95,31 @@ def test_specific_and_datagram_conditions_scan_as_they_match() -> None:
     assert spec.scan(b"xxab") == (True, 0) and spec.scan(b"xxa") == (False, 0)
     dgram = General((Pin(0, 1),), Overflow("terminated", Field(1), 2, (0,)))
     assert dgram.scan(b"\x01xy") == (True, 0) and dgram.scan(b"x\x01xy")[0] is False
+
+
+def test_a_field_after_a_delimiter_with_stop_bytes_and_tokens() -> None:
+    query = Field(4, ord("?"), stops=(0x20,))
+    assert query.start(b"GET /a?x") == 7
+    assert query.start(b"GET /a HTTP/1.0\r\nReferer: /b?x") == -1  # a stop byte first
+    assert query.start(b"GET /abc") is None  # the delimiter may still come
+    assert query.start(b"GET /a b") == -1  # it may, but after a stop byte it does not count
+    command = Field(1, ord(" "), 2, tokens=(b"status", b"who"))
+    assert command.start(b"RUN status AAAA") == 11 and command.start(b"RUN who A") == 8
+    assert command.start(b"RUN reboot AAAA") == -1
+    assert command.start(b"xRUN who A", base=1) == 9
+
+
+def test_stop_bytes_and_tokens_round_trip_and_leave_older_filter_ids_alone() -> None:
+    over = Overflow("terminated", Field(4, ord("?")), 10, (0,))
+    plain = Filter(b"\x01" * 32, "svc", "tcp", 80, General((), over, True))
+    assert "stops" not in json.dumps(plain.to_json())  # ids of filters made before them
+    for fld in (Field(4, ord("?"), stops=(0x20, 0x0D)), Field(1, 0x20, 2, tokens=(b"a", b"bc"))):
+        f = Filter(b"\x01" * 32, "svc", "tcp", 80,
+                   General((), dataclasses.replace(over, field=fld), True))
+        back = condition_from_json(json.loads(json.dumps(f.to_json()["condition"])))
+        assert back == f.condition
+    for bad in ({"stops": [256]}, {"tokens": "00"}, {"tokens": ["zz"]}, {"tokens": ["00" * 65]}):
+        d = {"general": {"pins": [], "overflow": {"kind": "terminated", "reach": 1, "field": {
+            "offset": 0, "delimiter": 63, **bad}}}}
+        with pytest.raises(ValueError):
+            condition_from_json(d)

@@ -115,6 +115,29 @@ def test_no_specific_filter_that_matches_a_benign_request(made) -> None:  # type
         specific_filter(g.alert, warm)
 
 
+LOOKALIKES = {  # benign requests that reach the vulnerable function's neighbourhood
+    "httpd": b"GET /index.html HTTP/1.0\r\nReferer: https://www.example.com/url?sa=t&ved=2ahU"
+             + b"x" * 180 + b"\r\nUser-Agent: curl/7.88.1\r\n\r\n",
+    "mgmtd": b"RUN reboot please-schedule-after-the-nightly-backup-finishes\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOOKALIKES))
+def test_a_general_filter_made_as_a_node_makes_it_passes_lookalikes(name: str) -> None:
+    """With no corpus but the service's own benign request (as the node's filter lane runs):
+    a '?' in a header is no query, and a command that is not one is no run."""
+    image = load_image(manifest_path(name))
+    det, ver = Detector(image), Verifier([image])
+    msgs = tuple(traffic(name).exploit())
+    g = det.generate(msgs, det.inspect(msgs).detection, ver)
+    assert g is not None
+    gen = generate_filters(g.alert, image, detector=det, verifier=ver)
+    assert gen.general is not None and any(gen.general.matches(s) for s in streams(list(msgs)))
+    request = LOOKALIKES[name]
+    assert det.inspect((Message(request, 0),)).detection is None  # benign, by the sandbox
+    assert not gen.general.matches(request)
+
+
 def test_every_kept_condition_says_why(made) -> None:  # type: ignore[no-untyped-def]
     for name, (_, _, _, gen) in made.items():
         assert gen.general is not None, name
