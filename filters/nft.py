@@ -3,8 +3,10 @@
 What nftables can say goes into the kernel: specific filters on datagrams as elements of typed
 sets (``typeof udp dport . @ih,OFF,LEN``: 10,000 elements cost nothing on the fast path), general
 filters on datagrams as one rule of fixed-offset ``@ih`` comparisons. What it cannot say is
-checked in user space: the filter's nft part marks the port's packets for the stack's queue,
-and ``filters.userspace`` applies the same condition there. That is a field after a delimiter, a
+checked in user space: the filter is an element of its port's set ``uq_PROTO_PORT``, whose one
+rule marks the port's packets for the stack's queue (one rule per port, however many filters:
+every rule in a chain costs every packet that passes it), and ``filters.userspace`` applies
+the same condition there. That is a field after a delimiter, a
 length in little-endian, a specific value longer than ``MAX_SET_BYTES`` (a longer set key
 aborts libnftables 1.0.6, in our process), and every TCP filter: ``@ih`` counts from each
 segment's payload, not from the stream's start, so a specific filter there would compare bytes
@@ -58,6 +60,7 @@ class Compiled:
     rules: tuple[str, ...]
     userspace: bool
     element: tuple[str, str] | None = None  # (set, element): batched per set when installed
+    set_rule: str | None = None  # the element's set's one rule, added with its first element
 
 
 def _comment(f: Filter) -> str:
@@ -95,18 +98,31 @@ def compile_filter(f: Filter, *, queue_mark: int, mark_mask: int = 0xFFFFFFFF,
             f"add set {TABLE} {name} {{ typeof {f.proto} dport . @ih,{off},{length}; counter; }}",
         )
         element = f"{f.port} . {value:#x} {_comment(f)}"
-        rules = (f"add element {TABLE} {name} {{ {element} }}",)
-        return Compiled(f, setup, rules, userspace=False, element=(name, element))
+        rule = (f"add rule {TABLE} {RULES_CHAIN} {f.proto} dport . @ih,{off},{length} @{name} "
+                f"{_action(f, tcp_action)} comment \"set:{name}\"")
+        return _element(f, setup, name, element, rule, userspace=False)
     exprs = _general_exprs(c) if isinstance(c, General) else None
     if f.proto == "udp" and exprs is not None:
         rule = (f"add rule {TABLE} {RULES_CHAIN} udp dport {f.port} {' '.join(exprs)} "
                 f"counter {_action(f, tcp_action)} {_comment(f)}")
         return Compiled(f, (), (rule,), userspace=False)
+    # The set is a register of the port's user-space filters (no rule looks into it): an
+    # element per filter, named by the filter's id written as an address.
+    name = f"uq_{f.proto}_{f.port}"
     keep = ~mark_mask & 0xFFFFFFFF
     mark = (f"add rule {TABLE} {QUEUE_CHAIN} meta mark & {mark_mask:#010x} == 0 "
             f"{f.proto} dport {f.port} meta mark set meta mark & {keep:#010x} | "
-            f"{queue_mark & mark_mask:#010x} counter {_comment(f)}")
-    return Compiled(f, (), (mark,), userspace=True)
+            f"{queue_mark & mark_mask:#010x} counter comment \"set:{name}\"")
+    fid = f.filter_id
+    element = f"::{fid[:4]}:{fid[4:8]}:{fid[8:12]}:{fid[12:]} {_comment(f)}"
+    return _element(f, (f"add set {TABLE} {name} {{ type ipv6_addr; }}",), name, element, mark,
+                    userspace=True)
+
+
+def _element(f: Filter, setup: tuple[str, ...], name: str, element: str, rule: str, *,
+             userspace: bool) -> Compiled:
+    return Compiled(f, setup, (f"add element {TABLE} {name} {{ {element} }}",), userspace,
+                    (name, element), rule)
 
 
 def _general_exprs(c: General) -> list[str] | None:
@@ -215,13 +231,9 @@ class FilterTable:
             if compiled is not None:
                 compiled.append(c)
             lines += [s for s in c.setup if s not in lines]
-            if isinstance(f.condition, Specific) and c.element is not None:
-                name, off, length = specific_set(f)
-                if name not in set_rules:
-                    set_rules.add(name)
-                    lines.append(
-                        f"add rule {TABLE} {RULES_CHAIN} {f.proto} dport . @ih,{off},{length} "
-                        f"@{name} {_action(f, self.tcp_action)} comment \"set:{name}\"")
+            if c.element is not None and c.set_rule is not None and c.element[0] not in set_rules:
+                set_rules.add(c.element[0])
+                lines.append(c.set_rule)
             if c.element is not None:
                 elements.setdefault(c.element[0], []).append(c.element[1])
             else:
@@ -344,7 +356,7 @@ def _entries(items: list[dict[str, object]], with_counters: bool = False
                 if not comment.startswith(COMMENT_PREFIX):
                     continue
                 val = elem.get("val", {})
-                concat = val.get("concat", []) if isinstance(val, dict) else []
+                concat = val.get("concat", []) if isinstance(val, dict) else [val]
                 counter = elem.get("counter") or {}
                 counters = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
                 where = f"{s.get('name')} {{ {' . '.join(_nft_value(v) for v in concat)} }}"

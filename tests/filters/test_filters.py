@@ -182,7 +182,7 @@ def test_udp_general_filter_compiles_to_kernel_and_tcp_goes_to_user_space(made) 
     r = compile_filter(made["resolver"][3].general, queue_mark=QUEUE_STACK, mark_mask=MASK)
     assert not r.userspace and "@ih,0,8 0x04" in r.rules[0]
     h = compile_filter(made["httpd"][3].general, queue_mark=QUEUE_STACK, mark_mask=MASK)
-    assert h.userspace and f"| {QUEUE_STACK:#010x}" in h.rules[0]
+    assert h.userspace and h.set_rule is not None and f"| {QUEUE_STACK:#010x}" in h.set_rule
 
 
 def test_specific_filters_in_sets_only_on_datagrams_and_within_a_set_key(made) -> None:  # type: ignore[no-untyped-def]
@@ -193,7 +193,8 @@ def test_specific_filters_in_sets_only_on_datagrams_and_within_a_set_key(made) -
     for f in (made["httpd"][3].specific, dataclasses.replace(
             spec, condition=Specific(3, bytes(range(MAX_SET_BYTES + 1))))):
         c = compile_filter(f, queue_mark=QUEUE_STACK, mark_mask=MASK)
-        assert c.userspace and c.element is None and f"| {QUEUE_STACK:#010x}" in c.rules[0]
+        assert c.userspace and c.element is not None and c.element[0] == f"uq_{f.proto}_{f.port}"
+        assert c.set_rule is not None and f"| {QUEUE_STACK:#010x}" in c.set_rule
 
 
 @pytest.mark.parametrize("name", SAMPLES)

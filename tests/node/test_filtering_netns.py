@@ -164,6 +164,30 @@ def test_specific_filters_with_any_value_are_removed(testbed: Testbed) -> None:
     assert table.list() == []
 
 
+def test_user_space_filters_of_a_port_share_one_rule(testbed: Testbed) -> None:
+    """However many filters a port has in user space (verified alerts can bring thousands),
+    the chain every packet passes holds one rule for it (it stays, as a set's rule does)."""
+    nft = NftTable(testbed[0].name)
+    nft.ensure()
+    table = FilterTable(nft.apply_text, nft.query_text, queue_mark=QUEUE_STACK, mark_mask=MASK)
+    fs = [Filter(b"\x01" * 32, "svc", "tcp", PORT, Specific(3, i.to_bytes(2, "big") * 16))
+          for i in range(300)]
+    table.install(fs[:200])
+    table.install(fs[200:])
+
+    def queue_rules() -> list[object]:
+        listed = nft.query_text("list table inet herdwall")["nftables"]
+        return [i for i in listed if i.get("rule", {}).get("chain") == "filter_queue"]
+
+    assert len(queue_rules()) == 1
+    assert {i.filter_id for i in table.list()} == {f.filter_id for f in fs}
+    table.remove([f.filter_id for f in fs[:299]])
+    assert {i.filter_id for i in table.list()} == {fs[299].filter_id}
+    assert len(queue_rules()) == 1
+    table.sync([])
+    assert table.list() == []
+
+
 @pytest.fixture(scope="module")
 def resolver_filters():  # type: ignore[no-untyped-def]
     return _filters_for("resolver")
