@@ -230,6 +230,12 @@ class Filter:
             body = json.dumps(_condition_json(c), sort_keys=True).encode()
         return hashlib.sha256(self.service_id + b"\0" + body).hexdigest()[:16]
 
+    @property
+    def anywhere(self) -> bool:
+        """Whether the condition may hold from any position of a stream (a general filter on
+        a TCP stream), so that a piece of a stream whose place in it is unknown can be checked."""
+        return isinstance(self.condition, General) and self.condition.sliding
+
     def matches(self, message: bytes) -> bool:
         return self.condition.matches(message)
 

@@ -35,7 +35,7 @@ from sca.generate import Detector
 from sca.taint.engine import Condition, TaintRun
 from sca.verify import Verifier
 
-from .condition import MAX_TOKEN, Field, Filter, General, Overflow, Pin, Specific
+from .condition import MAX_TOKEN, NEVER, Field, Filter, General, Overflow, Pin, Specific
 
 SAFE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 SAMPLES = 20
@@ -220,7 +220,9 @@ def generate_filters(alert: Alert, image: ServiceImage, *, detector: Detector | 
                            rng, notes, corpus)
                or _length(stream, run, slot, oracle, rng, notes))
     result = None
-    if general is not None:
+    if general is not None and not general.matches(stream.data):
+        notes.append("general filter dropped: it does not match the exploit")
+    elif general is not None:
         benign_hits = [m for m in corpus if general.matches(m)]
         if benign_hits:
             notes.append(f"general filter dropped: it matches {len(benign_hits)} benign "
@@ -317,7 +319,8 @@ def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]],
         if free_at is not None:
             # The bytes that, put before the delimiter, stop the exploit: the delimiter is
             # looked for only up to them (the end of a request line, say).
-            fld = Field(scan_from, delim, nth, _stops(data, free_at, delim, oracle))
+            fld = Field(scan_from, delim, nth,
+                        _stops(data, free_at, delim, data[scan_from:start - 1], oracle))
             if fld.stops:
                 notes.append("the delimiter counts only before any of "
                              f"{', '.join(hex(b) for b in fld.stops)}: put before it, each "
@@ -346,9 +349,12 @@ def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]],
     return general
 
 
-def _stops(data: bytes, at: int, delim: int, oracle: _Oracle) -> tuple[int, ...]:
-    """Bytes that, inserted at ``at`` (where filler keeps the exploit working), stop it."""
-    return tuple(b for b in range(256) if b != delim and b not in SAFE
+def _stops(data: bytes, at: int, delim: int, scanned: bytes, oracle: _Oracle
+           ) -> tuple[int, ...]:
+    """Bytes that, inserted at ``at`` (where filler keeps the exploit working), stop it; none
+    the exploit itself has where the delimiter is looked for (``scanned``): it works with them
+    there, and they end the search anywhere in it."""
+    return tuple(b for b in range(256) if b != delim and b not in SAFE and b not in scanned
                  and not oracle.works(data[:at] + bytes((b,)) + data[at:], shift_from=at,
                                       shift=1))
 
@@ -438,8 +444,8 @@ def _check_samples(general: General, stream: _Stream, oracle: _Oracle, rng: rand
     o = general.overflow
     data = stream.data
     start = o.field.start(data)
-    if start is None or o.kind != "terminated":
-        return
+    if start is None or start == NEVER or o.kind != "terminated":
+        return  # generate_filters drops a filter that does not match its own exploit
     ok = 0
     for _ in range(SAMPLES):
         patched = bytearray(data)

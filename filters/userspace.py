@@ -34,11 +34,17 @@ class UserspaceFilters:
         return bool(self._by_port.get(("tcp" if proto == 6 else "udp", port)))
 
     def check(self, proto: str, port: int, data: bytes,
-              resume: dict[str, int] | None = None) -> Filter | None:
+              resume: dict[str, int] | None = None, *, anywhere: bool = False
+              ) -> Filter | None:
         """The first filter that ``data`` (a datagram, or a stream so far) matches.
         ``resume``: the stream's scan state, per filter id, kept by the caller from one check of
-        the growing stream to the next (``Filter.scan``), so no part is scanned again."""
+        the growing stream to the next (``Filter.scan``), so no part is scanned again.
+        ``anywhere``: ``data`` is a piece of a stream whose place in it is not known (past the
+        bound a stream is kept to): only the filters that may hold from any position are
+        asked (``Filter.anywhere``); a specific filter's offset counts from the stream's start."""
         for fid, f in self._by_port.get((proto, port), {}).items():
+            if anywhere and not f.anywhere:
+                continue
             if resume is None:
                 if f.matches(data):
                     return f

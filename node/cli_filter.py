@@ -118,13 +118,19 @@ def _table():  # type: ignore[no-untyped-def]
 @click.argument("alert_path", metavar="ALERT")
 def install(manifest: str, alert_path: str) -> None:
     """Verify ALERT here, derive its filters and install them in table inet herdwall (root;
-    in a namespace: ip netns exec NS herdwall filter install ...). One atomic batch."""
+    in a namespace: ip netns exec NS herdwall filter install ...). One atomic batch. What
+    nftables cannot check (every TCP filter) is checked by a running node's stack."""
     _, gen = _load(manifest, alert_path, verify=True)
     compiled = _table().install(_filters(gen))
     console = stdout_console()
     for c in compiled:
         where = "user space" if c.userspace else "nftables"
         console.print(Text(f"installed {c.filter.kind} filter {c.filter.filter_id} ({where})"))
+    if any(c.userspace for c in compiled):
+        # The kernel part only hands the port's packets to the stack's queue.
+        console.print(Text("user-space filters are checked by a running node's stack "
+                           "(herdwall node run with this service); without one they pass "
+                           "everything", style="yellow"))
 
 
 @filter_.command("list")

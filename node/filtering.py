@@ -62,11 +62,14 @@ class FilterGate:
             hit = self.filters.check(proto, e.dport, e.message.data)
         else:
             data = self.streams.get(e.flow_id, b"")
-            if len(data) >= MAX_STREAM:
-                return False  # at its bound: these very bytes were checked before
-            data = (data + e.message.data)[:MAX_STREAM]
-            self.streams[e.flow_id] = data
+            past = len(data) + len(e.message.data) > MAX_STREAM  # some bytes past the bound
+            if len(data) < MAX_STREAM:
+                data = (data + e.message.data)[:MAX_STREAM]
+                self.streams[e.flow_id] = data
+            # At the bound the scan resumes where it stopped: only a filter added since looks.
             hit = self.filters.check(proto, e.dport, data, self.scans.setdefault(e.flow_id, {}))
+            if hit is None and past:
+                hit = self.filters.check(proto, e.dport, e.message.data, anywhere=True)
         if hit is None:
             return False
         self.hits += 1

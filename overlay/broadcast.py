@@ -213,7 +213,10 @@ Region = tuple[int, int]
 class _Pending:
     roles: dict[int, int]  # replica index -> widest (smallest) limit asked of us
     hops: int
-    announcers: dict[Addr, bytes | None]  # -> the token to answer with (None: a digest's)
+    # -> the tokens to answer with: its first and its latest (a forged announcement in its
+    # name may come before or after the real one: each answer goes once per token, and the
+    # sender counts the one that carries its own); none for a digest's peer.
+    announcers: dict[Addr, list[bytes]]
     tried: set[Addr] = field(default_factory=set)
     blamed: set[Addr] = field(default_factory=set)
     current: Addr | None = None
@@ -714,11 +717,12 @@ class BroadcastCore:
         if p is not None:
             p.roles[replica] = min(p.roles.get(replica, NO_RANGE), ann.limit)
             p.hops = min(p.hops, ann.hops)
-            if p.announcers.get(addr) is None and (
-                    addr in p.announcers or len(p.announcers) < self.cfg.max_announcers):
-                # The first token stays: a forged announcement in an announcer's name,
-                # after it, cannot make our later answers to it count for nothing.
-                p.announcers[addr] = ann.token
+            tokens = p.announcers.get(addr)
+            if tokens is None:
+                if len(p.announcers) < self.cfg.max_announcers:
+                    p.announcers[addr] = [ann.token]
+            elif ann.token not in tokens:
+                tokens[1:] = [ann.token]
             if (ann.uncovered or ann.refs) and len(p.masked) < MAX_MASKED:
                 p.masked.append((addr, ann))
             return [_ack(addr, aid, AckStatus.TAKEN, ann.token)]
@@ -747,7 +751,7 @@ class BroadcastCore:
         if len(self._pending) >= self.cfg.max_pending:
             self.stats["drop_busy"] += 1
             return []
-        self._pending[aid] = _Pending(roles=roles, hops=hops, announcers={addr: token},
+        self._pending[aid] = _Pending(roles=roles, hops=hops, announcers={addr: [token]},
                                       current=addr)
         return [_ack(addr, aid, AckStatus.TAKEN, token)]
 
@@ -761,7 +765,8 @@ class BroadcastCore:
             # One peer cannot fill the pending table with ids it will never serve.
             self.stats["drop_busy_peer"] += 1
             return []
-        self._pending[aid] = _Pending(roles=roles, hops=hops, announcers={addr: token},
+        self._pending[aid] = _Pending(roles=roles, hops=hops,
+                                      announcers={addr: [] if token is None else [token]},
                                       current=addr)
         return self._fetch(addr, aid)
 
@@ -789,8 +794,8 @@ class BroadcastCore:
             return []  # a digest's id: nobody handed us a subtree for it
         # Those told "taken" (and those whose fetch counted as that) must not count on us;
         # announcers caught lying get nothing.
-        return [_ack(a, aid, AckStatus.FAILED, token) for a, token in p.announcers.items()
-                if token is not None and a not in p.blamed and not self.banned(a[0], now)]
+        return [_ack(a, aid, AckStatus.FAILED, token) for a, tokens in p.announcers.items()
+                if a not in p.blamed and not self.banned(a[0], now) for token in tokens]
 
     def _settle_bad(self, aid: bytes, p: _Pending, outcome: Outcome, now: float
                     ) -> list[Action]:
@@ -799,8 +804,8 @@ class BroadcastCore:
         self._bad.put(aid, outcome, now)
         status = _ACK_STATUS.get(outcome, AckStatus.REFUTED)
         # Tell every announcer, so an honest one gives the subtree to another contact.
-        return [_ack(a, aid, status, token) for a, token in p.announcers.items()
-                if token is not None]
+        return [_ack(a, aid, status, token) for a, tokens in p.announcers.items()
+                for token in tokens]
 
     def _on_ack(self, addr: Addr, ack: Ack, now: float) -> list[Action]:
         aid = ack.alert_id

@@ -74,9 +74,10 @@ class TakeoverComponent:
         cfg = self.node.config.takeover
         filters, port = self.node.filters.userspace, t.server[1]
 
-        # Scrub also drops a later chunk that a filter flags on its own.
+        # Scrub also drops a later chunk that a filter which may hold anywhere flags on its own
+        # (a specific filter's offset counts from the connection's start, which that is not).
         def matcher(data: bytes) -> bool:
-            return check_filters(filters, port, data) is not None
+            return check_filters(filters, port, data, anywhere=True) is not None
 
         return make_policy(cfg.policy, reply=cfg.reply.encode("utf-8", "surrogatepass"),
                            matcher=matcher)

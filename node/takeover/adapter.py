@@ -241,6 +241,7 @@ class TakeoverQueue:
                                        max_held_bytes=HOLD_BYTES))
         self.tail_limit = tail_limit
         self.streams: dict[int, bytes] = {}
+        self.scans: dict[int, dict[str, int]] = {}  # per flow: where each filter's scan resumes
         self.blocked: dict[int, None] = {}  # flows whose trigger was dropped, not taken over
         self.holds: dict[int, Hold] = {}  # flow id -> its out-of-order client segments
         self._held = 0  # packets in self.holds
@@ -380,6 +381,7 @@ class TakeoverQueue:
                 self.stats["dropped"] += 1
                 handle.drop()
                 if checked:  # not delivered after all (PAWS, window): not in the stream either
+                    self.scans.pop(fd.flow.id, None)  # type: ignore[union-attr]  # from 0 again
                     if history is None:
                         self.streams.pop(fd.flow.id, None)  # type: ignore[union-attr]
                     else:
@@ -408,6 +410,7 @@ class TakeoverQueue:
 
     def _closed(self, flow_id: int) -> None:
         self.streams.pop(flow_id, None)
+        self.scans.pop(flow_id, None)
         self.blocked.pop(flow_id, None)
         if flow_id in self.holds:
             self._drop_held(flow_id)
@@ -645,27 +648,34 @@ class TakeoverQueue:
         return True
 
     def _check_chunk(self, flow: Flow, data: bytes, alone: bool = False) -> Any:
-        """The check of a client's new chunk, and of its stream so far (64 KiB at most);
-        ``alone``: of these bytes only, the stream left as it is. One call on the trigger's
-        path (a call more cost an idle node's takeover ~10-15 µs)."""
+        """The check of a client's new chunk: of its stream from the connection's start (64 KiB
+        at most, as ``node.filtering`` keeps it; each filter's scan resumes where it stopped),
+        and of bytes past that bound on their own against the filters that may hold anywhere.
+        ``alone``: of these bytes only (their place unknown), the stream left as it is. One
+        call on the trigger's path (a call more cost an idle node's takeover ~10-15 µs)."""
         if alone:
-            stream = data
+            stream, past = data, True
         else:
-            stream = (self.streams.get(flow.id, b"") + data)[-MAX_STREAM:]
-            self.streams[flow.id] = stream
+            stream = self.streams.get(flow.id, b"")
+            past = len(stream) + len(data) > MAX_STREAM
+            if len(stream) < MAX_STREAM:
+                stream = (stream + data)[:MAX_STREAM]
+                self.streams[flow.id] = stream
         if self.detect is not None:
             hit = self.detect(flow, data, stream)
             if hit is not None:
                 return hit
         filters = self.filters
-        if filters is not None:
-            port = flow.resp[1]
-            try:
-                return filters.check("tcp", port, data) or filters.check("tcp", port, stream)
-            except RuntimeError:  # changed by the loop meanwhile (on a reader thread)
-                return check_filters(filters, port, data) or \
-                    check_filters(filters, port, stream)
-        return None
+        if filters is None:
+            return None
+        port = flow.resp[1]
+        scans = None if alone else self.scans.setdefault(flow.id, {})
+        try:
+            hit = None if alone else filters.check("tcp", port, stream, scans)
+            return hit or (filters.check("tcp", port, data, anywhere=True) if past else None)
+        except RuntimeError:  # changed by the loop meanwhile (on a reader thread)
+            hit = None if alone else check_filters(filters, port, stream, scans)
+            return hit or (check_filters(filters, port, data, anywhere=True) if past else None)
 
     def _take(self, flow: Flow, seq: int, data: bytes, hit: Any, payload: bytes,
               handle: Handle, now: float) -> None:
@@ -698,6 +708,7 @@ class TakeoverQueue:
             log.exception("takeover of flow %d failed", flow.id)
             self._block(flow, handle, seq)
             return
+        self.scans.pop(flow.id, None)  # after the trigger's first segment is out
         if self.on_trigger is not None:
             self.on_trigger(t)
 
@@ -707,6 +718,7 @@ class TakeoverQueue:
         connection stalls (the server never acknowledges it) instead of carrying it."""
         handle.drop()
         self.streams.pop(flow.id, None)
+        self.scans.pop(flow.id, None)
         if flow.id in self.holds:
             self._drop_held(flow.id)
         if flow.stream is not None:
@@ -756,16 +768,18 @@ class ReaderClocks:
         return self.call_at(time.monotonic() + delay, callback, *args)
 
 
-def check_filters(filters: Any, port: int, data: bytes) -> Any:
-    """``filters.check("tcp", port, data)`` from a queue's reader thread while the loop may
-    change the filters: a dict resized during the check raises, and the check runs again (a
-    packet must not pass unchecked on the queue's fail-open default)."""
+def check_filters(filters: Any, port: int, data: bytes, resume: dict[str, int] | None = None,
+                  *, anywhere: bool = False) -> Any:
+    """``filters.check("tcp", port, data, ...)`` from a queue's reader thread while the loop
+    may change the filters: a dict resized during the check raises, and the check runs again
+    (a packet must not pass unchecked on the queue's fail-open default; a scan's state only
+    ever moves past what is decided, so a retry may start from it)."""
     for _ in range(3):
         try:
-            return filters.check("tcp", port, data)
+            return filters.check("tcp", port, data, resume, anywhere=anywhere)
         except RuntimeError:
             continue
-    return filters.check("tcp", port, data)
+    return filters.check("tcp", port, data, resume, anywhere=anywhere)
 
 
 def _in_netns(netns: str | None, make: Callable[[], T]) -> T:

@@ -138,6 +138,23 @@ def test_a_general_filter_made_as_a_node_makes_it_passes_lookalikes(name: str) -
     assert not gen.general.matches(request)
 
 
+def test_a_general_filter_that_misses_its_own_exploit_is_dropped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a relaxation got wrong (here: a stop byte the exploit itself has before its
+    delimiter), no filter that does not match the exploit is kept, and generation says so."""
+    import filters.generate as generate
+
+    image = load_image(manifest_path("httpd"))
+    det, ver = Detector(image), Verifier([image])
+    msgs = tuple(traffic("httpd").exploit())
+    g = det.generate(msgs, det.inspect(msgs).detection, ver)
+    assert g is not None and b"." in msgs[0].data.split(b"?")[0]
+    monkeypatch.setattr(generate, "_stops", lambda *args: (ord("."),))
+    gen = generate_filters(g.alert, image, detector=det, verifier=ver)
+    assert gen.general is None and gen.specific is not None
+    assert "general filter dropped: it does not match the exploit" in gen.notes
+
+
 def test_every_kept_condition_says_why(made) -> None:  # type: ignore[no-untyped-def]
     for name, (_, _, _, gen) in made.items():
         assert gen.general is not None, name
@@ -293,6 +310,17 @@ def test_cli_filter_install_list_remove_in_a_namespace(netns, resolver_alert) ->
     assert [f["id"] for f in left] == [listed[1]["id"]]
     bad = _herdwall("filter", "remove", "0000", netns=netns.name)
     assert bad.returncode == 1 and "no installed filter" in bad.stderr
+
+
+@pytest.mark.netns
+def test_cli_filter_install_says_a_tcp_filter_needs_a_node(netns, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    exploit, alert = tmp_path / "exploit.bin", tmp_path / "alert.cbor"
+    exploit.write_bytes(b"".join(m.data for m in traffic("httpd").exploit()))
+    m = str(manifest_path("httpd"))
+    assert _herdwall("alert", "detect", m, str(exploit), "-o", str(alert)).returncode == 0
+    r = _herdwall("filter", "install", m, str(alert), netns=netns.name)
+    assert r.returncode == 0, r.stderr
+    assert "(user space)" in r.stdout and "checked by a running node's stack" in r.stdout
 
 
 @pytest.mark.netns

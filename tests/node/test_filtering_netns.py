@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from filters.condition import Filter, Specific
+from filters.condition import Field, Filter, General, Overflow, Pin, Specific
 from filters.generate import generate_filters
 from filters.nft import FilterTable, NftError
 from filters.userspace import UserspaceFilters
@@ -292,3 +292,26 @@ def test_a_blocked_request_sent_again_is_checked_again_once_its_block_is_forgott
     gate.blocked.clear()  # as when MAX_BLOCKED later connections have pushed it out
     assert send(True, 101, 501, ACK, exploit)  # checked again, not a duplicate
     assert gate.hits == 2
+
+
+def test_past_its_bound_a_stream_is_still_checked_by_filters_that_may_hold_anywhere() -> None:
+    """The gate keeps a stream's first 64 KiB; a later chunk is checked on its own against the
+    general filters (which may start anywhere), also one added after the bound was reached,
+    and never against a specific filter (its offset counts from the stream's start)."""
+    from node.filtering import MAX_STREAM
+    from node.stack.events import MessageIn
+    from sca.alert import Message
+
+    general = Filter(b"\x01" * 32, "svc", "tcp", PORT, General(
+        (Pin(0, ord("X")),), Overflow("terminated", Field(1), 8, (0,)), sliding=True))
+    spec = Filter(b"\x01" * 32, "svc", "tcp", PORT, Specific(0, b"X" * 9))
+    us = UserspaceFilters([spec])
+    gate = FilterGate(us)
+
+    def chunk(data: bytes) -> bool:
+        return gate._message(MessageIn(7, 6, PORT, Message(data, 7), 0), None)
+
+    assert not any(chunk(b"a" * 1000) for _ in range(MAX_STREAM // 1000 + 1))
+    assert not chunk(b"X" * 9)  # past the bound: the specific filter does not look
+    us.add(general)
+    assert chunk(b"X" * 9) and gate.hits == 1

@@ -634,3 +634,29 @@ def test_an_urgent_segment_goes_on_not_urgent_with_a_checksum_that_holds() -> No
         assert h.verdict == "accept" and h.rewrite == out  # type: ignore[attr-defined]
     finally:
         loop.close()
+
+
+def test_a_specific_filter_on_the_takeover_queue_counts_from_the_streams_start() -> None:
+    """A benign upload whose second segment holds a specific filter's bytes at the filter's
+    offset within that segment is no trigger; the stream that holds them at that offset from
+    its start is one (as on the stack's path, ``node.filtering``)."""
+    from filters.condition import Filter, Specific
+    from filters.userspace import UserspaceFilters
+
+    spec = Filter(b"\x01" * 32, "svc", "tcp", 8080, Specific(172, b"-" * 32))
+    first = b"POST /upload HTTP/1.0\r\n\r\n" + b"x" * 300
+    loop = asyncio.new_event_loop()
+    try:
+        for segments, trigger in (
+                ([first, b"y" * 172 + b"-" * 40 + b"z" * 100], False),
+                ([first[:172] + b"-" * 32 + first[204:], b"y" * 100], True)):
+            q, _, send = _queue(False, loop)
+            q.detect, q.filters = None, UserspaceFilters([spec])
+            seq, verdicts = 101, []
+            for data in segments:
+                verdicts.append(send(True, seq, 501, ACK, data))
+                seq += len(data)
+            assert verdicts == (["drop", "drop"] if trigger else ["accept", "accept"])
+            assert q.stats["triggers"] == trigger
+    finally:
+        loop.close()

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from filters.condition import Filter, Specific
+from filters.condition import Field, Filter, General, Overflow, Pin, Specific
 from filters.userspace import UserspaceFilters
 from node.takeover import rules
 from node.takeover.engine import TakeoverEngine
@@ -335,7 +335,11 @@ def test_loss_on_both_sides_is_repaired_without_storms() -> None:
 
 
 def test_filter_action_takeover_end_to_end_on_the_servers_host() -> None:
-    f = Filter(b"\x01" * 32, "linesvc", "tcp", PORT, Specific(0, b"EXPLOIT"))
+    # A general filter (it may hold anywhere in the stream): "EXPLOIT " and 300 bytes with no
+    # line end, after a benign line.
+    f = Filter(b"\x01" * 32, "linesvc", "tcp", PORT, General(
+        tuple(Pin(i, b) for i, b in enumerate(b"EXPLOIT ")),
+        Overflow("terminated", Field(8), 300, (0x0A,)), sliding=True))
     setup, rule_lines = rules.compile_takeover(f)
     assert any(f"hw:{f.filter_id}" in r for r in rule_lines)
     with HostTopo("tkf") as t:
