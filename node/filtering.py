@@ -11,77 +11,139 @@ semantics are exactly those of ``filters.condition`` (one model, two back ends).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from filters.userspace import UserspaceFilters
 from node.stack.events import Event, FlowClosed, MessageIn
+from node.stack.packet import PacketError, parse_ipv6
 from node.stack.stack import Stack
 
 MAX_STREAM = 64 * 1024  # a filter's condition lies within the alert's 64 KiB
-
-
+MAX_STREAM_BYTES = 64 << 20  # every stream kept, together: the oldest flows' go first
 MAX_BLOCKED = 65536
 
 
 def tcp_key(p: bytes) -> bytes | None:
-    """Addresses and ports of an IPv4 TCP packet, as one key (the stack's own flow key)."""
+    """Addresses and ports of a TCP packet, IPv4 or IPv6, as one key (the stack's own flow
+    key)."""
     if len(p) >= 24 and p[0] >> 4 == 4 and p[9] == 6:
         ihl = (p[0] & 0x0F) * 4
         return bytes(p[12:20]) + bytes(p[ihl:ihl + 4])
+    if len(p) >= 44 and p[0] >> 4 == 6:
+        try:
+            ip = parse_ipv6(p)
+        except PacketError:
+            return None
+        if ip.proto == 6 and len(ip.payload) >= 4:
+            return ip.src + ip.dst + bytes(ip.payload[:4])
     return None
 
 
 @dataclass
 class FilterGate:
     filters: UserspaceFilters
+    # Per TCP flow with user-space filters on its port, oldest first: its stream from the
+    # start (MAX_STREAM at most), and where each filter's scan resumes.
     streams: dict[int, bytes] = field(default_factory=dict)
-    scans: dict[int, dict[str, int]] = field(default_factory=dict)  # per flow: where to resume
-    # TCP connections (tcp_key) to drop, oldest first: bounded, the oldest forgotten first.
-    blocked: dict[bytes, None] = field(default_factory=dict)
+    scans: dict[int, dict[str, int]] = field(default_factory=dict)
+    stream_bytes: int = 0
+    # Matched TCP connections (tcp_key -> flow id) whose every packet is dropped until the
+    # flow closes; bounded, the oldest forgotten first.
+    blocked: dict[bytes, int] = field(default_factory=dict)
     hits: int = 0
     # The stack whose events these are: a matched message's bytes count there as never
     # delivered, so once the bound below has forgotten its connection a resend is checked
     # again instead of passing as a duplicate.
     stack: Stack | None = None
+    _blocked_keys: dict[int, bytes] = field(default_factory=dict)
+    # Flows whose stream was let go (MAX_STREAM_BYTES): where their new bytes lie is unknown.
+    _lost: dict[int, None] = field(default_factory=dict)
 
     def __call__(self, packet: bytes, events: list[Event]) -> bool:
+        """Drop ``packet``? Also to be called, its answer unused, with the close events of the
+        packets it need not judge (the flows' state goes with them)."""
         key = tcp_key(packet)
         if key is not None and key in self.blocked:
-            return True
+            if not self._new_connection(packet):
+                return True
+            self._unblock(self.blocked[key])
         drop = False
         for e in events:
             if type(e) is MessageIn:
                 drop |= self._message(e, key)
             elif type(e) is FlowClosed:
-                self.streams.pop(e.flow_id, None)
-                self.scans.pop(e.flow_id, None)
+                self._forget(e.flow_id)
+                self._unblock(e.flow_id)
         return drop
+
+    @staticmethod
+    def _new_connection(packet: bytes) -> bool:
+        """A SYN without ACK: the connection is a new one on the same addresses and ports."""
+        if packet[0] >> 4 == 4:
+            at = (packet[0] & 0x0F) * 4 + 13
+            return len(packet) > at and packet[at] & 0x12 == 0x02
+        try:
+            ip = parse_ipv6(packet)
+        except PacketError:
+            return False
+        return len(ip.payload) > 13 and ip.payload[13] & 0x12 == 0x02
+
+    def _forget(self, flow_id: int, lost: bool = False) -> None:
+        data = self.streams.pop(flow_id, None)
+        if data is not None:
+            self.stream_bytes -= len(data)
+        self.scans.pop(flow_id, None)
+        if lost:
+            self._lost[flow_id] = None
+            if len(self._lost) > MAX_BLOCKED:
+                del self._lost[next(iter(self._lost))]
+        else:
+            self._lost.pop(flow_id, None)
+
+    def _unblock(self, flow_id: int) -> None:
+        key = self._blocked_keys.pop(flow_id, None)
+        if key is not None:
+            self.blocked.pop(key, None)
 
     def _message(self, e: MessageIn, key: bytes | None) -> bool:
         proto = "udp" if e.message.connection is None else "tcp"
+        if (17 if proto == "udp" else 6, e.dport) not in self.filters:
+            return False  # nothing to check there: no state kept either
         if proto == "udp":
             hit = self.filters.check(proto, e.dport, e.message.data)
         else:
-            data = self.streams.get(e.flow_id, b"")
-            past = len(data) + len(e.message.data) > MAX_STREAM  # some bytes past the bound
-            if len(data) < MAX_STREAM:
-                data = (data + e.message.data)[:MAX_STREAM]
-                self.streams[e.flow_id] = data
-            # At the bound the scan resumes where it stopped: only a filter added since looks.
-            hit = self.filters.check(proto, e.dport, data, self.scans.setdefault(e.flow_id, {}))
-            if hit is None and past:
-                hit = self.filters.check(proto, e.dport, e.message.data, anywhere=True)
+            hit = self._stream(e)
         if hit is None:
             return False
         self.hits += 1
         if proto == "tcp":
-            self.streams.pop(e.flow_id, None)
-            self.scans.pop(e.flow_id, None)
+            self._forget(e.flow_id)
             fd = (self.stack.tcp.table.get(key) if self.stack is not None and key is not None
                   else None)
             if fd is not None and fd.flow.stream is not None:
                 fd.flow.stream.rewind(e.seq)
             if key is not None:
-                self.blocked[key] = None
+                self.blocked[key] = e.flow_id
+                self._blocked_keys[e.flow_id] = key
                 if len(self.blocked) > MAX_BLOCKED:
-                    del self.blocked[next(iter(self.blocked))]
+                    self._unblock(next(iter(self.blocked.values())))
         return True
+
+    def _stream(self, e: MessageIn) -> Any:
+        chunk = e.message.data
+        if e.flow_id in self._lost:
+            return self.filters.check("tcp", e.dport, chunk, anywhere=True)
+        old = self.streams.pop(e.flow_id, b"")
+        past = len(old) + len(chunk) > MAX_STREAM  # some bytes past the bound
+        data = old if len(old) >= MAX_STREAM else (old + chunk)[:MAX_STREAM]
+        self.streams[e.flow_id] = data  # the newest last
+        self.stream_bytes += len(data) - len(old)
+        while self.stream_bytes > MAX_STREAM_BYTES:
+            # The oldest flow's stream goes: its later bytes are checked as past the bound.
+            self._forget(next(iter(self.streams)), lost=True)
+        scans = self.scans.setdefault(e.flow_id, {})
+        # At the bound the scan resumes where it stopped: only a filter added since looks.
+        hit = self.filters.check("tcp", e.dport, data, scans)
+        if hit is None and past:
+            hit = self.filters.check("tcp", e.dport, chunk, anywhere=True)
+        return hit

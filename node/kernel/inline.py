@@ -23,7 +23,7 @@ from collections.abc import Callable, Container
 
 from node.kernel.marks import Q_STACK
 from node.kernel.nfqueue import Handle, QueueAdapter
-from node.stack.events import Drop, Event
+from node.stack.events import Drop, Event, FlowClosed
 from node.stack.packet import URG, clear_urgent
 from node.stack.stack import Stack
 
@@ -108,6 +108,12 @@ class StackQueue:
                 handle.drop()
             else:
                 handle.accept()
+        elif self.gate is not None and events:
+            # A flow's close (its end, a timeout, an eviction) comes on whatever packet the
+            # stack saw then: the gate's state for the flow goes with it.
+            closed = [e for e in events if type(e) is FlowClosed]
+            if closed:
+                self.gate(payload, closed)
         if events:
             if self.on_events is not None:
                 self.on_events(events)

@@ -221,6 +221,13 @@ class Stack:
         reassembly."""
         stream = flow.stream
         assert stream is not None
+        fin = fd.snd.fin_seq
+        if flow.state >= TcpState.TIME_WAIT or (
+                fin is not None and 0 < ((seq + len(payload) - fin) & MASK) < HALF):
+            # Past the sender's FIN, or on a closed flow: the receiver takes none of it (after
+            # its close event, a stream that grew again would be state nobody frees).
+            self.stats["after_close"] += 1
+            return Drop("data after the connection's close", flow.id)
         cfg = self.config
         recent = flow.ts_recent
         # PAWS (tcp_paws_discard): TSval more than 1 behind ts_recent is dropped; 0 disables.
