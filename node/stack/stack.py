@@ -89,6 +89,7 @@ class StackConfig:
     verify_checksums: bool = True
     max_flows: int = 65536  # per protocol
     max_held_bytes: int = 256 * 1024  # out-of-order bytes held per stream
+    max_held_total: int = 64 << 20  # ... and in all streams together (the stalest go first)
     max_held_segments: int = 512
     pickup: bool = True  # track TCP flows first seen mid-stream
     enforce_window: bool = True  # refuse data at or past the receiver's advertised right edge
@@ -111,6 +112,10 @@ class Stack:
         self._verify = c.verify_checksums
         self._ids = itertools.count(1)
         self._next_expire = float("-inf")
+        # Flows holding out-of-order bytes, the least recently grown first, with the bytes
+        # counted for each in ``held_total``.
+        self._holding: dict[int, tuple[Flow, int]] = {}
+        self.held_total = 0
 
     # ------------------------------------------------------------------ entry points
 
@@ -146,8 +151,34 @@ class Stack:
 
     def expire(self, now: float) -> list[Event]:
         """Forget flows idle past their timeout; report the open ones as closed."""
-        return [FlowClosed(f.id, "timeout") for f in (*self.tcp.expire(now),
-                                                      *self.udp.expire(now))]
+        gone = [*self.tcp.expire(now), *self.udp.expire(now)]
+        for f in gone:
+            self._release_held(f)
+        return [FlowClosed(f.id, "timeout") for f in gone]
+
+    def _count_held(self, flow: Flow) -> None:
+        """After ``flow``'s stream changed what it holds: the total, and within
+        ``max_held_total`` by forgetting what the stalest holders hold (their senders resend)."""
+        held = flow.stream.held_bytes if flow.stream is not None else 0
+        entry = self._holding.pop(flow.id, None)
+        self.held_total += held - (entry[1] if entry else 0)
+        if held:
+            self._holding[flow.id] = (flow, held)
+        while self.held_total > self.config.max_held_total and self._holding:
+            stale = next(iter(self._holding))
+            self._release_held(self._holding[stale][0])
+            self.stats["held_forgotten"] += 1
+
+    def _release_held(self, flow: Flow) -> None:
+        entry = self._holding.pop(flow.id, None)
+        if entry is not None:
+            self.held_total -= entry[1]
+            if flow.stream is not None:
+                flow.stream.forget_held()
+
+    def _close(self, flow: Flow, now: float) -> None:
+        self.tcp.close(flow, now)
+        self._release_held(flow)  # no data is taken after the close
 
     def find(self, src: bytes, sport: int, dst: bytes, dport: int,
              proto: int = IPPROTO_TCP) -> Flow | None:
@@ -242,6 +273,8 @@ class Stack:
             return Drop("beyond the receive window", flow.id)
         start = stream.next_seq
         status, data = stream.add(seq, payload)
+        if stream.held_bytes or flow.id in self._holding:
+            self._count_held(flow)
         if tsval is not None and flow.timestamps:
             # tcp_replace_ts_recent: a segment starting at or before rcv_wup (the receiver's
             # last ACK) that is not older than ts_recent sets it.
@@ -375,7 +408,9 @@ class Stack:
             self.stats["untracked"] += 1
             return None
         flow = fd.flow
-        events.extend(FlowClosed(f.id, "evicted") for f in evicted)
+        for f in evicted:
+            self._release_held(f)
+            events.append(FlowClosed(f.id, "evicted"))
         (src, sport), (dst, dport) = flow.orig, flow.resp
         events.append(FlowOpened(flow.id, IPPROTO_TCP, src, sport, dst, dport, picked))
         if flags & SYN and not flags & ACK:
@@ -466,7 +501,7 @@ class Stack:
             self.stats["rst_ignored"] += 1
             return
         flow.state = TcpState.CLOSED
-        self.tcp.close(flow, now)
+        self._close(flow, now)
         events.append(FlowClosed(flow.id, "rst"))
 
     def _fin(self, fd: FlowDir, flow: Flow, seq: int, plen: int, now: float,
@@ -490,5 +525,5 @@ class Stack:
         if a.ack is not None and b.ack is not None and _after(a.ack, b.fin_seq) \
                 and _after(b.ack, a.fin_seq):
             flow.state = TcpState.TIME_WAIT
-            self.tcp.close(flow, now)
+            self._close(flow, now)
             events.append(FlowClosed(flow.id, "fin"))

@@ -231,3 +231,36 @@ def test_arbitrary_bytes_never_raise(raw: bytes, now: float) -> None:
     for p in (raw, b"\x45" + raw, b"\x60" + raw):
         assert isinstance(s.handle(p, now), list)
     assert s.stats["internal_error"] == 0
+
+
+def test_out_of_order_bytes_held_in_all_streams_stay_within_their_bound() -> None:
+    """Each stream holds at most max_held_bytes past a hole; many streams together at most
+    max_held_total: the stalest holders' bytes go first (their senders resend them), and a
+    flow's held bytes leave the count when it closes."""
+    from node.stack.packet import ACK, RST, SYN, TcpOptions, tcp_packet
+
+    stack = Stack(StackConfig(protected_tcp={80}, verify_checksums=False,
+                              max_held_total=1 << 20))
+    d = ip_bytes("10.77.0.2")
+    for f in range(40):
+        src, sport = ip_bytes(f"10.77.1.{f + 1}"), 40000 + f
+        stack.handle(tcp_packet(src, d, sport, 80, seq=1000, flags=SYN,
+                                options=TcpOptions(wscale=7)), 1.0)
+        stack.handle(tcp_packet(d, src, 80, sport, seq=5000, ack=1001, flags=SYN | ACK,
+                                window=65535, options=TcpOptions(wscale=7)), 1.0)
+        stack.handle(tcp_packet(src, d, sport, 80, seq=1001, ack=5001, flags=ACK), 1.0)
+        stack.handle(tcp_packet(d, src, 80, sport, seq=5001, ack=1001, flags=ACK,
+                                window=8192), 1.0)  # a 1 MiB window
+        for i in range(150):  # a hole at 1001, then 210 KB out of order
+            stack.handle(tcp_packet(src, d, sport, 80, seq=1002 + i * 1400, ack=5001,
+                                    flags=ACK, payload=b"A" * 1400), 1.0)
+        held = sum(x.stream.held_bytes for x in stack.tcp.flows() if x.stream is not None)
+        assert held == stack.held_total <= 1 << 20
+    assert stack.stats["held_forgotten"] > 0
+    # The newest holder still has its bytes; its reset takes them out of the count.
+    last = stack.find(ip_bytes("10.77.1.40"), 40039, d, 80)
+    assert last is not None and last.stream is not None
+    before, holds = stack.held_total, last.stream.held_bytes
+    assert holds == 150 * 1400
+    stack.handle(tcp_packet(ip_bytes("10.77.1.40"), d, 40039, 80, seq=1001, flags=RST), 1.0)
+    assert stack.held_total == before - holds
