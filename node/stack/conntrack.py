@@ -103,7 +103,7 @@ class Flow:
 
     __slots__ = ("created", "deadline", "dirs", "ext", "halves", "id", "in_closing", "keys",
                  "last_seen", "orig", "picked_up", "proto", "resp", "state", "stream",
-                 "synack_ts", "ts_recent")
+                 "synack_ts", "timeout", "ts_recent")
 
     def __init__(self, flow_id: int, proto: int, orig: tuple[bytes, int],
                  resp: tuple[bytes, int], now: float) -> None:
@@ -123,6 +123,7 @@ class Flow:
         self.keys: tuple[bytes, bytes] = (b"", b"")
         self.dirs: tuple[FlowDir, FlowDir] | None = None
         self.in_closing = False
+        self.timeout = 0.0  # its state's timeout: which of the table's activity lists holds it
         # What a user of the stack keeps with the flow: it lives exactly as long as the flow
         # is tracked (a close event may come while packets still do), and goes with it.
         self.ext: Any = None
@@ -172,13 +173,24 @@ class ConnTrack:
         self.max_flows = max_flows
         self.timeouts = timeouts or Timeouts()
         self.table: dict[bytes, FlowDir] = {}
-        self.active: OrderedDict[int, Flow] = OrderedDict()  # least recently active first
+        # Open flows by their state's timeout, each list least recently active first, so its
+        # deadlines come in order: expiry stops at the first flow still in time without a
+        # long-lived flow holding back short-lived ones behind it.
+        self.active: dict[float, OrderedDict[int, Flow]] = {}
         self.closing: deque[Flow] = deque()  # closed flows, oldest first (one timeout for all)
         self.next_id = 1
         self.evicted = 0
 
     def __len__(self) -> int:
-        return len(self.active) + len(self.closing)
+        return sum(map(len, self.active.values())) + len(self.closing)
+
+    def _victim(self) -> Flow:
+        """The flow to forget for room: a closed one, else the stalest of the shortest-lived
+        open ones (half-open handshakes before established connections: a SYN flood does not
+        push out the connections a filter is following)."""
+        if self.closing:
+            return self.closing[0]
+        return next(iter(self.active[min(t for t, fs in self.active.items() if fs)].values()))
 
     def get(self, key: bytes, now: float) -> FlowDir | None:
         """The flow a packet belongs to; None also for a flow past its deadline (``expire``
@@ -194,7 +206,7 @@ class ConnTrack:
         evicted to make room."""
         evicted = []
         while len(self) >= self.max_flows:
-            victim = self.closing[0] if self.closing else next(iter(self.active.values()))
+            victim = self._victim()
             was_open = not victim.in_closing
             self.remove(victim)
             if was_open:  # closed flows were reported when they closed
@@ -205,13 +217,14 @@ class ConnTrack:
             self.next_id += 1
         flow = Flow(flow_id, self.proto, (src, sport), (dst, dport), now)
         flow.state = state
-        flow.deadline = now + self.timeouts.of(state)
+        flow.timeout = self.timeouts.of(state)
+        flow.deadline = now + flow.timeout
         fwd, rev = FlowDir(flow, 0), FlowDir(flow, 1)
         flow.dirs = (fwd, rev)
         flow.keys = (flow_key(src, dst, sport, dport), flow_key(dst, src, dport, sport))
         self.table[flow.keys[0]] = fwd
         self.table[flow.keys[1]] = rev
-        self.active[flow.id] = flow
+        self.active.setdefault(flow.timeout, OrderedDict())[flow.id] = flow
         return fwd, evicted
 
     def touch(self, flow: Flow, now: float) -> None:
@@ -219,15 +232,21 @@ class ConnTrack:
         flow.last_seen = now
         if flow.in_closing:
             return
-        flow.deadline = now + self.timeouts.of(flow.state)
-        self.active.move_to_end(flow.id)
+        timeout = self.timeouts.of(flow.state)
+        flow.deadline = now + timeout
+        if timeout == flow.timeout:
+            self.active[timeout].move_to_end(flow.id)
+        else:
+            del self.active[flow.timeout][flow.id]
+            flow.timeout = timeout
+            self.active.setdefault(timeout, OrderedDict())[flow.id] = flow
 
     def close(self, flow: Flow, now: float) -> None:
         """The flow is over (reset, or both FINs acknowledged): keep it a short while so late
         packets still match it, then forget it."""
         if flow.in_closing:
             return
-        self.active.pop(flow.id, None)
+        self.active[flow.timeout].pop(flow.id, None)
         flow.in_closing = True
         flow.deadline = now + self.timeouts.closed
         self.closing.append(flow)
@@ -241,7 +260,7 @@ class ConnTrack:
             with contextlib.suppress(ValueError):
                 self.closing.remove(flow)
         else:
-            self.active.pop(flow.id, None)
+            self.active[flow.timeout].pop(flow.id, None)
 
     def expire(self, now: float, budget: int = 256) -> list[Flow]:
         """Forget flows past their deadline (at most ``budget`` of each kind per call); return
@@ -253,13 +272,14 @@ class ConnTrack:
             flow.in_closing = False  # already out of the deque
             self.remove(flow)
             n += 1
-        while self.active and len(out) < budget:
-            flow = next(iter(self.active.values()))
-            if flow.deadline >= now:
-                break
-            self.remove(flow)
-            out.append(flow)
+        for flows in self.active.values():
+            while flows and len(out) < budget:
+                flow = next(iter(flows.values()))
+                if flow.deadline >= now:
+                    break
+                self.remove(flow)
+                out.append(flow)
         return out
 
     def flows(self) -> list[Flow]:
-        return [*self.active.values(), *self.closing]
+        return [f for flows in self.active.values() for f in flows.values()] + [*self.closing]

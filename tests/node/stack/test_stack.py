@@ -264,3 +264,25 @@ def test_out_of_order_bytes_held_in_all_streams_stay_within_their_bound() -> Non
     assert holds == 150 * 1400
     stack.handle(tcp_packet(ip_bytes("10.77.1.40"), d, 40039, 80, seq=1001, flags=RST), 1.0)
     assert stack.held_total == before - holds
+
+
+def test_a_syn_flood_pushes_out_half_open_flows_not_established_ones() -> None:
+    """Room for new flows is made from the shortest-lived ones first, and half-open flows
+    expire on time even behind an established one that is older (one list per timeout)."""
+    from node.stack.packet import ACK, SYN, TcpOptions, tcp_packet
+
+    stack = Stack(StackConfig(protected_tcp={80}, verify_checksums=False, max_flows=100))
+    c, d = ip_bytes("10.77.6.6"), ip_bytes("10.77.0.2")
+    stack.handle(tcp_packet(c, d, 40000, 80, seq=1, flags=SYN, options=TcpOptions()), 1.0)
+    stack.handle(tcp_packet(d, c, 80, 40000, seq=9, ack=2, flags=SYN | ACK,
+                            options=TcpOptions()), 1.0)
+    stack.handle(tcp_packet(c, d, 40000, 80, seq=2, ack=10, flags=ACK), 1.0)
+    kept = stack.find(c, 40000, d, 80)
+    assert kept is not None and kept.state == TcpState.ESTABLISHED
+    for i in range(1000):  # SYNs from everywhere, never answered
+        stack.handle(tcp_packet(ip_bytes(f"10.77.{1 + i // 250}.{1 + i % 250}"), d, 50000, 80,
+                                seq=1, flags=SYN, options=TcpOptions()), 2.0)
+    assert stack.find(c, 40000, d, 80) is kept and len(stack.tcp) == 100
+    # The half-open ones time out (30 s) although the older established one does not (1 h).
+    closed = stack.expire(40.0)
+    assert len(closed) == 99 and len(stack.tcp) == 1 and stack.find(c, 40000, d, 80) is kept
