@@ -291,11 +291,22 @@ class FilterTable:
         items = self._ruleset()  # one listing: what is there, and the handles to remove
         have = self._view
         assert have is not None
-        add = [f for fid, f in want.items() if fid not in have.ids]
-        drop = [fid for fid in have.ids if fid not in want]
+        # What an older herdwall installed in another shape (a TCP specific filter as a set
+        # element matched per segment, a user-space filter as a rule of its own) is replaced.
+        placed = {key: spec.split(" ", 1)[0] if kind == "elem" else None
+                  for kind, key, _, spec in _entries(items) if kind in ("rule", "elem")}
+        stale = [fid for fid, f in want.items() if fid in placed and placed[fid] != self._set_of(f)]
+        add = [f for fid, f in want.items() if fid not in have.ids or fid in stale]
+        drop = [fid for fid in have.ids if fid not in want] + stale
         if add or drop or not have.chains:
             compiled: list[Compiled] = []
             self._apply_listed(self._batch(add, drop, items, compiled), add, drop, compiled)
+
+    def _set_of(self, f: Filter) -> str | None:
+        """The set whose element ``f`` is, as this herdwall compiles it (None: rules)."""
+        c = compile_filter(f, queue_mark=self.queue_mark, mark_mask=self.mark_mask,
+                           tcp_action=self.tcp_action, takeover=self.takeover)
+        return c.element[0] if c.element is not None else None
 
     def list(self) -> list[Installed]:
         out: dict[str, Installed] = {}

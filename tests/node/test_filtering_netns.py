@@ -4,6 +4,7 @@ and server, the httpd sample's general filter (a field after a delimiter: nft ca
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import socket
 import time
@@ -12,7 +13,7 @@ import pytest
 
 from filters.condition import Field, Filter, General, Overflow, Pin, Specific
 from filters.generate import generate_filters
-from filters.nft import FilterTable, NftError
+from filters.nft import FilterTable, NftError, base_chains
 from filters.userspace import UserspaceFilters
 from node.filtering import FilterGate
 from node.kernel.inline import StackQueue
@@ -162,6 +163,28 @@ def test_specific_filters_with_any_value_are_removed(testbed: Testbed) -> None:
     assert {i.filter_id for i in table.list()} == {f.filter_id for f in fs[2:]}
     table.sync([])
     assert table.list() == []
+
+
+def test_a_filter_an_older_herdwall_installed_in_another_shape_is_replaced(
+        testbed: Testbed) -> None:
+    """Before, a TCP specific filter was a set element matched on each segment: a sync puts
+    it where this herdwall checks it (the stream, in user space), in one batch."""
+    nft = NftTable(testbed[0].name)
+    nft.ensure()
+    table = FilterTable(nft.apply_text, nft.query_text, queue_mark=QUEUE_STACK, mark_mask=MASK)
+    f = Filter(b"\x01" * 32, "svc", "tcp", PORT, Specific(200, b"P\x12C"))
+    nft.apply_text("\n".join([*base_chains(),
+        "add set inet herdwall spec_tcp_1600_24 { typeof tcp dport . @ih,1600,24; counter; }\n"
+        "add rule inet herdwall filters tcp dport . @ih,1600,24 @spec_tcp_1600_24 "
+        'reject with tcp reset comment "set:spec_tcp_1600_24"\n'
+        f'add element inet herdwall spec_tcp_1600_24 {{ {PORT} . 0x501243 comment '
+        f'"hw:{f.filter_id}" }}']) + "\n")
+    table.sync([f])
+    listed = json.dumps(nft.query_text("list table inet herdwall"))
+    assert f"uq_tcp_{PORT}" in listed and "0x501243" not in listed and "5247555" not in listed
+    assert [i.filter_id for i in table.list()] == [f.filter_id]
+    table.sync([f])  # in its place now: nothing to do
+    assert [i.filter_id for i in table.list()] == [f.filter_id]
 
 
 def test_user_space_filters_of_a_port_share_one_rule(testbed: Testbed) -> None:
