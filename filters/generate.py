@@ -18,6 +18,7 @@ hostile peer could make them match benign requests.
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -217,7 +218,7 @@ def generate_filters(alert: Alert, image: ServiceImage, *, detector: Detector | 
     compared = _compared_offsets(stream, run.conditions)
     corpus = [m.data for m in benign] + ([image.warmup] if image.warmup else [])
     general = (_terminated(stream, slot, compared, _header_offsets(run, stream, slot), oracle,
-                           rng, notes, corpus)
+                           rng, notes, corpus, image.binary)
                or _length(stream, run, slot, oracle, rng, notes))
     result = None
     if general is not None and not general.matches(stream.data):
@@ -261,7 +262,7 @@ def _pins(stream: _Stream, upto: int, compared: dict[int, set[int]], oracle: _Or
 
 def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]],
                 words: dict[int, set[int]], oracle: _Oracle, rng: random.Random,
-                notes: list[str], benign: list[bytes]) -> General | None:
+                notes: list[str], benign: list[bytes], binary: bytes) -> General | None:
     """``compared``: offsets the service compared alone (pin candidates, and where a field's
     delimiter is looked for from); ``words``: every offset it compared, words included
     (strcmp and kin compare several bytes at once: a method, a command name), pinned where
@@ -299,6 +300,7 @@ def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]],
         token_at = previous + 1 if previous >= 0 else scan_from
         own = data[token_at:start - 1]
         alts = _benign_tokens(benign, scan_from, delim, nth, own)
+        alts += [w for w in _neighbour_words(binary, own) if w not in alts]
         tokens = {own}  # the tokens before the delimiter that keep the exploit working
         free_at: int | None = None  # where filler may go: then any token does
         anchored = False
@@ -326,10 +328,11 @@ def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]],
                              f"{', '.join(hex(b) for b in fld.stops)}: put before it, each "
                              "stops the exploit")
         elif anchored and len(own) <= MAX_TOKEN:
-            # Tokens as long as the exploit's own prove nothing about the field's place, but
-            # may be the other commands that reach it.
-            tokens.update(t for t in alts if len(t) == len(own) and oracle.works(
-                data[:token_at] + t + data[start - 1:]))
+            # The other candidates, replayed (those as long as the exploit's own proved
+            # nothing about the field's place, but may be other commands that reach it).
+            tokens.update(t for t in alts if t not in tokens and oracle.works(
+                data[:token_at] + t + data[start - 1:], shift_from=start - 1,
+                shift=len(t) - len(own)))
             fld = Field(scan_from, delim, nth, tokens=tuple(sorted(tokens)))
             notes.append("only these tokens before the delimiter keep the exploit working: "
                          f"{', '.join(repr(t) for t in fld.tokens)}")
@@ -374,6 +377,20 @@ def _benign_tokens(benign: list[bytes], scan_from: int, delim: int, nth: int, ow
             if len(out) == 8:
                 break
     return out
+
+
+def _neighbour_words(binary: bytes, own: bytes, reach: int = 256, most: int = 32
+                     ) -> list[bytes]:
+    """Words stored near the exploit's token in the service's binary, nearest first: a
+    command table's other names are candidates for the tokens that reach the vulnerability
+    too (each is replayed before it counts)."""
+    m = re.search(rb"(?<![\w.-])" + re.escape(own) + rb"(?![\w.-])", binary)
+    if m is None or not re.fullmatch(rb"[\w.-]+", own):
+        return []
+    lo = max(0, m.start() - reach)
+    near = ((abs(w.start() + lo - m.start()), w.group())
+            for w in re.finditer(rb"[\w.-]{1,%d}" % MAX_TOKEN, binary[lo:m.end() + reach]))
+    return list(dict.fromkeys(w for _, w in sorted(near) if w != own))[:most]
 
 
 def _moves(data: bytes, token_at: int, delim_at: int, alts: list[bytes], rng: random.Random

@@ -138,6 +138,24 @@ def test_a_general_filter_made_as_a_node_makes_it_passes_lookalikes(name: str) -
     assert not gen.general.matches(request)
 
 
+def test_a_commands_general_filter_made_as_a_node_makes_it_covers_every_command() -> None:
+    """mgmtd's tag overflow is reached through each of its four commands; with no corpus but
+    its own benign request, the node learns the others from the words stored beside the
+    exploit's command in the binary, each confirmed by replay (before: two of four)."""
+    image = load_image(manifest_path("mgmtd"))
+    det, ver = Detector(image), Verifier([image])
+    msgs = tuple(traffic("mgmtd").exploit())
+    g = det.generate(msgs, det.inspect(msgs).detection, ver)
+    assert g is not None
+    gen = generate_filters(g.alert, image, detector=det, verifier=ver)
+    assert gen.general is not None
+    for cmd in (b"status", b"who", b"uptime", b"disk"):
+        variant = b"RUN " + cmd + b" " + b"B" * 32 + b"/bin/ls\n"
+        assert det.inspect((Message(variant, 0),)).detection is not None, cmd
+        assert gen.general.matches(variant), cmd
+    assert not gen.general.matches(b"RUN reboot " + b"B" * 32 + b"/bin/ls\n")
+
+
 def test_a_general_filter_that_misses_its_own_exploit_is_dropped(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever a relaxation got wrong (here: a stop byte the exploit itself has before its
