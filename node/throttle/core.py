@@ -45,6 +45,9 @@ class ThrottleConfig:
     working_set_size: int = 5
     release_rate: float = 1.0  # new destinations let out per second, per source
     threshold: int | None = 100  # flag when more attempts than this wait; None: never flag
+    # Sources remembered; past this the stalest idle one (nothing waiting, not flagged) is
+    # forgotten: it only loses its working set.
+    max_sources: int = 65536
 
     def __post_init__(self) -> None:
         if self.working_set_size < 1:
@@ -53,6 +56,8 @@ class ThrottleConfig:
             raise ValueError("release_rate must be positive")
         if self.threshold is not None and self.threshold < 1:
             raise ValueError("threshold must be at least 1 (or None)")
+        if self.max_sources < 1:
+            raise ValueError("max_sources must be at least 1")
 
     @property
     def interval(self) -> float:
@@ -97,9 +102,12 @@ class ThrottleCore:
         if dst in self.allowlist:
             events.append(Passed(src, dst, flow, PassReason.ALLOWLIST))
             return events
-        s = self._sources.get(src)
+        s = self._sources.pop(src, None)
         if s is None:
-            s = self._sources[src] = _Source()
+            s = _Source()
+        self._sources[src] = s  # the most recently active last
+        if len(self._sources) > self.config.max_sources:
+            self._forget_idle(events)
         if s.infected:
             events.append(Blocked(src, dst, flow))
             return events
@@ -200,6 +208,16 @@ class ThrottleCore:
         return list(self._sources)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _forget_idle(self, events: list[Event]) -> None:
+        """Forget the stalest source with nothing waiting and no flag (of the eight stalest:
+        the bound is soft while they all wait); its working set leaves the kernel too."""
+        for key in [k for k, _ in zip(self._sources, range(8), strict=False)]:
+            s = self._sources[key]
+            if not s.queue and not s.infected:
+                del self._sources[key]
+                events.extend(WorkingSetRemoved(key, dst) for dst in s.working_set)
+                return
 
     def _push_timer(self, due: float, src: Hashable) -> None:
         self._seq += 1

@@ -291,3 +291,21 @@ def test_invariants_under_random_traffic(ops: list[tuple[int, int, float]]) -> N
 def test_decision_cost_within_target() -> None:
     # Target 15 µs; generous bound here because test machines are shared.
     assert throttle_decision_us(decisions=20_000) < 60
+
+
+def test_idle_sources_are_forgotten_past_the_bound_and_their_working_sets_released() -> None:
+    """200k sources that each made one flow (a spoofing sender) keep at most max_sources
+    remembered; a forgotten source's working set leaves the kernel with it; a waiting or
+    flagged source is never the one forgotten."""
+    from node.throttle.events import WorkingSetRemoved
+
+    core = ThrottleCore(ThrottleConfig(max_sources=100, threshold=3))
+    for d in range(10):  # a scanner: flagged
+        core.attempt("scanner", f"d{d}", 0.0)
+    assert core.is_infected("scanner")
+    removed: list[WorkingSetRemoved] = []
+    for i in range(2000):
+        removed += [e for e in core.attempt(f"s{i}", "x", 1.0 + i) if
+                    isinstance(e, WorkingSetRemoved)]
+    assert len(core.sources()) <= 100 and core.is_infected("scanner")
+    assert len(removed) == 2000 - 99 and all(e.dst == "x" for e in removed)
