@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from filters.userspace import UserspaceFilters
-from node.stack.events import Event, FlowClosed, MessageIn
+from node.stack.events import Event, FlowClosed, FlowOpened, MessageIn
 from node.stack.packet import PacketError, parse_ipv6
 from node.stack.stack import Stack
 
@@ -58,37 +58,30 @@ class FilterGate:
     _blocked_keys: dict[int, bytes] = field(default_factory=dict)
     # Flows whose stream was let go (MAX_STREAM_BYTES): where their new bytes lie is unknown.
     _lost: dict[int, None] = field(default_factory=dict)
+    _full: dict[int, None] = field(default_factory=dict)  # streams at MAX_STREAM, oldest first
 
     def __call__(self, packet: bytes, events: list[Event]) -> bool:
-        """Drop ``packet``? Also to be called, its answer unused, with the close events of the
-        packets it need not judge (the flows' state goes with them)."""
+        """Drop ``packet``? To be called with every packet's events, also of the packets whose
+        verdict is given elsewhere (their answer unused): a flow's state goes with its close,
+        whichever packet brings it."""
         key = tcp_key(packet)
-        if key is not None and key in self.blocked:
-            if not self._new_connection(packet):
-                return True
-            self._unblock(self.blocked[key])
-        drop = False
+        blocked = key is not None and key in self.blocked
+        if blocked and any(type(e) is FlowOpened for e in events):
+            # The stack made a new flow on these addresses (the old one had closed): checked
+            # afresh. A SYN on the live flow makes none, and changes nothing.
+            self._unblock(self.blocked[key])  # type: ignore[index]
+            blocked = False
+        drop = blocked
         for e in events:
-            if type(e) is MessageIn:
+            if type(e) is MessageIn and not blocked:
                 drop |= self._message(e, key)
             elif type(e) is FlowClosed:
                 self._forget(e.flow_id)
                 self._unblock(e.flow_id)
         return drop
 
-    @staticmethod
-    def _new_connection(packet: bytes) -> bool:
-        """A SYN without ACK: the connection is a new one on the same addresses and ports."""
-        if packet[0] >> 4 == 4:
-            at = (packet[0] & 0x0F) * 4 + 13
-            return len(packet) > at and packet[at] & 0x12 == 0x02
-        try:
-            ip = parse_ipv6(packet)
-        except PacketError:
-            return False
-        return len(ip.payload) > 13 and ip.payload[13] & 0x12 == 0x02
-
     def _forget(self, flow_id: int, lost: bool = False) -> None:
+        self._full.pop(flow_id, None)
         data = self.streams.pop(flow_id, None)
         if data is not None:
             self.stream_bytes -= len(data)
@@ -117,11 +110,10 @@ class FilterGate:
             return False
         self.hits += 1
         if proto == "tcp":
-            self._forget(e.flow_id)
             fd = (self.stack.tcp.table.get(key) if self.stack is not None and key is not None
                   else None)
-            if fd is not None and fd.flow.stream is not None:
-                fd.flow.stream.rewind(e.seq)
+            if fd is not None:
+                self.stack.rewind(fd.flow, e.seq)  # type: ignore[union-attr]
             if key is not None:
                 self.blocked[key] = e.flow_id
                 self._blocked_keys[e.flow_id] = key
@@ -138,12 +130,24 @@ class FilterGate:
         data = old if len(old) >= MAX_STREAM else (old + chunk)[:MAX_STREAM]
         self.streams[e.flow_id] = data  # the newest last
         self.stream_bytes += len(data) - len(old)
+        if len(data) >= MAX_STREAM:
+            self._full[e.flow_id] = None
         while self.stream_bytes > MAX_STREAM_BYTES:
-            # The oldest flow's stream goes: its later bytes are checked as past the bound.
-            self._forget(next(iter(self.streams)), lost=True)
+            # A stream at its bound goes first (nothing in it is checked again), else the
+            # oldest: its later bytes are checked as past the bound.
+            full = next(iter(self._full), None)
+            self._forget(next(iter(self.streams)) if full is None else full, lost=True)
         scans = self.scans.setdefault(e.flow_id, {})
         # At the bound the scan resumes where it stopped: only a filter added since looks.
         hit = self.filters.check("tcp", e.dport, data, scans)
         if hit is None and past:
             hit = self.filters.check("tcp", e.dport, chunk, anywhere=True)
+        if hit is not None and e.flow_id in self.streams:
+            # The chunk counts as never delivered (the stack rewinds to it): the stream is
+            # what came before it, and its resend is scanned afresh should the block go.
+            self.streams[e.flow_id] = old
+            self.stream_bytes -= len(data) - len(old)
+            self.scans[e.flow_id] = {}
+            if len(old) < MAX_STREAM:
+                self._full.pop(e.flow_id, None)
         return hit

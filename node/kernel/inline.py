@@ -101,9 +101,9 @@ class StackQueue:
             handle.accept()
         events = self.stack.handle(payload, self._loop.time())  # type: ignore[union-attr]
         if inline:
-            drop = (any(type(e) is Drop for e in events)
-                    or (self.gate is not None and self.gate(payload, events)))
-            if drop:
+            # The gate first, also for a packet the stack drops: it may bring a close.
+            gated = self.gate is not None and self.gate(payload, events)
+            if gated or any(type(e) is Drop for e in events):
                 self.dropped += 1
                 handle.drop()
             else:

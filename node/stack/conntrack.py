@@ -184,10 +184,17 @@ class ConnTrack:
     def __len__(self) -> int:
         return sum(map(len, self.active.values())) + len(self.closing)
 
+    def _timeout(self, flow: Flow) -> float:
+        """Its state's timeout; a flow picked up mid-stream that only one side has spoken in
+        yet (a spoofed segment makes one) lives no longer than a handshake."""
+        if flow.picked_up and not (flow.halves[0].packets and flow.halves[1].packets):
+            return self.timeouts.syn
+        return self.timeouts.of(flow.state)
+
     def _victim(self) -> Flow:
         """The flow to forget for room: a closed one, else the stalest of the shortest-lived
-        open ones (half-open handshakes before established connections: a SYN flood does not
-        push out the connections a filter is following)."""
+        open ones (half-open handshakes and one-sided pickups before established connections:
+        a flood of spoofed SYNs or ACKs does not push out the connections a filter follows)."""
         if self.closing:
             return self.closing[0]
         return next(iter(self.active[min(t for t, fs in self.active.items() if fs)].values()))
@@ -232,7 +239,7 @@ class ConnTrack:
         flow.last_seen = now
         if flow.in_closing:
             return
-        timeout = self.timeouts.of(flow.state)
+        timeout = self._timeout(flow)
         flow.deadline = now + timeout
         if timeout == flow.timeout:
             self.active[timeout].move_to_end(flow.id)

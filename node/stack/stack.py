@@ -89,7 +89,7 @@ class StackConfig:
     verify_checksums: bool = True
     max_flows: int = 65536  # per protocol
     max_held_bytes: int = 256 * 1024  # out-of-order bytes held per stream
-    max_held_total: int = 64 << 20  # ... and in all streams together (the stalest go first)
+    max_held_total: int = 64 << 20  # ... and in all streams together (past it: refused)
     max_held_segments: int = 512
     pickup: bool = True  # track TCP flows first seen mid-stream
     enforce_window: bool = True  # refuse data at or past the receiver's advertised right edge
@@ -112,9 +112,8 @@ class Stack:
         self._verify = c.verify_checksums
         self._ids = itertools.count(1)
         self._next_expire = float("-inf")
-        # Flows holding out-of-order bytes, the least recently grown first, with the bytes
-        # counted for each in ``held_total``.
-        self._holding: dict[int, tuple[Flow, int]] = {}
+        # Flows holding out-of-order bytes, with the bytes counted for each in ``held_total``.
+        self._holding: dict[int, int] = {}
         self.held_total = 0
 
     # ------------------------------------------------------------------ entry points
@@ -153,32 +152,33 @@ class Stack:
         """Forget flows idle past their timeout; report the open ones as closed."""
         gone = [*self.tcp.expire(now), *self.udp.expire(now)]
         for f in gone:
-            self._release_held(f)
+            self.forget_held(f)
         return [FlowClosed(f.id, "timeout") for f in gone]
 
     def _count_held(self, flow: Flow) -> None:
-        """After ``flow``'s stream changed what it holds: the total, and within
-        ``max_held_total`` by forgetting what the stalest holders hold (their senders resend)."""
+        """After ``flow``'s stream changed what it holds: the total."""
         held = flow.stream.held_bytes if flow.stream is not None else 0
-        entry = self._holding.pop(flow.id, None)
-        self.held_total += held - (entry[1] if entry else 0)
+        self.held_total += held - self._holding.pop(flow.id, 0)
         if held:
-            self._holding[flow.id] = (flow, held)
-        while self.held_total > self.config.max_held_total and self._holding:
-            stale = next(iter(self._holding))
-            self._release_held(self._holding[stale][0])
-            self.stats["held_forgotten"] += 1
+            self._holding[flow.id] = held
 
-    def _release_held(self, flow: Flow) -> None:
-        entry = self._holding.pop(flow.id, None)
-        if entry is not None:
-            self.held_total -= entry[1]
-            if flow.stream is not None:
-                flow.stream.forget_held()
+    def forget_held(self, flow: Flow) -> None:
+        """Forget the bytes ``flow``'s stream holds past a hole (``Reassembler.forget_held``),
+        out of the count too."""
+        if flow.stream is not None:
+            flow.stream.forget_held()
+        self.held_total -= self._holding.pop(flow.id, 0)
+
+    def rewind(self, flow: Flow, seq: int) -> None:
+        """Count ``flow``'s bytes from ``seq`` on as never delivered and forget what it holds
+        (``Reassembler.rewind``): a node that dropped them checks their resend as new."""
+        if flow.stream is not None:
+            flow.stream.rewind(seq)
+        self.forget_held(flow)
 
     def _close(self, flow: Flow, now: float) -> None:
         self.tcp.close(flow, now)
-        self._release_held(flow)  # no data is taken after the close
+        self.forget_held(flow)  # no data is taken after the close
 
     def find(self, src: bytes, sport: int, dst: bytes, dport: int,
              proto: int = IPPROTO_TCP) -> Flow | None:
@@ -254,9 +254,10 @@ class Stack:
         assert stream is not None
         fin = fd.snd.fin_seq
         if flow.state >= TcpState.TIME_WAIT or (
-                fin is not None and 0 < ((seq + len(payload) - fin) & MASK) < HALF):
-            # Past the sender's FIN, or on a closed flow: the receiver takes none of it (after
-            # its close event, a stream that grew again would be state nobody frees).
+                fin == stream.next_seq and 0 < ((seq + len(payload) - fin) & MASK) < HALF):
+            # Past the sender's FIN once the stream has reached it (a FIN out of place is no
+            # end: the receiver throws it away), or on a closed flow: the receiver takes none
+            # of it (after the close event a stream that grew again would be state nobody frees).
             self.stats["after_close"] += 1
             return Drop("data after the connection's close", flow.id)
         cfg = self.config
@@ -272,6 +273,12 @@ class Stack:
             self.stats["beyond_window"] += 1
             return Drop("beyond the receive window", flow.id)
         start = stream.next_seq
+        if (self.held_total + len(payload) > cfg.max_held_total
+                and 0 < ((seq - start) & MASK) < HALF):
+            # Out of order, and every stream together holds all it may: refused, as a full
+            # stream's is (bytes already held stay: the service may have them).
+            self.stats["reassembly_refused"] += 1
+            return Drop("reassembly bound reached", flow.id)
         status, data = stream.add(seq, payload)
         if stream.held_bytes or flow.id in self._holding:
             self._count_held(flow)
@@ -409,7 +416,7 @@ class Stack:
             return None
         flow = fd.flow
         for f in evicted:
-            self._release_held(f)
+            self.forget_held(f)
             events.append(FlowClosed(f.id, "evicted"))
         (src, sport), (dst, dport) = flow.orig, flow.resp
         events.append(FlowOpened(flow.id, IPPROTO_TCP, src, sport, dst, dport, picked))
@@ -507,6 +514,10 @@ class Stack:
     def _fin(self, fd: FlowDir, flow: Flow, seq: int, plen: int, now: float,
              events: list[Event]) -> None:
         snd = fd.snd
+        stream = flow.stream if fd.dir == 0 else None
+        if stream is not None and _after(stream.next_seq, (seq + plen) & MASK):
+            self.stats["fin_old"] += 1  # before what the receiver has: a duplicate it drops
+            return
         if snd.fin_seq is None:
             snd.fin_seq = (seq + plen) & MASK
             snd.next_seq = (seq + plen + 1) & MASK

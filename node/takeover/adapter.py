@@ -608,8 +608,7 @@ class TakeoverQueue:
         the hole, so the client's resends are checked anew; else a resend with other bytes
         would pass as a duplicate of bytes the server never got."""
         self._drop_held(hold.flow.id)
-        if hold.flow.stream is not None:
-            hold.flow.stream.forget_held()
+        self.stack.forget_held(hold.flow)
 
     def _drop_held(self, flow_id: int) -> None:
         """Drop a flow's held segments (taken over, blocked, closed, given up)."""
@@ -721,10 +720,9 @@ class TakeoverQueue:
         self.scans.pop(flow.id, None)
         if flow.id in self.holds:
             self._drop_held(flow.id)
-        if flow.stream is not None:
-            # Its bytes count as never delivered: should the flow's block be forgotten (a
-            # close, the bound below), a resend is checked again, not passed as a duplicate.
-            flow.stream.rewind(seq)
+        # Its bytes count as never delivered: should the flow's block be forgotten (a close,
+        # the bound below), a resend is checked again, not passed as a duplicate.
+        self.stack.rewind(flow, seq)
         self.blocked[flow.id] = None
         if len(self.blocked) > MAX_BLOCKED:  # flows that vanished without a close event
             self.blocked.pop(next(iter(self.blocked)))

@@ -401,8 +401,7 @@ class TakeoverGate:
                 # the flow's later client data is dropped (its resend would pass unchecked).
                 self.stats["errors"] += 1
                 log.exception("takeover of flow %d failed", flow.id)
-                if flow.stream is not None:  # a resend is checked again once unblocked
-                    flow.stream.rewind(e.seq)
+                self.stack.rewind(flow, e.seq)  # a resend is checked again once unblocked
                 self.blocked[flow.id] = None
                 if len(self.blocked) > MAX_BLOCKED:
                     self.blocked.pop(next(iter(self.blocked)))

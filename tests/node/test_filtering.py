@@ -107,7 +107,30 @@ def test_a_block_ends_with_its_flow_and_a_new_connection_is_checked_afresh() -> 
         node.send(tcp_packet(s, victim, PORT, sport, seq=1, flags=RST))
     assert node.gate.hits == 200 and node.gate.blocked == {}
     node.connect(victim, s, 33100)
-    # A new connection on a blocked pair of addresses is checked afresh, not dropped.
-    node.send(tcp_packet(victim, s, 34000, PORT, seq=777, ack=1, flags=ACK, payload=b"EXPLOIT"))
-    assert len(node.gate.blocked) == 1
+    # A SYN on a blocked connection that is still open changes nothing (the stack ignores
+    # it): the connection's resend stays dropped until its flow ends.
+    exploit = tcp_packet(victim, s, 34000, PORT, seq=777, ack=1, flags=ACK, payload=b"EXPLOIT")
+    assert node.send(exploit) == "drop" and len(node.gate.blocked) == 1
+    assert node.send(tcp_packet(victim, s, 34000, PORT, seq=1, flags=SYN,
+                                options=TcpOptions(wscale=7))) == "drop"
+    assert node.send(exploit) == "drop"
+    node.send(tcp_packet(s, victim, PORT, 34000, seq=1, flags=RST))
     node.connect(victim, s, 34000)
+
+
+def test_a_resend_after_its_block_is_forgotten_is_checked_where_it_lies_in_the_stream() -> None:
+    """The block list is bounded: a connection it has forgotten may resend the matched bytes.
+    The gate keeps the stream as it was before them, so the resend is checked at its place
+    (a filter's offset counts from the stream's start), and dropped again."""
+    node = _Node()
+    node.filters.remove(EXPLOIT.filter_id)
+    later = Filter(b"\x01" * 32, "httpd", "tcp", PORT, Specific(4, b"EXPLOIT"))
+    node.filters.add(later)
+    c, s = ip_bytes("10.77.6.6"), ip_bytes("10.77.0.2")
+    node.connect(c, s, 40000)
+    assert node.send(tcp_packet(c, s, 40000, PORT, seq=2, ack=10, flags=ACK,
+                                payload=b"AAAA")) == "accept"
+    resend = tcp_packet(c, s, 40000, PORT, seq=6, ack=10, flags=ACK, payload=b"EXPLOIT")
+    assert node.send(resend) == "drop"
+    node.gate.blocked.clear()  # as when MAX_BLOCKED later connections have pushed it out
+    assert node.send(resend) == "drop" and node.gate.hits == 2

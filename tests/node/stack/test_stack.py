@@ -235,13 +235,15 @@ def test_arbitrary_bytes_never_raise(raw: bytes, now: float) -> None:
 
 def test_out_of_order_bytes_held_in_all_streams_stay_within_their_bound() -> None:
     """Each stream holds at most max_held_bytes past a hole; many streams together at most
-    max_held_total: the stalest holders' bytes go first (their senders resend them), and a
-    flow's held bytes leave the count when it closes."""
+    max_held_total: past it an out-of-order segment is refused (what is held stays: the
+    service may have those bytes), and a flow's held bytes leave the count when it closes or
+    a user of the stack rewinds it."""
     from node.stack.packet import ACK, RST, SYN, TcpOptions, tcp_packet
 
     stack = Stack(StackConfig(protected_tcp={80}, verify_checksums=False,
                               max_held_total=1 << 20))
     d = ip_bytes("10.77.0.2")
+    refused = 0
     for f in range(40):
         src, sport = ip_bytes(f"10.77.1.{f + 1}"), 40000 + f
         stack.handle(tcp_packet(src, d, sport, 80, seq=1000, flags=SYN,
@@ -252,21 +254,26 @@ def test_out_of_order_bytes_held_in_all_streams_stay_within_their_bound() -> Non
         stack.handle(tcp_packet(d, src, 80, sport, seq=5001, ack=1001, flags=ACK,
                                 window=8192), 1.0)  # a 1 MiB window
         for i in range(150):  # a hole at 1001, then 210 KB out of order
-            stack.handle(tcp_packet(src, d, sport, 80, seq=1002 + i * 1400, ack=5001,
-                                    flags=ACK, payload=b"A" * 1400), 1.0)
+            ev = stack.handle(tcp_packet(src, d, sport, 80, seq=1002 + i * 1400, ack=5001,
+                                         flags=ACK, payload=b"A" * 1400), 1.0)
+            refused += any(type(e) is Drop for e in ev)
         held = sum(x.stream.held_bytes for x in stack.tcp.flows() if x.stream is not None)
         assert held == stack.held_total <= 1 << 20
-    assert stack.stats["held_forgotten"] > 0
-    # The newest holder still has its bytes; its reset takes them out of the count.
-    last = stack.find(ip_bytes("10.77.1.40"), 40039, d, 80)
-    assert last is not None and last.stream is not None
-    before, holds = stack.held_total, last.stream.held_bytes
-    assert holds == 150 * 1400
-    stack.handle(tcp_packet(ip_bytes("10.77.1.40"), d, 40039, 80, seq=1001, flags=RST), 1.0)
+    assert refused > 0 and stack.stats["reassembly_refused"] == refused
+    first = stack.find(ip_bytes("10.77.1.1"), 40000, d, 80)
+    assert first is not None and first.stream is not None
+    before, holds = stack.held_total, first.stream.held_bytes
+    assert holds == 150 * 1400  # the first holder kept all it held
+    stack.handle(tcp_packet(ip_bytes("10.77.1.1"), d, 40000, 80, seq=1001, flags=RST), 1.0)
     assert stack.held_total == before - holds
+    second = stack.find(ip_bytes("10.77.1.2"), 40001, d, 80)
+    assert second is not None and second.stream is not None
+    before, holds = stack.held_total, second.stream.held_bytes
+    stack.rewind(second, 1001)
+    assert holds and stack.held_total == before - holds
 
 
-def test_a_syn_flood_pushes_out_half_open_flows_not_established_ones() -> None:
+def test_a_flood_pushes_out_half_open_and_one_sided_flows_not_established_ones() -> None:
     """Room for new flows is made from the shortest-lived ones first, and half-open flows
     expire on time even behind an established one that is older (one list per timeout)."""
     from node.stack.packet import ACK, SYN, TcpOptions, tcp_packet
@@ -279,10 +286,34 @@ def test_a_syn_flood_pushes_out_half_open_flows_not_established_ones() -> None:
     stack.handle(tcp_packet(c, d, 40000, 80, seq=2, ack=10, flags=ACK), 1.0)
     kept = stack.find(c, 40000, d, 80)
     assert kept is not None and kept.state == TcpState.ESTABLISHED
-    for i in range(1000):  # SYNs from everywhere, never answered
-        stack.handle(tcp_packet(ip_bytes(f"10.77.{1 + i // 250}.{1 + i % 250}"), d, 50000, 80,
-                                seq=1, flags=SYN, options=TcpOptions()), 2.0)
-    assert stack.find(c, 40000, d, 80) is kept and len(stack.tcp) == 100
+    for flags in (SYN, ACK):  # SYNs from everywhere, never answered; then bare ACKs
+        for i in range(1000):
+            stack.handle(tcp_packet(ip_bytes(f"10.77.{1 + i // 250}.{1 + i % 250}"), d, 50000,
+                                    80, seq=1, ack=1, flags=flags, options=TcpOptions()), 2.0)
+        assert stack.find(c, 40000, d, 80) is kept and len(stack.tcp) == 100
     # The half-open ones time out (30 s) although the older established one does not (1 h).
     closed = stack.expire(40.0)
     assert len(closed) == 99 and len(stack.tcp) == 1 and stack.find(c, 40000, d, 80) is kept
+
+
+def test_a_fin_before_what_the_receiver_has_ends_nothing() -> None:
+    """A bare FIN with an old sequence number is a duplicate the receiver drops: the data
+    after it is still the stream's (the detector and the filters see it); data past a FIN the
+    stream has reached is refused, as the receiver refuses it."""
+    from node.stack.packet import ACK, FIN, SYN, TcpOptions, tcp_packet
+
+    stack = Stack(StackConfig(protected_tcp={80}, verify_checksums=False))
+    c, d = ip_bytes("10.77.6.6"), ip_bytes("10.77.0.2")
+    stack.handle(tcp_packet(c, d, 40000, 80, seq=1, flags=SYN, options=TcpOptions()), 1.0)
+    stack.handle(tcp_packet(d, c, 80, 40000, seq=9, ack=2, flags=SYN | ACK,
+                            options=TcpOptions()), 1.0)
+    stack.handle(tcp_packet(c, d, 40000, 80, seq=2, ack=10, flags=ACK), 1.0)
+    assert data(stack.handle(tcp_packet(c, d, 40000, 80, seq=2, ack=10, flags=ACK,
+                                        payload=b"GET "), 1.0)) == b"GET "
+    stack.handle(tcp_packet(c, d, 40000, 80, seq=3, ack=10, flags=ACK | FIN), 1.0)  # old
+    assert data(stack.handle(tcp_packet(c, d, 40000, 80, seq=6, ack=10, flags=ACK,
+                                        payload=b"EXPLOIT"), 1.0)) == b"EXPLOIT"
+    stack.handle(tcp_packet(c, d, 40000, 80, seq=13, ack=10, flags=ACK | FIN), 1.0)  # in order
+    late = stack.handle(tcp_packet(c, d, 40000, 80, seq=13, ack=10, flags=ACK,
+                                   payload=b"MORE"), 1.0)
+    assert [type(e) for e in late] == [Drop]
