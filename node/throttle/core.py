@@ -107,7 +107,7 @@ class ThrottleCore:
             s = _Source()
         self._sources[src] = s  # the most recently active last
         if len(self._sources) > self.config.max_sources:
-            self._forget_idle(events)
+            self._forget_idle(src, events)
         if s.infected:
             events.append(Blocked(src, dst, flow))
             return events
@@ -209,15 +209,21 @@ class ThrottleCore:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _forget_idle(self, events: list[Event]) -> None:
-        """Forget the stalest source with nothing waiting and no flag (of the eight stalest:
-        the bound is soft while they all wait); its working set leaves the kernel too."""
-        for key in [k for k, _ in zip(self._sources, range(8), strict=False)]:
-            s = self._sources[key]
+    def _forget_idle(self, current: Hashable, events: list[Event]) -> None:
+        """Forget the stalest source with nothing waiting and no flag, never ``current``; its
+        working set leaves the kernel too. A waiting or flagged source met on the way goes to
+        the recent end, so a few of them cannot hold the bound off."""
+        sources = self._sources
+        for _ in range(32):
+            key = next(iter(sources))
+            if key == current:
+                return  # the only one not waiting or flagged
+            s = sources[key]
             if not s.queue and not s.infected:
-                del self._sources[key]
+                del sources[key]
                 events.extend(WorkingSetRemoved(key, dst) for dst in s.working_set)
                 return
+            sources[key] = sources.pop(key)
 
     def _push_timer(self, due: float, src: Hashable) -> None:
         self._seq += 1

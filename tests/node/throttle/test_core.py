@@ -300,12 +300,21 @@ def test_idle_sources_are_forgotten_past_the_bound_and_their_working_sets_releas
     from node.throttle.events import WorkingSetRemoved
 
     core = ThrottleCore(ThrottleConfig(max_sources=100, threshold=3))
-    for d in range(10):  # a scanner: flagged
-        core.attempt("scanner", f"d{d}", 0.0)
-    assert core.is_infected("scanner")
+    for name in ("scanner", *(f"flagged{i}" for i in range(9))):  # scanners: flagged
+        for d in range(10):
+            core.attempt(name, f"d{d}", 0.0)
+        assert core.is_infected(name)
     removed: list[WorkingSetRemoved] = []
     for i in range(2000):
         removed += [e for e in core.attempt(f"s{i}", "x", 1.0 + i) if
                     isinstance(e, WorkingSetRemoved)]
     assert len(core.sources()) <= 100 and core.is_infected("scanner")
-    assert len(removed) == 2000 - 99 and all(e.dst == "x" for e in removed)
+    assert len(removed) == 2010 - 100 and all(e.dst == "x" for e in removed)
+    # A bound smaller than the flagged ones: the current source is never the one forgotten.
+    tiny = ThrottleCore(ThrottleConfig(max_sources=2, threshold=3, working_set_size=1))
+    for name in ("a", "b"):
+        for d in range(10):
+            tiny.attempt(name, f"d{d}", 0.0)
+    assert [type(e).__name__ for e in tiny.attempt("c", "x", 1.0)] == [
+        "Passed", "WorkingSetAdded"]
+    assert tiny.working_set("c") == ["x"]
