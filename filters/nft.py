@@ -209,18 +209,25 @@ class FilterTable:
 
     def _batch(self, install: Iterable[Filter], remove: Iterable[str],
                items: list[dict[str, object]] | None, compiled: list[Compiled] | None = None,
-               view: _View | None = None) -> str:
-        """The text batch; the removals need the listed ``items`` (their handles), an
-        install alone only the ``view`` of what is there."""
+               view: _View | None = None) -> tuple[str, set[str]]:
+        """The text batch, and the sets whose rule it deletes; the removals need the listed
+        ``items`` (their handles), an install alone only the ``view`` of what is there."""
         if view is None:
             view = _View.of(items or [])
         lines: list[str] = [] if view.chains else base_chains()
         gone = set(remove)
+        left: dict[str, int] = {}  # elements per set after the removals
+        rule_of: dict[str, object] = {}
         for kind, key, handle, spec in _entries(items or []):
             if kind == "rule" and key in gone:
                 lines.append(f"delete rule {TABLE} {spec} handle {handle}")
-            elif kind == "elem" and key in gone:
-                lines.append(f"delete element {TABLE} {spec}")
+            elif kind == "elem":
+                name = spec.split(" ", 1)[0]
+                left[name] = left.get(name, 0) + (key not in gone)
+                if key in gone:
+                    lines.append(f"delete element {TABLE} {spec}")
+            elif kind == "setrule":
+                rule_of[spec] = handle
         set_rules = set(view.set_rules)
         # Elements go in one statement per set: 10,000 in one statement load in tens of ms,
         # 10,000 statements take ten times longer.
@@ -240,7 +247,13 @@ class FilterTable:
                 lines += c.rules
         lines += [f"add element {TABLE} {name} {{ {', '.join(es)} }}"
                   for name, es in elements.items()]
-        return "\n".join(lines) + "\n"
+        # A port left with no user-space filter stops handing its packets to the queue (a
+        # specific set's rule may stay: an empty set costs a lookup, a queue rule a detour).
+        unruled = {name for name, n in left.items() if not n and name.startswith("uq_")
+                   and name not in elements and name in rule_of}
+        lines += [f"delete rule {TABLE} {QUEUE_CHAIN} handle {rule_of[name]}"
+                  for name in sorted(unruled)]
+        return "\n".join(lines) + "\n", unruled
 
     def install(self, filters: Iterable[Filter], *, look: bool = True) -> list[Compiled]:
         """Install what is not installed yet; returns what was compiled and added.
@@ -259,7 +272,7 @@ class FilterTable:
         if not new:
             return compiled
         try:
-            self._apply(self._batch(new, (), None, compiled, view))
+            self._apply(self._batch(new, (), None, compiled, view)[0])
         except NftError:
             self._view = None
             if listed or not look:
@@ -269,15 +282,17 @@ class FilterTable:
         view.after(new, (), compiled)
         return compiled
 
-    def _apply_listed(self, batch: str, add: list[Filter], drop: list[str],
+    def _apply_listed(self, batch: tuple[str, set[str]], add: list[Filter], drop: list[str],
                       compiled: list[Compiled]) -> None:
         """Apply a batch made from a listing; the view then is what the listing showed with
         the batch's changes (the next install needs no listing: after an operator's removal
         one took 2 ms of CPU on the next alert's path)."""
         view, self._view = self._view, None
-        self._apply(batch)
+        text, unruled = batch
+        self._apply(text)
         if view is not None:
             view.after(add, drop, compiled)
+            view.set_rules -= unruled
             self._view = view
 
     def remove(self, filter_ids: Iterable[str]) -> None:

@@ -189,7 +189,7 @@ def test_a_filter_an_older_herdwall_installed_in_another_shape_is_replaced(
 
 def test_user_space_filters_of_a_port_share_one_rule(testbed: Testbed) -> None:
     """However many filters a port has in user space (verified alerts can bring thousands),
-    the chain every packet passes holds one rule for it (it stays, as a set's rule does)."""
+    the chain every packet passes holds one rule for it, gone with its last filter."""
     nft = NftTable(testbed[0].name)
     nft.ensure()
     table = FilterTable(nft.apply_text, nft.query_text, queue_mark=QUEUE_STACK, mark_mask=MASK)
@@ -207,8 +207,10 @@ def test_user_space_filters_of_a_port_share_one_rule(testbed: Testbed) -> None:
     table.remove([f.filter_id for f in fs[:299]])
     assert {i.filter_id for i in table.list()} == {fs[299].filter_id}
     assert len(queue_rules()) == 1
-    table.sync([])
-    assert table.list() == []
+    table.sync([])  # the last one: the port's packets no longer go to the queue
+    assert table.list() == [] and queue_rules() == []
+    table.install(fs[:1])  # and come back with its next filter, with no listing between
+    assert len(queue_rules()) == 1
 
 
 @pytest.fixture(scope="module")
