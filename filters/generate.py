@@ -304,8 +304,11 @@ def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]],
         tokens = {own}  # the tokens before the delimiter that keep the exploit working
         free_at: int | None = None  # where filler may go: then any token does
         anchored = False
+        refused: set[bytes] = set()  # replayed already, in vain
         for moved, at, shift, token in _moves(data, token_at, start - 1, alts, rng):
             if not oracle.works(moved, shift_from=at, shift=shift):
+                if token is not None:
+                    refused.add(token)
                 continue
             if not anchored:
                 notes.append(f"the field follows delimiter {delim:#04x} number {nth} after "
@@ -330,7 +333,7 @@ def _terminated(stream: _Stream, slot: int, compared: dict[int, set[int]],
         elif anchored and len(own) <= MAX_TOKEN:
             # The other candidates, replayed (those as long as the exploit's own proved
             # nothing about the field's place, but may be other commands that reach it).
-            tokens.update(t for t in alts if t not in tokens and oracle.works(
+            tokens.update(t for t in alts if t not in tokens and t not in refused and oracle.works(
                 data[:token_at] + t + data[start - 1:], shift_from=start - 1,
                 shift=len(t) - len(own)))
             fld = Field(scan_from, delim, nth, tokens=tuple(sorted(tokens)))

@@ -62,6 +62,11 @@ class Compiled:
     element: tuple[str, str] | None = None  # (set, element): batched per set when installed
     set_rule: str | None = None  # the element's set's one rule, added with its first element
 
+    @property
+    def statements(self) -> tuple[str, ...]:
+        """What installing this filter alone into an empty table would run."""
+        return self.setup + ((self.set_rule,) if self.set_rule else ()) + self.rules
+
 
 def _comment(f: Filter) -> str:
     return f'comment "{COMMENT_PREFIX}{f.filter_id}"'

@@ -56,7 +56,7 @@ def generate(manifest: str, alert_path: str, as_json: bool) -> None:
     fs = _filters(gen)
     if as_json:
         def nft(f):  # type: ignore[no-untyped-def]
-            return list(compile_filter(f, queue_mark=QUEUE_STACK, mark_mask=MASK).rules)
+            return list(compile_filter(f, queue_mark=QUEUE_STACK, mark_mask=MASK).statements)
 
         click.echo(json.dumps({
             "filters": [f.to_json() | {"nft": nft(f)} for f in fs],
@@ -71,7 +71,7 @@ def generate(manifest: str, alert_path: str, as_json: bool) -> None:
                            f"{f.proto}/{f.port}, checked in {where}", style="bold"))
         for line in f.condition.describe():
             console.print(Text(f"  - {line}"))
-        for rule in c.setup + c.rules:
+        for rule in c.statements:
             console.print(Text(f"  nft: {rule}", style="dim"))
     for note in gen.notes:
         console.print(Text(f"note: {note}", style="cyan"))

@@ -308,6 +308,8 @@ def test_cli_filter_generate_and_test(resolver_alert: tuple[Path, Path]) -> None
     doc = json.loads(g.stdout)
     assert {f["kind"] for f in doc["filters"]} == {"specific", "general"}
     assert all(f["nft"] for f in doc["filters"])
+    spec = next(f for f in doc["filters"] if f["kind"] == "specific")
+    assert any(" @spec_udp_" in s and "drop" in s for s in spec["nft"])  # the set's rule too
     t = _herdwall("filter", "test", m, str(alert), str(d / "exploit.bin"), str(d / "benign.bin"))
     assert t.returncode == 0, t.stderr
     lines = t.stdout.strip().splitlines()
