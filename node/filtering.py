@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from filters.userspace import UserspaceFilters
-from node.stack.events import Event, FlowClosed, FlowOpened, MessageIn
+from node.stack.events import Event, FlowClosed, MessageIn
 from node.stack.packet import PacketError, parse_ipv6
 from node.stack.stack import Stack
 
@@ -60,20 +60,20 @@ class FilterGate:
     _lost: dict[int, None] = field(default_factory=dict)
     _full: dict[int, None] = field(default_factory=dict)  # streams at MAX_STREAM, oldest first
 
+    def blocks(self, packet: bytes) -> bool:
+        """A packet of a matched connection: dropped before the stack sees it, so nothing
+        the client sends (a FIN, a RST, a SYN) ends the block; the server's close, the flow's
+        timeout or the bound on the list does."""
+        return bool(self.blocked) and tcp_key(packet) in self.blocked
+
     def __call__(self, packet: bytes, events: list[Event]) -> bool:
         """Drop ``packet``? To be called with every packet's events, also of the packets whose
         verdict is given elsewhere (their answer unused): a flow's state goes with its close,
         whichever packet brings it."""
         key = tcp_key(packet)
-        blocked = key is not None and key in self.blocked
-        if blocked and any(type(e) is FlowOpened for e in events):
-            # The stack made a new flow on these addresses (the old one had closed): checked
-            # afresh. A SYN on the live flow makes none, and changes nothing.
-            self._unblock(self.blocked[key])  # type: ignore[index]
-            blocked = False
-        drop = blocked
+        drop = False
         for e in events:
-            if type(e) is MessageIn and not blocked:
+            if type(e) is MessageIn:
                 drop |= self._message(e, key)
             elif type(e) is FlowClosed:
                 self._forget(e.flow_id)

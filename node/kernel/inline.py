@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Container
+from typing import Protocol
 
 from node.kernel.marks import Q_STACK
 from node.kernel.nfqueue import Handle, QueueAdapter
@@ -28,7 +29,13 @@ from node.stack.packet import URG, clear_urgent
 from node.stack.stack import Stack
 
 OnEvents = Callable[[list[Event]], None]
-Gate = Callable[[bytes, list[Event]], bool]  # (packet, its events) -> True: drop it
+class Gate(Protocol):
+    def blocks(self, packet: bytes) -> bool:
+        """Drop this packet unseen: the stack must not see it either (a blocked connection's
+        FIN or RST that the service never gets must not end its flow here)."""
+
+    def __call__(self, packet: bytes, events: list[Event]) -> bool:
+        """Drop this packet, given its events?"""
 OnPacketEvents = Callable[[bytes, list[Event]], None]
 
 
@@ -99,6 +106,10 @@ class StackQueue:
         inline = self.inline_ports is None or dest_port(payload) in self.inline_ports
         if not inline:
             handle.accept()
+        elif self.gate is not None and self.gate.blocks(payload):
+            self.dropped += 1
+            handle.drop()
+            return
         events = self.stack.handle(payload, self._loop.time())  # type: ignore[union-attr]
         if inline:
             # The gate first, also for a packet the stack drops: it may bring a close.

@@ -365,7 +365,12 @@ class Stack:
             self._open_stream(flow)
         if flow.state in (TcpState.SYN_SENT, TcpState.SYN_RECV):
             self.tcp.touch(flow, now)
-            return events  # data before the handshake completes is not delivered
+            if tcp.payload and fd.dir == 0 and flow.resp[1] in self.protected_tcp:
+                # Data before the handshake completes: the service would take none of it, and
+                # nobody checks it (it is no message).
+                self.stats["data_before_handshake"] += 1
+                events.append(Drop("data before the handshake completes", flow.id))
+            return events
         ts = opts.ts
         plen = len(tcp.payload)
         more = self._established(fd, flow, tcp.seq, tcp.ack, flags, tcp.window,
@@ -498,12 +503,15 @@ class Stack:
         else:
             # RFC 5961 as Linux does it: only a RST at exactly rcv_nxt resets (rcv_nxt - 1 once
             # the receiver has taken a FIN); others get a challenge ACK and are ignored.
+            fin = fd.snd.fin_seq
             if fd.dir == 0 and flow.stream is not None:
-                expected = flow.stream.next_seq
+                # The receiver's rcv_nxt: past the FIN once the stream has reached it.
+                taken = fin is not None and fin == flow.stream.next_seq
+                expected = (flow.stream.next_seq + taken) & MASK
             else:
-                expected = fd.snd.next_seq
+                taken, expected = fin is not None, fd.snd.next_seq
             ok = expected is None or tcp.seq == expected or \
-                (fd.snd.fin_seq is not None and tcp.seq == (expected - 1) & MASK)
+                (taken and tcp.seq == (expected - 1) & MASK)
         if not ok:
             self.stats["rst_ignored"] += 1
             return
@@ -517,6 +525,11 @@ class Stack:
         stream = flow.stream if fd.dir == 0 else None
         if stream is not None and _after(stream.next_seq, (seq + plen) & MASK):
             self.stats["fin_old"] += 1  # before what the receiver has: a duplicate it drops
+            return
+        edge = fd.rcv.right_edge
+        if (stream is not None and self.config.enforce_window and edge is not None
+                and not _after(edge, seq)):
+            self.stats["fin_beyond_window"] += 1  # the receiver drops it too
             return
         if snd.fin_seq is None:
             snd.fin_seq = (seq + plen) & MASK

@@ -362,17 +362,22 @@ class TakeoverGate:
         self.blocked: dict[int, None] = {}  # flows whose takeover failed at the trigger
         self.stats: Counter[str] = Counter()
 
+    def blocks(self, packet: bytes) -> bool:
+        """A client packet with data of a flow whose takeover failed at its trigger."""
+        if not self.blocked:
+            return False
+        hdr = tcp_header(packet)
+        fd = self.stack.tcp.table.get(hdr[0]) if hdr is not None and hdr[5] else None
+        if fd is not None and fd.dir == 0 and fd.flow.id in self.blocked:
+            self.stats["blocked"] += 1
+            return True
+        return False
+
     def __call__(self, packet: bytes, events: list[Any]) -> bool:
         loop = self.engine._loop
         now = loop.time() if loop is not None else 0.0
         if self.engine.consume(packet, now):
             return True
-        if self.blocked:
-            hdr = tcp_header(packet)
-            fd = self.stack.tcp.table.get(hdr[0]) if hdr is not None and hdr[5] else None
-            if fd is not None and fd.dir == 0 and fd.flow.id in self.blocked:
-                self.stats["blocked"] += 1
-                return True
         for e in events:
             if type(e) is FlowClosed:
                 self.streams.pop(e.flow_id, None)

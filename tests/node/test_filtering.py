@@ -134,3 +134,23 @@ def test_a_resend_after_its_block_is_forgotten_is_checked_where_it_lies_in_the_s
     assert node.send(resend) == "drop"
     node.gate.blocked.clear()  # as when MAX_BLOCKED later connections have pushed it out
     assert node.send(resend) == "drop" and node.gate.hits == 2
+
+
+def test_nothing_the_client_sends_ends_its_block() -> None:
+    """A blocked connection's packets never reach the stack: the client's RST or FIN (which
+    the service never gets) cannot close the flow here, nor a SYN start a new one, and the
+    matched bytes sent again after them are still dropped, also a minute later."""
+    node = _Node()
+    c, s = ip_bytes("10.77.6.6"), ip_bytes("10.77.0.2")
+    node.connect(c, s, 40000)
+    assert node.send(tcp_packet(c, s, 40000, PORT, seq=2, ack=10, flags=ACK,
+                                payload=b"EXPL")) == "accept"
+    tail = tcp_packet(c, s, 40000, PORT, seq=6, ack=10, flags=ACK, payload=b"OIT")
+    assert node.send(tail) == "drop"
+    for trick in (tcp_packet(c, s, 40000, PORT, seq=6, flags=RST),
+                  tcp_packet(c, s, 40000, PORT, seq=6, ack=10, flags=ACK | FIN),
+                  tcp_packet(c, s, 40000, PORT, seq=5000, flags=SYN,
+                             options=TcpOptions(wscale=7))):
+        assert node.send(trick) == "drop"
+    node.clock.now = 62.0
+    assert node.send(tail) == "drop" and node.gate.hits == 1

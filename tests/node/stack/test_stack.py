@@ -317,3 +317,45 @@ def test_a_fin_before_what_the_receiver_has_ends_nothing() -> None:
     late = stack.handle(tcp_packet(c, d, 40000, 80, seq=13, ack=10, flags=ACK,
                                    payload=b"MORE"), 1.0)
     assert [type(e) for e in late] == [Drop]
+
+
+def test_rst_and_fin_as_the_receiver_takes_them() -> None:
+    """A FIN far past the receive window ends nothing; after the stream has reached the
+    client's FIN, a RST at the FIN or one past it resets (the receiver's rcv_nxt - 1 and
+    rcv_nxt), one before it does not."""
+    from node.stack.packet import ACK, FIN, RST, SYN, TcpOptions, tcp_packet
+
+    def opened() -> tuple[Stack, bytes, bytes]:
+        stack = Stack(StackConfig(protected_tcp={80}, verify_checksums=False))
+        c, d = ip_bytes("10.77.6.6"), ip_bytes("10.77.0.2")
+        stack.handle(tcp_packet(c, d, 40000, 80, seq=1, flags=SYN, options=TcpOptions()), 1.0)
+        stack.handle(tcp_packet(d, c, 80, 40000, seq=9, ack=2, flags=SYN | ACK, window=1000,
+                                options=TcpOptions()), 1.0)
+        stack.handle(tcp_packet(c, d, 40000, 80, seq=2, ack=10, flags=ACK), 1.0)
+        stack.handle(tcp_packet(c, d, 40000, 80, seq=2, ack=10, flags=ACK, payload=b"GET "),
+                     1.0)
+        return stack, c, d
+
+    stack, c, d = opened()
+    stack.handle(tcp_packet(c, d, 40000, 80, seq=1 << 30, ack=10, flags=ACK | FIN), 1.0)
+    flow = stack.find(c, 40000, d, 80)
+    assert flow is not None and flow.halves[0].fin_seq is None
+    assert stack.stats["fin_beyond_window"] == 1
+    for rst_at, resets in ((5, False), (6, True), (7, True)):
+        stack, c, d = opened()
+        stack.handle(tcp_packet(c, d, 40000, 80, seq=6, ack=10, flags=ACK | FIN), 1.0)
+        events = stack.handle(tcp_packet(c, d, 40000, 80, seq=rst_at, flags=RST), 1.0)
+        assert any(type(e) is FlowClosed for e in events) is resets, rst_at
+
+
+def test_data_on_a_half_open_flow_is_dropped() -> None:
+    """Client data before the handshake completes (the service takes none of it) is no
+    message, so nobody would check it: it is dropped, not passed."""
+    from node.stack.packet import ACK, SYN, TcpOptions, tcp_packet
+
+    stack = Stack(StackConfig(protected_tcp={80}, verify_checksums=False))
+    c, d = ip_bytes("10.77.6.6"), ip_bytes("10.77.0.2")
+    stack.handle(tcp_packet(c, d, 40000, 80, seq=1, flags=SYN, options=TcpOptions()), 1.0)
+    events = stack.handle(tcp_packet(c, d, 40000, 80, seq=2, ack=10, flags=ACK,
+                                     payload=b"EXPLOIT"), 1.0)
+    assert [type(e) for e in events] == [Drop]
