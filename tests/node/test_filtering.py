@@ -38,8 +38,8 @@ class _Verdict:
 class _Node:
     """A stack, its gate with the exploit filter, and ``send(packet) -> verdict``."""
 
-    def __init__(self) -> None:
-        self.filters = UserspaceFilters([EXPLOIT])
+    def __init__(self, f: Filter = EXPLOIT) -> None:
+        self.filters = UserspaceFilters([f])
         self.stack = Stack(StackConfig(protected_tcp={PORT}, verify_checksums=False))
         self.gate = FilterGate(self.filters, stack=self.stack)
         self.clock = _Clock()
@@ -58,6 +58,14 @@ class _Node:
                              window=65535, options=TcpOptions(wscale=7)))
         assert self.send(tcp_packet(client, server, sport, PORT, seq=2, ack=10,
                                     flags=ACK)) == "accept"
+
+    def opened(self, first: bytes) -> tuple[bytes, bytes]:
+        """A connection from 10.77.6.6:40000 whose first bytes ``first`` passed."""
+        c, s = ip_bytes("10.77.6.6"), ip_bytes("10.77.0.2")
+        self.connect(c, s, 40000)
+        assert self.send(tcp_packet(c, s, 40000, PORT, seq=2, ack=10, flags=ACK,
+                                    payload=first)) == "accept"
+        return c, s
 
 
 @pytest.mark.parametrize("client,server", [("10.77.6.6", "10.77.0.2"), ("fd77::6", "fd77::2")])
@@ -122,14 +130,8 @@ def test_a_resend_after_its_block_is_forgotten_is_checked_where_it_lies_in_the_s
     """The block list is bounded: a connection it has forgotten may resend the matched bytes.
     The gate keeps the stream as it was before them, so the resend is checked at its place
     (a filter's offset counts from the stream's start), and dropped again."""
-    node = _Node()
-    node.filters.remove(EXPLOIT.filter_id)
-    later = Filter(b"\x01" * 32, "httpd", "tcp", PORT, Specific(4, b"EXPLOIT"))
-    node.filters.add(later)
-    c, s = ip_bytes("10.77.6.6"), ip_bytes("10.77.0.2")
-    node.connect(c, s, 40000)
-    assert node.send(tcp_packet(c, s, 40000, PORT, seq=2, ack=10, flags=ACK,
-                                payload=b"AAAA")) == "accept"
+    node = _Node(Filter(b"\x01" * 32, "httpd", "tcp", PORT, Specific(4, b"EXPLOIT")))
+    c, s = node.opened(b"AAAA")
     resend = tcp_packet(c, s, 40000, PORT, seq=6, ack=10, flags=ACK, payload=b"EXPLOIT")
     assert node.send(resend) == "drop"
     node.gate.blocked.clear()  # as when MAX_BLOCKED later connections have pushed it out
@@ -141,10 +143,7 @@ def test_nothing_the_client_sends_ends_its_block() -> None:
     the service never gets) cannot close the flow here, nor a SYN start a new one, and the
     matched bytes sent again after them are still dropped, also a minute later."""
     node = _Node()
-    c, s = ip_bytes("10.77.6.6"), ip_bytes("10.77.0.2")
-    node.connect(c, s, 40000)
-    assert node.send(tcp_packet(c, s, 40000, PORT, seq=2, ack=10, flags=ACK,
-                                payload=b"EXPL")) == "accept"
+    c, s = node.opened(b"EXPL")
     tail = tcp_packet(c, s, 40000, PORT, seq=6, ack=10, flags=ACK, payload=b"OIT")
     assert node.send(tail) == "drop"
     for trick in (tcp_packet(c, s, 40000, PORT, seq=6, flags=RST),
