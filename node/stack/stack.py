@@ -90,6 +90,7 @@ class StackConfig:
     max_flows: int = 65536  # per protocol
     max_held_bytes: int = 256 * 1024  # out-of-order bytes held per stream
     max_held_total: int = 64 << 20  # ... and in all streams together (past it: refused)
+    max_held_per_source: int = 8 << 20  # ... and in the streams of one client address
     max_held_segments: int = 512
     pickup: bool = True  # track TCP flows first seen mid-stream
     enforce_window: bool = True  # refuse data at or past the receiver's advertised right edge
@@ -112,8 +113,10 @@ class Stack:
         self._verify = c.verify_checksums
         self._ids = itertools.count(1)
         self._next_expire = float("-inf")
-        # Flows holding out-of-order bytes, with the bytes counted for each in ``held_total``.
+        # Flows holding out-of-order bytes, with the bytes counted for each in ``held_total``
+        # and in their client's ``_held_by``.
         self._holding: dict[int, int] = {}
+        self._held_by: dict[bytes, int] = {}
         self.held_total = 0
 
     # ------------------------------------------------------------------ entry points
@@ -156,18 +159,26 @@ class Stack:
         return [FlowClosed(f.id, "timeout") for f in gone]
 
     def _count_held(self, flow: Flow) -> None:
-        """After ``flow``'s stream changed what it holds: the total."""
+        """After ``flow``'s stream changed what it holds: the counts."""
         held = flow.stream.held_bytes if flow.stream is not None else 0
-        self.held_total += held - self._holding.pop(flow.id, 0)
+        delta = held - self._holding.pop(flow.id, 0)
+        self.held_total += delta
+        src = flow.orig[0]
+        by = self._held_by.get(src, 0) + delta
+        if by:
+            self._held_by[src] = by
+        else:
+            self._held_by.pop(src, None)
         if held:
             self._holding[flow.id] = held
 
     def forget_held(self, flow: Flow) -> None:
         """Forget the bytes ``flow``'s stream holds past a hole (``Reassembler.forget_held``),
-        out of the count too."""
+        out of the counts too."""
         if flow.stream is not None:
             flow.stream.forget_held()
-        self.held_total -= self._holding.pop(flow.id, 0)
+        if flow.id in self._holding:
+            self._count_held(flow)
 
     def rewind(self, flow: Flow, seq: int) -> None:
         """Count ``flow``'s bytes from ``seq`` on as never delivered and forget what it holds
@@ -273,10 +284,12 @@ class Stack:
             self.stats["beyond_window"] += 1
             return Drop("beyond the receive window", flow.id)
         start = stream.next_seq
-        if (self.held_total + len(payload) > cfg.max_held_total
-                and 0 < ((seq - start) & MASK) < HALF):
-            # Out of order, and every stream together holds all it may: refused, as a full
-            # stream's is (bytes already held stay: the service may have them).
+        if (0 < ((seq - start) & MASK) < HALF and (
+                self.held_total + len(payload) > cfg.max_held_total
+                or self._held_by.get(flow.orig[0], 0) + len(payload) > cfg.max_held_per_source)):
+            # Out of order, and every stream together, or this client's, holds all it may:
+            # refused, as a full stream's is (bytes already held stay: the service may have
+            # them). One client cannot fill the bound for the others.
             self.stats["reassembly_refused"] += 1
             return Drop("reassembly bound reached", flow.id)
         status, data = stream.add(seq, payload)

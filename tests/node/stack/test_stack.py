@@ -359,3 +359,31 @@ def test_data_on_a_half_open_flow_is_dropped() -> None:
     events = stack.handle(tcp_packet(c, d, 40000, 80, seq=2, ack=10, flags=ACK,
                                      payload=b"EXPLOIT"), 1.0)
     assert [type(e) for e in events] == [Drop]
+
+
+def test_one_client_cannot_fill_the_held_bytes_bound_for_the_others() -> None:
+    """A client's streams together hold at most max_held_per_source past their holes: its
+    further out-of-order segments are refused while another client's are still taken."""
+    from node.stack.packet import ACK, SYN, TcpOptions, tcp_packet
+
+    stack = Stack(StackConfig(protected_tcp={80}, verify_checksums=False,
+                              max_held_total=4 << 20, max_held_per_source=1 << 20))
+    d = ip_bytes("10.77.0.2")
+
+    def holes(src: bytes, sport: int, segments: int) -> int:
+        """A connection with a hole at its start, then ``segments`` out of order: refused."""
+        stack.handle(tcp_packet(src, d, sport, 80, seq=1000, flags=SYN,
+                                options=TcpOptions(wscale=7)), 1.0)
+        stack.handle(tcp_packet(d, src, 80, sport, seq=5000, ack=1001, flags=SYN | ACK,
+                                window=65535, options=TcpOptions(wscale=7)), 1.0)
+        stack.handle(tcp_packet(src, d, sport, 80, seq=1001, ack=5001, flags=ACK), 1.0)
+        stack.handle(tcp_packet(d, src, 80, sport, seq=5001, ack=1001, flags=ACK,
+                                window=8192), 1.0)
+        return sum(any(type(e) is Drop for e in stack.handle(tcp_packet(
+            src, d, sport, 80, seq=1002 + i * 1400, ack=5001, flags=ACK,
+            payload=b"A" * 1400), 1.0)) for i in range(segments))
+
+    greedy = ip_bytes("10.77.1.1")
+    refused = sum(holes(greedy, 40000 + f, 150) for f in range(10))
+    assert refused > 0 and stack.held_total <= 1 << 20
+    assert holes(ip_bytes("10.77.2.2"), 41000, 150) == 0  # another client: all held
