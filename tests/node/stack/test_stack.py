@@ -233,30 +233,37 @@ def test_arbitrary_bytes_never_raise(raw: bytes, now: float) -> None:
     assert s.stats["internal_error"] == 0
 
 
+def _holes(stack: Stack, src: bytes, sport: int, segments: int) -> int:
+    """A connection to 10.77.0.2:80 under a 1 MiB window with a hole at its start, then
+    ``segments`` segments of 1,400 bytes past it: how many were refused."""
+    from node.stack.packet import ACK, SYN, TcpOptions, tcp_packet
+
+    d = ip_bytes("10.77.0.2")
+    stack.handle(tcp_packet(src, d, sport, 80, seq=1000, flags=SYN,
+                            options=TcpOptions(wscale=7)), 1.0)
+    stack.handle(tcp_packet(d, src, 80, sport, seq=5000, ack=1001, flags=SYN | ACK,
+                            window=65535, options=TcpOptions(wscale=7)), 1.0)
+    stack.handle(tcp_packet(src, d, sport, 80, seq=1001, ack=5001, flags=ACK), 1.0)
+    stack.handle(tcp_packet(d, src, 80, sport, seq=5001, ack=1001, flags=ACK, window=8192),
+                 1.0)
+    return sum(any(type(e) is Drop for e in stack.handle(tcp_packet(
+        src, d, sport, 80, seq=1002 + i * 1400, ack=5001, flags=ACK, payload=b"A" * 1400),
+        1.0)) for i in range(segments))
+
+
 def test_out_of_order_bytes_held_in_all_streams_stay_within_their_bound() -> None:
     """Each stream holds at most max_held_bytes past a hole; many streams together at most
     max_held_total: past it an out-of-order segment is refused (what is held stays: the
     service may have those bytes), and a flow's held bytes leave the count when it closes or
     a user of the stack rewinds it."""
-    from node.stack.packet import ACK, RST, SYN, TcpOptions, tcp_packet
+    from node.stack.packet import RST, tcp_packet
 
     stack = Stack(StackConfig(protected_tcp={80}, verify_checksums=False,
                               max_held_total=1 << 20))
     d = ip_bytes("10.77.0.2")
     refused = 0
     for f in range(40):
-        src, sport = ip_bytes(f"10.77.1.{f + 1}"), 40000 + f
-        stack.handle(tcp_packet(src, d, sport, 80, seq=1000, flags=SYN,
-                                options=TcpOptions(wscale=7)), 1.0)
-        stack.handle(tcp_packet(d, src, 80, sport, seq=5000, ack=1001, flags=SYN | ACK,
-                                window=65535, options=TcpOptions(wscale=7)), 1.0)
-        stack.handle(tcp_packet(src, d, sport, 80, seq=1001, ack=5001, flags=ACK), 1.0)
-        stack.handle(tcp_packet(d, src, 80, sport, seq=5001, ack=1001, flags=ACK,
-                                window=8192), 1.0)  # a 1 MiB window
-        for i in range(150):  # a hole at 1001, then 210 KB out of order
-            ev = stack.handle(tcp_packet(src, d, sport, 80, seq=1002 + i * 1400, ack=5001,
-                                         flags=ACK, payload=b"A" * 1400), 1.0)
-            refused += any(type(e) is Drop for e in ev)
+        refused += _holes(stack, ip_bytes(f"10.77.1.{f + 1}"), 40000 + f, 150)
         held = sum(x.stream.held_bytes for x in stack.tcp.flows() if x.stream is not None)
         assert held == stack.held_total <= 1 << 20
     assert refused > 0 and stack.stats["reassembly_refused"] == refused
@@ -364,26 +371,9 @@ def test_data_on_a_half_open_flow_is_dropped() -> None:
 def test_one_client_cannot_fill_the_held_bytes_bound_for_the_others() -> None:
     """A client's streams together hold at most max_held_per_source past their holes: its
     further out-of-order segments are refused while another client's are still taken."""
-    from node.stack.packet import ACK, SYN, TcpOptions, tcp_packet
-
     stack = Stack(StackConfig(protected_tcp={80}, verify_checksums=False,
                               max_held_total=4 << 20, max_held_per_source=1 << 20))
-    d = ip_bytes("10.77.0.2")
-
-    def holes(src: bytes, sport: int, segments: int) -> int:
-        """A connection with a hole at its start, then ``segments`` out of order: refused."""
-        stack.handle(tcp_packet(src, d, sport, 80, seq=1000, flags=SYN,
-                                options=TcpOptions(wscale=7)), 1.0)
-        stack.handle(tcp_packet(d, src, 80, sport, seq=5000, ack=1001, flags=SYN | ACK,
-                                window=65535, options=TcpOptions(wscale=7)), 1.0)
-        stack.handle(tcp_packet(src, d, sport, 80, seq=1001, ack=5001, flags=ACK), 1.0)
-        stack.handle(tcp_packet(d, src, 80, sport, seq=5001, ack=1001, flags=ACK,
-                                window=8192), 1.0)
-        return sum(any(type(e) is Drop for e in stack.handle(tcp_packet(
-            src, d, sport, 80, seq=1002 + i * 1400, ack=5001, flags=ACK,
-            payload=b"A" * 1400), 1.0)) for i in range(segments))
-
     greedy = ip_bytes("10.77.1.1")
-    refused = sum(holes(greedy, 40000 + f, 150) for f in range(10))
+    refused = sum(_holes(stack, greedy, 40000 + f, 150) for f in range(10))
     assert refused > 0 and stack.held_total <= 1 << 20
-    assert holes(ip_bytes("10.77.2.2"), 41000, 150) == 0  # another client: all held
+    assert _holes(stack, ip_bytes("10.77.2.2"), 41000, 150) == 0  # another client: all held
