@@ -227,7 +227,7 @@ class FilterTable:
             if kind == "rule" and key in gone:
                 lines.append(f"delete rule {TABLE} {spec} handle {handle}")
             elif kind == "elem":
-                name = spec.split(" ", 1)[0]
+                name = _set_name(spec)
                 left[name] = left.get(name, 0) + (key not in gone)
                 if key in gone:
                     lines.append(f"delete element {TABLE} {spec}")
@@ -243,13 +243,14 @@ class FilterTable:
             if compiled is not None:
                 compiled.append(c)
             lines += [s for s in c.setup if s not in lines]
-            if c.element is not None and c.set_rule is not None and c.element[0] not in set_rules:
-                set_rules.add(c.element[0])
-                lines.append(c.set_rule)
-            if c.element is not None:
-                elements.setdefault(c.element[0], []).append(c.element[1])
-            else:
+            if c.element is None:
                 lines += c.rules
+                continue
+            name = c.element[0]
+            if name not in set_rules and c.set_rule is not None:
+                set_rules.add(name)
+                lines.append(c.set_rule)
+            elements.setdefault(name, []).append(c.element[1])
         lines += [f"add element {TABLE} {name} {{ {', '.join(es)} }}"
                   for name, es in elements.items()]
         # A port left with no user-space filter stops handing its packets to the queue (a
@@ -313,7 +314,7 @@ class FilterTable:
         assert have is not None
         # What an older herdwall installed in another shape (a TCP specific filter as a set
         # element matched per segment, a user-space filter as a rule of its own) is replaced.
-        placed = {key: spec.split(" ", 1)[0] if kind == "elem" else None
+        placed = {key: _set_name(spec) if kind == "elem" else None
                   for kind, key, _, spec in _entries(items) if kind in ("rule", "elem")}
         stale = [fid for fid, f in want.items() if fid in placed and placed[fid] != self._set_of(f)]
         add = [f for fid, f in want.items() if fid not in have.ids or fid in stale]
@@ -393,6 +394,11 @@ def _entries(items: list[dict[str, object]], with_counters: bool = False
                 where = f"{s.get('name')} {{ {' . '.join(_nft_value(v) for v in concat)} }}"
                 yield ("elem", comment[len(COMMENT_PREFIX):],
                        counters if with_counters else None, where)
+
+
+def _set_name(where: str) -> str:
+    """The set of an element as ``_entries`` gives its place (``NAME { value }``)."""
+    return where.split(" ", 1)[0]
 
 
 def _nft_value(v: object) -> str:

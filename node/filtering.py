@@ -70,11 +70,10 @@ class FilterGate:
         """Drop ``packet``? To be called with every packet's events, also of the packets whose
         verdict is given elsewhere (their answer unused): a flow's state goes with its close,
         whichever packet brings it."""
-        key = tcp_key(packet)
         drop = False
         for e in events:
             if type(e) is MessageIn:
-                drop |= self._message(e, key)
+                drop |= self._message(e, packet)
             elif type(e) is FlowClosed:
                 self._forget(e.flow_id)
                 self._unblock(e.flow_id)
@@ -98,7 +97,7 @@ class FilterGate:
         if key is not None:
             self.blocked.pop(key, None)
 
-    def _message(self, e: MessageIn, key: bytes | None) -> bool:
+    def _message(self, e: MessageIn, packet: bytes) -> bool:
         proto = "udp" if e.message.connection is None else "tcp"
         if (17 if proto == "udp" else 6, e.dport) not in self.filters:
             return False  # nothing to check there: no state kept either
@@ -110,6 +109,7 @@ class FilterGate:
             return False
         self.hits += 1
         if proto == "tcp":
+            key = tcp_key(packet)  # only for a hit: an IPv6 packet's takes a parse
             fd = (self.stack.tcp.table.get(key) if self.stack is not None and key is not None
                   else None)
             if fd is not None:

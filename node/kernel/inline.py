@@ -29,6 +29,9 @@ from node.stack.packet import URG, clear_urgent
 from node.stack.stack import Stack
 
 OnEvents = Callable[[list[Event]], None]
+OnPacketEvents = Callable[[bytes, list[Event]], None]
+
+
 class Gate(Protocol):
     def blocks(self, packet: bytes) -> bool:
         """Drop this packet unseen: the stack must not see it either (a blocked connection's
@@ -36,7 +39,6 @@ class Gate(Protocol):
 
     def __call__(self, packet: bytes, events: list[Event]) -> bool:
         """Drop this packet, given its events?"""
-OnPacketEvents = Callable[[bytes, list[Event]], None]
 
 
 def urgent_at(p: bytes) -> int | None:

@@ -224,7 +224,7 @@ class ConnTrack:
             self.next_id += 1
         flow = Flow(flow_id, self.proto, (src, sport), (dst, dport), now)
         flow.state = state
-        flow.timeout = self.timeouts.of(state)
+        flow.timeout = self._timeout(flow)
         flow.deadline = now + flow.timeout
         fwd, rev = FlowDir(flow, 0), FlowDir(flow, 1)
         flow.dirs = (fwd, rev)

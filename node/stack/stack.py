@@ -265,7 +265,8 @@ class Stack:
         assert stream is not None
         fin = fd.snd.fin_seq
         if flow.state >= TcpState.TIME_WAIT or (
-                fin == stream.next_seq and 0 < ((seq + len(payload) - fin) & MASK) < HALF):
+                fin is not None and fin == stream.next_seq
+                and 0 < ((seq + len(payload) - fin) & MASK) < HALF):
             # Past the sender's FIN once the stream has reached it (a FIN out of place is no
             # end: the receiver throws it away), or on a closed flow: the receiver takes none
             # of it (after the close event a stream that grew again would be state nobody frees).

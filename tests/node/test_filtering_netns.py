@@ -334,7 +334,7 @@ def test_past_its_bound_a_stream_is_still_checked_by_filters_that_may_hold_anywh
     gate = FilterGate(us)
 
     def chunk(data: bytes) -> bool:
-        return gate._message(MessageIn(7, 6, PORT, Message(data, 7), 0), None)
+        return gate._message(MessageIn(7, 6, PORT, Message(data, 7), 0), b"")
 
     assert not any(chunk(b"a" * 1000) for _ in range(MAX_STREAM // 1000 + 1))
     assert not chunk(b"X" * 9)  # past the bound: the specific filter does not look
