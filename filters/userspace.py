@@ -7,7 +7,7 @@ have one meaning.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from .condition import Filter
 
@@ -15,14 +15,20 @@ from .condition import Filter
 class UserspaceFilters:
     def __init__(self, filters: Iterable[Filter] = ()) -> None:
         self._by_port: dict[tuple[str, int], dict[str, Filter]] = {}
+        self.version = 0  # changes with every add and remove (for copies kept elsewhere)
         for f in filters:
             self.add(f)
 
     def add(self, f: Filter) -> None:
         self._by_port.setdefault((f.proto, f.port), {})[f.filter_id] = f
+        self.version += 1
 
     def remove(self, filter_id: str) -> bool:
+        self.version += 1
         return any(filters.pop(filter_id, None) is not None for filters in self._by_port.values())
+
+    def __iter__(self) -> Iterator[Filter]:
+        return (f for filters in list(self._by_port.values()) for f in list(filters.values()))
 
     def ports(self) -> set[tuple[str, int]]:
         return {k for k, v in self._by_port.items() if v}

@@ -61,7 +61,7 @@ class Handle:
     False."""
 
     __slots__ = ("_adapter", "_pkt", "done", "hook", "id", "indev", "mark", "outdev",
-                 "rewrite", "source_mac")
+                 "peeked", "rewrite", "source_mac")
 
     def __init__(self, adapter: QueueAdapter, pkt: Any) -> None:
         self._adapter = adapter
@@ -78,6 +78,8 @@ class Handle:
         # where a call costs ~10 µs on a node woken from sleep.
         hw = pkt.get_hw() if self.indev else None
         self.source_mac: bytes | None = hw[:6] if hw else None
+        # What the queue's ``peek`` returned for this packet (None: nothing).
+        self.peeked: Any = adapter._peeked.pop(self.id, None) if adapter._peeked else None
 
     def accept(self, mark: int | None = None, payload: bytes | None = None) -> bool:
         """Let the packet go on; with ``mark``, herdwall's mark bits become ``mark`` (the other
@@ -237,6 +239,12 @@ class QueueAdapter:
         self._sock: socket.socket | None = None  # the reader thread's handle on the socket
         self._thread: threading.Thread | None = None
         self._stop = False
+        # With ``thread``: called as ``peek(fd, block)`` before each read, it waits for the next
+        # message on the queue's socket (blocking as the binding would, unless ``block`` is
+        # false) and leaves it there; what it returns, ``(packet id, ...)`` or None, becomes that
+        # packet's ``Handle.peeked`` (``node.takeover.fastack``).
+        self.peek: Callable[[int, bool], Any] | None = None
+        self._peeked: dict[int, Any] = {}
         self.received = 0
         self.verdicts = 0
         self.errors = 0
@@ -359,7 +367,15 @@ class QueueAdapter:
                 if not sock.getblocking():  # interrupted before
                     sock.setblocking(True)
             try:
-                q.run(block=delay != 0.0)  # returns at EAGAIN: the timeout, or non-blocking
+                if self.peek is None:
+                    q.run(block=delay != 0.0)  # returns at EAGAIN: the timeout, or non-blocking
+                else:
+                    got = self.peek(self._fd, delay != 0.0)
+                    if got is not None:
+                        if len(self._peeked) >= 64:  # the binding never read those
+                            self._peeked.clear()
+                        self._peeked[got[0]] = got
+                    q.run(block=False)
             except OSError as exc:  # as on the loop: log and go on
                 self.errors += 1
                 log.warning("nfqueue %d: %s", self.queue_num, exc)

@@ -64,7 +64,8 @@ from node.stack.conntrack import Flow, flow_key
 from node.stack.events import Drop, FlowClosed, MessageIn
 from node.stack.packet import ACK, FIN, RST, SYN, URG, PacketError, clear_urgent, parse_ipv6
 from node.stack.stack import Stack, StackConfig
-from node.takeover import rules
+from node.takeover import fastack, rules
+from node.takeover.fastack import FastAck
 from node.takeover.seed import StreamTail
 from node.takeover.tcp import Segment, seq_add, seq_diff, seq_lt
 
@@ -207,7 +208,7 @@ class TakeoverQueue:
                  max_len: int = 4096, tail_limit: int = HOLD_BYTES,
                  on_trigger: Callable[[Trigger], None] | None = None,
                  thread: bool = False, priority: int | None = READER_PRIORITY,
-                 readers: int | None = None) -> None:
+                 readers: int | None = None, fast: bool = True) -> None:
         """``filters``: a ``filters.userspace.UserspaceFilters`` (its TCP filters trigger; a
         filter added later is watched from its port's next packet on, a connection already open
         picked up mid-stream); ``detect``: any other trigger;
@@ -229,7 +230,11 @@ class TakeoverQueue:
         there and not by an interrupt to another CPU, which cost an idle node's trigger ~100 µs
         (bench_takeover, client and reader on one CPU or on two: p50 160-182 against 250-373
         µs); a taken-over flow's packets all go to the first queue, in order. The readers take
-        turns under one lock; the engine's timers run on the reader that set them."""
+        turns under one lock; the engine's timers run on the reader that set them.
+
+        ``fast`` (with ``thread``, an engine with ``fast_links`` and the extension built): the
+        readers wait in C, which sends a trigger's first ACK before any Python runs
+        (``fastack``; the detector's ``chunk_prefix`` and the specific filters)."""
         self.engine = engine
         self.on_trigger = on_trigger
         self.filters = filters
@@ -263,6 +268,8 @@ class TakeoverQueue:
                                     cpus={c for c in cpus if c % n == i} if n > 1 else None)
                        for i in range(n)]
         self.queue = self.queues[0]
+        self._fast_wanted = fast and thread
+        self.fast: FastAck | None = None
 
     def watch(self, port: int) -> None:
         self.stack.protected_tcp.add(port)
@@ -277,6 +284,13 @@ class TakeoverQueue:
             self._loop = clocks
         self._time = self._loop.time
         self.engine.start(self._loop)
+        links = getattr(self.engine, "fast_links", None)
+        if self._fast_wanted and links is not None and fastack.available():
+            self.fast = FastAck(links(), MAX_STREAM)
+            self.fast.patterns(self.detect, self.filters)
+            for q in self.queues:
+                q.peek = self.fast.wait
+                q.on_packet = self._on_packet_fast
         for q in self.queues:
             q.start()
         return self
@@ -355,11 +369,22 @@ class TakeoverQueue:
                     data = payload[len(payload) - plen:]
                     history = self.streams.get(fd.flow.id)
                     early = self._check_chunk(fd.flow, data)
+                    peeked = handle.peeked  # its ACK is out already (fastack)
+                    if peeked is not None and early is None:
+                        # C's pattern is gone here (a filter removed meanwhile): its client was
+                        # answered, so the flow is taken over all the same.
+                        self.stats["fast_unconfirmed"] += 1
+                        early = self.fast.origin(peeked)  # type: ignore[union-attr]
                     if early is not None and fd.flow.halves[1].next_seq is not None:
-                        mac = handle.source_mac  # the way back: where the trigger came from
-                        self.engine.answer(fd.flow, seq, plen, ack,
-                                           tcp_tsval(payload, ihl) if tsval is None else tsval,
-                                           (handle.indev, mac) if mac else None, now)
+                        if peeked is not None:
+                            self.engine.answered(  # type: ignore[attr-defined]
+                                fd.flow, FastAck.fields(peeked))
+                        else:
+                            mac = handle.source_mac  # the way back: where the trigger came from
+                            self.engine.answer(
+                                fd.flow, seq, plen, ack,
+                                tcp_tsval(payload, ihl) if tsval is None else tsval,
+                                (handle.indev, mac) if mac else None, now)
             events = self.stack.handle(payload, now)
             if fd is None:
                 fd = self.stack.tcp.table.get(key)
@@ -394,6 +419,24 @@ class TakeoverQueue:
                 if self.holds and fd is not None and fd.flow.id in self.holds:
                     self._release(fd.flow)  # after this packet: it may have filled the hole
 
+    def _on_packet_fast(self, payload: bytes, handle: Handle) -> None:
+        """``_on_packet``, then C's copy of the packet's flow (``fastack``)."""
+        self._on_packet(payload, handle)
+        with self._lock:
+            fast = self.fast
+            assert fast is not None
+            filters = self.filters
+            if filters is not None and filters.version != fast.version:
+                fast.patterns(self.detect, filters)
+            if len(payload) < 40 or payload[0] >> 4 != 4:
+                return
+            ihl = (payload[0] & 15) * 4
+            fd = self.stack.tcp.table.get(payload[12:20] + payload[ihl:ihl + 4])
+            if fd is not None:
+                flow = fd.flow
+                fast.arm(flow, None if flow.id in self.blocked else
+                         len(self.streams.get(flow.id, b"")), self._owned)
+
     def _syn_data(self, handle: Handle) -> None:
         """A client's SYN that carries data (TCP Fast Open): the stack checks a stream from
         the handshake on, so these bytes would reach the server unchecked. Dropped: the
@@ -409,6 +452,8 @@ class TakeoverQueue:
             self._closed(e.flow_id)  # type: ignore[attr-defined]
 
     def _closed(self, flow_id: int) -> None:
+        if self.fast is not None:
+            self.fast.disarm(flow_id)
         self.streams.pop(flow_id, None)
         self.scans.pop(flow_id, None)
         self.blocked.pop(flow_id, None)

@@ -205,9 +205,27 @@ class TakeoverEngine:
                 self.stats["sent_link"] += 1
         if link is None or self.link is None:
             self._sendto(flow.orig[0], pkt)
-        self._answered[flow.id] = first
+        self._remember(flow, first)
+
+    def answered(self, flow: Flow, fields: AckFields) -> None:
+        """The trigger's ACK went out from C (``fastack``): ``answer`` without the send."""
+        self.stats["sent"] += 1
+        self.stats["sent_link"] += 1
+        self.stats["sent_fast"] += 1
+        self._remember(flow, fields)
+
+    def _remember(self, flow: Flow, fields: AckFields) -> None:
+        """The trigger's ACK, for ``take_over`` to tell its client-facing endpoint."""
+        self._answered[flow.id] = fields
         if len(self._answered) > 64:  # a trigger whose take_over failed leaves one behind
             self._answered.pop(next(iter(self._answered)))
+
+    def fast_links(self) -> dict[int, tuple[int, bytes]]:
+        """The link sockets ``answer`` uses, for ``fastack.FastAck``: ifindex -> (descriptor,
+        our MAC address). Valid from ``start`` to ``close``."""
+        if self.link is None:
+            return {}
+        return {i: (sock.fileno(), hdr[:6]) for i, (sock, hdr) in self.link.bound.items()}
 
     def offer(self, payload: bytes, handle: Handle, now: float) -> bool:
         """A queued packet: if it belongs to a taken-over flow, handle it and drop it in the

@@ -87,6 +87,7 @@ def starts_with(prefix: bytes) -> Callable[..., Any]:
     def detect(flow: Any, chunk: bytes, stream: bytes) -> Any:
         return "match" if chunk.startswith(prefix) else None
 
+    detect.chunk_prefix = (prefix, "match")  # type: ignore[attr-defined]  # C checks it too
     return detect
 
 

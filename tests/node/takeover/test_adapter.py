@@ -92,6 +92,7 @@ class _Verdicts:
 
     indev = 0
     source_mac = None
+    peeked = None
 
     def __init__(self) -> None:
         self.verdict = ""
