@@ -285,7 +285,10 @@ class TakeoverQueue:
         self._time = self._loop.time
         self.engine.start(self._loop)
         links = getattr(self.engine, "fast_links", None)
-        if self._fast_wanted and links is not None and fastack.available():
+        if self._fast_wanted and links is not None and not fastack.available():
+            log.warning("node.takeover._fastack is not built (pip install -e .): a trigger's "
+                        "first ACK waits for the Python path")
+        elif self._fast_wanted and links is not None:
             self.fast = FastAck(links(), MAX_STREAM)
             self.fast.patterns(self.detect, self.filters)
             for q in self.queues:

@@ -54,7 +54,7 @@ class Node:
     def __init__(self, ns: Namespace, engine: Engine, port: int, *,
                  detect: Callable[..., Any] | None = None, watch: bool = True,
                  extra_rules: list[str] | None = None, thread: bool = True,
-                 readers: int | None = None) -> None:
+                 readers: int | None = None, fast: bool = True) -> None:
         self.ns = ns
         NftTable(ns.name).ensure()
         self.nft = rules.NftText(ns.name)
@@ -68,7 +68,8 @@ class Node:
         self.lt = LoopThread()
         self.engine = engine
         self.queue = TakeoverQueue(engine, detect=detect, ports={port}, netns=ns.name,
-                                   loop=self.lt.loop, thread=thread, readers=readers)
+                                   loop=self.lt.loop, thread=thread, readers=readers,
+                                   fast=fast)
         self.lt.call(self.queue.start)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:

@@ -62,10 +62,12 @@ def _client(t: PathTopo | HostTopo) -> socket.socket:
     return c
 
 
-def _exchange(t: PathTopo | HostTopo, engine: object) -> dict[str, object]:
+def _exchange(t: PathTopo | HostTopo, engine: object, fast: bool = True) -> dict[str, object]:
     """One connection: a benign request and its reply, the exploit, another benign request,
-    the client's end of stream; what both sides got and the kernels' counters."""
-    node = Node(t.node, engine, PORT, detect=starts_with(b"EXPLOIT"))  # type: ignore[arg-type]
+    the client's end of stream; what both sides got and the kernels' counters. ``fast``: the
+    trigger's ACK may go out from C (``fastack``)."""
+    node = Node(t.node, engine, PORT, detect=starts_with(b"EXPLOIT"),  # type: ignore[arg-type]
+                fast=fast)
     srv = LineServer(t.server, t.server_addr, PORT)
     before = tcp_counters(t.client), tcp_counters(t.server)
     got, error = b"", None
@@ -96,15 +98,19 @@ def _exchange(t: PathTopo | HostTopo, engine: object) -> dict[str, object]:
             "server": delta(after[1], before[1], *COUNTERS), "node": node}
 
 
-@pytest.mark.parametrize("policy", ["scrub", "close", "respond"])
-def test_takeover_policies(topo: PathTopo | HostTopo, policy: str) -> None:
+@pytest.mark.parametrize(("policy", "fast"), [("scrub", True), ("close", True),
+                                              ("respond", True), ("scrub", False)])
+def test_takeover_policies(topo: PathTopo | HostTopo, policy: str, fast: bool) -> None:
+    """Each policy, with the trigger's ACK from C (``fastack``) and, for scrub, from the
+    Python path too."""
     engine = TakeoverEngine(netns=topo.node.name, nft=rules.NftText(topo.node.name),
                             policy=lambda t: _policy(policy))
     # No tail loss probes on the client: a retransmission of the exploit then means its ACK
     # never came (RTO, 200 ms or more), not that it came late on a loaded machine.
     topo.client.run(["sysctl", "-qw", "net.ipv4.tcp_early_retrans=0"])
-    r = _exchange(topo, engine)
+    r = _exchange(topo, engine, fast)
     assert engine.stats["taken_over"] == 1
+    assert engine.stats["sent_fast"] == fast
     assert b"EXPLOIT" not in r["server_got"]  # type: ignore[operator]
     if policy == "scrub":
         assert r["server_got"] == BEFORE + AFTER  # both benign requests, intact, in order
@@ -367,6 +373,36 @@ def test_filter_action_takeover_end_to_end_on_the_servers_host() -> None:
     assert node.queue.triggers[0].hit is f
     comments = [i["rule"].get("comment") for i in listing["nftables"] if "rule" in i]
     assert comments == [f"hw:{f.filter_id}"] * 2
+
+
+def test_a_specific_filters_trigger_is_answered_from_c() -> None:
+    """A specific filter (bytes at a stream offset) is one of the patterns C checks: the
+    trigger's ACK goes out before any Python runs, and the flow is taken over as ever."""
+    f = Filter(b"\x01" * 32, "linesvc", "tcp", PORT, Specific(len(BEFORE), EXPLOIT[:32]))
+    setup, rule_lines = rules.compile_takeover(f)
+    with PathTopo("tks") as t:
+        engine = TakeoverEngine(netns=t.node.name, nft=rules.NftText(t.node.name))
+        node = Node(t.node, engine, PORT, watch=False, extra_rules=[*setup, *rule_lines])
+        node.queue.filters = UserspaceFilters([f])  # C takes the filter with the next packet
+        srv = LineServer(t.server, t.server_addr, PORT)
+        try:
+            c = _client(t)
+            c.sendall(BEFORE)
+            first = recv_until(c, b"ok 1\n")
+            c.sendall(EXPLOIT)
+            time.sleep(0.1)
+            c.sendall(AFTER)
+            second = recv_until(c, b"ok 2\n")
+            c.close()
+            conn = srv.wait(1, 10)[0]
+        finally:
+            node.close()
+            srv.close()
+    assert first + second == b"ok 1\nok 2\n"
+    assert bytes(conn.received) == BEFORE + AFTER
+    assert node.queue.triggers[0].hit is f
+    assert engine.stats["sent_fast"] == 1 and node.queue.stats["fast_unconfirmed"] == 0
+    assert node.queue.fast is not None and node.queue.fast.responder.answered == 1
 
 
 def test_compile_takeover_refuses_udp() -> None:
