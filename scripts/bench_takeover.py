@@ -25,7 +25,11 @@ their turn); ``forward_mbps`` the same transfer forwarded by the kernel with no 
 scale. ``--readers``: the node's queue readers (one per CPU's queue).
 
 ``cold_call_us``: one empty Python call on this machine after 0.1 ms and after 10 ms asleep, for
-scale: every step of the idle node's path runs that much colder than the loaded node's.
+scale: every step of the idle node's path runs that much colder than the loaded node's. That is
+why herdwall's first segment goes out from C (``node.takeover.fastack``), before the queue's
+Python callback runs: its ``out`` stage is negative, and ``fast_answered`` counts the triggers
+answered that way (the rest went the Python way). TCP_REPAIR has no such shortcut: its first
+segment comes from the kernel socket that its engine has to build from the state first.
 
 The JSON's ``takeover_us``, ``tcp_repair_us`` and ``speedup`` are the idle node's; the
 ``*_loaded_*`` fields the busy node's; ``stages_us`` splits both paths' p50s into stages (see the
@@ -180,6 +184,7 @@ def latency(name: str, n: int, warmup: int, pcap: Path, readers: int,
         "out": [(o - tq) * 1e6 for (_, o), (tq, _) in staged],
         "engine": [(t1 - tq) * 1e6 for _, (tq, t1) in staged],
         "server_clean": clean, "client_ok": ok, "client_errors": errors,
+        "fast_answered": stats.get("engine", {}).get("sent_fast", 0),
         "client_resets": after[0].get("EstabResets", 0) - before[0].get("EstabResets", 0),
         "retrans_client": retrans[0], "retrans_server": retrans[1],
         "iterations": warmup + n, "engine_stats": stats.get("engine", {}),
@@ -201,7 +206,7 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
            for k in ("queue", "out", "engine")},
         **{k: sum(r[k] for r in rounds) for k in (
             "server_clean", "client_ok", "client_errors", "client_resets", "retrans_client",
-            "retrans_server", "iterations")},
+            "retrans_server", "iterations", "fast_answered")},
         "background_rps": min(r["background_rps"] for r in rounds),
         "engine": dict(sum((Counter(r["engine_stats"]) for r in rounds), Counter())),
     }
@@ -282,7 +287,8 @@ def throughput(mode: str, size: int, readers: int) -> dict[str, Any]:
 
 SKIPPED: dict[str, Any] = {  # a path left out with --paths
     **{f"{k}_us": None for k in ("p50", "queue", "out", "engine")},
-    "server_clean": 0, "client_resets": 0, "background_rps": 0.0}
+    "server_clean": 0, "client_resets": 0, "background_rps": 0.0, "fast_answered": 0,
+    "iterations": 0}
 
 
 def _row(name: str, r: dict[str, Any]) -> str:
@@ -365,8 +371,13 @@ def main() -> None:
           "trigger on the wire -> the queue's callback\n(kernel, wake-up, binding; the node's "
           "clock read there); out = callback -> first segment on the wire (header\nreads, the "
           "check, the engine; the TCP_REPAIR engine after the stack's bookkeeping, its sockets "
-          "need the\ntrigger in the state); engine = callback -> the engine's work done. "
-          "server ok: the server got exactly the benign bytes.")
+          "need the\ntrigger in the state; negative: the segment left from C before the "
+          "callback ran); engine = callback -> the engine's\nwork done. server ok: the server "
+          "got exactly the benign bytes.")
+    for bg in conditions if "takeover" in paths else ():
+        t = lat[bg]["takeover"]
+        print(f"{'loaded' if bg else 'idle'}: {t['fast_answered']} of {t['iterations']} "
+              "takeover triggers answered from C (node.takeover.fastack)")
     up, down, watch, fwd = bulk["up"], bulk["down"], bulk["watch"], bulk["forward"]
     if up and down and watch and fwd:
         print(f"\nbulk {args.bulk_mb} MB through a taken-over connection: up {up['mbps']:.1f} "
@@ -395,6 +406,8 @@ def main() -> None:
         # timed takeovers behind each p50 (a trigger whose first segment was not captured
         # has none)
         "takeover_n": idle["takeover"].get("n", 0), "tcp_repair_n": idle["tcp_repair"].get("n", 0),
+        # takeover triggers whose first ACK went out from C, of all (warm-ups included)
+        "fast_answered": idle["takeover"].get("fast_answered", 0),
     }
     t_us, r_us = idle["takeover"]["p50_us"], idle["tcp_repair"]["p50_us"]
     result["speedup"] = round(r_us / t_us, 2) if t_us and r_us else None
@@ -405,6 +418,7 @@ def main() -> None:
             "takeover_loaded_us": r1(lt), "tcp_repair_loaded_us": r1(lr),
             "reset_loaded_us": r1(ld["reset"]["p50_us"]),
             "speedup_loaded": round(lr / lt, 2) if lt and lr else None,
+            "fast_answered_loaded": ld["takeover"].get("fast_answered", 0),
             "background_rps": round(max(r["background_rps"] for r in ld.values()), 1),
         })
     result.update({

@@ -7,52 +7,32 @@ queue's scheduler (the loop, or the clock of the queue's reader thread), the flo
 (the watch queue and the flows' own packets) and, on the daemon's stack queue, by a
 :class:`TakeoverGate`.
 
-On a trigger the client's ACK goes out first, straight from the tracked state (``seed.first_ack``
-in one ``struct`` call), then the client-facing endpoint, then the server-facing one: the
-server-facing set-up and the flow's set elements are off the critical path. The takeover queue
-calls ``answer`` before its stack has even taken the trigger packet, and that ACK goes back
-onto the interface the trigger came in on, to the MAC address it came from
-(``adapter.LinkSocket``: no routing, no netfilter hooks on the way out); the raw socket is the
-fallback (a trigger sent by this host, or a link send that fails).
+On a trigger the client's ACK goes out first, then the client-facing endpoint, then the
+server-facing one: the server-facing set-up and the flow's set elements are off the critical
+path. That ACK normally leaves from C before any Python runs (``fastack``: the takeover queue's
+readers wait there, and C sends what ``seed.first_ack`` would build from a copy of the tracked
+state; ``answered`` then records it). Otherwise the takeover queue calls ``answer`` before its
+stack has even taken the trigger packet; either way the ACK goes back onto the interface the
+trigger came in on, to the MAC address it came from (``adapter.LinkSocket``: no routing, no
+netfilter hooks on the way out); the raw socket is the fallback (a trigger sent by this host, or
+a link send that fails).
 
-Where the time goes on an idle node (p50s of 25-30 triggers on a shared 2-core VM under nested
-virtualisation, from an ftrace instance: ``net:netif_receive_skb`` and ``net:net_dev_start_xmit``
-on the client-facing interface, ``sched_wakeup``/``sched_switch``, the node's system calls),
-~150-210 µs in all: the kernel from the trigger on the interface to waking the reader ~30-45
-(netfilter, the queue's netlink message); the wake-up until the reader runs ~15-20 (~8 with the
-reader at ``SCHED_FIFO``, ``adapter.READER_PRIORITY``); back from ``recv`` ~8; then user space from
-``recv``'s return to the ``send`` of the ACK ~80-120, with no system call in between; the ``send``
-to the segment on the interface ~9. Those figures are for a reader woken on the CPU that handled
-the trigger. With one reader it mostly was not: a ``SCHED_FIFO`` thread wakes where it last ran,
-and the client, pushed off that CPU whenever the reader ran, had moved to the other; the wake-up
-then goes by an interrupt to a halted vCPU (~80-130 µs from the trigger to the wake-up instead of
-~45, and as much again before ``recv`` returned, in a trace where 34 of 42 triggers came that way).
-Hence one queue per CPU, fanned out by the CPU that handles the packet, each read by a thread
-pinned there (``adapter.TakeoverQueue``'s ``readers``). With those (traced again, 44 idle triggers
-in two runs at load 2-3.5, times from the trigger's ``netif_rx`` on the router, tcpdump's
-timestamp): every reader was woken on the CPU that handled its trigger and none of those CPUs was
-halted; ``netif_receive_skb`` +4-6, the route lookup after the prerouting hooks +26-30, the reader
-woken from the forward hook's queue +42-57, running +57-72 (the router's softirq ran inside the
-client's own ``sendto`` on that CPU, veth, and this kernel preempts the client only when that
-system call returns, ~10-15 later), ``recv`` back +66-84, the first segment on the wire +210-256:
-~150-170 of user space, with no system call, page fault or interrupt in between. tcpdump's capture
-adds no wake-up (its ring is handed over by the block). The same user-space stretch takes ~40-60 on
-a node kept busy (bench_takeover's loaded condition: ~75-110 µs in all): idle, it runs cold, a
-small function ~10 µs instead of ~1-2 (caches and branch history lost while the CPU served others;
-an earlier estimate of ~80 µs for the wake-up itself counted this). Floors, measured by sending a
-fixed packet at once: ~49 from ``recv``'s return when sent first thing in the queue's callback (the
-binding's C, the packet object, a few Python lines: the bench's p50 then ~125), ~61 from the start
-of ``TakeoverQueue._on_packet``; the takeover's own work (header read, the stack's flow, the check,
-``first_ack``) adds ~40, and leaving out two of its calls or reading the ``Handle``'s fields lazily
-was not measurable against the runs' noise (±15). So the path is kept short in calls:
-``seed.first_ack`` goes from the flow to the packet in one, ``answer`` sends it on the bound link
-socket itself, the ``Handle`` carries the source MAC address. The idle p50 moves with the machine's
-other load (others' work evicts the node's caches): ~140-170 µs at load ~1-2, ~200-275 at 2-3.
-Tried and left out (measured in interleaved runs): a netlink reader of our own instead of the
-binding (its per-packet parse in Python, cold, cost ~10 µs more than the binding's C); no garbage
-collection (no change); the Python heap on transparent huge pages (``PYTHONMALLOC=malloc`` with
-glibc's ``hugetlb`` tunable: no change in a cold-call microbench). Not done: keeping the path warm
-with synthetic packets while idle (it would measure a node that is not idle).
+Where an idle takeover's time went before the C answer (ftrace on the shared 2-core VM: the
+trigger on the interface, the reader's wake-up and switch-in, its system calls, the segment's
+transmit), ~140-250 µs in all: the kernel from the trigger to waking the reader ~42-57 µs, the
+reader running ~15 later (it runs ``SCHED_FIFO``, pinned to the CPU whose queue the packet was
+fanned out to, so it is never woken by an interrupt to a halted vCPU), ``recv`` back ~10 later;
+then ~80-170 µs of user space with no system call, page fault or interrupt, to the ``send``.
+That user-space stretch takes ~40-60 µs on a node kept busy: idle, everything runs cold (a small
+Python function ~4-10 µs instead of ~0.2; ``bench_takeover``'s ``cold_call_us``), so its length
+was the number of Python steps on the way. Calls were cut (``first_ack`` in one, the send inline,
+the MAC address read with the packet, the TSval in the header's ``struct`` call), and floors were
+measured: a fixed packet sent first thing in the binding's callback gave a p50 of ~125 µs, so no
+Python path could reach the 8x target (~120 µs against TCP_REPAIR's ~1 ms) on an idle node.
+Tried and left out: a netlink reader in Python (~10 µs more than the binding's C), no garbage
+collection, the heap on transparent huge pages. Not done: keeping the path warm with synthetic
+packets while idle (it would measure a node that is not idle). The C answer takes the user-space
+stretch down to a few cache lines: idle p50 ~35 µs, busy ~22 µs.
 """
 
 from __future__ import annotations
