@@ -340,19 +340,27 @@ def test_loss_on_both_sides_is_repaired_without_storms() -> None:
     assert client_retx < sent * 0.15, client_retx
 
 
-def test_filter_action_takeover_end_to_end_on_the_servers_host() -> None:
-    # A general filter (it may hold anywhere in the stream): "EXPLOIT " and 300 bytes with no
-    # line end, after a benign line.
-    f = Filter(b"\x01" * 32, "linesvc", "tcp", PORT, General(
-        tuple(Pin(i, b) for i, b in enumerate(b"EXPLOIT ")),
-        Overflow("terminated", Field(8), 300, (0x0A,)), sliding=True))
+# A general filter (it may hold anywhere in the stream): "EXPLOIT " and 300 bytes with no line
+# end, after a benign line; a specific one: the exploit's first 32 bytes after the benign line.
+GENERAL = Filter(b"\x01" * 32, "linesvc", "tcp", PORT, General(
+    tuple(Pin(i, b) for i, b in enumerate(b"EXPLOIT ")),
+    Overflow("terminated", Field(8), 300, (0x0A,)), sliding=True))
+SPECIFIC = Filter(b"\x01" * 32, "linesvc", "tcp", PORT, Specific(len(BEFORE), EXPLOIT[:32]))
+
+
+@pytest.mark.parametrize(("f", "where"), [(GENERAL, "host"), (SPECIFIC, "path")],
+                         ids=["general-on-the-servers-host", "specific-in-the-path"])
+def test_filter_action_takeover_end_to_end(f: Filter, where: str) -> None:
+    """A filter's rules and user-space check take the flow over. A specific filter is one of
+    the patterns C checks (``fastack``): the trigger's ACK goes out before any Python runs; a
+    general one is answered from Python."""
     setup, rule_lines = rules.compile_takeover(f)
     assert any(f"hw:{f.filter_id}" in r for r in rule_lines)
-    with HostTopo("tkf") as t:
+    with (HostTopo("tkf") if where == "host" else PathTopo("tkf")) as t:
         engine = TakeoverEngine(netns=t.node.name, nft=rules.NftText(t.node.name))
         # the setup again (it is idempotent), then the filter's rules, as filters.nft would
         node = Node(t.node, engine, PORT, watch=False, extra_rules=[*setup, *rule_lines])
-        node.queue.filters = UserspaceFilters([f])
+        node.queue.filters = UserspaceFilters([f])  # C takes the filter with the next packet
         srv = LineServer(t.server, t.server_addr, PORT)
         try:
             c = _client(t)
@@ -373,36 +381,9 @@ def test_filter_action_takeover_end_to_end_on_the_servers_host() -> None:
     assert node.queue.triggers[0].hit is f
     comments = [i["rule"].get("comment") for i in listing["nftables"] if "rule" in i]
     assert comments == [f"hw:{f.filter_id}"] * 2
-
-
-def test_a_specific_filters_trigger_is_answered_from_c() -> None:
-    """A specific filter (bytes at a stream offset) is one of the patterns C checks: the
-    trigger's ACK goes out before any Python runs, and the flow is taken over as ever."""
-    f = Filter(b"\x01" * 32, "linesvc", "tcp", PORT, Specific(len(BEFORE), EXPLOIT[:32]))
-    setup, rule_lines = rules.compile_takeover(f)
-    with PathTopo("tks") as t:
-        engine = TakeoverEngine(netns=t.node.name, nft=rules.NftText(t.node.name))
-        node = Node(t.node, engine, PORT, watch=False, extra_rules=[*setup, *rule_lines])
-        node.queue.filters = UserspaceFilters([f])  # C takes the filter with the next packet
-        srv = LineServer(t.server, t.server_addr, PORT)
-        try:
-            c = _client(t)
-            c.sendall(BEFORE)
-            first = recv_until(c, b"ok 1\n")
-            c.sendall(EXPLOIT)
-            time.sleep(0.1)
-            c.sendall(AFTER)
-            second = recv_until(c, b"ok 2\n")
-            c.close()
-            conn = srv.wait(1, 10)[0]
-        finally:
-            node.close()
-            srv.close()
-    assert first + second == b"ok 1\nok 2\n"
-    assert bytes(conn.received) == BEFORE + AFTER
-    assert node.queue.triggers[0].hit is f
-    assert engine.stats["sent_fast"] == 1 and node.queue.stats["fast_unconfirmed"] == 0
-    assert node.queue.fast is not None and node.queue.fast.responder.answered == 1
+    fast = f is SPECIFIC
+    assert engine.stats["sent_fast"] == fast and node.queue.stats["fast_unconfirmed"] == 0
+    assert node.queue.fast is not None and node.queue.fast.responder.answered == fast
 
 
 def test_compile_takeover_refuses_udp() -> None:
