@@ -7,7 +7,7 @@ have one meaning.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .condition import Filter
 
@@ -15,17 +15,24 @@ from .condition import Filter
 class UserspaceFilters:
     def __init__(self, filters: Iterable[Filter] = ()) -> None:
         self._by_port: dict[tuple[str, int], dict[str, Filter]] = {}
-        self.version = 0  # changes with every add and remove (for copies kept elsewhere)
+        # Told of each filter added (True) or removed (False), after the change, on the thread
+        # that made it: a copy kept elsewhere follows (node.takeover.fastack).
+        self.watchers: list[Callable[[Filter, bool], None]] = []
         for f in filters:
             self.add(f)
 
     def add(self, f: Filter) -> None:
         self._by_port.setdefault((f.proto, f.port), {})[f.filter_id] = f
-        self.version += 1
+        for w in self.watchers:
+            w(f, True)
 
     def remove(self, filter_id: str) -> bool:
-        self.version += 1
-        return any(filters.pop(filter_id, None) is not None for filters in self._by_port.values())
+        gone = [f for filters in self._by_port.values()
+                if (f := filters.pop(filter_id, None)) is not None]
+        for f in gone:
+            for w in self.watchers:
+                w(f, False)
+        return bool(gone)
 
     def __iter__(self) -> Iterator[Filter]:
         return (f for filters in list(self._by_port.values()) for f in list(filters.values()))

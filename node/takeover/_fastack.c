@@ -25,10 +25,13 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #define KEY_LEN 12
 #define NO_POS UINT32_MAX
-#define PEEK_BYTES (65536 + 512) /* a whole queued packet (copy_range 0xFFFF) and its attributes */
+/* a whole queued packet at the largest copy range (0xFFFF) and its attributes; a packet cut
+ * short by a smaller one is longer than what came, which respond leaves to Python */
+#define PEEK_BYTES (65536 + 512)
 
 /* nfnetlink_queue: a packet message and its attributes (linux/netfilter/nfnetlink_queue.h) */
 #define NFQ_MSG_PACKET ((3 << 8) | 0) /* NFNL_SUBSYS_QUEUE, NFQNL_MSG_PACKET */
@@ -52,6 +55,7 @@ typedef struct {
 } Entry;
 
 typedef struct {
+    long id;      /* the caller's name for it, returned by wait */
     int port;     /* -1: any */
     int anchored; /* 1: at stream offset `offset`; 0: at the chunk's start */
     uint32_t offset;
@@ -71,15 +75,17 @@ typedef struct {
     size_t cap, n;
     Pattern *pats;
     size_t npats, cappats;
-    Link *links;
+    Link *links; /* added before the first wait, read without the mutex */
     size_t nlinks;
+    int waited;
     uint32_t max_stream;
     unsigned long long answered, send_errors;
 } Responder;
 
 typedef struct {
     uint32_t id, seq, ack, window, tsval, tsecr;
-    int ts_on, pattern;
+    int ts_on;
+    long pattern;
 } Answer;
 
 static inline uint32_t be32(const uint8_t *p) {
@@ -176,15 +182,16 @@ static int tsval_of(const uint8_t *tcp, size_t hlen, uint32_t *out) {
     return 0;
 }
 
-static int matches(const Responder *r, const Entry *e, int port, const uint8_t *data,
-                   size_t n) {
+/* The id of the first pattern the chunk matches, or -1. */
+static long matches(const Responder *r, const Entry *e, int port, const uint8_t *data,
+                    size_t n) {
     for (size_t i = 0; i < r->npats; i++) {
         const Pattern *p = &r->pats[i];
         if (p->port >= 0 && p->port != port)
             continue;
         if (!p->anchored) {
             if ((size_t)p->len <= n && memcmp(data, p->bytes, p->len) == 0)
-                return (int)i;
+                return p->id;
             continue;
         }
         uint64_t end = (uint64_t)p->offset + (uint64_t)p->len;
@@ -192,7 +199,7 @@ static int matches(const Responder *r, const Entry *e, int port, const uint8_t *
             end > r->max_stream)
             continue;
         if (memcmp(data + (p->offset - e->pos), p->bytes, p->len) == 0)
-            return (int)i;
+            return p->id;
     }
     return -1;
 }
@@ -308,7 +315,7 @@ static int respond(Responder *r, const uint8_t *buf, size_t n, Answer *a) {
 
     pthread_mutex_lock(&r->mu);
     Entry *e = r->n ? find(r, key) : NULL;
-    int pattern = -1;
+    long pattern = -1;
     Entry copy;
     if (e != NULL && e->expect == seq) {
         pattern = matches(r, e, be16(tcp + 2), data, dlen);
@@ -382,6 +389,8 @@ static void Responder_dealloc(Responder *self) {
         clear_patterns(self);
         pthread_mutex_destroy(&self->mu);
     }
+    for (size_t i = 0; i < self->nlinks; i++)
+        close(self->links[i].fd);
     free(self->pats);
     free(self->links);
     free(self->table);
@@ -405,23 +414,31 @@ static PyObject *Responder_add_link(Responder *self, PyObject *args) {
         PyBuffer_Release(&mac);
         return PyErr_Format(PyExc_ValueError, "a MAC address is 6 bytes, not %zd", mac.len);
     }
+    if (self->waited) { /* readers look at the links without the mutex */
+        PyBuffer_Release(&mac);
+        PyErr_SetString(PyExc_RuntimeError, "links are added before the first wait");
+        return NULL;
+    }
     Link *links = realloc(self->links, (self->nlinks + 1) * sizeof(Link));
     if (links == NULL) {
         PyBuffer_Release(&mac);
         return PyErr_NoMemory();
     }
-    pthread_mutex_lock(&self->mu);
     self->links = links;
-    links[self->nlinks] = (Link){.ifindex = ifindex, .fd = fd};
+    int own = dup(fd); /* ours to close: the caller's socket may go first */
+    if (own < 0) {
+        PyBuffer_Release(&mac);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    links[self->nlinks] = (Link){.ifindex = ifindex, .fd = own};
     memcpy(links[self->nlinks].mac, mac.buf, 6);
     self->nlinks++;
-    pthread_mutex_unlock(&self->mu);
     PyBuffer_Release(&mac);
     Py_RETURN_NONE;
 }
 
-static PyObject *add_pattern(Responder *self, int port, int anchored, unsigned int offset,
-                             Py_buffer *value) {
+static PyObject *add_pattern(Responder *self, long id, int port, int anchored,
+                             unsigned int offset, Py_buffer *value) {
     if (value->len <= 0 || value->len > 65535) {
         PyBuffer_Release(value);
         return PyErr_Format(PyExc_ValueError, "a pattern is 1 to 65535 bytes, not %zd",
@@ -446,34 +463,44 @@ static PyObject *add_pattern(Responder *self, int port, int anchored, unsigned i
         self->pats = p;
         self->cappats = cap;
     }
-    self->pats[self->npats++] = (Pattern){port, anchored, offset, value->len, bytes};
+    self->pats[self->npats++] = (Pattern){id, port, anchored, offset, value->len, bytes};
     pthread_mutex_unlock(&self->mu);
     PyBuffer_Release(value);
-    return PyLong_FromSize_t(self->npats - 1);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Responder_add_prefix(Responder *self, PyObject *args) {
+    long id;
     int port;
     Py_buffer value;
-    if (!ready(self) || !PyArg_ParseTuple(args, "iy*", &port, &value))
+    if (!ready(self) || !PyArg_ParseTuple(args, "liy*", &id, &port, &value))
         return NULL;
-    return add_pattern(self, port, 0, 0, &value);
+    return add_pattern(self, id, port, 0, 0, &value);
 }
 
 static PyObject *Responder_add_bytes(Responder *self, PyObject *args) {
+    long id;
     int port;
     unsigned int offset;
     Py_buffer value;
-    if (!ready(self) || !PyArg_ParseTuple(args, "iIy*", &port, &offset, &value))
+    if (!ready(self) || !PyArg_ParseTuple(args, "liIy*", &id, &port, &offset, &value))
         return NULL;
-    return add_pattern(self, port, 1, offset, &value);
+    return add_pattern(self, id, port, 1, offset, &value);
 }
 
-static PyObject *Responder_clear_patterns(Responder *self, PyObject *Py_UNUSED(unused)) {
-    if (!ready(self))
+static PyObject *Responder_remove_pattern(Responder *self, PyObject *args) {
+    long id;
+    if (!ready(self) || !PyArg_ParseTuple(args, "l", &id))
         return NULL;
     pthread_mutex_lock(&self->mu);
-    clear_patterns(self);
+    for (size_t i = 0; i < self->npats;) {
+        if (self->pats[i].id != id) {
+            i++;
+            continue;
+        }
+        free(self->pats[i].bytes);
+        self->pats[i] = self->pats[--self->npats];
+    }
     pthread_mutex_unlock(&self->mu);
     Py_RETURN_NONE;
 }
@@ -542,6 +569,7 @@ static PyObject *Responder_wait(Responder *self, PyObject *args) {
     Answer a = {0};
     int answered = 0, err = 0;
     ssize_t n;
+    self->waited = 1;
     Py_BEGIN_ALLOW_THREADS
     n = recv(fd, buf, sizeof buf, MSG_PEEK | (block ? 0 : MSG_DONTWAIT));
     if (n < 0)
@@ -550,7 +578,9 @@ static PyObject *Responder_wait(Responder *self, PyObject *args) {
         answered = respond(self, buf, (size_t)n, &a);
     Py_END_ALLOW_THREADS
     if (n < 0) {
-        if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR)
+        /* ENOBUFS: the kernel dropped messages for a full socket; the binding's read goes
+         * on past it, and so does this one */
+        if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR || err == ENOBUFS)
             Py_RETURN_NONE;
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -558,9 +588,9 @@ static PyObject *Responder_wait(Responder *self, PyObject *args) {
     if (!answered)
         Py_RETURN_NONE;
     if (!a.ts_on)
-        return Py_BuildValue("(IiIIIOO)", a.id, a.pattern, a.seq, a.ack, a.window, Py_None,
+        return Py_BuildValue("(IlIIIOO)", a.id, a.pattern, a.seq, a.ack, a.window, Py_None,
                              Py_None);
-    return Py_BuildValue("(IiIIIII)", a.id, a.pattern, a.seq, a.ack, a.window, a.tsval,
+    return Py_BuildValue("(IlIIIII)", a.id, a.pattern, a.seq, a.ack, a.window, a.tsval,
                          a.tsecr);
 }
 
@@ -581,10 +611,11 @@ static PyMethodDef Responder_methods[] = {
      "add_link(ifindex, fd, mac): answers to triggers that came in on ifindex go out on the "
      "AF_PACKET socket fd (bound to it), from our MAC address mac"},
     {"add_prefix", (PyCFunction)Responder_add_prefix, METH_VARARGS,
-     "add_prefix(port, value) -> index: a chunk to port (-1: any) that starts with value"},
+     "add_prefix(id, port, value): a chunk to port (-1: any) that starts with value"},
     {"add_bytes", (PyCFunction)Responder_add_bytes, METH_VARARGS,
-     "add_bytes(port, offset, value) -> index: value at stream offset, wholly in the chunk"},
-    {"clear_patterns", (PyCFunction)Responder_clear_patterns, METH_NOARGS, "no patterns"},
+     "add_bytes(id, port, offset, value): value at stream offset, wholly in the chunk"},
+    {"remove_pattern", (PyCFunction)Responder_remove_pattern, METH_VARARGS,
+     "remove_pattern(id): the patterns added with that id"},
     {"arm", (PyCFunction)Responder_arm, METH_VARARGS,
      "arm(key, expect, pos, s_nxt, s_fin, window, ts): the flow's next client chunk "
      "(key: client address, server address, client port, server port) is checked at "
@@ -592,7 +623,7 @@ static PyMethodDef Responder_methods[] = {
      "s_nxt (a FIN's if s_fin), window, TSval ts (-1: no timestamps)"},
     {"disarm", (PyCFunction)Responder_disarm, METH_VARARGS, "disarm(key)"},
     {"wait", (PyCFunction)Responder_wait, METH_VARARGS,
-     "wait(fd, block) -> None or (packet id, pattern, seq, ack, window, tsval, tsecr): peek "
+     "wait(fd, block) -> None or (packet id, pattern id, seq, ack, window, tsval, tsecr): peek "
      "at the next message of the queue's netlink socket fd (blocking as the socket is, unless "
      "block is false), answer it if it is an armed trigger; the message stays in the socket"},
     {NULL, NULL, 0, NULL},

@@ -290,7 +290,7 @@ class TakeoverQueue:
                         "first ACK waits for the Python path")
         elif self._fast_wanted and links is not None:
             self.fast = FastAck(links(), MAX_STREAM)
-            self.fast.patterns(self.detect, self.filters)
+            self.fast.watch(self.detect, self.filters)
             for q in self.queues:
                 q.peek = self.fast.wait
                 q.on_packet = self._on_packet_fast
@@ -307,6 +307,8 @@ class TakeoverQueue:
                 self._drop_held(fid)
         for q in self.queues:
             q.close()
+        if self.fast is not None:
+            self.fast.unwatch(self.filters)
         self.engine.close()
 
     async def __aenter__(self) -> TakeoverQueue:
@@ -380,6 +382,7 @@ class TakeoverQueue:
                         early = self.fast.origin(peeked)  # type: ignore[union-attr]
                     if early is not None and fd.flow.halves[1].next_seq is not None:
                         if peeked is not None:
+                            handle.peeked = None  # taken: see _on_packet_fast
                             self.engine.answered(  # type: ignore[attr-defined]
                                 fd.flow, FastAck.fields(peeked))
                         else:
@@ -426,19 +429,23 @@ class TakeoverQueue:
         """``_on_packet``, then C's copy of the packet's flow (``fastack``)."""
         self._on_packet(payload, handle)
         with self._lock:
-            fast = self.fast
-            assert fast is not None
-            filters = self.filters
-            if filters is not None and filters.version != fast.version:
-                fast.patterns(self.detect, filters)
+            if handle.peeked is not None:
+                # C answered it, the Python path did not take it (see fastack: two readers
+                # raced with other bytes at one sequence number, only a client's own doing).
+                self.stats["fast_ignored"] += 1
             if len(payload) < 40 or payload[0] >> 4 != 4:
                 return
             ihl = (payload[0] & 15) * 4
             fd = self.stack.tcp.table.get(payload[12:20] + payload[ihl:ihl + 4])
-            if fd is not None:
-                flow = fd.flow
-                fast.arm(flow, None if flow.id in self.blocked else
-                         len(self.streams.get(flow.id, b"")), self._owned)
+            if fd is None:
+                return
+            flow = fd.flow
+            try:
+                self.fast.arm(flow, None if flow.id in self.blocked else  # type: ignore[union-attr]
+                              len(self.streams.get(flow.id, b"")), self._owned)
+            except Exception:  # the packet has its verdict: nothing here may take it back
+                self.stats["fast_errors"] += 1
+                log.exception("fastack: arming a flow")
 
     def _syn_data(self, handle: Handle) -> None:
         """A client's SYN that carries data (TCP Fast Open): the stack checks a stream from
@@ -453,6 +460,8 @@ class TakeoverQueue:
         self._next_expiry = now + 1.0
         for e in self.stack.expire(now):
             self._closed(e.flow_id)  # type: ignore[attr-defined]
+        if self.fast is not None:
+            self.fast.sweep(self.stack.tcp.table)
 
     def _closed(self, flow_id: int) -> None:
         if self.fast is not None:

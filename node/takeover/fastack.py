@@ -25,11 +25,15 @@ and the Python path answers every trigger.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
-from filters.condition import Specific
-from node.stack.conntrack import Flow
+from filters.condition import Filter, Specific
+from node.stack.conntrack import Flow, TcpState
 from node.takeover.seed import AckFields
+
+log = logging.getLogger(__name__)
 
 try:
     from node.takeover import _fastack
@@ -37,6 +41,7 @@ except ImportError:  # not built: the Python path answers
     _fastack = None
 
 NO_POS = 0xFFFFFFFF  # the chunk's stream position is past what the stream keeps
+MAX_PATTERN = 0xFFFF  # the longest pattern C takes
 # What ``Responder.wait`` returns for a packet it answered.
 Peeked = tuple[int, int, int, int, int, int | None, int | None]  # id, pattern, AckFields
 
@@ -55,9 +60,9 @@ def client_key(flow: Flow) -> bytes | None:
 
 class FastAck:
     """The C side's flows and patterns (see the module docstring). ``links``: ifindex -> (an
-    ``AF_PACKET`` socket's descriptor bound to that interface, our MAC address there);
-    ``max_stream``: how much of a stream the Python check keeps (a specific filter past it is
-    not checked there either)."""
+    ``AF_PACKET`` socket's descriptor bound to that interface, our MAC address there; C keeps
+    a duplicate); ``max_stream``: how much of a stream the Python check keeps (a specific
+    filter past it is not checked there either)."""
 
     def __init__(self, links: dict[int, tuple[int, bytes]], max_stream: int) -> None:
         if _fastack is None:
@@ -66,47 +71,76 @@ class FastAck:
         for ifindex, (fd, mac) in links.items():
             self.responder.add_link(ifindex, fd, mac)
         self.max_stream = max_stream
-        self.origins: list[Any] = []  # per pattern: the hit it stands for
-        self.version: int | None = None  # the filters' version the patterns are from
+        self.origins: dict[int, Any] = {}  # pattern id -> the hit it stands for
+        self._ids: dict[str, int] = {}  # filter id -> its pattern's id
+        self._next_id = 0
         self._keys: dict[int, bytes] = {}  # flow id -> its armed key
+        self._by_key: dict[bytes, int] = {}  # armed key -> its flow id
         self.wait = self.responder.wait  # the readers' peek (QueueAdapter.peek)
 
-    def patterns(self, detect: Any, filters: Any) -> None:
-        """The patterns from a detector's ``chunk_prefix`` and the TCP specific filters in
-        ``filters`` (a ``UserspaceFilters`` or None); flows stay armed."""
-        r = self.responder
-        r.clear_patterns()
-        origins: list[Any] = []
+    def watch(self, detect: Any, filters: Any) -> None:
+        """Patterns from a detector's ``chunk_prefix`` and from the TCP specific filters in
+        ``filters`` (a ``UserspaceFilters`` or None), now and as they come and go."""
         prefix = getattr(detect, "chunk_prefix", None)
         if prefix is not None:
-            r.add_prefix(-1, prefix[0])
-            origins.append(prefix[1])
+            pid = self._new_id()
+            self.origins[pid] = prefix[1]
+            self.responder.add_prefix(pid, -1, prefix[0])
         if filters is not None:
-            self.version = filters.version
             for f in filters:
-                c = f.condition
-                if f.proto == "tcp" and isinstance(c, Specific) and c.value and \
-                        c.offset + len(c.value) <= self.max_stream:
-                    r.add_bytes(f.port, c.offset, c.value)
-                    origins.append(f)
-        self.origins = origins
-        if not origins:
-            self.disarm_all()
+                self.filter_changed(f, True)
+            filters.watchers.append(self.filter_changed)
+
+    def unwatch(self, filters: Any) -> None:
+        if filters is not None and self.filter_changed in filters.watchers:
+            filters.watchers.remove(self.filter_changed)
+
+    def filter_changed(self, f: Filter, added: bool) -> None:
+        """A filter added to or removed from the watched filters (on the thread that changed
+        them): its pattern follows at once, so C never answers for a filter that is gone."""
+        c = f.condition
+        if f.proto != "tcp" or not isinstance(c, Specific) or \
+                not 0 < len(c.value) <= MAX_PATTERN or c.offset + len(c.value) > self.max_stream:
+            return  # not a pattern: the Python path checks it
+        try:
+            if added and f.filter_id not in self._ids:
+                pid = self._ids[f.filter_id] = self._new_id()
+                self.origins[pid] = f
+                self.responder.add_bytes(pid, f.port, c.offset, c.value)
+            elif not added and f.filter_id in self._ids:
+                pid = self._ids.pop(f.filter_id)
+                self.responder.remove_pattern(pid)
+                del self.origins[pid]
+                if not self.origins:
+                    self.disarm_all()
+        except Exception:  # the filters' owner must not fail for this copy (MemoryError)
+            log.exception("fastack: pattern of filter %s", f.filter_id)
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
 
     def arm(self, flow: Flow, pos: int | None, owned: Any = None) -> None:
         """After a packet of ``flow``: its next client chunk is checked in C at stream
         position ``pos`` (None: not at all; the flow is blocked), unless it is in ``owned``
-        (the engine's flows, by key) or Python would not answer it early either."""
+        (the engine's flows, by key) or Python would not answer it early either. Only an open
+        connection is armed: its close disarms it (``disarm``), and nothing that the stack
+        forgets without telling stays armed."""
         stream = flow.stream
         c, s = flow.halves
         key = self._keys.get(flow.id) or client_key(flow)
         if key is None:
             return
         if pos is None or not self.origins or stream is None or stream.held or \
-                s.next_seq is None or (owned is not None and key in owned):
+                s.next_seq is None or flow.state != TcpState.ESTABLISHED or flow.in_closing \
+                or (owned is not None and key in owned):
             self.disarm(flow.id)
             return
+        old = self._by_key.get(key)
+        if old is not None and old != flow.id:  # a new connection on the same ports
+            self._keys.pop(old, None)
         self._keys[flow.id] = key
+        self._by_key[key] = flow.id
         nxt, fin = (s.fin_seq, True) if s.fin_seq is not None else (s.next_seq, False)
         ts = s.ts_val & 0xFFFFFFFF if c.ts_val is not None and s.ts_val is not None else -1
         self.responder.arm(key, stream.next_seq, pos if pos < self.max_stream else NO_POS,
@@ -114,12 +148,21 @@ class FastAck:
 
     def disarm(self, flow_id: int) -> None:
         key = self._keys.pop(flow_id, None)
-        if key is not None:
+        if key is not None and self._by_key.get(key) == flow_id:
+            del self._by_key[key]
             self.responder.disarm(key)
 
     def disarm_all(self) -> None:
         for fid in list(self._keys):
             self.disarm(fid)
+
+    def sweep(self, table: Mapping[bytes, Any]) -> None:
+        """Disarm the flows that ``table`` (the stack's, key -> ``FlowDir``) no longer has
+        (forgotten without an event: evicted, or expired in a way that tells no one)."""
+        for fid, key in list(self._keys.items()):
+            fd = table.get(key)
+            if fd is None or fd.flow.id != fid:
+                self.disarm(fid)
 
     @staticmethod
     def fields(peeked: Peeked) -> AckFields:
@@ -127,7 +170,5 @@ class FastAck:
         return peeked[2], peeked[3], peeked[4], peeked[5], peeked[6]
 
     def origin(self, peeked: Peeked) -> Any:
-        """The hit that the pattern C matched stands for (the patterns may have changed since:
-        then any pattern's)."""
-        i = peeked[1]
-        return self.origins[i] if i < len(self.origins) else "fastack pattern"
+        """The hit that the pattern C matched stands for (a filter removed since: its name)."""
+        return self.origins.get(peeked[1], "a removed fastack pattern")

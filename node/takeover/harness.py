@@ -54,7 +54,7 @@ class Node:
     def __init__(self, ns: Namespace, engine: Engine, port: int, *,
                  detect: Callable[..., Any] | None = None, watch: bool = True,
                  extra_rules: list[str] | None = None, thread: bool = True,
-                 readers: int | None = None, fast: bool = True) -> None:
+                 readers: int | None = None, fast: bool = True, filters: Any = None) -> None:
         self.ns = ns
         NftTable(ns.name).ensure()
         self.nft = rules.NftText(ns.name)
@@ -67,7 +67,8 @@ class Node:
         self.queue_rules.install()
         self.lt = LoopThread()
         self.engine = engine
-        self.queue = TakeoverQueue(engine, detect=detect, ports={port}, netns=ns.name,
+        self.queue = TakeoverQueue(engine, detect=detect, filters=filters, ports={port},
+                                   netns=ns.name,
                                    loop=self.lt.loop, thread=thread, readers=readers,
                                    fast=fast)
         self.lt.call(self.queue.start)

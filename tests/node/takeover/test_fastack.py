@@ -11,15 +11,16 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from filters.condition import Filter, Specific
+from filters.condition import Field, Filter, General, Overflow, Pin, Specific
 from filters.userspace import UserspaceFilters
-from node.stack.conntrack import Flow
+from node.stack.conntrack import Flow, TcpState
 from node.stack.packet import ACK, FIN, RST, SYN, URG
 from node.stack.reassembly import Reassembler
 from node.takeover import fastack
@@ -64,7 +65,7 @@ class Rig:
         self.link, self.wire = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.wire.setblocking(False)
         self.fast = fastack.FastAck({IFINDEX: (self.link.fileno(), OUR_MAC)}, MAX_STREAM)
-        self.fast.patterns(detect, filters)
+        self.fast.watch(detect, filters)
 
     def feed(self, message: bytes) -> tuple[fastack.Peeked | None, bytes | None]:
         """C's answer to one message and the frame it sent, if any; the message must still be
@@ -94,6 +95,7 @@ def flow_at(cseq: int, sseq: int, *, window: int = 502, ts: tuple[int, int] | No
             pos: int = 0, server_fin: bool = False, flow_id: int = 1) -> Flow:
     """A flow whose client's next byte is ``cseq`` and server's ``sseq``."""
     flow = Flow(flow_id, 6, (C, CP), (S, SP), 0.0)
+    flow.state = TcpState.ESTABLISHED
     c, s = flow.halves
     flow.stream = Reassembler(cseq)
     c.next_seq, c.ack, s.next_seq, s.window = cseq, sseq, sseq, window
@@ -128,7 +130,7 @@ def test_the_ack_is_first_acks_byte_for_byte(cseq: int, sseq: int, window: int,
         got, frame = rig.feed(nfq_message(client_data(cseq, cack, data, tsval=tsval)))
         pkt, fields = first_ack(flow, cseq, len(data), tsval, cack)
         assert frame == PEER_MAC + OUR_MAC + b"\x08\x00" + pkt
-        assert got is not None and got[:2] == (7, 0) and rig.fast.fields(got) == fields
+        assert got is not None and got[0] == 7 and rig.fast.fields(got) == fields
         assert rig.fast.origin(got) == "match"
     finally:
         rig.close()
@@ -193,7 +195,7 @@ def test_specific_filters_are_checked_where_they_lie_wholly_in_the_chunk() -> No
     other_port = Filter(b"\1" * 32, "httpd", "tcp", SP + 1, Specific(0, b"GET"))
     rig = Rig(None, UserspaceFilters([f, other_port]))
     try:
-        assert rig.fast.origins == [f, other_port]
+        assert list(rig.fast.origins.values()) == [f, other_port]
         flow = flow_at(1000, 5000)
         chunk = b"x" * 4 + value + b"tail"  # at stream offset 16
         rig.fast.arm(flow, 16)
@@ -210,7 +212,10 @@ def test_specific_filters_are_checked_where_they_lie_wholly_in_the_chunk() -> No
         rig.close()
 
 
-def test_patterns_follow_the_filters_and_none_disarm_everything() -> None:
+def test_patterns_follow_the_filters_at_once() -> None:
+    """A filter added or removed changes C's patterns before the call returns (a removed one
+    never answers again); with none left every flow is disarmed; what C cannot take (a
+    general filter, a value too long) stays with the Python check."""
     filters = UserspaceFilters()
     rig = Rig(None, filters)
     try:
@@ -219,15 +224,21 @@ def test_patterns_follow_the_filters_and_none_disarm_everything() -> None:
         assert rig.fast.responder.armed == 0  # nothing to check: nothing armed
         f = Filter(b"\1" * 32, "httpd", "tcp", SP, Specific(0, b"EVIL"))
         filters.add(f)
-        assert filters.version != rig.fast.version
-        rig.fast.patterns(None, filters)
         rig.fast.arm(flow, 0)
-        assert rig.feed(nfq_message(client_data(1000, 5000, b"EVIL!")))[0] is not None
+        got, _ = rig.feed(nfq_message(client_data(1000, 5000, b"EVIL!")))
+        assert got is not None and rig.fast.origin(got) is f
         filters.remove(f.filter_id)
-        rig.fast.patterns(None, filters)
-        assert rig.fast.responder.armed == 0
+        assert rig.fast.responder.armed == 0 and not rig.fast.origins
         rig.fast.arm(flow, 0)
         assert rig.feed(nfq_message(client_data(1000, 5000, b"EVIL!"))) == (None, None)
+        assert rig.fast.origin(got) == "a removed fastack pattern"
+        general = General((Pin(0, 0x45),), Overflow("terminated", Field(1), 10, (0x0A,)))
+        for cond in (Specific(0, b"A" * 65536), general):
+            filters.add(Filter(b"\1" * 32, "httpd", "tcp", SP, cond))
+        assert not rig.fast.origins
+        rig.fast.unwatch(filters)
+        filters.add(f)
+        assert not rig.fast.origins
     finally:
         rig.close()
 
@@ -314,7 +325,7 @@ def test_a_flow_c_answered_is_taken_over_without_a_second_ack(rig: Rig,
         q = TakeoverQueue(engine, detect=starts_with(b"EXPLOIT") if still_matches else None,
                           ports={SP}, loop=loop)
         q.fast = rig.fast
-        rig.fast.origins = ["the filter C matched"]
+        rig.fast.origins = {0: "the filter C matched"}
         for client, seq, ack, flags in [(True, 100, 0, SYN), (False, 500, 101, SYN | ACK),
                                         (True, 101, 501, ACK)]:
             src, dst, sp, dp = (C, S, CP, SP) if client else (S, C, SP, CP)
@@ -322,7 +333,7 @@ def test_a_flow_c_answered_is_taken_over_without_a_second_ack(rig: Rig,
                          _Handle())
         flow = q.stack.tcp.table[C + S + struct.pack("!HH", CP, SP)].flow
         _, fields = first_ack(flow, 101, 8, None, 501)
-        h = _Handle((5, 0, *fields))
+        h = _Handle((5, 0, *fields))  # C's answer, with its pattern id
         q._on_packet(client_data(101, 501, b"EXPLOIT!"), h)  # type: ignore[arg-type]
         assert h.verdict == "drop" and q.stats["triggers"] == 1
         assert engine.stats["sent_fast"] == 1
@@ -332,3 +343,82 @@ def test_a_flow_c_answered_is_taken_over_without_a_second_ack(rig: Rig,
         assert proxy.a.snd_nxt == fields[0]  # the client-facing endpoint goes on from it
     finally:
         loop.close()
+
+
+def _watched_queue(rig: Rig) -> tuple[Any, Callable[..., _Handle]]:
+    """A takeover queue (on no kernel queue) with ``rig``'s FastAck, and ``send(client, cport,
+    seq, ack, flags, data, peeked=None)`` through its fast path, giving the handle back."""
+    import asyncio
+
+    from node.takeover.adapter import TakeoverQueue
+    from node.takeover.engine import TakeoverEngine
+
+    q = TakeoverQueue(TakeoverEngine(), detect=starts_with(b"EXPLOIT"), ports={SP},
+                      loop=asyncio.new_event_loop())
+    q.fast = rig.fast
+
+    def send(client: bool, cport: int, seq: int, ack: int, flags: int, data: bytes = b"",
+             peeked: fastack.Peeked | None = None) -> _Handle:
+        src, dst, sp, dp = (C, S, cport, SP) if client else (S, C, SP, cport)
+        h = _Handle(peeked)
+        q._on_packet_fast(build(src, dst, sp, dp, Segment(seq, ack, flags, 501, data)),
+                          h)  # type: ignore[arg-type]
+        return h
+
+    return q, send
+
+
+def _open(send: Callable[..., _Handle], cport: int) -> None:
+    send(True, cport, 100, 0, SYN)
+    send(False, cport, 500, 101, SYN | ACK)
+    send(True, cport, 101, 501, ACK)
+    send(True, cport, 101, 501, ACK, b"GET /\n")
+    send(False, cport, 501, 107, ACK)
+
+
+def test_closed_and_forgotten_flows_do_not_stay_armed(rig: Rig) -> None:
+    """A connection that ends (FIN both ways, or a RST) is disarmed for good; one that the
+    stack forgets without an event is disarmed by the once-a-second sweep; a new connection on
+    the same ports keeps its own arming."""
+    q, send = _watched_queue(rig)
+    for cport in range(41000, 41040):
+        _open(send, cport)
+        assert rig.fast.responder.armed == 1
+        if cport % 2:
+            send(True, cport, 107, 501, ACK | FIN)
+            send(False, cport, 501, 108, ACK | FIN)
+            send(True, cport, 108, 502, ACK)
+        else:
+            send(True, cport, 107, 501, RST)
+        assert rig.fast.responder.armed == 0, cport
+    _open(send, 42000)
+    key = C + S + struct.pack("!HH", 42000, SP)
+    del q.stack.tcp.table[key]  # gone without an event (as an evicted flow)
+    q._next_expiry = 0.0
+    send(True, 43000, 100, 0, SYN)  # a packet without data runs the expiry
+    assert rig.fast.responder.armed == 0 and not rig.fast._keys
+    old, new = flow_at(1000, 5000, flow_id=1), flow_at(2000, 6000, flow_id=2)
+    rig.fast.arm(old, 0)
+    rig.fast.arm(new, 0)  # the same ports
+    rig.fast.disarm(old.id)
+    assert rig.fast.responder.armed == 1
+    assert rig.feed(nfq_message(client_data(2000, 6000, b"EXPLOIT")))[0] is not None
+
+
+def test_an_answer_the_python_path_did_not_take_is_counted(rig: Rig) -> None:
+    """Two readers raced (only a client sending other bytes at one sequence number can make
+    them): C answered a packet that Python then found to be a resend over checked bytes."""
+    q, send = _watched_queue(rig)
+    _open(send, 41000)
+    h = send(True, 41000, 101, 501, ACK, b"EXPLOIT!", peeked=(9, 0, 501, 109, 501, None, None))
+    assert q.stats["fast_ignored"] == 1 and q.stats["triggers"] == 0
+    assert h.verdict == "accept"  # bytes the server has acknowledged: a plain duplicate
+
+
+def test_answers_go_out_after_the_callers_link_socket_is_closed(rig: Rig) -> None:
+    """C keeps its own descriptor: a link socket closed by its owner (the engine, at close)
+    never leaves C sending to whatever reuses the number."""
+    rig.fast.arm(flow_at(1000, 5000), 0)
+    rig.link.close()
+    got, frame = rig.feed(nfq_message(client_data(1000, 5000, b"EXPLOIT")))
+    assert got is not None and frame is not None

@@ -96,3 +96,39 @@ def _in(ns: str, fn, *args):  # type: ignore[no-untyped-def]
     from node.testbed.netns import Namespace
 
     return Namespace.attach(ns).call(fn, *args)
+
+
+def test_a_reader_that_peeks_reads_on_past_an_overrun(netns) -> None:  # type: ignore[no-untyped-def]
+    """A queue socket that overflows reports ENOBUFS once; the binding's read goes on past
+    it, and so must a reader that peeks first (``fastack``): no error, no pause."""
+    from node.takeover import fastack
+
+    assert fastack._fastack is not None, "node.takeover._fastack is not built"
+    _queue_udp(netns)
+    got = 0
+
+    def on_packet(payload: bytes, h: Handle) -> None:
+        nonlocal got
+        got += 1
+        h.accept()
+
+    loop = asyncio.new_event_loop()
+    q = QueueAdapter(QUEUE, on_packet, netns=netns.name, loop=loop, thread=True)
+    q.peek = fastack._fastack.Responder(1 << 16).wait
+    q.start()
+    try:
+        assert q._sock is not None
+        q._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # overruns at once
+        with _udp(netns.name) as (rx, tx):
+            rx.settimeout(0.05)
+            for _ in range(20):
+                for _ in range(300):
+                    tx.sendto(b"x" * 64, (ADDR, PORT))
+                with contextlib.suppress(TimeoutError):
+                    while rx.recv(100):
+                        pass
+    finally:
+        q.close()
+        loop.close()
+    assert q.errors == 0
+    assert got > 20 * 10  # read on after each overrun (16 of 12000 when a peek stopped it)

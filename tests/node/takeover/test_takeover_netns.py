@@ -359,8 +359,8 @@ def test_filter_action_takeover_end_to_end(f: Filter, where: str) -> None:
     with (HostTopo("tkf") if where == "host" else PathTopo("tkf")) as t:
         engine = TakeoverEngine(netns=t.node.name, nft=rules.NftText(t.node.name))
         # the setup again (it is idempotent), then the filter's rules, as filters.nft would
-        node = Node(t.node, engine, PORT, watch=False, extra_rules=[*setup, *rule_lines])
-        node.queue.filters = UserspaceFilters([f])  # C takes the filter with the next packet
+        node = Node(t.node, engine, PORT, watch=False, extra_rules=[*setup, *rule_lines],
+                    filters=UserspaceFilters([f]))
         srv = LineServer(t.server, t.server_addr, PORT)
         try:
             c = _client(t)
