@@ -436,13 +436,17 @@ class TakeoverQueue:
             if len(payload) < 40 or payload[0] >> 4 != 4:
                 return
             ihl = (payload[0] & 15) * 4
-            fd = self.stack.tcp.table.get(payload[12:20] + payload[ihl:ihl + 4])
+            key = payload[12:20] + payload[ihl:ihl + 4]
+            owned = self._owned
+            if owned is not None and key in owned:  # taken over: disarmed when it was taken
+                return
+            fd = self.stack.tcp.table.get(key)
             if fd is None:
                 return
             flow = fd.flow
             try:
                 self.fast.arm(flow, None if flow.id in self.blocked else  # type: ignore[union-attr]
-                              len(self.streams.get(flow.id, b"")), self._owned)
+                              len(self.streams.get(flow.id, b"")), owned)
             except Exception:  # the packet has its verdict: nothing here may take it back
                 self.stats["fast_errors"] += 1
                 log.exception("fastack: arming a flow")
@@ -765,6 +769,8 @@ class TakeoverQueue:
             self._block(flow, handle, seq)
             return
         self.scans.pop(flow.id, None)  # after the trigger's first segment is out
+        if self.fast is not None:  # the engine's now (its packets skip the arming)
+            self.fast.disarm(flow.id)
         if self.on_trigger is not None:
             self.on_trigger(t)
 

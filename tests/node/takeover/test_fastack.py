@@ -405,6 +405,14 @@ def test_closed_and_forgotten_flows_do_not_stay_armed(rig: Rig) -> None:
     assert rig.feed(nfq_message(client_data(2000, 6000, b"EXPLOIT")))[0] is not None
 
 
+def test_a_flow_taken_over_is_disarmed(rig: Rig) -> None:
+    q, send = _watched_queue(rig)
+    _open(send, 41000)
+    assert rig.fast.responder.armed == 1
+    assert send(True, 41000, 107, 501, ACK, b"EXPLOIT!").verdict == "drop"
+    assert q.stats["triggers"] == 1 and rig.fast.responder.armed == 0
+
+
 def test_an_answer_the_python_path_did_not_take_is_counted(rig: Rig) -> None:
     """Two readers raced (only a client sending other bytes at one sequence number can make
     them): C answered a packet that Python then found to be a resend over checked bytes."""
