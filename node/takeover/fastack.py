@@ -10,14 +10,22 @@ before and the Python path takes the flow over, told (``Handle.peeked``) that th
 
 What C knows is a copy that ``adapter.TakeoverQueue`` keeps after every packet of a flow
 (``FastAck.arm``): the client's next sequence number and stream position, and the server's side
-of the ACK; a flow that Python would not answer early (blocked, taken over, bytes held out of
-order, nothing seen of the server, IPv6) is not armed. Patterns are those that C decides exactly
-as Python does: a detector that declares ``chunk_prefix`` (``(prefix, verdict)``: it hits when a
-chunk starts with ``prefix``), and the TCP specific filters (bytes at a stream offset), when they
-lie wholly in the chunk. General filters, a specific filter split across segments, and every
-packet C leaves alone (SYN, RST, FIN, URG, fragments, no link socket) go the Python way, which
-answers itself. A pattern that Python no longer holds when it sees the packet (a filter removed
-meanwhile) still has the flow taken over: its client was answered.
+of the ACK. Only an established connection that Python would answer early is armed (not
+blocked, taken over, closing, holding bytes out of order, unseeded by the server, or IPv6); a
+close disarms it, and a sweep once a second disarms what the stack forgot without an event.
+Patterns are those that C decides exactly as Python does: a detector that declares
+``chunk_prefix`` (``(prefix, verdict)``: it hits when a chunk starts with ``prefix``), and the TCP
+specific filters (bytes at a stream offset) when they lie wholly in the chunk; they follow the
+filters as these are added and removed (``UserspaceFilters.watchers``). General filters, a
+specific filter split across segments, and every packet C leaves alone (SYN, RST, FIN, URG,
+fragments, no link socket) go the Python way, which answers itself. C checks the patterns one
+by one (about 18 µs a chunk with 10,000 of them, against 7 with one).
+
+Python takes the flow over whenever C answered its packet at the place it expected: even if a
+filter was removed between C's check and Python's (the client was answered). Two readers can
+race where a client sends other bytes at one sequence number on two CPUs at once (TCP never
+does); then C may have answered bytes that Python drops as a rewrite, which only confuses that
+client's own connection (``fast_ignored`` counts it).
 
 Without the extension (a tree not installed with ``pip install -e .``) ``available()`` is False
 and the Python path answers every trigger.
