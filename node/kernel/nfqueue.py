@@ -209,6 +209,17 @@ class ThreadClock:
                 log.exception("callback %r failed", h.callback)
 
 
+# How much of a packet the kernel copies to the queue. The binding reads each message into 4096
+# bytes and caps the copy at 4016, leaving 80 for the attributes; a forwarded, marked packet's
+# take 84 (more with timestamps, physdev, VLAN), and a message that recv cuts is lost without a
+# verdict: the kernel holds its packet until the queue is full. With 256 bytes of room every
+# longer packet reaches the callback, cut here (its IP total length says so: callbacks that
+# must check it drop it; honest TCP senders' segments fit, node.takeover.rules.MSS_CLAMP).
+COPY_RANGE = 4096 - 256
+# The largest MSS whose segments fit COPY_RANGE: IP header 60 at most (IPv4 with options; IPv6's
+# is 40), TCP header 60 at most, and 20 to spare. The kernel chains of queued TCP ports set a
+# SYN's larger MSS option to this (node.kernel.nft.clamp_mss).
+MSS_CLAMP = COPY_RANGE - 140
 NLMSG_NOOP = 1
 NLM_F_REQUEST, NLM_F_ACK = 1, 4
 
@@ -264,7 +275,7 @@ class QueueAdapter:
             q = NetfilterQueue()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # rcvbuf smaller than asked
-                q.bind(self.queue_num, self._callback, max_len=self.max_len)
+                q.bind(self.queue_num, self._callback, max_len=self.max_len, range=COPY_RANGE)
             return q
 
         if self.netns is None:

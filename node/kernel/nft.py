@@ -25,9 +25,11 @@ Layout made by :meth:`NftTable.ensure` (see ``node.kernel.marks`` for the values
     prerouting: ct mark PASS                      -> mark PASS        (replies to own sockets)
     input:      mark PASS                         -> accept
                 l4proto . dport @stack_ports, ct state invalid -> drop
+                l4proto . dport @stack_ports, TCP SYN -> MSS at most MSS_CLAMP
                 l4proto . dport @stack_ports      -> mark QUEUE_STACK
     forward:    mark PASS                         -> accept
     output:     mark PASS (SO_MARK)               -> ct mark PASS, accept
+                l4proto . sport @stack_ports, TCP SYN -> MSS at most MSS_CLAMP
                 l4proto . sport @stack_ports      -> mark QUEUE_STACK  (service replies)
 
 Invalid packets to protected ports are dropped because conntrack's checks include the TCP/UDP
@@ -52,6 +54,7 @@ from typing import Any
 
 from filters.nft import NftError as FilterNftError
 from node.kernel.marks import MASK, PASS, QUEUE_STACK
+from node.kernel.nfqueue import MSS_CLAMP
 
 FAMILY = "inet"
 TABLE = "herdwall"
@@ -112,6 +115,17 @@ def counter(name: str) -> Json:
 ACCEPT: Json = {"accept": None}
 DROP: Json = {"drop": None}
 CT_INVALID: Json = {"match": {"op": "in", "left": ct("state"), "right": "invalid"}}
+_MSS: Json = {"tcp option": {"name": "maxseg", "field": "size"}}
+_TCP_SYN: Json = {"match": {"op": "==", "right": "syn", "left": {
+    "&": [{"payload": {"protocol": "tcp", "field": "flags"}}, "syn"]}}}
+
+
+def clamp_mss(*match: Json) -> list[Json]:
+    """A TCP SYN (or SYN-ACK) that ``match`` selects gets an MSS option larger than
+    ``nfqueue.MSS_CLAMP`` set to it: the peer's segments then fit the queue's copy range, which a
+    queue callback has to drop whole when they do not (what it cannot see it cannot check)."""
+    return [*match, _TCP_SYN, {"match": {"op": ">", "left": _MSS, "right": MSS_CLAMP}},
+            {"mangle": {"key": _MSS, "value": MSS_CLAMP}}]
 CT_TRACKED: Json = {"match": {"op": "!=", "left": ct("state"), "right": "untracked"}}
 
 
@@ -216,6 +230,8 @@ class NftTable:
             rule("input", [in_set(l4_port("dport"), STACK_PORTS), CT_INVALID,
                            counter("stack_invalid"), DROP],
                  "bad checksum or state: the service's kernel drops these too"),
+            rule("input", clamp_mss(in_set(l4_port("dport"), STACK_PORTS)),
+                 "segments that fit the queue's copy"),
             rule("input", [in_set(l4_port("dport"), STACK_PORTS), counter("stack_queued"),
                            set_mark(QUEUE_STACK)], "protected services: user-level stack"),
             rule("forward", [mark_is(PASS), counter("pass"), ACCEPT]),
@@ -225,6 +241,8 @@ class NftTable:
                  "remember the node's own connections, for their replies"),
             rule("output", [mark_is(PASS), counter("pass"), ACCEPT],
                  "the node's own sockets (SO_MARK)"),
+            rule("output", clamp_mss(in_set(l4_port("sport"), STACK_PORTS)),
+                 "segments that fit the queue's copy"),
             rule("output", [in_set(l4_port("sport"), STACK_PORTS), counter("stack_queued"),
                             set_mark(QUEUE_STACK)], "replies of protected services"),
         ]

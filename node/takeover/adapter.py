@@ -337,6 +337,14 @@ class TakeoverQueue:
                 if payload[:1] and payload[0] >> 4 == 6:
                     self._ipv6(payload, handle, now)
                     return
+                if len(payload) >= 20 and payload[0] >> 4 == 4 and payload[9] == 6 and \
+                        (payload[2] << 8 | payload[3]) > len(payload):
+                    # Longer than the queue's copy range (nfqueue.COPY_RANGE: a jumbo segment,
+                    # reassembled fragments): the bytes past it cannot be checked, so it must
+                    # not pass (honest senders' segments fit: rules.MSS_CLAMP).
+                    self.stats["truncated"] += 1
+                    handle.drop()
+                    return
                 self.stats["not_tcp"] += 1
                 handle.accept()
                 return

@@ -57,6 +57,7 @@ from node.kernel.marks import (  # noqa: F401 - re-exported for the takeover mod
     TAKEOVER_OWN,
     TAKEOVER_READERS,
 )
+from node.kernel.nfqueue import MSS_CLAMP
 from node.kernel.nft import NftTable
 
 TABLE = "inet herdwall"
@@ -142,9 +143,13 @@ def delete_flow(client: tuple[str, int], server: tuple[str, int]) -> str:
 def watch_rules(port: int, comment: str) -> list[str]:
     """Both directions of a TCP service's traffic to the takeover queue: ``dport`` (the clients'
     segments: input on the server's host, forward on a node in the path) and ``sport`` (the
-    server's: output on its host, forward in the path)."""
-    return [f"add rule {TABLE} {WATCH_CHAIN} tcp {field} {port} {set_mark(QUEUE_TAKEOVER)} "
-            f"counter comment \"{comment}\"" for field in ("dport", "sport")]
+    server's: output on its host, forward in the path). Their SYNs' MSS is clamped first, so
+    that segments fit the queue's copy (``nfqueue.MSS_CLAMP``; the queue drops longer ones)."""
+    return [f"add rule {TABLE} {WATCH_CHAIN} tcp {field} {port} tcp flags & syn == syn "
+            f"tcp option maxseg size > {MSS_CLAMP} tcp option maxseg size set {MSS_CLAMP} "
+            f"counter comment \"{comment}\"" for field in ("dport", "sport")] + \
+        [f"add rule {TABLE} {WATCH_CHAIN} tcp {field} {port} {set_mark(QUEUE_TAKEOVER)} "
+         f"counter comment \"{comment}\"" for field in ("dport", "sport")]
 
 
 def compile_takeover(f: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:

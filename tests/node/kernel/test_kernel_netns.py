@@ -314,3 +314,35 @@ def test_an_urgent_byte_reaches_the_service_inline_as_the_stack_saw_it(bed: Test
         ls.close()
         rules.remove()
         nft.teardown()
+
+
+def test_protected_tcp_ports_tell_clients_an_mss_that_fits_the_queues_copy(bed: Testbed) -> None:
+    """On jumbo-frame links a segment could be longer than the queue copies (the stack would
+    see it cut and drop it, stalling an honest connection): the SYNs to and from a protected
+    port carry an MSS of at most MSS_CLAMP, and a large transfer goes through whole."""
+    from node.kernel.nfqueue import MSS_CLAMP
+
+    for ns in (bed.switch, bed[0].ns, bed[1].ns):
+        for line in ns.ip("-o", "link", "show").stdout.splitlines():
+            dev = line.split(":")[1].strip().split("@")[0]
+            if dev != "lo":
+                ns.ip("link", "set", dev, "mtu", "9000")
+    nft, rules = _kernel(bed)
+    nft.protect("tcp", 5000)
+    stack = Stack(StackConfig(protected_tcp={5000}, verify_checksums=False))
+    data = bytes(range(256)) * 400
+
+    async def main() -> bytes:
+        async with StackQueue(stack, lambda events: None, netns=bed[0].name) as sq:
+            echoed = await asyncio.to_thread(_tcp_roundtrip, bed, 5000, data)
+            assert sq.queue.errors == 0
+        return echoed
+
+    try:
+        assert asyncio.run(main()) == data
+        flow = next(f for f in stack.flows() if f.proto == 6)
+        assert max(h.mss or 0 for h in flow.halves) <= MSS_CLAMP
+        assert max(h.mss or 0 for h in flow.halves) > 1460  # the links' MTU is 9000
+    finally:
+        rules.remove()
+        nft.teardown()

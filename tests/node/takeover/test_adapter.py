@@ -661,3 +661,25 @@ def test_a_specific_filter_on_the_takeover_queue_counts_from_the_streams_start()
             assert q.stats["triggers"] == trigger
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_a_segment_cut_by_the_queues_copy_range_is_dropped(v6: bool) -> None:
+    """A segment longer than what the kernel copies to the queue (a jumbo frame, reassembled
+    fragments) cannot be checked past the cut: dropped, not passed as 'not TCP'."""
+    from node.kernel.nfqueue import COPY_RANGE
+
+    loop = asyncio.new_event_loop()
+    try:
+        q, _, send = _queue(v6, loop)
+        whole = _segment(v6, True, 101, 501, ACK, b"GET " + b"A" * 6000 + b"EXPLOIT\n")
+        for cut in (COPY_RANGE, 100, 60):
+            h = _Verdicts()
+            q._on_packet(whole[:cut], h)  # type: ignore[arg-type]
+            assert h.verdict == "drop", cut
+        if not v6:
+            assert q.stats["truncated"] == 3
+        assert q.stats["not_tcp"] == 0
+        assert send(True, 101, 501, ACK, b"GET /a\n") == "accept"  # the flow goes on
+    finally:
+        loop.close()

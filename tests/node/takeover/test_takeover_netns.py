@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -31,7 +32,7 @@ from node.takeover.harness import (
 from node.takeover.policy import Close, Policy, Respond, Scrub
 from node.takeover.repair import RepairEngine
 from node.takeover.reset import ResetEngine
-from node.takeover.tcp import Config
+from node.takeover.tcp import Config, Segment
 from node.takeover.topo import HostTopo, PathTopo
 from node.testbed.netns import leftovers
 
@@ -380,7 +381,7 @@ def test_filter_action_takeover_end_to_end(f: Filter, where: str) -> None:
     assert bytes(conn.received) == BEFORE + AFTER
     assert node.queue.triggers[0].hit is f
     comments = [i["rule"].get("comment") for i in listing["nftables"] if "rule" in i]
-    assert comments == [f"hw:{f.filter_id}"] * 2
+    assert comments == [f"hw:{f.filter_id}"] * 4  # MSS clamp and queue mark, each way
     fast = f is SPECIFIC
     assert engine.stats["sent_fast"] == fast and node.queue.stats["fast_unconfirmed"] == 0
     assert node.queue.fast is not None and node.queue.fast.responder.answered == fast
@@ -570,3 +571,90 @@ def test_an_urgent_byte_stays_in_the_stream_the_node_checked() -> None:
             srv.close()
     assert bytes(conn.received) == b"EXPLXOIT now\n" and got == b"ok 1\n"
     assert engine.stats["taken_over"] == 0 and retx == 0, (retx, stats)
+
+
+def _mtu(t: PathTopo | HostTopo, mtu: int) -> None:
+    for ns in (t.client, t.node, t.server):
+        for line in ns.ip("-o", "link", "show").stdout.splitlines():
+            dev = line.split(":")[1].strip().split("@")[0]
+            if dev != "lo":
+                ns.ip("link", "set", dev, "mtu", str(mtu))
+
+
+def test_an_honest_jumbo_client_is_told_a_smaller_mss_and_checked_whole() -> None:
+    """On jumbo-frame links a segment could be longer than what the kernel copies to the queue:
+    the watch's SYN clamp tells the client a smaller MSS, so its segments are checked whole."""
+    from node.kernel.nfqueue import MSS_CLAMP
+
+    with HostTopo("tkj") as t:
+        _mtu(t, 9000)
+        engine = TakeoverEngine(netns=t.node.name, nft=rules.NftText(t.node.name))
+        node = Node(t.node, engine, PORT, detect=starts_with(b"EXPLOIT"))
+        srv = LineServer(t.server, t.server_addr, PORT)
+        try:
+            c = _client(t)
+            mss = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+            c.sendall(BEFORE)
+            first = recv_until(c, b"ok 1\n")
+            c.send(b"EXPLOIT " + b"A" * 5991 + b"\n")
+            c.sendall(b"X" * 20000 + b"\n")  # long segments
+            time.sleep(0.3)
+            c.close()
+            conn = srv.wait(1, 5)[0]
+        finally:
+            node.close()
+            srv.close()
+    assert first == b"ok 1\n" and mss <= MSS_CLAMP
+    assert engine.stats["taken_over"] == 1 and node.queue.stats["truncated"] == 0
+    # the trigger's segment is the message scrub drops; the long segments after it all pass
+    got = bytes(conn.received)
+    assert got.startswith(BEFORE) and b"EXPLOIT" not in got
+    assert got.endswith(b"\n" + b"X" * 20000 + b"\n")
+
+
+def test_a_segment_longer_than_the_queues_copy_is_dropped_not_passed() -> None:
+    """A client that ignores the MSS (here: one segment sent as IP fragments, which the node's
+    conntrack joins before the queue) gets its segment cut by the queue's copy range: dropped,
+    never passed unchecked, and never stuck in the kernel without a verdict."""
+    from node.takeover.wire import build
+
+    TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21
+    with PathTopo("tkg") as t:
+        engine = TakeoverEngine(netns=t.node.name, nft=rules.NftText(t.node.name))
+        node = Node(t.node, engine, PORT, detect=starts_with(b"EXPLOIT"))
+        srv = LineServer(t.server, t.server_addr, PORT)
+        try:
+            c = _client(t)
+            c.sendall(BEFORE)
+            first = recv_until(c, b"ok 1\n")
+            # The connection's next sequence numbers, from the client's own kernel.
+            c.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+            seqs = []
+            for q in (2, 1):  # send queue, receive queue
+                c.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, q)
+                seqs.append(c.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF)
+            c.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+            cport = c.getsockname()[1]
+            src, dst = socket.inet_aton(t.client_addr), socket.inet_aton(t.server_addr)
+            pkt = build(src, dst, cport, PORT, Segment(seqs[0], seqs[1], 0x18, 500,
+                                                       b"EXPLOIT " + b"A" * 5991 + b"\n"))
+            raw = t.client.call(socket.socket, socket.AF_INET, socket.SOCK_RAW,
+                                socket.IPPROTO_RAW)
+            with raw:
+                tcp = pkt[20:]
+                for off in range(0, len(tcp), 1480):
+                    chunk = tcp[off:off + 1480]
+                    more = 0x2000 if off + len(chunk) < len(tcp) else 0
+                    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(chunk), 0x4242,
+                                     more | off // 8, 64, 6, 0, src, dst)
+                    raw.sendto(ip + chunk, (t.server_addr, 0))  # the kernel sums the header
+            time.sleep(0.3)
+            held = t.node.run(["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+            c.close()
+            conn = srv.wait(1, 5)[0]
+        finally:
+            node.close()
+            srv.close()
+    assert first == b"ok 1\n"
+    assert b"EXPLOIT" not in conn.received and node.queue.stats["truncated"] == 1
+    assert all(line.split()[2] == "0" for line in held.splitlines()), held  # none waiting
