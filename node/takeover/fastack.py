@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from itertools import islice
 from typing import Any
 
 from filters.condition import Filter, Specific
@@ -50,6 +51,7 @@ except ImportError:  # not built: the Python path answers
 
 NO_POS = 0xFFFFFFFF  # the chunk's stream position is past what the stream keeps
 MAX_PATTERN = 0xFFFF  # the longest pattern C takes
+SWEEP = 1024  # armed flows a sweep looks at (it runs under the queue's lock, once a second)
 # What ``Responder.wait`` returns for a packet it answered.
 Peeked = tuple[int, int, int, int, int, int | None, int | None]  # id, pattern, AckFields
 
@@ -90,7 +92,10 @@ class FastAck:
         """Patterns from a detector's ``chunk_prefix`` and from the TCP specific filters in
         ``filters`` (a ``UserspaceFilters`` or None), now and as they come and go."""
         prefix = getattr(detect, "chunk_prefix", None)
-        if prefix is not None:
+        if prefix is not None and not 0 < len(prefix[0]) <= MAX_PATTERN:
+            log.warning("fastack: a detector's prefix of %d bytes is left to Python",
+                        len(prefix[0]))
+        elif prefix is not None:
             pid = self._new_id()
             self.origins[pid] = prefix[1]
             self.responder.add_prefix(pid, -1, prefix[0])
@@ -119,8 +124,8 @@ class FastAck:
                 pid = self._ids.pop(f.filter_id)
                 self.responder.remove_pattern(pid)
                 del self.origins[pid]
-                if not self.origins:
-                    self.disarm_all()
+                # Armed flows stay in C (with no pattern they answer nothing); the readers
+                # disarm them at their next packet: only they touch the flow maps.
         except Exception:  # the filters' owner must not fail for this copy (MemoryError)
             log.exception("fastack: pattern of filter %s", f.filter_id)
 
@@ -160,17 +165,18 @@ class FastAck:
             del self._by_key[key]
             self.responder.disarm(key)
 
-    def disarm_all(self) -> None:
-        for fid in list(self._keys):
-            self.disarm(fid)
-
     def sweep(self, table: Mapping[bytes, Any]) -> None:
         """Disarm the flows that ``table`` (the stack's, key -> ``FlowDir``) no longer has
-        (forgotten without an event: evicted, or expired in a way that tells no one)."""
-        for fid, key in list(self._keys.items()):
+        (forgotten without an event: evicted, or expired in a way that tells no one): the
+        ``SWEEP`` longest-armed, each call, those still there going to the back."""
+        for fid in list(islice(self._keys, SWEEP)):
+            key = self._keys.pop(fid)
             fd = table.get(key)
-            if fd is None or fd.flow.id != fid:
-                self.disarm(fid)
+            if fd is not None and fd.flow.id == fid:
+                self._keys[fid] = key
+            elif self._by_key.get(key) == fid:
+                del self._by_key[key]
+                self.responder.disarm(key)
 
     @staticmethod
     def fields(peeked: Peeked) -> AckFields:

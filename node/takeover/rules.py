@@ -16,7 +16,9 @@ Chains (priorities as in ``node.kernel.nft``; lower runs first)::
     takeover_mark: mark PASS or REPAIR_LOCAL -> return
                    ip saddr . tcp sport . ip daddr . tcp dport @takeover_flows -> QUEUE_TAKEN
                    jump takeover_watch
-    takeover_watch: the ``takeover`` filters' rules: tcp dport P / tcp sport P -> QUEUE_TAKEOVER
+    takeover_watch: the ``takeover`` filters' rules: tcp dport P / tcp sport P -> QUEUE_TAKEOVER,
+                    their SYNs' MSS first clamped to nfqueue.MSS_CLAMP (segments that fit the
+                    queue's copy)
 
 Why this shape:
 
@@ -147,7 +149,7 @@ def watch_rules(port: int, comment: str) -> list[str]:
     that segments fit the queue's copy (``nfqueue.MSS_CLAMP``; the queue drops longer ones)."""
     return [f"add rule {TABLE} {WATCH_CHAIN} tcp {field} {port} tcp flags & syn == syn "
             f"tcp option maxseg size > {MSS_CLAMP} tcp option maxseg size set {MSS_CLAMP} "
-            f"counter comment \"{comment}\"" for field in ("dport", "sport")] + \
+            f"comment \"{comment}\"" for field in ("dport", "sport")] + \
         [f"add rule {TABLE} {WATCH_CHAIN} tcp {field} {port} {set_mark(QUEUE_TAKEOVER)} "
          f"counter comment \"{comment}\"" for field in ("dport", "sport")]
 

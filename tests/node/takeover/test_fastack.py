@@ -214,8 +214,8 @@ def test_specific_filters_are_checked_where_they_lie_wholly_in_the_chunk() -> No
 
 def test_patterns_follow_the_filters_at_once() -> None:
     """A filter added or removed changes C's patterns before the call returns (a removed one
-    never answers again); with none left every flow is disarmed; what C cannot take (a
-    general filter, a value too long) stays with the Python check."""
+    never answers again); with none left a flow is disarmed at its next packet; what C cannot
+    take (a general filter, a value too long) stays with the Python check."""
     filters = UserspaceFilters()
     rig = Rig(None, filters)
     try:
@@ -228,9 +228,10 @@ def test_patterns_follow_the_filters_at_once() -> None:
         got, _ = rig.feed(nfq_message(client_data(1000, 5000, b"EVIL!")))
         assert got is not None and rig.fast.origin(got) is f
         filters.remove(f.filter_id)
-        assert rig.fast.responder.armed == 0 and not rig.fast.origins
-        rig.fast.arm(flow, 0)
+        assert not rig.fast.origins  # the flow stays armed until its next packet, unanswered
         assert rig.feed(nfq_message(client_data(1000, 5000, b"EVIL!"))) == (None, None)
+        rig.fast.arm(flow, 0)
+        assert rig.fast.responder.armed == 0
         assert rig.fast.origin(got) == "a removed fastack pattern"
         general = General((Pin(0, 0x45),), Overflow("terminated", Field(1), 10, (0x0A,)))
         for cond in (Specific(0, b"A" * 65536), general):
@@ -376,7 +377,8 @@ def _open(send: Callable[..., _Handle], cport: int) -> None:
     send(False, cport, 501, 107, ACK)
 
 
-def test_closed_and_forgotten_flows_do_not_stay_armed(rig: Rig) -> None:
+def test_closed_and_forgotten_flows_do_not_stay_armed(rig: Rig,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection that ends (FIN both ways, or a RST) is disarmed for good; one that the
     stack forgets without an event is disarmed by the once-a-second sweep; a new connection on
     the same ports keeps its own arming."""
@@ -394,14 +396,18 @@ def test_closed_and_forgotten_flows_do_not_stay_armed(rig: Rig) -> None:
     _open(send, 42000)
     key = C + S + struct.pack("!HH", 42000, SP)
     del q.stack.tcp.table[key]  # gone without an event (as an evicted flow)
-    q._next_expiry = 0.0
-    send(True, 43000, 100, 0, SYN)  # a packet without data runs the expiry
-    assert rig.fast.responder.armed == 0 and not rig.fast._keys
+    monkeypatch.setattr(fastack, "SWEEP", 2)  # a sweep looks at this many, oldest first
+    _open(send, 42001)
+    _open(send, 42002)
+    for _ in range(2):
+        q._next_expiry = 0.0
+        send(True, 43000, 100, 0, SYN)  # a packet without data runs the expiry
+    assert rig.fast.responder.armed == 2 and len(rig.fast._keys) == 2
     old, new = flow_at(1000, 5000, flow_id=1), flow_at(2000, 6000, flow_id=2)
     rig.fast.arm(old, 0)
     rig.fast.arm(new, 0)  # the same ports
     rig.fast.disarm(old.id)
-    assert rig.fast.responder.armed == 1
+    assert rig.fast.responder.armed == 3  # 42001, 42002 and the new one
     assert rig.feed(nfq_message(client_data(2000, 6000, b"EXPLOIT")))[0] is not None
 
 
