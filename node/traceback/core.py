@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from node.traceback.bloom import DigestStore
 from node.traceback.config import EDGE, ROUTER, RouterConfig
-from node.traceback.digest import Digester, key_of
+from node.traceback.digest import PAYLOAD_BYTES, Digester, key_of
 from node.traceback.marking import ID_MASK, MARKED, decide, set_ident
 from node.traceback.wire import Hit, WireError, make_answer, read_query
 from overlay.limits import KeyedBuckets, Rate
@@ -36,6 +36,7 @@ class RouterStats:
     cleared: int = 0  # last hop: mark removed
     not_atomic: int = 0  # fragments or no DF: logged, never marked
     malformed: int = 0  # not parseable IPv4: passed on untouched
+    cut: int = 0  # longer than the queue copies: logged, never rewritten (marked or cleared)
     queries: int = 0
     queries_refused: int = 0  # bad, replayed, stale, rate-limited or not allowed
     retries: int = 0  # the same query again: the same answer again
@@ -70,7 +71,9 @@ class RouterCore:
             return None
         hl = (packet[0] & 15) * 4
         total = (packet[2] << 8) | packet[3]
-        if hl < 20 or total < hl or total > n:
+        # A packet longer than the queue copies (nfqueue.COPY_RANGE) arrives cut: its digest
+        # needs only the header and the payload's first bytes, but a rewrite would cut it.
+        if hl < 20 or total < hl or (total > n and n < hl + PAYLOAD_BYTES):
             st.malformed += 1
             return None
         # An interface missing from the config is treated like an edge link: untrusted, so the
@@ -93,6 +96,9 @@ class RouterCore:
             st.not_atomic += 1
             return None
         if d.ident == ident:
+            return None
+        if total > n:
+            st.cut += 1
             return None
         if d.ident:
             st.marked += 1

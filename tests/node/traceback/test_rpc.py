@@ -98,3 +98,25 @@ def test_client_identity_is_the_nodes_own_and_stable() -> None:
     a, b = client_key(VICTIM_KEY), client_key(VICTIM_KEY)
     assert a.public_bytes == b.public_bytes != VICTIM_KEY.public_bytes
     assert client_key(ROUTER_KEY).public_bytes != a.public_bytes
+
+
+def test_a_packet_cut_by_the_queues_copy_is_logged_never_rewritten() -> None:
+    """A forwarded packet longer than the kernel copies to the queue (fragments the router's
+    conntrack joined) reaches the router cut: its digest is the whole packet's (the header and
+    the payload's first bytes), so it is logged and can be traced; it is never rewritten (that
+    would cut it on the wire)."""
+    from node.kernel.nfqueue import COPY_RANGE
+    from node.traceback.digest import key_of
+    from node.traceback.marking import set_ident
+
+    raw = bytearray(udp_packet(ip_bytes("10.77.9.9"), ip_bytes("10.77.2.2"), 1, 80,
+                               b"EXPLOIT!" * 800))
+    set_ident(raw, 0x1234)  # a mark the last hop clears: a rewrite
+    pkt = bytes(raw)
+    whole, cut = one_router(), one_router()
+    now = time.time()
+    rewritten = whole.forward(pkt, "h-atk", "h-vic", now)
+    assert cut.forward(pkt[:COPY_RANGE], "h-atk", "h-vic", now) is None
+    assert cut.stats.logged == whole.stats.logged == 1 and cut.stats.malformed == 0
+    assert cut.stats.cut == (rewritten is not None) == 1
+    assert key_of(pkt[:COPY_RANGE], 20, len(pkt)) == key_of(pkt, 20, len(pkt))
