@@ -260,6 +260,19 @@ def parse_ip(buf: Buffer, verify: bool = True) -> IPv4 | IPv6:
     raise PacketError(f"IP version {version}")
 
 
+def cut_addresses(buf: Buffer) -> tuple[bytes, bytes] | None:
+    """The source and destination of an IP packet whose header is whole but whose length is
+    more than ``buf`` holds (cut by a queue's copy range, which ``parse_ip`` refuses), else
+    None."""
+    b = bytes(memoryview(buf)[:40])
+    n = len(memoryview(buf))
+    if len(b) >= 20 and b[0] >> 4 == 4 and b[0] & 15 >= 5 and (b[2] << 8 | b[3]) > n:
+        return b[12:16], b[16:20]
+    if len(b) == 40 and b[0] >> 4 == 6 and 40 + (b[4] << 8 | b[5]) > n:
+        return b[8:24], b[24:40]
+    return None
+
+
 def _pseudo(ip: IPv4 | IPv6, proto: int, length: int) -> int:
     return pseudo_header_sum(ip.src, ip.dst, proto, length)
 

@@ -47,7 +47,14 @@ from typing import Any
 from node.kernel import nft as K
 from node.kernel.marks import PASS, Q_THROTTLE, QUEUE_THROTTLE
 from node.kernel.nfqueue import Handle, QueueAdapter
-from node.stack.packet import IPPROTO_TCP, IPPROTO_UDP, PacketError, ip_str, parse_ip
+from node.stack.packet import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    PacketError,
+    cut_addresses,
+    ip_str,
+    parse_ip,
+)
 from node.throttle.core import ThrottleCore
 from node.throttle.driver import CoreDriver
 from node.throttle.events import (
@@ -271,16 +278,22 @@ class KernelThrottle:
     # -- packets ------------------------------------------------------------------------------
 
     def _on_packet(self, payload: bytes, handle: Handle) -> None:
+        assert self.driver is not None
         try:
             ip = parse_ip(payload, verify=False)
         except PacketError:
+            # Longer than the queue copies (nfqueue.COPY_RANGE): a SYN or datagram all the
+            # same (the rules queue nothing else), throttled by its header's addresses.
+            cut = cut_addresses(payload)
+            if cut is not None:
+                self.driver.attempt(*cut, handle)
+                return
             self.unparsed += 1
             handle.accept()  # not ours to judge: the rules only queue TCP SYNs and UDP
             return
         if ip.proto not in (IPPROTO_TCP, IPPROTO_UDP):
             handle.accept()
             return
-        assert self.driver is not None
         self.driver.attempt(bytes(ip.src), bytes(ip.dst), handle)
 
     def _before(self, now: float) -> None:

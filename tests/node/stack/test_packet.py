@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from scapy.layers.inet import ICMP as SICMP
 from scapy.layers.inet import IP
@@ -148,3 +150,18 @@ def test_unknown_options_skipped_and_eol_stops() -> None:
     assert TcpOptions().encode() == b""
     with pytest.raises(PacketError):
         TcpOptions(mss=1, sack_ok=True, ts=(1, 1), wscale=1, sack=((1, 2),) * 3).encode()
+
+
+def test_the_addresses_of_a_packet_cut_by_a_queues_copy() -> None:
+    from node.stack.packet import cut_addresses
+
+    v4 = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 6028, 0, 0, 64, 17, 0, bytes([10, 77, 1, 2]),
+                     bytes([10, 77, 9, 9])) + b"x" * 3820
+    assert cut_addresses(v4) == (bytes([10, 77, 1, 2]), bytes([10, 77, 9, 9]))
+    v6 = struct.pack("!IHBB16s16s", 6 << 28, 6000, 17, 64, b"\xfd" + b"\1" * 15,
+                     b"\xfd" + b"\2" * 15) + b"x" * 3800
+    assert cut_addresses(v6) == (b"\xfd" + b"\1" * 15, b"\xfd" + b"\2" * 15)
+    whole = v4[:20] + b"x" * (6028 - 20)
+    assert cut_addresses(whole) is None  # not cut: parse_ip's
+    assert cut_addresses(v4[:19]) is None and cut_addresses(v6[:39]) is None
+    assert cut_addresses(b"\x40" + v4[1:]) is None  # IHL 0

@@ -241,7 +241,8 @@ def test_working_set_eviction_follows_kernel_use_and_deletes_the_pair() -> None:
     assert bed.again == 1  # type: ignore[attr-defined]
 
 
-async def scan(proto: str, targets: list[str], per_s: float) -> list[socket.socket]:
+async def scan(proto: str, targets: list[str], per_s: float,
+               datagram: bytes = b"worm") -> list[socket.socket]:
     """The worm harness: one new testbed destination every 1/per_s seconds."""
     socks = []
     for t in targets:
@@ -254,22 +255,25 @@ async def scan(proto: str, targets: list[str], per_s: float) -> list[socket.sock
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.setblocking(False)
             with contextlib.suppress(OSError):
-                s.sendto(b"worm", (t, PORT))
+                s.sendto(datagram, (t, PORT))
         socks.append(s)
         await asyncio.sleep(1 / per_s)
     return socks
 
 
-@pytest.mark.parametrize("proto", ["tcp", "udp"])
+@pytest.mark.parametrize("proto", ["tcp", "udp", "udp-long"])
 def test_scanner_is_queued_released_in_order_and_blocked_past_threshold(proto: str) -> None:
-    net = "10.77.2" if proto == "tcp" else "10.77.3"
+    """``udp-long``: datagrams longer than the queue copies, which reach the throttle cut: it
+    throttles them by their header's addresses all the same."""
+    net = {"tcp": "10.77.2", "udp": "10.77.3", "udp-long": "10.77.4"}[proto]
     targets = [f"{net}.{i}" for i in range(1, 81)]
     after: dict[str, Any] = {}
 
     async def scenario(bed: Bed) -> None:
         for a in SERVERS[:5]:
             await tcp_talk(a)  # a host in normal use: its working set is full
-        socks = await scan(proto, targets, 100.0)
+        socks = await scan(proto[:3], targets, 100.0,
+                           b"worm" * 1500 if proto == "udp-long" else b"worm")
         await asyncio.sleep(0.3)
         assert bed.throttle.core.is_infected(ipaddress.ip_address(bed.src).packed)
         after["blocked_sources"] = bed.throttle.blocked_sources()
