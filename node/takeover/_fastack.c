@@ -75,7 +75,7 @@ typedef struct {
     size_t cap, n;
     Pattern *pats;
     size_t npats, cappats;
-    Link *links; /* added before the first wait, read without the mutex */
+    Link *links; /* added before the first wait; read, and closed, under the mutex */
     size_t nlinks;
     int waited;
     uint32_t max_stream;
@@ -287,12 +287,6 @@ static int respond(Responder *r, const uint8_t *buf, size_t n, Answer *a) {
     }
     if (!have_id || payload == NULL || hw == NULL || indev == 0)
         return 0;
-    const Link *link = NULL;
-    for (size_t i = 0; i < r->nlinks; i++)
-        if (r->links[i].ifindex == indev)
-            link = &r->links[i];
-    if (link == NULL)
-        return 0;
     /* IPv4, TCP, whole, not a fragment; a data segment with ACK and no other flag */
     const uint8_t *ip = payload;
     if (plen < 41 || ip[0] >> 4 != 4 || ip[9] != 6 || (be16(ip + 6) & 0x3FFF) != 0)
@@ -313,17 +307,23 @@ static int respond(Responder *r, const uint8_t *buf, size_t n, Answer *a) {
     memcpy(key + 8, tcp, 4);
     uint32_t seq = be32(tcp + 4), cack = be32(tcp + 8);
 
+    /* Held to the send: close() may not take the link's socket from under it. */
     pthread_mutex_lock(&r->mu);
-    Entry *e = r->n ? find(r, key) : NULL;
+    const Link *link = NULL;
+    for (size_t i = 0; i < r->nlinks; i++)
+        if (r->links[i].ifindex == indev)
+            link = &r->links[i];
+    Entry *e = link != NULL && r->n ? find(r, key) : NULL;
     long pattern = -1;
     Entry copy;
     if (e != NULL && e->expect == seq) {
         pattern = matches(r, e, be16(tcp + 2), data, dlen);
         copy = *e;
     }
-    pthread_mutex_unlock(&r->mu);
-    if (pattern < 0)
+    if (pattern < 0) {
+        pthread_mutex_unlock(&r->mu);
         return 0;
+    }
 
     /* seed.first_ack: the server's next sequence number (its FIN's, if it sent one), or the
      * client's acknowledgement when that is ahead; the server's last window and TSval. */
@@ -348,7 +348,9 @@ static int respond(Responder *r, const uint8_t *buf, size_t n, Answer *a) {
     frame[12] = 0x08;
     frame[13] = 0x00;
     size_t len = build(frame, ip, tcp, a);
-    if (send(link->fd, frame, 14 + len, MSG_DONTWAIT) != (ssize_t)(14 + len)) {
+    ssize_t sent = send(link->fd, frame, 14 + len, MSG_DONTWAIT);
+    pthread_mutex_unlock(&r->mu);
+    if (sent != (ssize_t)(14 + len)) {
         __atomic_add_fetch(&r->send_errors, 1, __ATOMIC_RELAXED);
         return 0; /* Python answers it the way it would have */
     }
@@ -561,6 +563,17 @@ static PyObject *Responder_disarm(Responder *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *Responder_close(Responder *self, PyObject *Py_UNUSED(unused)) {
+    if (!ready(self))
+        return NULL;
+    pthread_mutex_lock(&self->mu); /* a reader still in respond holds it while it sends */
+    for (size_t i = 0; i < self->nlinks; i++)
+        close(self->links[i].fd);
+    self->nlinks = 0;
+    pthread_mutex_unlock(&self->mu);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Responder_wait(Responder *self, PyObject *args) {
     int fd, block;
     if (!ready(self) || !PyArg_ParseTuple(args, "ip", &fd, &block))
@@ -622,6 +635,8 @@ static PyMethodDef Responder_methods[] = {
      "sequence number expect, stream position pos (0xFFFFFFFF: unknown); its ACK is from "
      "s_nxt (a FIN's if s_fin), window, TSval ts (-1: no timestamps)"},
     {"disarm", (PyCFunction)Responder_disarm, METH_VARARGS, "disarm(key)"},
+    {"close", (PyCFunction)Responder_close, METH_NOARGS,
+     "close(): the link sockets closed (nothing is answered any more)"},
     {"wait", (PyCFunction)Responder_wait, METH_VARARGS,
      "wait(fd, block) -> None or (packet id, pattern id, seq, ack, window, tsval, tsecr): peek "
      "at the next message of the queue's netlink socket fd (blocking as the socket is, unless "

@@ -309,6 +309,7 @@ class TakeoverQueue:
             q.close()
         if self.fast is not None:
             self.fast.unwatch(self.filters)
+            self.fast.responder.close()  # its link sockets' copies (they hold the namespace)
         self.engine.close()
 
     async def __aenter__(self) -> TakeoverQueue:

@@ -436,3 +436,11 @@ def test_answers_go_out_after_the_callers_link_socket_is_closed(rig: Rig) -> Non
     rig.link.close()
     got, frame = rig.feed(nfq_message(client_data(1000, 5000, b"EXPLOIT")))
     assert got is not None and frame is not None
+
+
+def test_nothing_is_answered_after_close(rig: Rig) -> None:
+    rig.fast.arm(flow_at(1000, 5000), 0)
+    rig.fast.responder.close()  # the queue's close: C's copies of the link sockets go
+    assert rig.feed(nfq_message(client_data(1000, 5000, b"EXPLOIT"))) == (None, None)
+    with pytest.raises(RuntimeError):
+        rig.fast.responder.add_link(IFINDEX, rig.link.fileno(), OUR_MAC)  # waited already
