@@ -82,7 +82,11 @@ def test_chain_of_six_spoofed_sources(tmp_path: Path) -> None:
         assert "ingress: router 101 via h-atk (10.77.1.0/24)" in out.stdout
         assert re.search(r"router +101 +10\.77\.100\.1:7400 +logged +ingress via h-atk",
                          out.stdout)
-        assert re.search(r"router +106 +10\.77\.104\.2:7400 +marked +last hop", out.stdout)
+        # The last hop trusts r5's mark ("marked"), or logs the packet itself when r5 let it
+        # by unmarked (its queue full for a moment on a loaded machine: fail-open): seen once
+        # in CI; either way the walk reaches the ingress above.
+        assert re.search(r"router +106 +10\.77\.104\.2:7400 +(marked|logged) +last hop",
+                         out.stdout)
         # A capture in a file instead, JSON out.
         pkt_file = tmp_path / "attack.ip"
         pkt_file.write_bytes(got)
