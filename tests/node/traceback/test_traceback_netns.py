@@ -82,9 +82,9 @@ def test_chain_of_six_spoofed_sources(tmp_path: Path) -> None:
         assert "ingress: router 101 via h-atk (10.77.1.0/24)" in out.stdout
         assert re.search(r"router +101 +10\.77\.100\.1:7400 +logged +ingress via h-atk",
                          out.stdout)
-        # The last hop trusts r5's mark ("marked"), or logs the packet itself when r5 let it
-        # by unmarked (its queue full for a moment on a loaded machine: fail-open): seen once
-        # in CI; either way the walk reaches the ingress above.
+        # The last hop trusted r5's mark and did not log the packet ("marked"); its digest
+        # table may still answer yes for it (a Bloom false positive, ~1% by design: seen once
+        # in CI), and the row then says "logged". Either way the walk reaches the ingress.
         assert re.search(r"router +106 +10\.77\.104\.2:7400 +(marked|logged) +last hop",
                          out.stdout)
         # A capture in a file instead, JSON out.
