@@ -127,6 +127,13 @@ class Namespace:
         """Start a program inside the namespace (the caller waits for or kills it)."""
         return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kwargs)
 
+    def set_mtu(self, mtu: int) -> None:
+        """Every link but loopback gets this MTU (jumbo frames in a testbed)."""
+        for line in self.ip("-o", "link", "show").stdout.splitlines():
+            dev = line.split(":")[1].strip().split("@")[0]
+            if dev != "lo":
+                self.ip("link", "set", dev, "mtu", str(mtu))
+
     def add_address(self, dev: str, cidr: str) -> None:
         _check_testbed_addr(cidr)
         self.ip("addr", "add", cidr, "dev", dev)

@@ -573,21 +573,14 @@ def test_an_urgent_byte_stays_in_the_stream_the_node_checked() -> None:
     assert engine.stats["taken_over"] == 0 and retx == 0, (retx, stats)
 
 
-def _mtu(t: PathTopo | HostTopo, mtu: int) -> None:
-    for ns in (t.client, t.node, t.server):
-        for line in ns.ip("-o", "link", "show").stdout.splitlines():
-            dev = line.split(":")[1].strip().split("@")[0]
-            if dev != "lo":
-                ns.ip("link", "set", dev, "mtu", str(mtu))
-
-
 def test_an_honest_jumbo_client_is_told_a_smaller_mss_and_checked_whole() -> None:
     """On jumbo-frame links a segment could be longer than what the kernel copies to the queue:
     the watch's SYN clamp tells the client a smaller MSS, so its segments are checked whole."""
     from node.kernel.nfqueue import MSS_CLAMP
 
     with HostTopo("tkj") as t:
-        _mtu(t, 9000)
+        for ns in (t.client, t.node, t.server):
+            ns.set_mtu(9000)
         engine = TakeoverEngine(netns=t.node.name, nft=rules.NftText(t.node.name))
         node = Node(t.node, engine, PORT, detect=starts_with(b"EXPLOIT"))
         srv = LineServer(t.server, t.server_addr, PORT)
