@@ -25,7 +25,7 @@ from typing import Protocol
 from node.kernel.marks import Q_STACK
 from node.kernel.nfqueue import Handle, QueueAdapter
 from node.stack.events import Drop, Event, FlowClosed
-from node.stack.packet import URG, clear_urgent
+from node.stack.packet import URG, clear_urgent, is_cut
 from node.stack.stack import Stack
 
 OnEvents = Callable[[list[Event]], None]
@@ -81,6 +81,7 @@ class StackQueue:
         self.gate = gate
         self.inline_ports = inline_ports
         self.dropped = 0
+        self.cut = 0  # verdict-first packets dropped, cut by the queue's copy range
         self._loop = loop
         self.queue = QueueAdapter(queue_num, self._on_packet, netns=netns, loop=loop,
                                   fail_open=fail_open, max_len=max_len)
@@ -107,6 +108,13 @@ class StackQueue:
             payload = handle.rewrite = clear_urgent(payload, at)
         inline = self.inline_ports is None or dest_port(payload) in self.inline_ports
         if not inline:
+            if is_cut(payload):
+                # Longer than the queue copies (nfqueue.COPY_RANGE): the stack and the detector
+                # would see only its start, so the service must not get it either (a TCP peer
+                # is told an MSS that fits: nft.clamp_mss).
+                self.cut += 1
+                handle.drop()
+                return
             handle.accept()
         elif self.gate is not None and self.gate.blocks(payload):
             self.dropped += 1

@@ -260,17 +260,20 @@ def parse_ip(buf: Buffer, verify: bool = True) -> IPv4 | IPv6:
     raise PacketError(f"IP version {version}")
 
 
-def cut_addresses(buf: Buffer) -> tuple[bytes, bytes] | None:
-    """The source and destination of an IP packet whose header is whole but whose length is
-    more than ``buf`` holds (cut by a queue's copy range, which ``parse_ip`` refuses), else
-    None."""
-    b = bytes(memoryview(buf)[:40])
-    n = len(memoryview(buf))
-    if len(b) >= 20 and b[0] >> 4 == 4 and b[0] & 15 >= 5 and (b[2] << 8 | b[3]) > n:
-        return b[12:16], b[16:20]
-    if len(b) == 40 and b[0] >> 4 == 6 and 40 + (b[4] << 8 | b[5]) > n:
-        return b[8:24], b[24:40]
-    return None
+def is_cut(p: bytes) -> bool:
+    """An IP packet whose header is whole but whose length is more than ``p`` holds (cut by a
+    queue's copy range, which ``parse_ip`` refuses)."""
+    n = len(p)
+    if n >= 20 and p[0] >> 4 == 4:
+        return p[0] & 15 >= 5 and (p[2] << 8 | p[3]) > n
+    return n >= 40 and p[0] >> 4 == 6 and 40 + (p[4] << 8 | p[5]) > n
+
+
+def cut_addresses(p: bytes) -> tuple[bytes, bytes] | None:
+    """The source and destination of a packet ``is_cut`` says is cut, else None."""
+    if not is_cut(p):
+        return None
+    return (p[12:16], p[16:20]) if p[0] >> 4 == 4 else (p[8:24], p[24:40])
 
 
 def _pseudo(ip: IPv4 | IPv6, proto: int, length: int) -> int:

@@ -343,3 +343,27 @@ def test_protected_tcp_ports_tell_clients_an_mss_that_fits_the_queues_copy(bed: 
     finally:
         rules.remove()
         nft.teardown()
+
+
+def test_a_datagram_longer_than_the_queue_copies_does_not_reach_a_verdict_first_port(
+        bed: Testbed) -> None:
+    """A verdict-first port lets a packet on before the stack sees it: one cut by the queue's
+    copy range would reach the service while the stack and the detector saw only its start.
+    Dropped; datagrams that fit pass as ever."""
+    nft, rules = _kernel(bed)
+    nft.protect("udp", 5353)
+    stack = Stack(StackConfig(protected_udp={5353}, verify_checksums=False))
+
+    async def main() -> tuple[list[bytes], int]:
+        async with StackQueue(stack, None, netns=bed[0].name, inline_ports=set()) as sq:
+            got = await asyncio.to_thread(_udp_exchange, bed, 5353, [b"short", b"L" * 6000],
+                                          0.5)  # stops at the first datagram lost
+            got += await asyncio.to_thread(_udp_exchange, bed, 5353, [b"after"])
+            return got, sq.cut
+
+    try:
+        got, cut = asyncio.run(main())
+        assert got == [b"short", b"after"] and cut == 1
+    finally:
+        rules.remove()
+        nft.teardown()

@@ -153,7 +153,7 @@ def test_unknown_options_skipped_and_eol_stops() -> None:
 
 
 def test_the_addresses_of_a_packet_cut_by_a_queues_copy() -> None:
-    from node.stack.packet import cut_addresses
+    from node.stack.packet import cut_addresses, is_cut
 
     v4 = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 6028, 0, 0, 64, 17, 0, bytes([10, 77, 1, 2]),
                      bytes([10, 77, 9, 9])) + b"x" * 3820
@@ -165,3 +165,4 @@ def test_the_addresses_of_a_packet_cut_by_a_queues_copy() -> None:
     assert cut_addresses(whole) is None  # not cut: parse_ip's
     assert cut_addresses(v4[:19]) is None and cut_addresses(v6[:39]) is None
     assert cut_addresses(b"\x40" + v4[1:]) is None  # IHL 0
+    assert is_cut(v4) and is_cut(v6) and not is_cut(whole) and not is_cut(b"")
