@@ -62,7 +62,17 @@ from node.kernel.nfqueue import Handle, QueueAdapter, Scheduler, ThreadClock
 from node.kernel.sockets import mark_socket
 from node.stack.conntrack import Flow, flow_key
 from node.stack.events import Drop, FlowClosed, MessageIn
-from node.stack.packet import ACK, FIN, RST, SYN, URG, PacketError, clear_urgent, parse_ipv6
+from node.stack.packet import (
+    ACK,
+    FIN,
+    RST,
+    SYN,
+    URG,
+    PacketError,
+    clear_urgent,
+    is_cut,
+    parse_ipv6,
+)
 from node.stack.stack import Stack, StackConfig
 from node.takeover import fastack, rules
 from node.takeover.fastack import FastAck
@@ -338,8 +348,7 @@ class TakeoverQueue:
                 if payload[:1] and payload[0] >> 4 == 6:
                     self._ipv6(payload, handle, now)
                     return
-                if len(payload) >= 20 and payload[0] >> 4 == 4 and payload[9] == 6 and \
-                        (payload[2] << 8 | payload[3]) > len(payload):
+                if is_cut(payload):
                     # Longer than the queue's copy range (nfqueue.COPY_RANGE: a jumbo segment,
                     # reassembled fragments): the bytes past it cannot be checked, so it must
                     # not pass (honest senders' segments fit: rules.MSS_CLAMP).
