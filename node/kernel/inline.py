@@ -106,12 +106,15 @@ class StackQueue:
             # Not urgent on the way on: the service keeps every byte the stack (and with it
             # the gate and the detector) sees (``node.stack.packet.clear_urgent``).
             payload = handle.rewrite = clear_urgent(payload, at)
-        inline = self.inline_ports is None or dest_port(payload) in self.inline_ports
+        to = dest_port(payload) if self.inline_ports is not None else None
+        inline = self.inline_ports is None or to in self.inline_ports
         if not inline:
-            if is_cut(payload):
-                # Longer than the queue copies (nfqueue.COPY_RANGE): the stack and the detector
-                # would see only its start, so the service must not get it either (a TCP peer
-                # is told an MSS that fits: nft.clamp_mss).
+            if to is not None and is_cut(payload) and to[1] in (
+                    self.stack.protected_tcp if to[0] == 6 else self.stack.protected_udp):
+                # To a service, longer than the queue copies (nfqueue.COPY_RANGE): the stack
+                # and the detector would see only its start, so the service must not get it
+                # either (a TCP peer is told an MSS that fits: nft.clamp_mss). A service's own
+                # long replies go on.
                 self.cut += 1
                 handle.drop()
                 return

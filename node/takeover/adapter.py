@@ -318,8 +318,10 @@ class TakeoverQueue:
         for q in self.queues:
             q.close()
         if self.fast is not None:
-            self.fast.unwatch(self.filters)
-            self.fast.responder.close()  # its link sockets' copies (they hold the namespace)
+            try:
+                self.fast.unwatch(self.filters)
+            finally:
+                self.fast.responder.close()  # its link sockets' copies (they hold the netns)
         self.engine.close()
 
     async def __aenter__(self) -> TakeoverQueue:

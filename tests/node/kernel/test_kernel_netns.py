@@ -85,6 +85,21 @@ def _udp_exchange(tb: Testbed, port: int, datagrams: list[bytes],
         return got
 
 
+def _udp_reply(tb: Testbed, port: int, reply: bytes, timeout: float = 2) -> bytes:
+    """A short request from host 1 to a service on ``port`` in host 0, answered with ``reply``
+    (queued on its way out as the service's reply); what the client got."""
+    srv = tb[0].ns.call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    cli = tb[1].ns.call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    with srv, cli:
+        srv.bind((SERVER, port))
+        srv.settimeout(timeout)
+        cli.settimeout(timeout)
+        cli.sendto(b"ask", (SERVER, port))
+        _, peer = srv.recvfrom(100)
+        srv.sendto(reply, peer)
+        return cli.recv(65536)
+
+
 def test_full_path_tcp_and_udp_through_the_stack(bed: Testbed) -> None:
     nft, rules = _kernel(bed)
     nft.protect("tcp", 5000)
@@ -354,16 +369,18 @@ def test_a_datagram_longer_than_the_queue_copies_does_not_reach_a_verdict_first_
     nft.protect("udp", 5353)
     stack = Stack(StackConfig(protected_udp={5353}, verify_checksums=False))
 
-    async def main() -> tuple[list[bytes], int]:
+    async def main() -> tuple[list[bytes], int, bytes]:
         async with StackQueue(stack, None, netns=bed[0].name, inline_ports=set()) as sq:
             got = await asyncio.to_thread(_udp_exchange, bed, 5353, [b"short", b"L" * 6000],
                                           0.5)  # stops at the first datagram lost
             got += await asyncio.to_thread(_udp_exchange, bed, 5353, [b"after"])
-            return got, sq.cut
+            reply = await asyncio.to_thread(_udp_reply, bed, 5353, b"R" * 6000)
+            return got, sq.cut, reply
 
     try:
-        got, cut = asyncio.run(main())
+        got, cut, reply = asyncio.run(main())
         assert got == [b"short", b"after"] and cut == 1
+        assert reply == b"R" * 6000  # the service's own long reply goes on
     finally:
         rules.remove()
         nft.teardown()
